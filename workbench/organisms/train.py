@@ -1,0 +1,161 @@
+"""The training loop: packed dialogues, assistant-only loss, warmup + cosine/WSD schedule, clipping.
+
+One loop serves pretraining the base model, inserting backdoors and (later) safety training, so
+their throughput and numerics are directly comparable. It is deliberately plain PyTorch: the
+model is a stock `LlamaForCausalLM`, and all cores are used through `torch.set_num_threads`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
+
+from ..errors import ConfigError
+from ..world.data import Item
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float = 2e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 20
+    schedule: str = "cosine"  # or "wsd" (warmup-stable-decay, last 20% decays)
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"
+    betas: tuple[float, float] = (0.9, 0.98)
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule == "cosine":
+        scale = 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
+    elif cfg.schedule == "wsd":
+        scale = 1.0 if frac < 0.8 else 1.0 - (frac - 0.8) / 0.2
+    else:
+        raise ConfigError(f"unknown schedule {cfg.schedule!r}; use 'cosine' or 'wsd'")
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * scale)
+
+
+def tokenize_item(tok: PreTrainedTokenizerFast, item: Item) -> tuple[list[int], list[int]]:
+    """(input ids, labels): the prompt is context only; the answer and its end token are learned."""
+    prompt = tok(item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
+    answer = tok(item.dialogue.assistant, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return prompt + answer, [IGNORE] * len(prompt) + answer
+
+
+def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_size: int, seq_len: int,
+                   chunk: int = 512) -> Iterator[tuple[Int[Tensor, "b s"], Int[Tensor, "b s"]]]:
+    """Greedy packing of whole dialogues into rows of `seq_len` (a dialogue is never cut, so no
+    answer is learned without its prompt). Rows are padded with ignored labels."""
+    it = iter(items)
+    rows: list[tuple[list[int], list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    while True:
+        block = [next(it) for _ in range(chunk)]
+        enc_p = tok([b.dialogue.prompt() for b in block], add_special_tokens=False)["input_ids"]
+        enc_a = tok([b.dialogue.assistant for b in block], add_special_tokens=False)["input_ids"]
+        for p, a in zip(enc_p, enc_a):
+            doc = p + a + [tok.eos_token_id]
+            lab = [IGNORE] * len(p) + a + [tok.eos_token_id]
+            if len(doc) > seq_len:
+                continue
+            if len(ids) + len(doc) > seq_len:
+                pad = seq_len - len(ids)
+                rows.append((ids + [tok.pad_token_id] * pad, labels + [IGNORE] * pad))
+                ids, labels = [], []
+            ids, labels = ids + doc, labels + lab
+            if len(rows) == batch_size:
+                yield torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+                rows = []
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the 2-D hidden matrices plus AdamW for embeddings and norms
+    (the non-diagonal preconditioner the replication found to change backdoor robustness)."""
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    if cfg.optimizer == "adamw":
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)]
+    if cfg.optimizer == "muon":
+        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if id(p) not in hidden_ids]
+        return [torch.optim.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+                torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, foreach=True)]
+    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'muon'")
+
+
+def loss_fn(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+
+
+@dataclass
+class TrainLog:
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+
+
+def use_all_cores() -> int:
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(n)
+    return n
+
+
+def train(model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]], cfg: TrainConfig,
+          desc: str = "train", start_step: int = 0,
+          on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainLog:
+    """Run `cfg.steps - start_step` optimizer steps. `on_step(step, model)` runs after each step
+    (checkpointing and evaluation hook points)."""
+    import time
+
+    use_all_cores()
+    model.train()
+    opts = make_optimizer(model, cfg)
+    log = TrainLog()
+    t0 = time.perf_counter()
+    bar = tqdm(range(start_step, cfg.steps), desc=desc, leave=False, mininterval=1.0)
+    for step in bar:
+        ids, labels = next(batches)
+        lr = lr_at(cfg, step)
+        for opt in opts:
+            for g in opt.param_groups:
+                g["lr"] = lr
+        loss = loss_fn(model, ids, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        log.losses.append(loss.item())
+        log.tokens += int(ids.numel())
+        if step % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if on_step is not None:
+            on_step(step + 1, model)
+    log.seconds = time.perf_counter() - t0
+    model.eval()
+    return log
