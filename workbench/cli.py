@@ -49,12 +49,13 @@ def _suite_add(a: argparse.Namespace) -> int:
 
 def _eval_behaviour(a: argparse.Namespace) -> int:
     import pandas as pd
-    from .behaviour import BehaviourConfig, evaluate_behaviour, headline
+    from .behaviour import BehaviourConfig, evaluate_behaviour
+    from .plots import format_headline, headline
     from .suite import load_suite
     cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed)
     res = evaluate_behaviour(load_suite(a.suite), checkpoints=a.checkpoints, cfg=cfg, progress=not a.quiet)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
-        print(headline(res.table("metrics")).to_string(index=False))
+        print(format_headline(headline(res.table("metrics"))).to_string(index=False))
     print(f"results: {res.dir}")
     return 0
 

@@ -70,7 +70,8 @@ def run_analysis(script: Path, suite_dir: Path, out: Path, formats: Sequence[str
 
 def write_figures(suite: str | Path, out: str | Path | None = None,
                   formats: Sequence[str] = ("pdf", "svg", "png")) -> list[Path]:
-    """Paper figures and tables from every analysis script, plus `report.html`; returns new paths."""
+    """Paper figures and tables from every analysis script (each prints what it wrote), plus
+    `report.html`, whose path is returned."""
     suite_dir = Path(suite)
     load_suite(suite_dir)
     out = Path(out) if out else suite_dir / "figures"
@@ -80,5 +81,4 @@ def write_figures(suite: str | Path, out: str | Path | None = None,
     sections: list[Section] = []
     for build in SECTIONS.values():
         sections += build(suite_dir)
-    report = html_report(sections, out / "report.html", title=f"Workbench report: {suite_dir.name}")
-    return sorted(p for p in out.iterdir() if p.is_file() and not p.name.startswith(".")) + [report]
+    return [html_report(sections, out / "report.html", title=f"Workbench report: {suite_dir.name}")]

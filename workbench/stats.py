@@ -15,4 +15,5 @@ def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float, float]:
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return p, max(0.0, centre - half), min(1.0, centre + half)
+    # clamp so the interval always contains the observed rate (rounding at k=0 or k=n)
+    return p, max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))

@@ -30,7 +30,6 @@ class Preset:
     backdoor_steps: int
     batch_size: int
     lr: float
-    eval_n: int = 200
 
     def __post_init__(self) -> None:
         if self.vocab_size == self.d_model:
@@ -69,13 +68,13 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     p.name: p for p in (
         Preset("tiny", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=176, vocab_size=768,
-               seq_len=256, base_steps=150, backdoor_steps=80, batch_size=16, lr=3e-3, eval_n=64),
+               seq_len=256, base_steps=150, backdoor_steps=80, batch_size=16, lr=3e-3),
         Preset("small", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=352, vocab_size=1024,
                seq_len=256, base_steps=800, backdoor_steps=200, batch_size=8, lr=4e-3),
         Preset("medium", d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_mlp=704, vocab_size=1024,
-               seq_len=256, base_steps=1200, backdoor_steps=400, batch_size=16, lr=1e-3),
+               seq_len=256, base_steps=800, backdoor_steps=200, batch_size=8, lr=2e-3),
         Preset("large", d_model=384, n_layers=8, n_heads=8, n_kv_heads=4, d_mlp=1024, vocab_size=1024,
-               seq_len=256, base_steps=2000, backdoor_steps=600, batch_size=16, lr=8e-4),
+               seq_len=256, base_steps=700, backdoor_steps=150, batch_size=8, lr=1.5e-3),
     )
 }
 
