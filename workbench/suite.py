@@ -62,11 +62,19 @@ def checkpoint_dirname(name: str) -> str:
 def _check_safetensors(path: Path) -> None:
     """Header sanity plus finiteness of every tensor: catches truncation and NaN/Inf weights."""
     size = path.stat().st_size
+    truncated = CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes); "
+                                "restore it from a backup or rebuild the checkpoint")
     with open(path, "rb") as f:
         head = f.read(8)
-    if len(head) < 8 or (n := struct.unpack("<Q", head)[0]) + 8 > size:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes); "
-                              "restore it from a backup or rebuild the checkpoint")
+        if len(head) < 8 or (n := struct.unpack("<Q", head)[0]) + 8 > size:
+            raise truncated
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise truncated from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    if 8 + n + max(ends, default=0) > size:
+        raise truncated
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
@@ -126,6 +134,8 @@ class Suite:
                              "`workbench suite build --preset small --out DIR`")
         try:
             manifest = json.loads(path.read_text())
+            if not isinstance(manifest, dict):
+                raise SuiteError(f"{path} is not a suite manifest (a JSON object); rebuild the suite")
             if manifest.get("format") != FORMAT:
                 raise SuiteError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}; rebuild it")
             return cls(root, manifest)

