@@ -41,7 +41,7 @@ with common.guard():
     shown["size_mb"] = [folder_mb(suite_obj.dir(n)) for n in frame["name"]]
 
 st.caption(f"`{suite}` · {len(frame)} checkpoints. The sha256 is of `model.safetensors`; parity is "
-           "the largest |logit difference| between the TransformerLens bridge and HF.")
+           "the largest |log-probability difference| between the TransformerLens bridge and HF on a probe batch.")
 st.dataframe(shown, hide_index=True, width="stretch",
              column_config={"sha256": st.column_config.TextColumn("sha256 (short)"),
                             "n_params": st.column_config.NumberColumn("params", format="%d"),
