@@ -78,10 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     threads = use_all_cores()
     steps, warmup = (4, 2) if a.quick else (20, 3)
     peak = matmul_peak(2.0 if a.quick else 5.0)
-    texts = [next(s).dialogue.text() for s in [training_items(DataRecipe(None), 0)] for _ in range(1500)]
-    tok = train_tokenizer(texts, max(get_preset(p).vocab_size for p in a.presets))
+    stream = training_items(DataRecipe(None), 0)
+    texts = [next(stream).dialogue.text() for _ in range(1500)]
+    tokenizers = {v: train_tokenizer(texts, v) for v in {get_preset(p).vocab_size for p in a.presets}}
     figures: dict[str, float | int | str] = {"threads": threads, "matmul_peak_gflops": round(peak / 1e9, 1)}
     for name in a.presets:
+        tok = tokenizers[get_preset(name).vocab_size]
         r = measure(name, steps if name in ("tiny", "small") else max(2, steps // 2), warmup, tok)
         achieved = r["tokens_per_s"] * r["flops_per_token"]
         figures[f"{name}_tokens_per_s"] = round(r["tokens_per_s"])
