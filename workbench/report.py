@@ -11,7 +11,6 @@ import importlib.util
 from pathlib import Path
 from typing import Callable, Sequence
 
-import pandas as pd
 
 from . import plots
 from .errors import ConfigError, WorkbenchError

@@ -11,8 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
