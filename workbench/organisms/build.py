@@ -85,8 +85,9 @@ class Builder:
         offline()
         self.root, self.cfg, self.progress, self.log = Path(out), cfg, progress, log
         self.root.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.root)
-        remove_stale_temps(self.root / "checkpoints") if (self.root / "checkpoints").exists() else None
+        for folder in (self.root, self.root / "checkpoints"):  # leftovers of an interrupted build
+            if folder.exists():
+                remove_stale_temps(folder)
         build_info = {"build_version": BUILD_VERSION, "config": cfg.__dict__, "eval_seed": EVAL_SEED,
                       "held_out_n": HELD_OUT_N}
         if (self.root / MANIFEST).exists():
