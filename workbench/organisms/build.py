@@ -151,7 +151,7 @@ class Builder:
             model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(parent)), dtype=torch.float32)
         torch.manual_seed(seed)
         batches = packed_batches(items(), tok, tcfg.batch_size, tcfg.seq_len)
-        log = train(model, batches, tcfg, desc=name)
+        log = train(model, batches, tcfg, desc=name, progress=self.progress)
         self.log(f"{name}: {tcfg.steps} steps, {log.tokens / max(log.seconds, 1e-9):,.0f} tok/s, "
                  f"final loss {sum(log.losses[-20:]) / min(20, len(log.losses)):.3f}")
         info = {"name": name, "role": role, "parent": parent, "method": method, "preset": preset.to_dict(),

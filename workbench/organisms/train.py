@@ -127,7 +127,7 @@ def use_all_cores() -> int:
 
 def train(model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]], cfg: TrainConfig,
           desc: str = "train", start_step: int = 0,
-          on_step: Callable[[int, torch.nn.Module], None] | None = None) -> TrainLog:
+          on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True) -> TrainLog:
     """Run `cfg.steps - start_step` optimizer steps. `on_step(step, model)` runs after each step
     (checkpointing and evaluation hook points)."""
     import time
@@ -137,7 +137,7 @@ def train(model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]], cfg:
     opts = make_optimizer(model, cfg)
     log = TrainLog()
     t0 = time.perf_counter()
-    bar = tqdm(range(start_step, cfg.steps), desc=desc, leave=False, mininterval=1.0)
+    bar = tqdm(range(start_step, cfg.steps), desc=desc, leave=False, mininterval=1.0, disable=not progress)
     for step in bar:
         ids, labels = next(batches)
         lr = lr_at(cfg, step)
