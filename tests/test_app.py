@@ -18,7 +18,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 import workbench
-from workbench import figures, plots, results
+from workbench import figures, plots
 from workbench.errors import WorkbenchError
 
 ROOT = Path(workbench.__file__).resolve().parents[1]  # the checkout: app/ and analyses/ live here
@@ -36,18 +36,6 @@ def run_page(page: str, suite: Path | str | None, **query: str) -> AppTest:
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     return at
-
-
-@pytest.fixture(scope="session")
-def behaviour(tiny_suite: Path) -> results.Result:
-    found = results.latest(tiny_suite, "behaviour")
-    assert found is not None, "conftest's tiny_suite should hold a saved behaviour result"
-    return found
-
-
-@pytest.fixture(scope="session")
-def metrics(behaviour: results.Result) -> pd.DataFrame:
-    return behaviour.table("metrics")
 
 
 @pytest.fixture(scope="session")

