@@ -120,7 +120,12 @@ class TrainLog:
 
 
 def use_all_cores() -> int:
+    """All cores this process may run on, unless `WORKBENCH_THREADS` caps it (several jobs sharing a
+    machine run faster with one thread each than oversubscribed)."""
     n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cap = os.environ.get("WORKBENCH_THREADS", "")
+    if cap.isdigit() and int(cap) > 0:
+        n = min(n, int(cap))
     torch.set_num_threads(n)
     return n
 
