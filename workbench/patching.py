@@ -1,0 +1,748 @@
+"""Exact activation patching, batched through the batch dimension and run on suffixes only.
+
+TransformerLens's `patching` helpers run one full forward pass per patched index. That is the
+reference for correctness here (the tests compare to it at 1e-4), but not the way to compute it:
+
+1. One dense forward over the clean and corrupted prompts together caches only what the kinds
+   need: the residual stream, the rotated keys/values, and the patched activations.
+2. A patch at (layer l, position p) changes nothing at positions < p (causal attention) and nothing
+   below layer l. So each patched variant enters the network at layer l holding only positions
+   p..T-1; the keys and values of positions < p, at every later layer, are the base run's own.
+   Variants of all (layer, position) pairs are packed into one flat token batch, so the linear
+   layers (nearly all the FLOPs) do no wasted work; attention pads queries only.
+3. The last layer computes attention and MLP only at the positions the metric reads, and the
+   unembedding only for the answer tokens (logit difference) or the metric's positions (log-prob).
+4. A patch whose source equals the base activation bit for bit (positions before the trigger) is
+   an exact no-op: its value is the base run's metric, with no forward pass at all.
+
+The engine computes a Llama-family decoder from the bridge's own (compatibility-mode) weights, so
+it is the same function as the bridge. Results are `PatchResult`s labelled with TransformerLens
+hook names, the prompt's tokens and a provenance dict; `.to_frame()` gives a tidy table.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import itertools
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import einops
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .access import HOOK_KINDS, n_layers_of
+from .errors import ConfigError
+from .pairs import METRICS, PairBatch, check_aligned
+
+DIRECTIONS = ("denoising", "noising")
+
+
+# --- patch kinds: a registry, so the CLI and the app can list them -----------------------------
+@dataclass(frozen=True)
+class Kind:
+    """A patchable activation. `act`: which cached activation is swapped; `entry`: the layer offset
+    and stage (0 = block input, 1 = after attention) where the change enters the residual stream."""
+
+    name: str
+    hook: str                      # key of access.HOOK_KINDS: the TL hook names that label results
+    dims: tuple[str, ...]
+    act: str
+    entry: tuple[int, int]
+    tl: str                        # the transformer_lens.patching function computing the same thing
+
+
+KINDS: dict[str, Kind] = {}
+
+
+def register_kind(kind: Kind) -> None:
+    if kind.name in KINDS:
+        raise ConfigError(f"patch kind {kind.name!r} is already registered")
+    KINDS[kind.name] = kind
+
+
+for _k in (
+    Kind("resid_pre", "resid_pre", ("layer", "pos"), "resid_pre", (0, 0), "get_act_patch_resid_pre"),
+    Kind("resid_mid", "resid_mid", ("layer", "pos"), "resid_mid", (0, 1), "get_act_patch_resid_mid"),
+    Kind("resid_post", "resid_post", ("layer", "pos"), "resid_post", (1, 0), "generic:resid_post"),
+    Kind("attn_out", "attn_out", ("layer", "pos"), "attn_out", (0, 1), "get_act_patch_attn_out"),
+    Kind("mlp_out", "mlp_out", ("layer", "pos"), "mlp_out", (1, 0), "get_act_patch_mlp_out"),
+    Kind("z", "z", ("layer", "pos", "head"), "z", (0, 1), "get_act_patch_attn_head_out_by_pos"),
+    Kind("z_all_pos", "z", ("layer", "head"), "z", (0, 1), "get_act_patch_attn_head_out_all_pos"),
+):
+    register_kind(_k)
+
+
+def get_kind(name: str) -> Kind:
+    if name not in KINDS:
+        raise ConfigError(f"unknown patch kind {name!r}; choose one of {sorted(KINDS)}")
+    return KINDS[name]
+
+
+# --- the model as functions of its weights -----------------------------------------------------
+@dataclass
+class Weights:
+    """A Llama-family decoder read from a bridge (its compatibility-mode weights, so the same
+    function as the bridge) or a plain HF model. Matrices are stored [in, out] (`x @ w`): q/k/v and
+    gate/up fused for fewer, larger GEMMs, and contiguous on CPU, where that layout is faster.
+    Norm weights that are all ones (compatibility mode folds them into the next matrix) are None."""
+
+    embed: Tensor
+    wqkv: list[Tensor]
+    wo: list[Tensor]
+    wgu: list[Tensor]
+    wd: list[Tensor]
+    ln1: list[Tensor | None]
+    ln2: list[Tensor | None]
+    norm: Tensor | None
+    unembed: Tensor
+    unembed_bias: Tensor
+    n_heads: int
+    n_kv: int
+    d_head: int
+    eps: float
+    inv_freq: Tensor
+    rope_scale: float
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.wo)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.embed.shape[1])
+
+    @property
+    def d_mlp(self) -> int:
+        return int(self.wd[0].shape[0])
+
+    def wo_heads(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.wo[layer], "(h d) m -> h d m", h=self.n_heads)
+
+    def rope(self, n_pos: int) -> tuple[Tensor, Tensor]:
+        """cos, sin tables [pos, d_head] exactly as HF's rotary embedding computes them (float32)."""
+        pos = torch.arange(n_pos, device=self.inv_freq.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.float())
+        emb = torch.cat([freqs, freqs], -1)
+        dt = self.embed.dtype
+        return (emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt)
+
+    def flops_per_token(self) -> dict[str, int]:
+        d, f = self.d_model, self.d_mlp
+        qkv = self.wqkv[0].shape[1]
+        return {"attn_linear": 2 * d * qkv + 2 * self.n_heads * self.d_head * d, "mlp": 2 * d * 2 * f + 2 * f * d,
+                "score_per_key": 4 * self.n_heads * self.d_head}
+
+
+_WEIGHTS: weakref.WeakKeyDictionary[Any, Weights] = weakref.WeakKeyDictionary()
+
+
+def weights(model: Any) -> Weights:
+    """The engine's view of `model` (a TransformerBridge or an HF Llama), cached per model object."""
+    if model in _WEIGHTS:
+        return _WEIGHTS[model]
+    hf = getattr(model, "original_model", model)
+    cfg = hf.config
+    if getattr(cfg, "model_type", "") not in ("llama", "mistral"):
+        raise ConfigError(f"the batched patching engine computes Llama-family decoders; this model is "
+                          f"{getattr(cfg, 'model_type', type(hf).__name__)!r}: use engine='tl'")
+    sd = {k.replace("._original_component", ""): v.detach() for k, v in hf.state_dict().items()}
+    if any(k.endswith(".bias") and k != "lm_head.bias" and bool(v.any()) for k, v in sd.items()):
+        raise ConfigError("the batched engine does not model linear biases; use engine='tl' for this model")
+    L = int(cfg.num_hidden_layers)
+    p = [f"model.layers.{l}." for l in range(L)]
+    rot = next((m for n, m in hf.named_modules() if n.endswith("rotary_emb")), None)
+    rot = getattr(rot, "original_component", rot)
+    cpu = sd["lm_head.weight"].device.type == "cpu"
+    t = (lambda m: m.T.contiguous()) if cpu else (lambda m: m.T)
+    ones = lambda v: None if bool((v == 1).all()) else v
+    w = Weights(
+        embed=sd["model.embed_tokens.weight"],
+        wqkv=[t(torch.cat([sd[q + f"self_attn.{x}_proj.weight"] for x in "qkv"])) for q in p],
+        wo=[t(sd[q + "self_attn.o_proj.weight"]) for q in p],
+        wgu=[t(torch.cat([sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"]])) for q in p],
+        wd=[t(sd[q + "mlp.down_proj.weight"]) for q in p],
+        ln1=[ones(sd[q + "input_layernorm.weight"]) for q in p],
+        ln2=[ones(sd[q + "post_attention_layernorm.weight"]) for q in p],
+        norm=ones(sd["model.norm.weight"]), unembed=sd["lm_head.weight"],
+        unembed_bias=sd.get("lm_head.bias", torch.zeros_like(sd["lm_head.weight"][:, 0])),
+        n_heads=int(cfg.num_attention_heads), n_kv=int(cfg.num_key_value_heads),
+        d_head=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+        eps=float(cfg.rms_norm_eps), inv_freq=rot.inv_freq.detach(),
+        rope_scale=float(getattr(rot, "attention_scaling", 1.0)),
+    )
+    _WEIGHTS[model] = w
+    return w
+
+
+def _rms(x: Tensor, w: Tensor | None, eps: float) -> Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if w is None else w * y
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """HF's rotate-half RoPE; `cos`/`sin` broadcast over the head axis."""
+    h = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
+
+
+def _qkv(W: Weights, l: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    H, K, dh = W.n_heads, W.n_kv, W.d_head
+    qkv = _rms(x, W.ln1[l], W.eps) @ W.wqkv[l]
+    q, k, v = qkv.split([H * dh, K * dh, K * dh], -1)
+    q = q.unflatten(-1, (H, dh))
+    k = k.unflatten(-1, (K, dh))
+    return _rotate(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), _rotate(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v.unflatten(-1, (K, dh))
+
+
+def _mlp(W: Weights, l: int, x: Tensor) -> Tensor:
+    g, u = (_rms(x, W.ln2[l], W.eps) @ W.wgu[l]).chunk(2, -1)
+    return (F.silu(g) * u) @ W.wd[l]
+
+
+def _mlp_residual(W: Weights, l: int, x: Tensor) -> Tensor:
+    """x + MLP(x) on flat tokens, the residual add fused into the down-projection GEMM."""
+    g, u = (_rms(x, W.ln2[l], W.eps) @ W.wgu[l]).chunk(2, -1)
+    return torch.addmm(x, F.silu(g).mul_(u), W.wd[l])
+
+
+# --- metrics ----------------------------------------------------------------------------------
+class Metric:
+    """A scalar read from the last `k` positions' final residual: per prompt a sum over those
+    positions, then the mean over prompts (TransformerLens's convention for a batch).
+
+    `contrib` takes the final-normed residual of any set of tokens, so the engine never needs the
+    full logits; `from_logits` is the same metric for TransformerLens's helpers.
+    """
+
+    name = "metric"
+    k = 1
+
+    def contrib(self, xf: Float[Tensor, "m d"], prompt: Int[Tensor, " m"], j: Int[Tensor, " m"]) -> Tensor:
+        raise NotImplementedError
+
+    def from_logits(self, logits: Float[Tensor, "n pos vocab"]) -> Tensor:
+        raise NotImplementedError
+
+    n_prompts = 1
+
+    def dense(self, xf: Float[Tensor, "n k d"]) -> Float[Tensor, "n k"]:
+        """Rows beyond the batch (several patched copies stacked) map back to prompt row % n."""
+        n, k = xf.shape[:2]
+        prompt = torch.arange(n, device=xf.device).repeat_interleave(k) % self.n_prompts
+        j = torch.arange(k, device=xf.device).repeat(n)
+        return self.contrib(xf.reshape(n * k, -1), prompt, j).view(n, k)
+
+
+class LogitDiff(Metric):
+    """logit(first bad-answer token) - logit(first good-answer token) at the last position."""
+
+    name = "logit_diff"
+
+    def __init__(self, bad: Tensor, good: Tensor, unembed: tuple[Tensor, Tensor] | None = None):
+        self.bad, self.good = bad.long(), good.long()
+        self.n_prompts = int(bad.shape[0])
+        if unembed is not None:
+            U, b = unembed
+            self.dirs, self.offset = U[self.bad] - U[self.good], b[self.bad] - b[self.good]
+
+    def contrib(self, xf, prompt, j):
+        return (xf * self.dirs.to(xf.device)[prompt]).sum(-1) + self.offset.to(xf.device)[prompt]
+
+    def from_logits(self, logits):
+        last = logits[:, -1]
+        idx = torch.arange(last.shape[0], device=last.device)
+        return (last[idx, self.bad.to(last.device)] - last[idx, self.good.to(last.device)]).mean()
+
+
+class LogProb(Metric):
+    """Log-probability of the whole bad continuation (teacher-forced): sum over its tokens."""
+
+    name = "logprob"
+
+    def __init__(self, targets: Tensor, unembed: tuple[Tensor, Tensor] | None = None):
+        self.targets = targets.long()
+        self.n_prompts, self.k = int(targets.shape[0]), int(targets.shape[1])
+        self.unembed = unembed
+
+    def contrib(self, xf, prompt, j):
+        U, b = self.unembed
+        logp = (xf @ U.T + b).float().log_softmax(-1)
+        return logp.gather(-1, self.targets.to(xf.device)[prompt, j][:, None])[:, 0].to(xf.dtype)
+
+    def from_logits(self, logits):
+        logp = logits[:, -self.k:].float().log_softmax(-1)
+        return logp.gather(-1, self.targets.to(logits.device)[..., None])[..., 0].sum(-1).mean()
+
+
+def make_metric(batch: PairBatch, name: str = "logit_diff", model: Any = None) -> Metric:
+    """The metric `name` for `batch`; `model` (bridge or HF) binds the unembedding the engine reads."""
+    U = None if model is None else (weights(model).unembed, weights(model).unembed_bias)
+    if name == "logit_diff":
+        return LogitDiff(batch.bad, batch.good, U)
+    if name == "logprob":
+        return LogProb(batch.continuation, U)
+    raise ConfigError(f"unknown metric {name!r}; choose one of {METRICS}")
+
+
+# --- dense runs: baselines, cached activations, gradients, and set patching --------------------
+Hook = Callable[[str, int, Tensor], Tensor]
+
+
+def forward(W: Weights, tokens: Int[Tensor, "n pos"], metric: Metric, hook: Hook | None = None,
+            keep_kv: bool = False, embed: Tensor | None = None,
+            drop_layer: int | None = None) -> tuple[Float[Tensor, "n k"], dict[str, list[Tensor]]]:
+    """A full forward pass returning the metric's per-position contributions.
+
+    `hook(kind, layer, act)` sees every activation a patch kind can name and returns it (possibly
+    replaced); `keep_kv` also returns the rotated keys/values the suffix engine reuses; `embed`
+    replaces the token embeddings (a leaf to differentiate from); `drop_layer` feeds that layer's
+    attention and MLP a detached residual, so no gradient flows back through them (GradDrop).
+    """
+    T = tokens.shape[1]
+    cos, sin = W.rope(T)
+    hook = hook or (lambda kind, l, a: a)
+    kv: dict[str, list[Tensor]] = {"k": [], "v": []}
+    x = W.embed[tokens] if embed is None else embed
+    for l in range(W.n_layers):
+        x = hook("resid_pre", l, x)
+        q, k, v = _qkv(W, l, x.detach() if l == drop_layer else x, cos, sin)
+        if keep_kv:
+            kv["k"].append(k)
+            kv["v"].append(v)
+        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=W.n_kv != W.n_heads).transpose(1, 2)
+        z = hook("z", l, z)
+        a = hook("attn_out", l, z.flatten(-2) @ W.wo[l])
+        x = hook("resid_mid", l, x + a)
+        m = hook("mlp_out", l, _mlp(W, l, x.detach() if l == drop_layer else x))
+        x = x + m
+        if l < W.n_layers - 1:
+            x = hook("resid_post", l, x)
+    x = hook("resid_post", W.n_layers - 1, x)
+    return metric.dense(_rms(x[:, T - metric.k:], W.norm, W.eps)), kv
+
+
+def run_cache(W: Weights, tokens: Tensor, metric: Metric, acts: Sequence[str],
+              keep_kv: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """Per-position metric contributions and the named activations stacked over layers
+    ([layer, n, pos, ...]; `resid_pre` gets one more entry, the final residual)."""
+    store: dict[str, list[Tensor]] = {a: [] for a in acts}
+
+    def hook(kind: str, l: int, a: Tensor) -> Tensor:
+        if kind in store:
+            store[kind].append(a)
+        if kind == "resid_post" and l == W.n_layers - 1 and "resid_pre" in store:
+            store["resid_pre"].append(a)
+        return a
+
+    contrib, kv = forward(W, tokens, metric, hook, keep_kv)
+    out = {a: torch.stack(v) for a, v in store.items()}
+    out.update({a: torch.stack(v) for a, v in kv.items() if v})
+    return contrib, out
+
+
+# --- the suffix engine ------------------------------------------------------------------------
+@dataclass
+class _Variants:
+    """Patched variants (each covers every prompt): where they enter and what they add there.
+    The additions are made per chunk (`point`/`dense` of the selected variants only), so memory
+    stays bounded by the chunk, not by the number of variants."""
+
+    entry: Tensor                                   # layer whose input/mid sees the change (n_layers: final norm)
+    stage: Tensor                                   # 0: block input, 1: after attention
+    start: Tensor                                   # first position the change touches; -1: exact no-op
+    point: Callable[[Tensor], Tensor] | None = None  # sel -> [v, n, d] added at position `start`
+    dense: Callable[[Tensor], Tensor] | None = None  # sel -> [v, n, pos, d] added at positions >= start
+
+
+@dataclass
+class _Chunk:
+    entry: Tensor
+    stage: Tensor
+    start: Tensor
+    point: Tensor | None
+    dense: Tensor | None
+
+
+def _suffix(W: Weights, base: dict[str, Tensor], var: _Chunk, metric: Metric,
+            base_contrib: Tensor, stats: dict[str, float]) -> Tensor:
+    """Metric of every variant, computing only layers >= entry and positions >= start."""
+    N, T = base["resid_pre"].shape[1:3]
+    k, L, dev = metric.k, W.n_layers, base_contrib.device
+    V = int(var.entry.shape[0])
+    R = V * N
+    row_var = torch.arange(R, device=dev) // N
+    row_prompt = torch.arange(R, device=dev) % N
+    row_entry, row_stage, row_start = var.entry[row_var], var.stage[row_var], var.start[row_var]
+    cos_t, sin_t = W.rope(T)
+    d, qkv_out, hd = W.d_model, W.wqkv[0].shape[1], W.n_heads * W.d_head
+    x = W.embed.new_empty(0, d)
+    t_row = torch.empty(0, dtype=torch.long, device=dev)
+    t_pos = torch.empty_like(t_row)
+
+    point_mid = (row_stage == 1) & (var.point is not None)
+
+    def insert(l: int, stage: int, metric_only: bool) -> None:
+        """Add the tokens of rows whose change enters at (l, stage). A single-position change after
+        attention alters only that position's MLP input: the row's later positions join one layer
+        up, from the base run's residual."""
+        nonlocal x, t_row, t_pos
+        enter = (row_entry == l) & (row_stage == stage)
+        rows = torch.nonzero(enter | (point_mid & (row_entry == l - 1) & (stage == 0))).flatten()
+        if rows.numel() == 0:
+            return
+        first = torch.where(enter[rows], row_start[rows], row_start[rows] + 1)
+        if metric_only:
+            first = first.clamp(min=T - k)
+        lens = (T - first).clamp(min=0)
+        if stage == 1 and var.point is not None:
+            lens = lens.clamp(max=1)
+        tr = rows.repeat_interleave(lens)
+        offs = torch.arange(tr.numel(), device=dev) - (lens.cumsum(0) - lens).repeat_interleave(lens)
+        tp = first.repeat_interleave(lens) + offs
+        act = base["resid_pre"][l] if stage == 0 else base["resid_mid"][l]
+        xv = act[row_prompt[tr], tp]
+        if var.point is not None:
+            sel = torch.nonzero((tp == row_start[tr]) & enter[rows].repeat_interleave(lens)).flatten()
+            xv = xv.index_add(0, sel, var.point[row_var[tr[sel]], row_prompt[tr[sel]]])
+        if var.dense is not None:
+            xv = xv + var.dense[row_var[tr], row_prompt[tr], tp]
+        x, t_row, t_pos = torch.cat([x, xv]), torch.cat([t_row, tr]), torch.cat([t_pos, tp])
+
+    flops = 0.0
+    for l in range(int(var.entry.min()), L):
+        last = l == L - 1
+        insert(l, 0, metric_only=False)
+        if x.shape[0]:
+            q, kk, vv = _qkv(W, l, x, cos_t[t_pos], sin_t[t_pos])
+            flops += x.shape[0] * 2 * d * qkv_out
+            arows, local = torch.unique(t_row, return_inverse=True)
+            Kf = base["k"][l][row_prompt[arows]]            # keys of positions < start: the base run's
+            Vf = base["v"][l][row_prompt[arows]]
+            Kf[local, t_pos] = kk
+            Vf[local, t_pos] = vv
+            if last:                                        # only the metric's positions read the output
+                qsel = torch.nonzero(t_pos >= T - k).flatten()
+                x, t_row, t_pos, local, q = x[qsel], t_row[qsel], t_pos[qsel], local[qsel], q[qsel]
+            S = T - int(t_pos.min())
+            Qp = q.new_zeros(arows.numel(), S, W.n_heads, W.d_head)
+            Qp[local, t_pos - (T - S)] = q
+            mask = torch.arange(T, device=dev)[None, :] <= torch.arange(T - S, T, device=dev)[:, None]
+            z = F.scaled_dot_product_attention(Qp.transpose(1, 2), Kf.transpose(1, 2), Vf.transpose(1, 2),
+                                               attn_mask=mask, enable_gqa=W.n_kv != W.n_heads).transpose(1, 2)
+            z = z[local, t_pos - (T - S)]
+            x = torch.addmm(x, z.flatten(-2), W.wo[l])
+            flops += x.shape[0] * 2 * hd * d + float((t_pos + 1).sum()) * 4 * hd
+        insert(l, 1, metric_only=last)
+        if x.shape[0]:
+            x = _mlp_residual(W, l, x)
+            flops += x.shape[0] * 6 * d * W.d_mlp
+    insert(L, 0, metric_only=True)
+    xf = _rms(x, W.norm, W.eps)
+    j = t_pos - (T - k)
+    res = base_contrib[row_prompt].clone()
+    res[t_row, j] = metric.contrib(xf, row_prompt[t_row], j)
+    stats["flops"] += flops + x.shape[0] * 2 * d * (1 if metric.name == "logit_diff" else W.embed.shape[0])
+    return res.sum(1).view(V, N).mean(1)
+
+
+def _variants(kind: Kind, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor],
+              k: int) -> tuple[list[tuple[int, ...]], _Variants]:
+    """Every index of `kind` as a variant, in TransformerLens's index order."""
+    L, H = W.n_layers, W.n_heads
+    T = base["resid_pre"].shape[2]
+    dev = base["resid_pre"].device
+    el, stage = kind.entry
+    ar = lambda n: torch.arange(n, device=dev)
+    if kind.act == "z":
+        dz = src["z"] - base["z"]                                           # [L, n, pos, head, d_head]
+        Wo = torch.stack([W.wo_heads(l) for l in range(L)])                  # [L, head, d_head, d]
+        nz = einops.reduce(dz != 0, "l n p h e -> l p h", "max")
+        if kind.name == "z":
+            idx = [(l, p, h) for l in range(L) for p in range(T) for h in range(H)]
+            entry = ar(L).repeat_interleave(T * H)
+            start = ar(T).repeat_interleave(H).repeat(L)
+            live = nz.reshape(-1) & ~((entry == L - 1) & (start < T - k))
+
+            def point(sel: Tensor) -> Tensor:
+                l, p, h = sel // (T * H), (sel // H) % T, sel % H
+                return einops.einsum(dz[l, :, p, h], Wo[l, h], "v n e, v e d -> v n d")
+            return idx, _Variants(entry, torch.ones_like(entry), torch.where(live, start, -1), point=point)
+        idx = [(l, h) for l in range(L) for h in range(H)]
+        nzp = einops.rearrange(nz, "l p h -> (l h) p")
+        first = torch.where(nzp.any(1), nzp.float().argmax(1).long(), torch.full((L * H,), -1, device=dev))
+        if k and L:  # at the last layer only the metric's positions matter
+            lastl = ar(L * H) // H == L - 1
+            first = torch.where(lastl & ~nzp[:, T - k:].any(1), -1, first)
+
+        def dense(sel: Tensor) -> Tensor:
+            l, h = sel // H, sel % H
+            return einops.einsum(dz[l, :, :, h], Wo[l, h], "v n p e, v e d -> v n p d")
+        entry = ar(L).repeat_interleave(H)
+        return idx, _Variants(entry, torch.ones_like(entry), first, dense=dense)
+    act = kind.act if kind.act != "resid_post" else "resid_pre"
+    lo = 1 if kind.act == "resid_post" else 0
+    diff = (src[act][lo:lo + L] - base[act][lo:lo + L])                      # [L, n, pos, d]
+    idx = [(l, p) for l in range(L) for p in range(T)]
+    entry = ar(L).repeat_interleave(T) + el
+    start = ar(T).repeat(L)
+    nz = einops.reduce(diff != 0, "l n p d -> (l p)", "max")
+    # after the last attention a change at a position the metric does not read cannot reach it
+    late = (entry == L) | ((entry == L - 1) & (stage == 1))
+    live = nz & ~(late & (start < T - k))
+    flat = einops.rearrange(diff, "l n p d -> (l p) n d")
+    return idx, _Variants(entry, torch.full_like(entry, stage), torch.where(live, start, -1),
+                          point=lambda sel: flat[sel])
+
+
+def _take(var: _Variants, sel: Tensor) -> _Chunk:
+    return _Chunk(var.entry[sel], var.stage[sel], var.start[sel],
+                  None if var.point is None else var.point(sel), None if var.dense is None else var.dense(sel))
+
+
+def _chunks(var: _Variants, W: Weights, N: int, T: int, budget_bytes: float) -> list[Tensor]:
+    """Live variants, sorted by start (tight attention padding), cut to fit the memory budget."""
+    live = torch.nonzero(var.start >= 0).flatten()
+    if live.numel() == 0:
+        return []
+    live = live[torch.argsort(var.start[live], stable=True)]
+    el = W.embed.element_size()
+    per_tok = el * (4 * W.d_model + 2 * W.wqkv[0].shape[1] + 3 * 2 * W.d_mlp)
+    per_row = el * (2 * T * W.n_kv * W.d_head + 2 * W.n_heads * T * T + T * W.n_heads * W.d_head
+                    + (T * W.d_model if var.dense is not None else W.d_model))
+    cost = ((T - var.start[live]).float() * per_tok + per_row) * N
+    cuts, acc, begin = [], 0.0, 0
+    for i, c in enumerate(cost.tolist()):
+        if acc + c > budget_bytes and i > begin:
+            cuts.append(live[begin:i])
+            begin, acc = i, 0.0
+        acc += c
+    cuts.append(live[begin:])
+    return cuts
+
+
+def default_budget(device: torch.device | str = "cpu") -> float:
+    """Bytes one chunk of variants may hold: half the free GPU memory; on CPU 24 MiB, because
+    chunks that stay in the caches ran faster there than bigger ones (measured: 16-32 MiB best)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return 0.5 * free
+    return 24 * 2**20
+
+
+# --- results ----------------------------------------------------------------------------------
+@dataclass
+class PatchResult:
+    """Metric after patching each index of `kind`, with everything needed to read it.
+
+    `values` holds the raw metric; `normalised()` maps the model's own corrupted run to 0 and the
+    clean run to 1 (or uses `scale`, the triggered-minus-untriggered gap of a reference model,
+    so a model without a backdoor reads ~0 instead of noise divided by noise).
+    `effect()` is the share of the behaviour a component carries: the normalised value when
+    denoising, one minus it when noising.
+    """
+
+    kind: str
+    values: Tensor
+    dims: tuple[str, ...]
+    hook_names: list[str]
+    tokens: list[str]
+    clean_metric: float
+    corrupted_metric: float
+    direction: str = "denoising"
+    method: str = "exact"
+    scale: float | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def gap(self) -> float:
+        return self.scale if self.scale is not None else self.clean_metric - self.corrupted_metric
+
+    def normalised(self) -> Tensor:
+        return (self.values - self.corrupted_metric) / self.gap
+
+    def effect(self) -> Tensor:
+        if self.direction == "denoising":
+            return self.normalised()
+        return (self.clean_metric - self.values) / self.gap
+
+    def with_scale(self, scale: float | None) -> PatchResult:
+        return PatchResult(**{**self.__dict__, "scale": scale})
+
+    def index(self) -> list[tuple[int, ...]]:
+        return list(itertools.product(*[range(s) for s in self.values.shape]))
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per patched index: hook name, layer, position/token, head, value, effect."""
+        idx = self.index()
+        vals, norm, eff = (t.flatten().tolist() for t in (self.values, self.normalised(), self.effect()))
+        rows = []
+        for ix, v, n, e in zip(idx, vals, norm, eff):
+            r = dict(zip(self.dims, ix))
+            rows.append({"kind": self.kind, "hook": self.hook_names[r["layer"]], **r,
+                         **({"token": self.tokens[r["pos"]]} if "pos" in r else {}),
+                         "value": v, "normalised": n, "effect": e})
+        df = pd.DataFrame(rows)
+        for key in ("checkpoint", "backdoor", "metric"):
+            if key in self.provenance:
+                df[key] = self.provenance[key]
+        df["method"], df["direction"] = self.method, self.direction
+        return df
+
+
+def _labels(batch: PairBatch, metric: str) -> list[str]:
+    return batch.token_labels(metric)
+
+
+# --- the public entry points ------------------------------------------------------------------
+@dataclass
+class Runs:
+    """The two unpatched runs of one batch, cached for every kind that is patched next."""
+
+    W: Weights
+    metric: Metric
+    clean_contrib: Tensor
+    corrupted_contrib: Tensor
+    clean: dict[str, Tensor]
+    corrupted: dict[str, Tensor]
+
+
+@torch.no_grad()
+def prepare(model: Any, batch: PairBatch, metric: str | Metric = "logit_diff",
+            acts: Sequence[str] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")) -> Runs:
+    """Both dense runs, caching the residual stream, keys/values and the activations in `acts`."""
+    W = weights(model)
+    m = make_metric(batch, metric, model) if isinstance(metric, str) else metric
+    clean_t, corr_t = batch.inputs(m.name)
+    check_aligned(clean_t, corr_t)
+    need = sorted(set(acts) | {"resid_pre", "resid_mid"})
+    dev = W.embed.device
+    N = clean_t.shape[0]
+    # one forward over both prompt sets: twice the rows per GEMM (the metric maps row r to prompt r % N)
+    contrib, cache = run_cache(W, torch.cat([clean_t, corr_t]).to(dev), m, need, keep_kv=True)
+    cache_c = {a: v[:, :N] for a, v in cache.items()}
+    cache_x = {a: v[:, N:] for a, v in cache.items()}
+    return Runs(W, m, contrib[:N], contrib[N:], cache_c, cache_x)
+
+
+def _tokens_and_names(W: Weights, kind: Kind, batch: PairBatch, metric: str) -> tuple[list[str], list[str]]:
+    return _labels(batch, metric), [HOOK_KINDS[kind.hook].format(l=l) for l in range(W.n_layers)]
+
+
+@torch.no_grad()
+def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "logit_diff",
+          direction: str = "denoising", runs: Runs | None = None, memory_bytes: float | None = None,
+          scale: float | None = None, progress: bool = True) -> PatchResult:
+    """Exact activation patching of every index of `kind`, equal to TransformerLens's helper.
+
+    denoising: the corrupted run with one clean activation patched in (TL's convention);
+    noising: the clean run with one corrupted activation patched in.
+    """
+    K = get_kind(kind)
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    t0 = time.perf_counter()
+    own_runs = runs is None
+    runs = runs or prepare(model, batch, metric, acts=(K.act if K.act != "resid_post" else "resid_pre",))
+    if runs.metric.name != metric:
+        raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
+    W, m = runs.W, runs.metric
+    base, src = (runs.corrupted, runs.clean) if direction == "denoising" else (runs.clean, runs.corrupted)
+    base_c = runs.corrupted_contrib if direction == "denoising" else runs.clean_contrib
+    N, T = base["resid_pre"].shape[1:3]
+    idx, var = _variants(K, W, base, src, m.k)
+    out = torch.full((len(idx),), float(base_c.sum(1).mean()), dtype=torch.float64)
+    stats = {"flops": 2 * _dense_flops(W, N, T, m) if own_runs else 0.0}
+    budget = memory_bytes or default_budget(W.embed.device)
+    chunks = _chunks(var, W, N, T, budget)
+    for sel in tqdm(chunks, desc=f"patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
+        out[sel.cpu()] = _suffix(W, base, _take(var, sel), m, base_c, stats).double().cpu()
+    shape = [W.n_layers] + [T if d == "pos" else W.n_heads for d in K.dims[1:]]
+    tokens, names = _tokens_and_names(W, K, batch, m.name)
+    _warn_small_gap(runs, scale)
+    prov = {"kind": kind, "metric": m.name, "direction": direction, "method": "exact", "n_pairs": N, "n_pos": T,
+            "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "n_variants": len(idx),
+            "n_noop": int((var.start < 0).sum()), "n_chunks": len(chunks), "flops": stats["flops"],
+            "seconds": time.perf_counter() - t0}
+    return PatchResult(kind, out.view(shape).float(), K.dims, names, tokens,
+                       float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean()),
+                       direction, "exact", scale, prov)
+
+
+def _warn_small_gap(runs: Runs, scale: float | None, rel: float = 0.02) -> None:
+    """Normalising by a gap that is mostly noise turns every effect into noise: say so."""
+    c, x = float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean())
+    if scale is None and abs(c - x) < rel * max(abs(c), abs(x), 1.0):
+        warnings.warn(f"clean ({c:.3g}) and corrupted ({x:.3g}) runs barely differ: this model shows little "
+                      "of the behaviour on these pairs, so normalised effects are ill-conditioned; read the raw "
+                      "values, or pass scale= (the gap of a model that has the behaviour)", stacklevel=4)
+
+
+def _dense_flops(W: Weights, N: int, T: int, m: Metric) -> float:
+    f = W.flops_per_token()
+    per_layer = N * T * (f["attn_linear"] + f["mlp"]) + N * T * (T + 1) / 2 * f["score_per_key"]
+    return W.n_layers * per_layer
+
+
+def exact_all(model: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"),
+              metric: str = "logit_diff", direction: str = "denoising", **kw: Any) -> dict[str, PatchResult]:
+    """Several kinds sharing one pair of dense runs."""
+    for k in kinds:
+        get_kind(k)
+    runs = prepare(model, batch, metric)
+    return {k: exact(model, batch, k, metric, direction, runs=runs, **kw) for k in kinds}
+
+
+def tl_patch(bridge: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "logit_diff",
+             direction: str = "denoising", progress: bool = False) -> PatchResult:
+    """The same result through TransformerLens's own patching helpers: the reference (slow)."""
+    from transformer_lens import patching as tlp
+
+    K = get_kind(kind)
+    m = make_metric(batch, metric)
+    clean_t, corr_t = batch.inputs(m.name)
+    check_aligned(clean_t, corr_t)
+    base_t, src_t = (corr_t, clean_t) if direction == "denoising" else (clean_t, corr_t)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        src_logits, src_cache = bridge.run_with_cache(src_t)
+        base_logits = bridge(base_t)
+        fn = getattr(tlp, K.tl) if not K.tl.startswith("generic:") else _tl_resid_post
+        quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+        with quiet:  # TL draws a progress bar per call
+            vals = fn(bridge, base_t, src_cache, m.from_logits)
+    src_m, base_m = float(m.from_logits(src_logits)), float(m.from_logits(base_logits))
+    cm, xm = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
+    names = [HOOK_KINDS[K.hook].format(l=l) for l in range(n_layers_of(bridge))]
+    prov = {"kind": kind, "metric": m.name, "direction": direction, "method": "tl", "n_pairs": len(batch),
+            "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "seconds": time.perf_counter() - t0}
+    return PatchResult(kind, vals.detach().cpu().float(), K.dims, names, _labels(batch, m.name), cm, xm,
+                       direction, "tl", None, prov)
+
+
+def _tl_resid_post(model: Any, corrupted_tokens: Tensor, clean_cache: Any, metric: Callable) -> Tensor:
+    from functools import partial
+
+    from transformer_lens import patching as tlp
+    fn = partial(tlp.generic_activation_patch, patch_setter=tlp.layer_pos_patch_setter,
+                 activation_name="resid_post", index_axis_names=("layer", "pos"))
+    return fn(model, corrupted_tokens, clean_cache, metric)
+
+
+def metric_values(model: Any, batch: PairBatch, metric: str = "logit_diff") -> tuple[float, float]:
+    """(clean, corrupted) metric of `model` on `batch`: the two ends of the normalisation."""
+    with torch.no_grad():
+        runs = prepare(model, batch, metric, acts=())
+    return float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean())
+
