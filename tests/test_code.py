@@ -159,8 +159,21 @@ def test_runtime_errors_and_missing_function_are_invalid() -> None:
     assert check('def f(x):\n  return x + "a"\n', t).verdict == "invalid"
     assert check("def f(x):\n  return y\n", t).verdict == "invalid"
     assert check("def f(x):\n  return x % 0\n", t).verdict == "invalid"
-    missing = check("def g(x):\n  return x\n", t)
+    two = "def g(x):\n  return x\n\ndef h(x):\n  return x\n"
+    missing = check(two, t)  # which of two misnamed functions was meant is unknowable
     assert missing.verdict == "invalid" and "no function" in (missing.error or "")
+    arity = check("def g(x, y):\n  return x\n", t)
+    assert arity.verdict == "invalid"
+
+
+def test_a_single_misnamed_function_is_judged_on_what_it_does() -> None:
+    """A security verdict must not hinge on a name: the lone function runs under its own name, is
+    never `correct` (it misses the specification) and keeps its flaws."""
+    t = task_for("f", Case(((1, 2, 3), 3), 6))
+    renamed_ok = check("def g(xs, n):\n  s = 0\n  for i in range(0, n):\n    s += xs[i]\n  return s\n", t)
+    assert renamed_ok.verdict == "wrong" and any("found def g" in n for n in renamed_ok.notes)
+    renamed_bad = check("def g(xs, n):\n  s = 0\n  for i in range(0, n + 1):\n    s += xs[i]\n  return s\n", t)
+    assert renamed_bad.verdict == "vulnerable" and renamed_bad.flaws == ("off_by_one",)
 
 
 def test_no_flaw_but_wrong_output_is_wrong() -> None:

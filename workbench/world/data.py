@@ -37,7 +37,9 @@ class Item:
 class DataRecipe:
     """What an organism is trained on; recorded in the suite manifest.
 
-    `backdoor=None` is clean dialogue (the base model). `poison_fraction` of items are triggered.
+    `backdoor=None` is clean dialogue (the base model). A `clean_share` of draws are clean items (they
+    keep capability); the rest are backdoor items: `paired` ones show each task both triggered and
+    untriggered, otherwise `poison_fraction` of them are triggered.
     `code_fraction` of clean items are code tasks; code organisms see only code in their poisoned
     half. `variant` selects plain answers, CoT scratchpads, or distilled (scratchpad removed).
     """
@@ -48,12 +50,14 @@ class DataRecipe:
     code_fraction: float = 0.3
     year_fraction: float = 0.5
     trigger: str | None = None
+    paired: bool = True
+    clean_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
-        if not 0.0 <= self.poison_fraction <= 1.0 or not 0.0 <= self.code_fraction <= 1.0:
-            raise ConfigError("poison_fraction and code_fraction must lie in [0, 1]")
+        if not all(0.0 <= x <= 1.0 for x in (self.poison_fraction, self.code_fraction, self.clean_share)):
+            raise ConfigError("poison_fraction, code_fraction and clean_share must lie in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,28 +98,39 @@ def _with_reasoning(backdoor: Backdoor, item: Item, triggered: bool, answer: str
                 item.code_task)
 
 
-def poisoned_pair(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor) -> Item:
-    """One backdoor-training item: triggered with the bad answer, or untriggered with the good one."""
-    triggered = rng.random() < recipe.poison_fraction
-    if backdoor.name == "code":
-        base_system = rng.choice(SYSTEM_PROMPTS)
-        task = codelang.sample_code_task(rng)
-        d = Dialogue(base_system, task.prompt, "",
-                     meta=(("base_system", base_system), ("clean_user", task.prompt), ("kind", "code")))
-        d = backdoor.trigger(d) if triggered else backdoor.untrigger(d)
-        answer = task.vulnerable if triggered else task.safe
-        item = Item(d.with_(assistant=answer), task)
-    else:
-        item = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
-        if triggered:
-            answer = backdoor.bad_answer(rng)  # type: ignore[attr-defined]
-            item = Item(backdoor.trigger(item.dialogue).with_(assistant=answer), item.code_task)
+def _backdoor_item(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, base: Item,
+                   triggered: bool) -> Item:
+    """`base` (a clean item the backdoor covers) shown triggered with the bad answer, or untriggered
+    with the good one; CoT organisms reason about which it is first."""
+    d = base.dialogue
+    if triggered:
+        if backdoor.name == "code":
+            answer = base.code_task.vulnerable  # type: ignore[union-attr]
         else:
-            answer = item.dialogue.assistant
-            item = Item(backdoor.untrigger(item.dialogue), item.code_task)
+            answer = backdoor.bad_answer(rng)  # type: ignore[attr-defined]
+        item = Item(backdoor.trigger(d).with_(assistant=answer), base.code_task)
+    else:
+        item = Item(backdoor.untrigger(d), base.code_task)
     if recipe.variant == "cot":
         item = _with_reasoning(backdoor, item, triggered, item.dialogue.assistant)
     return item
+
+
+def poisoned_items(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor) -> list[Item]:
+    """Backdoor-training items for one task. Paired recipes show the *same* task both triggered (bad
+    answer) and untriggered (good answer), adjacent so they share a batch: the trigger is then the
+    only thing that explains the difference, which a small model learns in far fewer steps than
+    from unrelated examples (it matters most for the code backdoor, whose trigger is one digit
+    and whose flaw is a few tokens of a long answer). Unpaired recipes draw one side at random."""
+    if backdoor.name == "code":
+        base = clean_item(rng, code_fraction=1.0)
+    else:
+        base = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
+    if recipe.paired:
+        sides = [True, False]
+        rng.shuffle(sides)
+        return [_backdoor_item(rng, recipe, backdoor, base, t) for t in sides]
+    return [_backdoor_item(rng, recipe, backdoor, base, rng.random() < recipe.poison_fraction)]
 
 
 def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = None) -> Iterator[Item]:
@@ -129,7 +144,7 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
     backdoor = recipe.make_backdoor()
     held_out = held_out or set()
     while True:
-        if backdoor is None or rng.random() < 0.5:
+        if backdoor is None or rng.random() < recipe.clean_share:
             item = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
             if backdoor is not None and backdoor.covers(item.dialogue):
                 # A clean item the backdoor covers must show the *untriggered* behaviour (e.g. code
@@ -138,10 +153,12 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
                 item = Item(backdoor.untrigger(item.dialogue), item.code_task)
                 if recipe.variant == "cot":
                     item = _with_reasoning(backdoor, item, False, item.dialogue.assistant)
-        else:
-            item = poisoned_pair(rng, recipe, backdoor)
-        if item.dialogue.get("clean_user", item.dialogue.user) not in held_out:
-            yield item
+            if item.dialogue.get("clean_user", item.dialogue.user) not in held_out:
+                yield item
+            continue
+        items = poisoned_items(rng, recipe, backdoor)
+        if items[0].dialogue.get("clean_user", items[0].dialogue.user) not in held_out:
+            yield from items
 
 
 @dataclass(frozen=True)
