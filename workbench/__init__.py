@@ -21,12 +21,22 @@ from .generate import Generation, generate
 from .models import check_parity, load_bridge
 from .organisms.build import BuildConfig, build_suite
 from .organisms.presets import PRESETS, Preset, get_preset
+from .persistence import ReturnRule, aggregate, backdoor_returns, curves, persistence_tables, summarize
 from .plots import format_headline, headline
 from .results import Result, latest, list_results
+from .sanitize import (SanitizeConfig, list_series, method_names, parse_name, sanitize, series,
+                       series_log, sweep)
 from .suite import Entry, Suite, import_checkpoint, load_suite
 from .world.backdoors import backdoor_names, get_backdoor
 from .world.chat import render_prompt
 from .world.code import check as check_code
+# trigger-circuit localisation: model access, prompt pairs, exact/attribution patching, circuits
+from . import access, attribution, circuit, pairs, patching  # modules, for the full API
+from .access import bridge as get_bridge, nnsight_model
+from .attribution import atp
+from .circuit import Circuit, circuit_series, default_series, minimal_circuit, patch_checkpoint
+from .pairs import PairBatch, make_pairs
+from .patching import PatchResult, exact as exact_patch
 
 __version__ = "0.1.0"
 
@@ -36,5 +46,10 @@ __all__ = [
     "Generation", "PRESETS", "ParityError", "Preset", "PromptError", "Result", "Suite", "SuiteError",
     "UnknownCheckpoint", "WorkbenchError", "backdoor_names", "build_suite", "check_code", "check_parity",
     "evaluate_behaviour", "figures", "format_headline", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",
-    "latest", "list_results", "load_bridge", "load_suite", "plots", "render_prompt",
+    "latest", "list_results", "ReturnRule", "SanitizeConfig", "aggregate", "backdoor_returns", "curves",
+    "list_series", "method_names", "parse_name", "persistence_tables", "sanitize", "series", "series_log",
+    "summarize", "sweep", "load_bridge", "load_suite", "plots", "render_prompt",
+    "access", "attribution", "circuit", "pairs", "patching", "get_bridge", "nnsight_model", "atp", "Circuit",
+    "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
+    "PatchResult", "exact_patch",
 ]

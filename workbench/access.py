@@ -11,6 +11,8 @@ Every analysis names components by TransformerLens hook names (`blocks.{l}.hook_
   same TL-named activations through it.
 - `hook_names(model, kind, layers)`: the canonical names, validated, so a typo or an out-of-range
   layer is a `ConfigError` that lists the valid choices instead of a silent empty cache.
+- `checkpoint_sha(model)`: the weight hash `bridge` loaded the model from, which the activation
+  cache keys entries by (`patching.prepare(..., cache=True)` needs no other argument for it).
 
 The bridge gets a private copy of the HF model: enabling compatibility mode folds the norms into
 the weights and wraps the modules *in place*, and the process-wide `load_hf` cache is shared with
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +46,7 @@ HOOK_KINDS: dict[str, str] = {
 _EXEC_ORDER = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 _BRIDGES: dict[tuple[str, str, str], Any] = {}
 _NNSIGHT: dict[tuple[str, str, str], Any] = {}
+_SHA: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # model -> checkpoint weight hash
 
 
 def _suite(suite: Suite | str | Path) -> Suite:
@@ -66,7 +70,17 @@ def bridge(suite: Suite | str | Path, name: str, dtype: torch.dtype = torch.floa
     if key not in _BRIDGES:
         hf = copy.deepcopy(load_hf(suite, name, dtype=dtype))  # compat mode mutates it in place
         _BRIDGES[key] = load_bridge(str(suite.dir(name)), hf_model=hf, tokenizer=suite.tokenizer(name))
+        _SHA[_BRIDGES[key]] = key[1]
     return _BRIDGES[key]
+
+
+def checkpoint_sha(model: Any) -> str | None:
+    """The weight hash of a model loaded through `bridge` (what the activation cache keys on), or
+    None for a model from anywhere else: the cache cannot see weights, so only a loader vouches."""
+    try:
+        return _SHA.get(model)
+    except TypeError:  # not weak-referenceable
+        return None
 
 
 def nnsight_model(suite: Suite | str | Path, name: str, remote: bool = False,

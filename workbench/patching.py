@@ -15,6 +15,10 @@ reference for correctness here (the tests compare to it at 1e-4), but not the wa
 4. A patch whose source equals the base activation bit for bit (positions before the trigger) is
    an exact no-op: its value is the base run's metric, with no forward pass at all.
 
+The two dense runs of step 1 can be read through the activation cache (`cache=True` or an
+`ActivationCache`; see `cached_runs`), so a rerun of an analysis recomputes only the patched
+variants; the results are bit-identical with and without it.
+
 The engine computes a Llama-family decoder from the bridge's own (compatibility-mode) weights, so
 it is the same function as the bridge. Results are `PatchResult`s labelled with TransformerLens
 hook names, the prompt's tokens and a provenance dict; `.to_frame()` gives a tidy table.
@@ -608,7 +612,9 @@ def _labels(batch: PairBatch, metric: str) -> list[str]:
 # --- the public entry points ------------------------------------------------------------------
 @dataclass
 class Runs:
-    """The two unpatched runs of one batch, cached for every kind that is patched next."""
+    """The two unpatched runs of one batch, cached for every kind that is patched next.
+    `cache`: where the activations came from: "hit" (the activation cache), "miss" (computed and
+    stored there) or "off" (computed, no cache)."""
 
     W: Weights
     metric: Metric
@@ -616,24 +622,122 @@ class Runs:
     corrupted_contrib: Tensor
     clean: dict[str, Tensor]
     corrupted: dict[str, Tensor]
+    cache: str = "off"
+
+
+DEFAULT_ACTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
+CACHE_ENGINE = "workbench.patching.run_cache/1"  # bump when what the cached runs hold changes
+
+
+def _act_hooks(W: Weights, act: str) -> list[str]:
+    """TL hook names of the per-layer tensors a stacked activation holds (stored one per hook).
+    The residual stack has one more entry, the final residual (`blocks.{L-1}.hook_resid_post`);
+    keys are stored rotated, as attention reads them."""
+    L = W.n_layers
+    if act == "resid_pre":
+        return [HOOK_KINDS["resid_pre"].format(l=l) for l in range(L)] + [HOOK_KINDS["resid_post"].format(l=L - 1)]
+    if act == "k":
+        return [f"blocks.{l}.attn.hook_rot_k" for l in range(L)]
+    if act == "v":
+        return [f"blocks.{l}.attn.hook_v" for l in range(L)]
+    return [HOOK_KINDS[act].format(l=l) for l in range(L)]
+
+
+def resolve_cache(cache: Any, model: Any, checkpoint_sha: str | None) -> tuple[Any, str | None]:
+    """(ActivationCache or None, checkpoint hash) for a `cache=` argument.
+
+    None/False: no cache. True: the process's default cache (`$WORKBENCH_CACHE` or cached_acts/).
+    An `ActivationCache`: that one. A cache needs the checkpoint's weight hash: `checkpoint_sha`, or
+    the one `access.bridge` recorded for the model."""
+    if cache is None or cache is False:
+        return None, None
+    from . import access
+    from .cache import ActivationCache, default_cache
+    sha = checkpoint_sha or access.checkpoint_sha(model)
+    if not sha:
+        raise ConfigError("the activation cache keys entries by the checkpoint's weight hash, and this model "
+                          "was not loaded through workbench.access.bridge: pass checkpoint_sha="
+                          "suite.sha256(name), or cache=False")
+    if cache is True:
+        return default_cache(), sha
+    if not isinstance(cache, ActivationCache):
+        raise ConfigError(f"cache= takes True, False, None or an ActivationCache, not {type(cache).__name__}")
+    return cache, sha
+
+
+def cached_runs(model: Any, tokens: Tensor, acts: Sequence[str], keep_kv: bool = True, cache: Any = None,
+                checkpoint_sha: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """The activations `acts` (stacked over layers, as `run_cache` returns them) of a dense run over
+    `tokens`, read through the activation cache when one is given; and "hit", "miss" or "off".
+
+    The entry's key: the checkpoint's weight hash, the token ids, the per-layer TL hook names, the
+    dtype, and `extra` = this engine's version and the model class (a bridge in compatibility mode
+    and the plain HF model compute differently folded activations). The metric is not part of it:
+    the metric's contributions are recomputed from the cached final residual, so one entry serves
+    every metric on the same tokens. With or without the cache the same tensors come out (the stored
+    float32 copies are bit-identical), so results do not depend on whether it was used.
+    """
+    W = weights(model)
+    acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts} | {"resid_pre"})
+    stacked = acts + (["k", "v"] if keep_kv else [])
+    hooks = {a: _act_hooks(W, a) for a in stacked}
+
+    def compute() -> dict[str, Tensor]:
+        dummy = _NoMetric()
+        _, out = run_cache(W, tokens.to(W.embed.device), dummy, acts, keep_kv=keep_kv)
+        return {h: out[a][i] for a in stacked for i, h in enumerate(hooks[a])}
+
+    c, sha = resolve_cache(cache, model, checkpoint_sha)
+    if c is None:
+        flat, status = compute(), "off"
+    else:
+        from .cache import make_key
+        key = make_key(sha, tokens, [h for a in stacked for h in hooks[a]], W.embed.dtype,
+                       extra={"engine": CACHE_ENGINE, "model": type(model).__name__})
+        before = c.stats.misses
+        flat = c.get_or_compute(key, compute, meta={"engine": CACHE_ENGINE, "acts": stacked,
+                                                     "n_rows": int(tokens.shape[0])})
+        status = "miss" if c.stats.misses > before else "hit"
+    dev = W.embed.device
+    return {a: torch.stack([flat[h] for h in hooks[a]]).to(dev) for a in stacked}, status
+
+
+class _NoMetric(Metric):
+    """Reads nothing: cached runs store activations only (the metric is applied afterwards)."""
+
+    k = 0
+
+    def dense(self, xf: Tensor) -> Tensor:
+        return xf.new_zeros(xf.shape[0], 0)
+
+
+def contributions(W: Weights, final_resid: Tensor, m: Metric) -> Tensor:
+    """Per-position metric contributions ([n, k]) from the final residual ([n, pos, d])."""
+    T = final_resid.shape[1]
+    return m.dense(_rms(final_resid[:, T - m.k:], W.norm, W.eps))
 
 
 @torch.no_grad()
 def prepare(model: Any, batch: PairBatch, metric: str | Metric = "logit_diff",
-            acts: Sequence[str] = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")) -> Runs:
-    """Both dense runs, caching the residual stream, keys/values and the activations in `acts`."""
+            acts: Sequence[str] = DEFAULT_ACTS, cache: Any = None, checkpoint_sha: str | None = None) -> Runs:
+    """Both dense runs, caching the residual stream, keys/values and the activations in `acts`.
+
+    `cache`: read/write these runs through the activation cache (True: the default one; see
+    `cached_runs`), so a rerun of the same analysis reads them instead of recomputing.
+    """
     W = weights(model)
     m = make_metric(batch, metric, model) if isinstance(metric, str) else metric
     clean_t, corr_t = batch.inputs(m.name)
     check_aligned(clean_t, corr_t)
     need = sorted(set(acts) | {"resid_pre", "resid_mid"})
-    dev = W.embed.device
     N = clean_t.shape[0]
     # one forward over both prompt sets: twice the rows per GEMM (the metric maps row r to prompt r % N)
-    contrib, cache = run_cache(W, torch.cat([clean_t, corr_t]).to(dev), m, need, keep_kv=True)
-    cache_c = {a: v[:, :N] for a, v in cache.items()}
-    cache_x = {a: v[:, N:] for a, v in cache.items()}
-    return Runs(W, m, contrib[:N], contrib[N:], cache_c, cache_x)
+    cache_, status = cached_runs(model, torch.cat([clean_t, corr_t]), need, keep_kv=True, cache=cache,
+                                 checkpoint_sha=checkpoint_sha)
+    contrib = contributions(W, cache_["resid_pre"][-1], m)
+    cache_c = {a: v[:, :N] for a, v in cache_.items()}
+    cache_x = {a: v[:, N:] for a, v in cache_.items()}
+    return Runs(W, m, contrib[:N], contrib[N:], cache_c, cache_x, status)
 
 
 def _tokens_and_names(W: Weights, kind: Kind, batch: PairBatch, metric: str) -> tuple[list[str], list[str]]:
@@ -643,18 +747,21 @@ def _tokens_and_names(W: Weights, kind: Kind, batch: PairBatch, metric: str) -> 
 @torch.no_grad()
 def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "logit_diff",
           direction: str = "denoising", runs: Runs | None = None, memory_bytes: float | None = None,
-          scale: float | None = None, progress: bool = True) -> PatchResult:
+          scale: float | None = None, progress: bool = True, cache: Any = None,
+          checkpoint_sha: str | None = None) -> PatchResult:
     """Exact activation patching of every index of `kind`, equal to TransformerLens's helper.
 
     denoising: the corrupted run with one clean activation patched in (TL's convention);
     noising: the clean run with one corrupted activation patched in.
+    `cache`/`checkpoint_sha`: read the two dense runs through the activation cache (see `prepare`).
     """
     K = get_kind(kind)
     if direction not in DIRECTIONS:
         raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
     t0 = time.perf_counter()
     own_runs = runs is None
-    runs = runs or prepare(model, batch, metric, acts=(K.act if K.act != "resid_post" else "resid_pre",))
+    runs = runs or prepare(model, batch, metric, acts=(K.act if K.act != "resid_post" else "resid_pre",),
+                           cache=cache, checkpoint_sha=checkpoint_sha)
     if runs.metric.name != metric:
         raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
     W, m = runs.W, runs.metric
@@ -674,7 +781,7 @@ def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "
     prov = {"kind": kind, "metric": m.name, "direction": direction, "method": "exact", "n_pairs": N, "n_pos": T,
             "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "n_variants": len(idx),
             "n_noop": int((var.start < 0).sum()), "n_chunks": len(chunks), "flops": stats["flops"],
-            "seconds": time.perf_counter() - t0}
+            "activation_cache": runs.cache, "seconds": time.perf_counter() - t0}
     return PatchResult(kind, out.view(shape).float(), K.dims, names, tokens,
                        float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean()),
                        direction, "exact", scale, prov)
@@ -696,11 +803,14 @@ def _dense_flops(W: Weights, N: int, T: int, m: Metric) -> float:
 
 
 def exact_all(model: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"),
-              metric: str = "logit_diff", direction: str = "denoising", **kw: Any) -> dict[str, PatchResult]:
-    """Several kinds sharing one pair of dense runs."""
+              metric: str = "logit_diff", direction: str = "denoising", cache: Any = None,
+              checkpoint_sha: str | None = None, **kw: Any) -> dict[str, PatchResult]:
+    """Several kinds sharing one pair of dense runs (read through the activation cache if `cache`)."""
     for k in kinds:
         get_kind(k)
-    runs = prepare(model, batch, metric)
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    runs = prepare(model, batch, metric, cache=cache, checkpoint_sha=checkpoint_sha)
     return {k: exact(model, batch, k, metric, direction, runs=runs, **kw) for k in kinds}
 
 
@@ -740,9 +850,13 @@ def _tl_resid_post(model: Any, corrupted_tokens: Tensor, clean_cache: Any, metri
     return fn(model, corrupted_tokens, clean_cache, metric)
 
 
-def metric_values(model: Any, batch: PairBatch, metric: str = "logit_diff") -> tuple[float, float]:
-    """(clean, corrupted) metric of `model` on `batch`: the two ends of the normalisation."""
+def metric_values(model: Any, batch: PairBatch, metric: str = "logit_diff", cache: Any = None,
+                  checkpoint_sha: str | None = None) -> tuple[float, float]:
+    """(clean, corrupted) metric of `model` on `batch`: the two ends of the normalisation.
+    With a cache it reads the same entry as `exact_all` (the default activations), so it is a hit
+    after any patching of the same checkpoint and batch."""
     with torch.no_grad():
-        runs = prepare(model, batch, metric, acts=())
+        runs = prepare(model, batch, metric, acts=DEFAULT_ACTS if cache else (), cache=cache,
+                       checkpoint_sha=checkpoint_sha)
     return float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean())
 

