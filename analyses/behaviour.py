@@ -20,7 +20,6 @@ from pathlib import Path
 from workbench import figures, plots
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
-from workbench.models import offline
 from workbench.results import latest
 
 
@@ -69,16 +68,8 @@ def run(suite: Path, out: Path | None, decoding: str, formats: list[str]) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    offline()
     args = _parser().parse_args(argv)
-    try:
-        paths = run(args.suite, args.out, args.decoding, args.formats)
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for p in paths:
-        print(p)
-    return 0
+    return figures.run_script(lambda: run(args.suite, args.out, args.decoding, args.formats))
 
 
 if __name__ == "__main__":

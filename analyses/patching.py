@@ -30,7 +30,6 @@ from workbench import circuit, figures
 from workbench import patching_plots as pp
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
-from workbench.models import offline
 
 METRIC, DIRECTION = "logit_diff", "denoising"
 
@@ -136,17 +135,9 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
 
 
 def main(argv: list[str] | None = None) -> int:
-    offline()
     args = _parser().parse_args(argv)
-    try:
-        paths = run(args.suite, args.out, args.backdoors, args.formats, args.n, args.max_pairs,
-                    compute_missing=not args.no_compute)
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for p in paths:
-        print(p)
-    return 0
+    return figures.run_script(lambda: run(args.suite, args.out, args.backdoors, args.formats, args.n,
+                                          args.max_pairs, compute_missing=not args.no_compute))
 
 
 if __name__ == "__main__":

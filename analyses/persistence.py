@@ -30,7 +30,6 @@ from workbench import figures
 from workbench import persistence_plots as pp
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
-from workbench.models import offline
 from workbench.results import latest
 from workbench.suite import load_suite
 from workbench.sweeps import SERIES_ANALYSIS, primary_size, sanitized_names, save_persistence
@@ -95,16 +94,8 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    offline()
     args = _parser().parse_args(argv)
-    try:
-        paths = run(args.suite, args.out, args.formats)
-    except WorkbenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for p in paths:
-        print(p)
-    return 0
+    return figures.run_script(lambda: run(args.suite, args.out, args.formats))
 
 
 if __name__ == "__main__":

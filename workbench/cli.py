@@ -18,6 +18,10 @@ RECIPES = {  # organisms to build, then the sanitization sweep to run on them (w
 }
 
 
+WORKERS_HELP = ("sanitization runs in parallel, one single-threaded process each (default: one per core, "
+                "or $WORKBENCH_WORKERS; 1 runs them in this process)")
+
+
 def _suite_build(a: argparse.Namespace) -> int:
     from .organisms.build import build_suite
     recipe = RECIPES[a.recipe]
@@ -40,7 +44,7 @@ def _suite_build(a: argparse.Namespace) -> int:
             print(f"no sanitization series: {e}")
             return 0
         out = sweeps.run(suite, jobs, sweeps.series_eval_config(sweeps.get_recipe(sweep).eval_n),
-                         progress=not a.quiet)
+                         progress=not a.quiet, workers=a.workers)
         print(f"sweep {sweep!r}: {len(out.series)} sanitization series, "
               f"{sum(len(e) for e in out.entries)} checkpoints, evaluated; persistence: "
               f"{out.persistence.dir if out.persistence else '(none)'}")
@@ -69,7 +73,8 @@ def _sanitize(a: argparse.Namespace) -> int:
         n = a.n or sweeps.current_eval_n(suite) or sweeps.series_eval_config().n
     if not a.quiet:
         print(f"{len(jobs)} run(s): " + "; ".join(j.describe() for j in jobs[:4]) + (" ..." if len(jobs) > 4 else ""))
-    out = sweeps.run(suite, jobs, sweeps.series_eval_config(n), evaluate=not a.no_eval, progress=not a.quiet)
+    out = sweeps.run(suite, jobs, sweeps.series_eval_config(n), evaluate=not a.no_eval, progress=not a.quiet,
+                     workers=a.workers)
     if out.persistence is None:
         for entries in out.entries:
             print(f"{entries[0].hparams['series']}: {len(entries)} checkpoints (steps {entries[0].step}-{entries[-1].step})")
@@ -180,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--sweep", choices=["demo", "full", "none"],
                    help="the sanitization sweep to run after building (default: the recipe's; "
                         "default recipe: demo, full recipe: full)")
+    b.add_argument("--workers", type=int, help=WORKERS_HELP)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_suite_build)
     s = suite.add_parser("show", help="print the manifest as a table")
@@ -229,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
                                           "sweep's own default). Every series is evaluated with one n, "
                                           "so a new n re-evaluates them all")
     sa.add_argument("--no-eval", action="store_true", help="train only; evaluate later")
+    sa.add_argument("--workers", type=int, help=WORKERS_HELP)
     sa.add_argument("--quiet", action="store_true")
     sa.set_defaults(func=_sanitize)
 

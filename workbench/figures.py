@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, Union
+from typing import Callable, Iterable, Iterator, Sequence, Union
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -296,3 +296,21 @@ def table_outputs(df: pd.DataFrame, stem: str | Path, float_format: str = "{:.3f
     write_text(csv, df.to_csv(index=False))
     write_text(tex, _to_latex(df if display is None else display, float_format))
     return [csv, tex]
+
+
+def run_script(make: Callable[[], Sequence[Path]]) -> int:
+    """The body of an `analyses/*.py` main: offline, run, print what was written; a WorkbenchError
+    becomes its message and exit status 1 (no traceback), as in the CLI."""
+    import sys
+
+    from .models import offline
+
+    offline()
+    try:
+        paths = make()
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        print(p)
+    return 0

@@ -38,7 +38,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent)) / path.name
+    # the writer's pid in the name, so a cleanup by another process spares a write still under way
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent)) / path.name
     try:
         yield tmp
         if path.is_dir() and not path.is_symlink():
@@ -58,10 +59,27 @@ def write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _writer_alive(temp: Path) -> bool:
+    """Whether the process that made this temporary (pid after `.tmp-`) still runs."""
+    pid = temp.name.rpartition(".tmp-")[2].split("-", 1)[0]
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def remove_stale_temps(folder: str | Path) -> int:
-    """Delete leftovers of interrupted atomic writes (`.NAME.tmp-*`) directly under `folder`."""
+    """Delete leftovers of interrupted atomic writes (`.NAME.tmp-*`) directly under `folder`; a
+    temporary whose writer still runs (a parallel worker's write under way) is left alone."""
     n = 0
     for p in Path(folder).glob(".*.tmp-*"):
+        if _writer_alive(p):
+            continue
         shutil.rmtree(p, ignore_errors=True)
         n += 1
     return n

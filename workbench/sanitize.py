@@ -58,7 +58,7 @@ from .organisms.build import held_out_prompts, save_checkpoint
 from .organisms.presets import get_preset
 from .organisms.train import TrainConfig, loss_fn, make_optimizer, use_all_cores
 from .rl import RLConfig
-from .suite import Entry, Suite, checkpoint_dirname, read_arch
+from .suite import Entry, Suite, checkpoint_dirname, read_arch, weights_hash
 from .world.backdoors import Backdoor
 from .world.data import DataRecipe, Item
 
@@ -525,7 +525,12 @@ class Run:
                 "hparams": self.hparams, "log": log}
         dest = self.suite.root / "checkpoints" / checkpoint_dirname(name)
         files = save_checkpoint(model, self.tokenizer, dest, info)
-        parity = check_parity(str(dest), self.tokenizer)
+        parent = self.suite.entry(self.parent)
+        if parent.parity and weights_hash(files) == weights_hash(parent.files):
+            # the same bytes as the parent's (step 0): its parity check already covers them
+            parity = {**parent.parity, "reused_from": self.parent}
+        else:
+            parity = check_parity(str(dest), self.tokenizer)
         entry = Entry(name=name, role="sanitized", path=str(dest.relative_to(self.suite.root)), files=files,
                       parent=self.parent, method=self.cfg.method, step=step, seed=self.cfg.seed,
                       preset=self.suite.entry(self.parent).preset, hparams=self.hparams,

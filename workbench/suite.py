@@ -8,13 +8,14 @@ path, so results stay valid when a suite is moved.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -24,6 +25,7 @@ from .errors import ArchitectureMismatch, CheckpointError, SuiteError, UnknownCh
 from .files import atomic_path, sha256_file, write_json
 
 MANIFEST = "suite.json"
+LOCK = ".suite.lock"      # serialises manifest writes of concurrent processes
 FORMAT = 1
 ROLES = ("base", "backdoored", "sanitized", "external")
 ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -88,6 +90,30 @@ def _check_safetensors(path: Path) -> None:
         raise CheckpointError(f"{path} is not a valid safetensors file ({e}); restore or rebuild it") from e
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if needed) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks on this platform: single-writer use only
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def weights_hash(files: dict[str, str]) -> str:
+    """The hash of a checkpoint's weight files alone (config and tokenizer files aside), from its
+    recorded file hashes: two checkpoints with equal weights_hash compute the same function."""
+    weights = sorted(v for k, v in files.items() if k.endswith(WEIGHT_SUFFIXES))
+    return weights[0] if len(weights) == 1 else json.dumps(weights)
+
+
 def hash_files(folder: Path) -> dict[str, str]:
     return {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -123,6 +149,8 @@ class Suite:
         self.root = Path(root)
         self.manifest = manifest
         self._entries = {e["name"]: Entry(**e) for e in manifest.get("checkpoints", [])}
+        self._changed: set[str] = set()   # entries added or replaced here since the last save
+        self._removed: set[str] = set()
 
     # --- reading -------------------------------------------------------------------------------
     @classmethod
@@ -168,9 +196,7 @@ class Suite:
 
     def sha256(self, name: str) -> str:
         """The identity of a checkpoint for caches and provenance: the hash of its weights."""
-        files = self.entry(name).files
-        weights = sorted(v for k, v in files.items() if k.endswith(WEIGHT_SUFFIXES))
-        return weights[0] if len(weights) == 1 else json.dumps(weights)
+        return weights_hash(self.entry(name).files)
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
@@ -186,8 +212,26 @@ class Suite:
 
     # --- writing -------------------------------------------------------------------------------
     def save(self) -> None:
-        self.manifest["checkpoints"] = [e.to_dict() for e in self._entries.values()]
-        write_json(self.root / MANIFEST, self.manifest)
+        """Write the manifest, merged with what other processes wrote since this one read it (a
+        parallel sweep's workers, or two `workbench sanitize` runs on one suite): under an exclusive
+        lock, the entries this process added, replaced or removed win, every other entry is as on
+        disk (and becomes visible here), and top-level keys set here overwrite those on disk."""
+        path = self.root / MANIFEST
+        with _locked(self.root / LOCK):
+            try:
+                disk = json.loads(path.read_text())
+                on_disk = {e["name"]: Entry(**e) for e in disk["checkpoints"]}
+            except (OSError, ValueError, KeyError, TypeError):   # none yet, or unreadable: ours is all there is
+                disk, on_disk = {}, dict(self._entries)
+            for name in self._removed:
+                on_disk.pop(name, None)
+            for name in self._changed:
+                on_disk[name] = self._entries[name]
+            self._entries = on_disk
+            self.manifest = {**disk, **self.manifest, "checkpoints": [e.to_dict() for e in on_disk.values()]}
+            write_json(path, self.manifest)
+            self._changed.clear()
+            self._removed.clear()
 
     def add(self, entry: Entry) -> None:
         if entry.role not in ROLES:
@@ -196,11 +240,15 @@ class Suite:
             raise UnknownCheckpoint(f"parent {entry.parent!r} of {entry.name!r} is not in the suite; "
                                     "add the parent first")
         self._entries[entry.name] = entry
+        self._changed.add(entry.name)
+        self._removed.discard(entry.name)
         self.save()
 
     def remove(self, name: str) -> None:
         self.entry(name)
         del self._entries[name]
+        self._removed.add(name)
+        self._changed.discard(name)
         self.save()
 
     # --- verifying and loading -----------------------------------------------------------------

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -42,8 +45,10 @@ from tqdm.auto import tqdm
 from . import results
 from .behaviour import BehaviourConfig, evaluate_behaviour, evaluate_checkpoints
 from .errors import ConfigError, SuiteError
+from .models import offline
 from .organisms.presets import get_preset
 from .persistence import ReturnRule, persistence_tables
+from .organisms.train import available_cores
 from .sanitize import METHODS, SanitizeConfig, format_lr, sanitize
 from .suite import Entry, Suite
 
@@ -217,27 +222,84 @@ class SweepResult:
         return [e[0].hparams["series"] for e in self.entries if e]
 
 
+def default_workers(n_jobs: int) -> int:
+    """Worker processes for a sweep: `WORKBENCH_WORKERS`, else 1, never more than jobs.
+
+    Measured on 2 cores with the small organism: two single-threaded workers ran a two-job sweep
+    only ~6% faster than one two-threaded process (decoding and training both gain from a second
+    thread, and each worker pays the imports), so parallel workers are opt-in; they pay off on
+    machines with more cores than one small model's matrix work can use."""
+    env = os.environ.get("WORKBENCH_WORKERS", "")
+    n = int(env) if env.isdigit() and int(env) > 0 else 1
+    return max(1, min(n, n_jobs))
+
+
+def _run_job(suite_root: str, job: Job, eval_cfg: BehaviourConfig, evaluate: bool) -> list[str]:
+    """One job in a worker process: train (or reuse, or resume) and evaluate its checkpoints.
+    The manifest is shared through `Suite.save`'s locked merge, results through atomic writes."""
+    offline()
+    suite = Suite.load(suite_root)
+    entries = sanitize(suite, job.parent, job.config.method, config=job.config, progress=False,
+                       log=lambda _m: None)
+    if evaluate:
+        evaluate_checkpoints(suite, [e.name for e in entries], eval_cfg, progress=False)
+    return [e.name for e in entries]
+
+
+def _worker_init(threads: int) -> None:
+    os.environ["WORKBENCH_THREADS"] = str(threads)
+    import torch
+    torch.set_num_threads(threads)
+
+
 def run(suite: Suite | str | Path, jobs: Sequence[Job], eval_cfg: BehaviourConfig | None = None,
         evaluate: bool = True, progress: bool = True, log: Callable[[str], None] = print,
-        save_every: int = 20) -> SweepResult:
+        save_every: int = 20, workers: int | None = None) -> SweepResult:
     """Train every job (reusing finished runs, resuming interrupted ones), evaluate each run's
     checkpoints right after it (cached per checkpoint), then combine the evaluation of every
     sanitized checkpoint in the suite and save the persistence tables; a long sweep also saves
-    them every `save_every` jobs, so the app shows a sweep in progress."""
+    them every `save_every` jobs, so the app shows a sweep in progress.
+
+    `workers` > 1 runs jobs in that many single-threaded processes (default: `default_workers`).
+    Results do not depend on it beyond the thread count's effect on float summation order, which
+    is the same on every run of one machine with one setting."""
     suite = suite if isinstance(suite, Suite) else Suite.load(suite)
     eval_cfg = eval_cfg or series_eval_config()
+    workers = default_workers(len(jobs)) if workers is None else max(1, min(workers, len(jobs)))
     out = SweepResult(entries=[])
     bar = tqdm(jobs, desc="sweep", disable=not progress or len(jobs) < 2)
-    for job in bar:
-        bar.set_postfix_str(job.describe(), refresh=False)
-        entries = sanitize(suite, job.parent, job.config.method, config=job.config,
-                           progress=progress and len(jobs) < 2, log=log)
-        out.entries.append(entries)
-        if evaluate:
-            evaluate_checkpoints(suite, [e.name for e in entries], eval_cfg, progress=False)
-            done = len(out.entries)
-            if save_every and done % save_every == 0 and done < len(jobs):
-                evaluate_series(suite, eval_cfg, progress=False)
+
+    def finished(done: int) -> None:
+        if evaluate and save_every and done % save_every == 0 and done < len(jobs):
+            evaluate_series(suite, eval_cfg, progress=False)
+
+    if workers == 1:
+        for job in bar:
+            bar.set_postfix_str(job.describe(), refresh=False)
+            entries = sanitize(suite, job.parent, job.config.method, config=job.config,
+                               progress=progress and len(jobs) < 2, log=log)
+            out.entries.append(entries)
+            if evaluate:
+                evaluate_checkpoints(suite, [e.name for e in entries], eval_cfg, progress=False)
+            finished(len(out.entries))
+    else:
+        threads = max(1, available_cores() // workers)
+        cap = os.environ.get("WORKBENCH_THREADS", "")
+        if cap.isdigit() and int(cap) > 0:
+            threads = min(threads, int(cap))
+        names: dict[int, list[str]] = {}
+        ctx = multiprocessing.get_context("spawn")   # no fork of a process holding torch threads
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+            futures = {pool.submit(_run_job, str(suite.root), job, eval_cfg, evaluate): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                names[futures[fut]] = fut.result()   # a worker's error is raised here, in the parent
+                bar.update(1)
+                bar.set_postfix_str(jobs[futures[fut]].describe(), refresh=False)
+                suite = Suite.load(suite.root)
+                finished(len(names))
+        bar.close()
+        suite = Suite.load(suite.root)
+        out.entries = [[suite.entry(n) for n in names[i]] for i in range(len(jobs))]
     if evaluate:
         out.behaviour, out.persistence = evaluate_series(suite, eval_cfg, progress=False)
     return out
@@ -325,5 +387,5 @@ def current_eval_n(suite: Suite) -> int | None:
 
 
 __all__ = ["ALL_METHODS", "Block", "Job", "PERSISTENCE", "Recipe", "SERIES_ANALYSIS", "SWEEPS", "SweepResult",
-           "current_eval_n", "evaluate_series", "get_recipe", "grid", "latest_persistence", "plan", "run",
+           "current_eval_n", "default_workers", "evaluate_series", "get_recipe", "grid", "latest_persistence", "plan", "run",
            "save_persistence", "series_eval_config"]

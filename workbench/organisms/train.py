@@ -119,10 +119,15 @@ class TrainLog:
     seconds: float = 0.0
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def use_all_cores() -> int:
     """All cores this process may run on, unless `WORKBENCH_THREADS` caps it (several jobs sharing a
     machine run faster with one thread each than oversubscribed)."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    n = available_cores()
     cap = os.environ.get("WORKBENCH_THREADS", "")
     if cap.isdigit() and int(cap) > 0:
         n = min(n, int(cap))
