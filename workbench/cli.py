@@ -271,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .models import offline
     offline()
     args = parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # transformers' own per-file loading/saving bars too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except WorkbenchError as e:
