@@ -47,8 +47,8 @@ from .behaviour import BehaviourConfig, evaluate_behaviour, evaluate_checkpoints
 from .errors import ConfigError, SuiteError
 from .models import offline
 from .organisms.presets import get_preset
+from .organisms.train import available_cores, capped_threads
 from .persistence import ReturnRule, persistence_tables
-from .organisms.train import available_cores
 from .sanitize import METHODS, SanitizeConfig, format_lr, sanitize
 from .suite import Entry, Suite
 
@@ -260,9 +260,9 @@ def run(suite: Suite | str | Path, jobs: Sequence[Job], eval_cfg: BehaviourConfi
     sanitized checkpoint in the suite and save the persistence tables; a long sweep also saves
     them every `save_every` jobs, so the app shows a sweep in progress.
 
-    `workers` > 1 runs jobs in that many single-threaded processes (default: `default_workers`).
-    Results do not depend on it beyond the thread count's effect on float summation order, which
-    is the same on every run of one machine with one setting."""
+    `workers` > 1 runs jobs in that many processes, the cores shared out between them (default:
+    `default_workers`). Results depend on it only through the thread count's effect on float
+    summation order, which is the same on every run of one machine with one setting."""
     suite = suite if isinstance(suite, Suite) else Suite.load(suite)
     eval_cfg = eval_cfg or series_eval_config()
     workers = default_workers(len(jobs)) if workers is None else max(1, min(workers, len(jobs)))
@@ -283,10 +283,7 @@ def run(suite: Suite | str | Path, jobs: Sequence[Job], eval_cfg: BehaviourConfi
                 evaluate_checkpoints(suite, [e.name for e in entries], eval_cfg, progress=False)
             finished(len(out.entries))
     else:
-        threads = max(1, available_cores() // workers)
-        cap = os.environ.get("WORKBENCH_THREADS", "")
-        if cap.isdigit() and int(cap) > 0:
-            threads = min(threads, int(cap))
+        threads = capped_threads(max(1, available_cores() // workers))
         names: dict[int, list[str]] = {}
         ctx = multiprocessing.get_context("spawn")   # no fork of a process holding torch threads
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:

@@ -124,13 +124,16 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def use_all_cores() -> int:
-    """All cores this process may run on, unless `WORKBENCH_THREADS` caps it (several jobs sharing a
-    machine run faster with one thread each than oversubscribed)."""
-    n = available_cores()
+def capped_threads(n: int) -> int:
+    """`n`, or less where `WORKBENCH_THREADS` caps it (several jobs sharing a machine run faster
+    with one thread each than oversubscribed)."""
     cap = os.environ.get("WORKBENCH_THREADS", "")
-    if cap.isdigit() and int(cap) > 0:
-        n = min(n, int(cap))
+    return min(n, int(cap)) if cap.isdigit() and int(cap) > 0 else n
+
+
+def use_all_cores() -> int:
+    """All cores this process may run on, unless `WORKBENCH_THREADS` caps it."""
+    n = capped_threads(available_cores())
     torch.set_num_threads(n)
     return n
 
