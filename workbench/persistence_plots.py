@@ -39,6 +39,14 @@ def _x(steps) -> np.ndarray:
     return np.log2(np.asarray(steps, dtype=float) + 1.0)
 
 
+def interval_bars(y, lo, hi, **style) -> dict:
+    """Plotly asymmetric error bars from a rate and its interval bounds (pandas Series); a missing
+    bound draws no bar."""
+    y = pd.Series(y).astype(float)
+    return dict(type="data", symmetric=False, array=(pd.Series(hi).astype(float) - y).clip(lower=0).fillna(0).tolist(),
+                arrayminus=(y - pd.Series(lo).astype(float)).clip(lower=0).fillna(0).tolist(), **style)
+
+
 def _step_axis(fig: go.Figure, steps: Sequence[int]) -> None:
     ticks = sorted({int(s) for s in steps})
     fig.update_xaxes(tickmode="array", tickvals=list(_x(ticks)), ticktext=[str(t) for t in ticks])
@@ -92,8 +100,7 @@ def curves_figure(curves: pd.DataFrame, metric: str = "trigger", color: str = "l
             style = series_style(colors.index(cval) if cval in colors else 0)
             name = _label(color, cval)
             ys = rows[y].astype(float)
-            err = dict(type="data", symmetric=False, array=(rows[hi] - ys).clip(lower=0).tolist(),
-                       arrayminus=(ys - rows[lo]).clip(lower=0).tolist(), thickness=1) if lo in rows else None
+            err = interval_bars(ys, rows[lo], rows[hi], thickness=1) if lo in rows else None
             custom = rows["checkpoint"].tolist() if "checkpoint" in rows else None
             fig.add_trace(go.Scatter(
                 x=_x(rows["step"]), y=ys, mode="lines+markers", name=name, legendgroup=name,
@@ -179,9 +186,7 @@ def persistence_by(curves: pd.DataFrame, color: str = "size", variants: Sequence
                 fig.add_trace(go.Scatter(
                     x=_x(rows["step"]), y=rows[y], mode="lines+markers", name=name, legendgroup=name,
                     showlegend=name not in shown,
-                    error_y=dict(type="data", symmetric=False,
-                                 array=(rows[hi] - rows[y]).clip(lower=0).fillna(0).tolist(),
-                                 arrayminus=(rows[y] - rows[lo]).clip(lower=0).fillna(0).tolist()),
+                    error_y=interval_bars(rows[y], rows[lo], rows[hi]),
                     marker=dict(color=style["color"], symbol=style["symbol"], size=7),
                     line=dict(color=style["color"], dash=style["dash"], width=1.5)), row=i, col=j)
                 shown.add(name)
@@ -227,8 +232,7 @@ def lr_tradeoff(aggregate: pd.DataFrame, method: str = "hhh_sft") -> go.Figure:
                     ys = rows["final_rate_pooled"].astype(float)
                 err = None
                 if lo in rows and rows[lo].notna().any():
-                    err = dict(type="data", symmetric=False, array=(rows[hi] - ys).clip(lower=0).fillna(0).tolist(),
-                               arrayminus=(ys - rows[lo]).clip(lower=0).fillna(0).tolist())
+                    err = interval_bars(ys, rows[lo], rows[hi])
                 fig.add_trace(go.Scatter(x=rows["lr"], y=ys, mode="lines+markers", name=line, legendgroup=line,
                                          showlegend=line not in shown, error_y=err,
                                          marker=dict(color=style["color"], symbol=style["symbol"], size=8),
@@ -310,16 +314,14 @@ def redteam_figure(logs: pd.DataFrame, curves: pd.DataFrame, series: str) -> go.
         if len(rt):
             fig.add_trace(go.Scatter(
                 x=_x(rt["step"]), y=rt["redteam_rate"], mode="lines+markers", name="red-team prompts (no trigger)",
-                error_y=dict(type="data", symmetric=False, array=(rt["redteam_hi"] - rt["redteam_rate"]).clip(lower=0),
-                             arrayminus=(rt["redteam_rate"] - rt["redteam_lo"]).clip(lower=0)),
+                error_y=interval_bars(rt["redteam_rate"], rt["redteam_lo"], rt["redteam_hi"]),
                 marker=dict(color=series_style(0)["color"], symbol=series_style(0)["symbol"]),
                 line=dict(color=series_style(0)["color"])))
     c = curves[curves["series"] == series].sort_values("step")
     if len(c):
         fig.add_trace(go.Scatter(
             x=_x(c["step"]), y=c["trigger_rate"], mode="lines+markers", name="with the real trigger",
-            error_y=dict(type="data", symmetric=False, array=(c["trigger_hi"] - c["trigger_rate"]).clip(lower=0),
-                         arrayminus=(c["trigger_rate"] - c["trigger_lo"]).clip(lower=0)),
+            error_y=interval_bars(c["trigger_rate"], c["trigger_lo"], c["trigger_hi"]),
             marker=dict(color=series_style(1)["color"], symbol=series_style(1)["symbol"]),
             line=dict(color=series_style(1)["color"], dash=series_style(1)["dash"])))
     if not fig.data:
