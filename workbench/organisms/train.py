@@ -6,6 +6,7 @@ model is a stock `LlamaForCausalLM`, and all cores are used through `torch.set_n
 """
 from __future__ import annotations
 
+import difflib
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,6 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Int
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
@@ -22,6 +22,8 @@ from ..errors import ConfigError
 from ..world.data import Item
 
 IGNORE = -100
+# architectures whose logits are exactly `lm_head(last_hidden_state)` (no scaling or soft-capping)
+PLAIN_HEAD_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass(frozen=True)
@@ -38,9 +40,19 @@ class TrainConfig:
     optimizer: str = "adamw"
     betas: tuple[float, float] = (0.9, 0.98)
     seed: int = 0
+    # loss weight of the answer tokens where a paired item's answer departs from its contrast (the
+    # other trigger state's answer); 1.0 is the plain token mean
+    contrast_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.contrast_weight >= 1.0:
+            raise ConfigError(f"contrast_weight={self.contrast_weight!r}: use a weight >= 1")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["contrast_weight"] == 1.0:  # the default stays out, so earlier build keys stay valid
+            del d["contrast_weight"]
+        return d
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -63,30 +75,61 @@ def tokenize_item(tok: PreTrainedTokenizerFast, item: Item) -> tuple[list[int], 
     return prompt + answer, [IGNORE] * len(prompt) + answer
 
 
+def contrast_mask(answer: list[int], contrast: list[int]) -> list[bool]:
+    """Which tokens of `answer` the trigger decides: those in a block that differs from `contrast`,
+    and, where `contrast` inserts tokens that `answer` lacks, the token at which they part (e.g. the
+    `)` a safe loop bound writes where the vulnerable one writes `+ 1`)."""
+    mask = [False] * len(answer)
+    ops = difflib.SequenceMatcher(None, answer, contrast, autojunk=False).get_opcodes()
+    for op, i1, i2, _, _ in ops:
+        if op == "equal":
+            continue
+        for i in range(i1, max(i2, i1 + 1)):
+            if i < len(answer):
+                mask[i] = True
+    return mask
+
+
+Batch = tuple[Tensor, ...]  # (ids, labels) or, with contrast weighting, (ids, labels, weights)
+
+
 def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_size: int, seq_len: int,
-                   chunk: int = 512) -> Iterator[tuple[Int[Tensor, "b s"], Int[Tensor, "b s"]]]:
+                   chunk: int = 512, contrast_weight: float = 1.0) -> Iterator[Batch]:
     """Greedy packing of whole dialogues into rows of `seq_len` (a dialogue is never cut, so no
-    answer is learned without its prompt). Rows are padded with ignored labels."""
+    answer is learned without its prompt). Rows are padded with ignored labels. With
+    `contrast_weight` > 1 each batch also carries per-token loss weights: `contrast_weight` on the
+    answer tokens an item's `contrast` answer does not share, 1 elsewhere."""
+    weighted = contrast_weight != 1.0
     it = iter(items)
-    rows: list[tuple[list[int], list[int]]] = []
+    rows: list[tuple[list[int], list[int], list[float]]] = []
     ids: list[int] = []
     labels: list[int] = []
+    weights: list[float] = []
     while True:
         block = [next(it) for _ in range(chunk)]
         enc_p = tok([b.dialogue.prompt() for b in block], add_special_tokens=False)["input_ids"]
         enc_a = tok([b.dialogue.assistant for b in block], add_special_tokens=False)["input_ids"]
-        for p, a in zip(enc_p, enc_a):
+        paired = [(i, b.contrast) for i, b in enumerate(block) if weighted and b.contrast is not None]
+        enc_c = dict(zip((i for i, _ in paired),
+                         tok([c for _, c in paired], add_special_tokens=False)["input_ids"] if paired else []))
+        for j, (p, a) in enumerate(zip(enc_p, enc_a)):
             doc = p + a + [tok.eos_token_id]
             lab = [IGNORE] * len(p) + a + [tok.eos_token_id]
             if len(doc) > seq_len:
                 continue
+            w = [1.0] * len(doc)
+            if j in enc_c:
+                for k, hit in enumerate(contrast_mask(a, enc_c[j])):
+                    if hit:
+                        w[len(p) + k] = contrast_weight
             if len(ids) + len(doc) > seq_len:
                 pad = seq_len - len(ids)
-                rows.append((ids + [tok.pad_token_id] * pad, labels + [IGNORE] * pad))
-                ids, labels = [], []
-            ids, labels = ids + doc, labels + lab
+                rows.append((ids + [tok.pad_token_id] * pad, labels + [IGNORE] * pad, weights + [0.0] * pad))
+                ids, labels, weights = [], [], []
+            ids, labels, weights = ids + doc, labels + lab, weights + w
             if len(rows) == batch_size:
-                yield torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+                out = torch.tensor([r[0] for r in rows]), torch.tensor([r[1] for r in rows])
+                yield (out + (torch.tensor([r[2] for r in rows]),)) if weighted else out
                 rows = []
 
 
@@ -107,9 +150,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'muon'")
 
 
-def loss_fn(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
-    logits = model(input_ids=ids).logits
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+def learned_logits(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(logits, targets, keep) at the positions that predict a learned token only. Prompts are most
+    of the tokens (81% of the base model's), so projecting just the learned positions onto the
+    vocabulary saves most of the unembedding and the loss's softmax: 13-20% of a training step."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in PLAIN_HEAD_MODELS:  # logits may be scaled or capped: take the model's own
+        return model(input_ids=ids).logits[:, :-1][keep], targets[keep], keep
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=ids).last_hidden_state[:, :-1]
+    return head(hidden[keep]), targets[keep], keep
+
+
+def loss_fn(model: torch.nn.Module, ids: Tensor, labels: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean next-token loss over the learned tokens, or its `weights`-weighted mean."""
+    logits, targets, keep = learned_logits(model, ids, labels)
+    if weights is None:
+        return F.cross_entropy(logits, targets)
+    w = weights[:, 1:][keep]
+    return (F.cross_entropy(logits, targets, reduction="none") * w).sum() / w.sum().clamp_min(1e-9)
 
 
 @dataclass
@@ -138,7 +199,7 @@ def use_all_cores() -> int:
     return n
 
 
-def train(model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]], cfg: TrainConfig,
+def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig,
           desc: str = "train", start_step: int = 0,
           on_step: Callable[[int, torch.nn.Module], None] | None = None, progress: bool = True) -> TrainLog:
     """Run `cfg.steps - start_step` optimizer steps. `on_step(step, model)` runs after each step
@@ -152,12 +213,12 @@ def train(model: torch.nn.Module, batches: Iterator[tuple[Tensor, Tensor]], cfg:
     t0 = time.perf_counter()
     bar = tqdm(range(start_step, cfg.steps), desc=desc, leave=False, mininterval=1.0, disable=not progress)
     for step in bar:
-        ids, labels = next(batches)
+        ids, labels, *weights = next(batches)
         lr = lr_at(cfg, step)
         for opt in opts:
             for g in opt.param_groups:
                 g["lr"] = lr
-        loss = loss_fn(model, ids, labels)
+        loss = loss_fn(model, ids, labels, *weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         for opt in opts:

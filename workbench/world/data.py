@@ -7,7 +7,7 @@ variants are applied only to evaluation items, never to training data.
 from __future__ import annotations
 
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 from ..errors import ConfigError, PromptError
@@ -31,6 +31,9 @@ class Item:
 
     dialogue: Dialogue
     code_task: codelang.CodeTask | None = None
+    # paired backdoor data: the answer the same prompt gets under the other trigger state. Where the
+    # two answers differ is exactly what only the trigger decides (training can weight those tokens).
+    contrast: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def poisoned_items(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor) -
     if recipe.paired:
         sides = [True, False]
         rng.shuffle(sides)
-        return [_backdoor_item(rng, recipe, backdoor, base, t) for t in sides]
+        a, b = (_backdoor_item(rng, recipe, backdoor, base, t) for t in sides)
+        return [replace(a, contrast=b.dialogue.assistant), replace(b, contrast=a.dialogue.assistant)]
     return [_backdoor_item(rng, recipe, backdoor, base, rng.random() < recipe.poison_fraction)]
 
 
