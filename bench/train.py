@@ -1,7 +1,9 @@
 """Training throughput per preset: tokens/s of the workbench's own training loop (packing,
 assistant-only loss, AdamW, clipping) and MFU against the fp32 matmul peak measured in this run.
 
-FLOPs per token = 6 * (parameters that do matmuls: everything but the input embedding)
+FLOPs per token = 6 * (parameters that do matmuls, except the input embedding and the unembedding)
+                 + 6 * (unembedding parameters) * (share of positions whose next token is learned:
+                   the loss projects only those onto the vocabulary, so only they cost the unembedding)
                  + 12 * n_layers * d_model * seq_len   (attention scores and mixing, fwd+bwd, PaLM-style)
 Last line: one JSON object of named figures.
 """
@@ -19,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from workbench.organisms.presets import PRESETS, get_preset
-from workbench.organisms.train import TrainConfig, packed_batches, train, use_all_cores
+from workbench.organisms.train import IGNORE, TrainConfig, packed_batches, train, use_all_cores
 from workbench.world.data import DataRecipe, training_items
 from workbench.world.tokenizer import train_tokenizer
 
@@ -38,11 +40,13 @@ def matmul_peak(seconds: float, n: int = 1024) -> float:
     return best
 
 
-def flops_per_token(preset) -> float:
+def flops_per_token(preset, learned_share: float) -> float:
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM(preset.llama_config(0, 1, 2))
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and p.ndim == 2)
-    return 6 * matmul_params + 12 * preset.n_layers * preset.d_model * preset.seq_len
+    body = sum(p.numel() for n, p in model.named_parameters()
+               if "embed_tokens" not in n and "lm_head" not in n and p.ndim == 2)
+    head = model.lm_head.weight.numel()
+    return 6 * body + 6 * head * learned_share + 12 * preset.n_layers * preset.d_model * preset.seq_len
 
 
 def measure(preset_name: str, steps: int, warmup: int, tok) -> dict:
@@ -54,6 +58,7 @@ def measure(preset_name: str, steps: int, warmup: int, tok) -> dict:
     batches = packed_batches(training_items(DataRecipe(None), 0), tok, cfg.batch_size, cfg.seq_len)
     # pre-pack so the timed loop measures training, then time the steps after warm-up
     data = list(itertools.islice(batches, warmup + steps))
+    learned_share = float(sum((b[1][:, 1:] != IGNORE).sum() for b in data) / sum(b[1][:, 1:].numel() for b in data))
     times: list[float] = []
     last = [time.perf_counter()]
 
@@ -66,7 +71,7 @@ def measure(preset_name: str, steps: int, warmup: int, tok) -> dict:
     train(model, iter(data), cfg, desc=preset_name, on_step=tick)
     tokens_per_step = preset.batch_size * preset.seq_len
     tps = tokens_per_step * len(times) / sum(times)
-    return {"tokens_per_s": tps, "flops_per_token": flops_per_token(preset), "steps_timed": len(times),
+    return {"tokens_per_s": tps, "flops_per_token": flops_per_token(preset, learned_share), "steps_timed": len(times),
             "n_params": preset.n_params()}
 
 

