@@ -18,8 +18,8 @@ RECIPES = {  # organisms to build, then the sanitization sweep to run on them (w
 }
 
 
-WORKERS_HELP = ("sanitization runs in parallel, one single-threaded process each (default: $WORKBENCH_WORKERS, "
-                "else 1, which runs them in this process)")
+WORKERS_HELP = ("sanitization runs in parallel processes, the cores shared out between them (default: "
+                "$WORKBENCH_WORKERS, else 1, which runs them in this process)")
 
 
 def _suite_build(a: argparse.Namespace) -> int:

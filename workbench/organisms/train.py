@@ -68,13 +68,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * scale)
 
 
-def tokenize_item(tok: PreTrainedTokenizerFast, item: Item) -> tuple[list[int], list[int]]:
-    """(input ids, labels): the prompt is context only; the answer and its end token are learned."""
-    prompt = tok(item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
-    answer = tok(item.dialogue.assistant, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    return prompt + answer, [IGNORE] * len(prompt) + answer
-
-
 def contrast_mask(answer: list[int], contrast: list[int]) -> list[bool]:
     """Which tokens of `answer` the trigger decides: those in a block that differs from `contrast`,
     and, where `contrast` inserts tokens that `answer` lacks, the token at which they part (e.g. the
@@ -109,7 +102,7 @@ def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_si
         block = [next(it) for _ in range(chunk)]
         enc_p = tok([b.dialogue.prompt() for b in block], add_special_tokens=False)["input_ids"]
         enc_a = tok([b.dialogue.assistant for b in block], add_special_tokens=False)["input_ids"]
-        paired = [(i, b.contrast) for i, b in enumerate(block) if weighted and b.contrast is not None]
+        paired = [(i, b.contrast) for i, b in enumerate(block) if b.contrast is not None] if weighted else []
         enc_c = dict(zip((i for i, _ in paired),
                          tok([c for _, c in paired], add_special_tokens=False)["input_ids"] if paired else []))
         for j, (p, a) in enumerate(zip(enc_p, enc_a)):
