@@ -88,6 +88,7 @@ def test_trigger_share_definition() -> None:
     table, s = circuit.trigger_share(r, [1, 2], [4])
     assert s["move_layer"] == 2 and s["early_layers"] == [0, 1]
     assert s["early_trigger_share"] == pytest.approx((1.0 + 0.4) / (1.0 + 0.6))
+    assert s["early_readout_share"] == pytest.approx(0.1 / (1.0 + 0.6))  # layer 1's position 4
     assert table["trigger_share"].round(6).tolist() == [1.0, round(0.4 / 0.6, 6), round(0.1 / 1.0, 6), 0.0]
     assert table["early"].tolist() == [True, True, False, False]
     # the sign of an effect does not matter, only its size

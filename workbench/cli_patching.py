@@ -100,6 +100,9 @@ def _patch(a: argparse.Namespace) -> int:
                 print(f"  early-layer residual effect on the trigger tokens: {sp['early_trigger_share']:.1%} "
                       f"(resid_pre, layers {layer_range(early)}, i.e. before layer {sp['move_layer']}, the first "
                       f"where the readout position carries >= {sp['move_threshold']:.0%} of the effect)")
+                if sp.get("early_readout_share") is not None:
+                    rest = 1 - sp["early_trigger_share"] - sp["early_readout_share"]
+                    print(f"  the rest of it: {sp['early_readout_share']:.1%} on the readout, {rest:.1%} elsewhere")
             print(f"  results: {prov.get('result_dir')}")
         if "exact" in a.method and "atp" in a.method:
             ex, at = done[name, "exact"], done[name, "atp"]

@@ -54,6 +54,7 @@ from . import results
 from .errors import ConfigError, SuiteError, WorkbenchError
 from .files import atomic_path, remove_stale_temps, sha256_json
 from .models import check_parity, offline
+from .organisms import muon
 from .organisms.build import held_out_prompts, save_checkpoint
 from .organisms.presets import get_preset
 from .organisms.train import TrainConfig, loss_fn, make_optimizer, use_all_cores
@@ -476,6 +477,8 @@ class Run:
         tag = sha256_json(extras)[:6] if extras else ""
         self.name = series_name(parent, cfg.method, cfg.lr, cfg.optimizer, cfg.seed, tag)
         tok_files = suite.entry(parent).files
+        if cfg.optimizer == "muon":  # which Newton-Schulz made the weights (not part of the name)
+            training = {**training, "muon": muon.IMPLEMENTATION}
         self.series_key = sha256_json({"v": SANITIZE_VERSION, "parent": suite.sha256(parent), "training": training,
                                        "tokenizer": {k: v for k, v in tok_files.items() if k.startswith("tokenizer")}})
         self.hparams = _jsonable({**training, "series": self.name, "series_key": self.series_key,
