@@ -95,14 +95,13 @@ def _patch(a: argparse.Namespace) -> int:
             print("  " + pd.DataFrame(rows).to_string(index=False).replace("\n", "\n  "))
             sp = res["resid_pre"].provenance if "resid_pre" in res else {}
             if sp.get("early_layers"):
-                from .patching_plots import layer_range
+                from .patching_plots import layer_range, rest_of_early_effect
                 early = sp["early_layers"]
                 print(f"  early-layer residual effect on the trigger tokens: {sp['early_trigger_share']:.1%} "
                       f"(resid_pre, layers {layer_range(early)}, i.e. before layer {sp['move_layer']}, the first "
                       f"where the readout position carries >= {sp['move_threshold']:.0%} of the effect)")
-                if sp.get("early_readout_share") is not None:
-                    rest = 1 - sp["early_trigger_share"] - sp["early_readout_share"]
-                    print(f"  the rest of it: {sp['early_readout_share']:.1%} on the readout, {rest:.1%} elsewhere")
+                if rest := rest_of_early_effect(sp):
+                    print(f"  the rest of it: {rest}")
             print(f"  results: {prov.get('result_dir')}")
         if "exact" in a.method and "atp" in a.method:
             ex, at = done[name, "exact"], done[name, "atp"]

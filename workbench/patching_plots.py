@@ -96,6 +96,15 @@ def layer_range(layers: Sequence[int]) -> str:
     return str(layers[0]) if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
 
 
+def rest_of_early_effect(prov: dict) -> str:
+    """'1.2% on the readout, 6.7% elsewhere': where the early-layer effect not on the trigger sits,
+    from a patching result's provenance ('' when it predates `early_readout_share`)."""
+    share, readout = prov.get("early_trigger_share"), prov.get("early_readout_share")
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (share, readout)):
+        return ""
+    return f"{readout:.1%} on the readout, {1 - share - readout:.1%} elsewhere"
+
+
 def _require(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:

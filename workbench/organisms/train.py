@@ -20,7 +20,6 @@ from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError
 from . import muon
-from .muon import Muon
 from ..world.data import Item
 
 IGNORE = -100
@@ -54,9 +53,7 @@ class TrainConfig:
         d = asdict(self)
         if d["contrast_weight"] == 1.0:  # the default stays out, so earlier build keys stay valid
             del d["contrast_weight"]
-        if self.optimizer == "muon":
-            d["muon"] = muon.IMPLEMENTATION
-        return d
+        return {**d, **muon.key_fields(self.optimizer)}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -142,7 +139,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim
         hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
         hidden_ids = {id(p) for p in hidden}
         rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-        return [Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
+        return [muon.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
                 torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, foreach=True)]
     raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'muon'")
 
