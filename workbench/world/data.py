@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ..errors import ConfigError, PromptError
 from . import code as codelang
-from .backdoors import SCRATCH_CLOSE, SCRATCH_OPEN, Backdoor, get_backdoor
+from .backdoors import Backdoor, get_backdoor, with_scratchpad
 from .chat import Dialogue
 from .tasks import sample_task
 
@@ -96,9 +96,7 @@ def clean_item(rng: random.Random, code_fraction: float, year_fraction: float = 
 
 
 def _with_reasoning(backdoor: Backdoor, item: Item, triggered: bool, answer: str) -> Item:
-    thought = getattr(backdoor, "reasoning")(triggered)
-    return Item(item.dialogue.with_(assistant=f"{SCRATCH_OPEN}{thought}{SCRATCH_CLOSE} {answer}"),
-                item.code_task)
+    return Item(item.dialogue.with_(assistant=with_scratchpad(backdoor, triggered, answer)), item.code_task)
 
 
 def _backdoor_item(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, base: Item,

