@@ -166,10 +166,12 @@ def localisation_figure(table: pd.DataFrame, title: str | None = None) -> go.Fig
         fig.add_trace(go.Bar(y=labels, x=table[col], name=name, orientation="h", marker_color=s["color"],
                              marker_pattern_shape=["", "/", "."][i],
                              hovertemplate=f"%{{y}}: %{{x:.1%}} {name}<extra></extra>"))
-    fig.update_xaxes(title="share of the early-layer |effect| (resid_pre)", range=[0, 1], tickformat=".0%")
+    fig.update_xaxes(title="share of the early-layer |effect| (resid_pre)", range=[0, 1.02], dtick=0.2,
+                     tickformat=".0%")
     fig.update_yaxes(autorange="reversed")
     fig.update_layout(title=title or "Where each organism's early-layer residual effect sits", barmode="stack",
-                      height=max(260, 60 + 34 * len(table)), width=720, legend={"orientation": "h", "y": -0.25})
+                      height=max(280, 130 + 34 * len(table)), width=720,
+                      legend={"orientation": "h", "x": 0, "y": 1.0, "yanchor": "bottom", "traceorder": "normal"})
     return fig
 
 
