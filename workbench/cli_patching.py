@@ -126,8 +126,8 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
     from .patching_plots import localisation_table, patching_index
     index = patching_index(suite.root)
     t = localisation_table(suite, backdoor, index[index["key"].isin(keys)], metric, direction)
-    shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference", "early_layers",
-               "on_trigger", "on_readout", "elsewhere"]].copy()
+    shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference",
+               "early_layers", "on_trigger", "on_readout", "elsewhere"]].copy()
     shown["gap_vs_reference"] = shown["gap_vs_reference"].map("{:.2f}".format)
     for c in ("on_trigger", "on_readout", "elsewhere"):
         shown[c] = shown[c].map("{:.1%}".format)
@@ -136,7 +136,8 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
         print("  " + shown.to_string(index=False).replace("\n", "\n  "))
     if len(t) > 1:
         v = t["on_trigger"]
-        print(f"  on the trigger tokens: {v.min():.1%} to {v.max():.1%} over {len(t)} organisms (median {v.median():.1%})")
+        print(f"  on the trigger tokens: {v.min():.1%} to {v.max():.1%} over {len(t)} organisms "
+              f"(median {v.median():.1%})")
 
 
 def _circuit(a: argparse.Namespace) -> int:

