@@ -483,8 +483,8 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     kinds = list(kinds)
     _validate(suite, checkpoint, backdoor, method, kinds, metric, direction, n)
     t0 = time.perf_counter()
-    answers = answer_format(suite, checkpoint)
-    batch = batch or pairs.make_pairs(suite, backdoor, n=n, answers=answers).largest(max_pairs)
+    if batch is None:
+        batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, checkpoint)).largest(max_pairs)
     ref = reference_for(suite, checkpoint, backdoor)
     config, inputs = _patch_config(suite, checkpoint, backdoor, method, kinds, metric, direction, n, max_pairs,
                                    batch, ref)
@@ -506,7 +506,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     else:
         from .patching import tl_patch
         out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}
-    prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref, "answers": answers}
+    prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref, "answers": batch.answers}
     out = {k: r.with_scale(scale) for k, r in out.items()}
     for r in out.values():
         r.provenance.update(prov)
@@ -519,7 +519,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
         tables = {"effects": pd.concat([r.to_frame() for r in out.values()], ignore_index=True)}
         extra: dict[str, Any] = {
             "checkpoint": checkpoint, "backdoor": backdoor, "method": method, "scale": scale, "scale_from": ref,
-            "answers": answers,
+            "answers": batch.answers,
             "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
             "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
             "readout_positions": readout_positions(batch, metric), "n_pairs": len(batch),

