@@ -122,9 +122,10 @@ def test_localisation_summary_groups_the_runs_of_each_recipe(patched: Path) -> N
 
 
 def test_localisation_summary_verdicts_count_runs_and_runs_true_by_construction() -> None:
-    def table(shares: list[float], early: list[str]) -> pd.DataFrame:
+    def table(shares: list[float], early: list[str]) -> pd.DataFrame:  # early layers "0..k": move layer k + 1
         return pd.DataFrame({"preset": "small", "variant": "plain", "optimizer": "adamw", "answers": "plain",
-                             "seed": range(len(shares)), "on_trigger": shares, "early_layers": early})
+                             "seed": range(len(shares)), "on_trigger": shares, "early_layers": early,
+                             "move_layer": [int(e.split("..")[-1]) + 1 for e in early]})
 
     mixed = pp.localisation_summary(table([0.97, 0.50, 1.0], ["0..1", "0..2", "0"])).iloc[0]
     assert (mixed["runs"], mixed["at_threshold"], mixed["by_construction"]) == (3, 2, 1)

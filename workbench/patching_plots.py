@@ -177,12 +177,12 @@ def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRI
     only the trigger's tokens differ, so the share is 1 whatever the model does). The verdict says
     whether the share holds in every run, in some, or in none, and asks for more runs below
     `min_runs`."""
-    _require(table, RECIPE_COLUMNS + ["seed", "on_trigger", "early_layers"], "localisation")
+    _require(table, RECIPE_COLUMNS + ["seed", "on_trigger", "move_layer"], "localisation")
     rows = []
     for recipe, g in table.groupby(RECIPE_COLUMNS, sort=False, dropna=False):
         v = g["on_trigger"].astype(float)
         hit = v >= threshold
-        trivial = int((hit & (g["early_layers"].astype(str) == "0")).sum())
+        trivial = int((hit & (g["move_layer"].astype(float) <= 1)).sum())  # early layers = layer 0 alone
         n, k = len(g), int(hit.sum())
         if n < min_runs:
             verdict = f"{n} run{'s' if n > 1 else ''}: too few to say (build {min_runs} seeds: make seeds)"
