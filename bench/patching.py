@@ -5,7 +5,9 @@ Measured: resid_pre over all layers x positions and all attention heads (hook_z,
 positions and per position) -> speed-up and max |difference|; the engine's FLOP rate against
 the fp32 matmul peak measured in this run (FLOPs counted are the work actually needed: layers >=
 the patched one, positions >= the patched one, the last layer only at the metric's positions);
-AtP's Pearson r and top-10 recall against exact (plain, and with integrated gradients).
+AtP's Pearson r and top-10 recall against exact (plain, and with integrated gradients); and the
+nnsight path (`nnsight_patching.exact` and `.atp`, which also run remotely) against both: max
+|difference| from the engine (exact and AtP) and speed against TransformerLens and the engine.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
 
 `--preset large` adds the same timing on a randomly initialised model of that preset (no suite
@@ -30,7 +32,7 @@ import torch
 from train import matmul_peak
 from transformer_lens import patching as tlp
 
-from workbench import access, attribution, pairs, patching
+from workbench import access, attribution, nnsight_patching, pairs, patching
 from workbench.models import load_bridge
 from workbench.organisms.train import use_all_cores
 from workbench.suite import load_suite
@@ -136,6 +138,32 @@ def main(argv: list[str] | None = None) -> int:
     figures["atp_pearson"] = min(figures["atp_resid_pre_pearson"], figures["atp_z_all_pos_pearson"])
     figures["atp_top10_recall"] = figures["atp_resid_pre_top10_recall"]
     figures["atp_ig_pearson"] = min(figures["atp_ig_resid_pre_pearson"], figures["atp_ig_z_all_pos_pearson"])
+
+    lm = access.nnsight_model(suite, a.checkpoint)
+    t_ns = t_engine = t_tl = 0.0
+    ns_diffs = []
+    for kind in ("resid_pre", "z"):
+        t = time.perf_counter()
+        res = nnsight_patching.exact(lm, batch, kind, progress=False)
+        t_ns += time.perf_counter() - t
+        t_engine += figures[f"{kind}_ms"] / 1e3
+        t_tl += figures[f"{kind}_tl_ms"] / 1e3
+        ns_diffs.append(float((res.values - exact[kind].values).abs().max()))
+        log(f"nnsight {kind:10s} {res.provenance['seconds'] * 1e3:8.1f} ms  {res.provenance['n_traces']} traces  "
+            f"max|diff| vs engine {ns_diffs[-1]:.1e}")
+    t = time.perf_counter()
+    est_ns = nnsight_patching.atp(lm, batch, ["resid_pre", "z_all_pos", "z"])
+    t_atp_ns = time.perf_counter() - t
+    t = time.perf_counter()
+    est_engine = attribution.atp(bridge, batch, ["resid_pre", "z_all_pos", "z"])
+    t_atp = time.perf_counter() - t
+    atp_diff = max(float((est_ns[k].values - est_engine[k].values).abs().max()) for k in est_ns)
+    log(f"nnsight AtP {t_atp_ns * 1e3:.1f} ms (engine {t_atp * 1e3:.1f} ms)  max|diff| vs engine AtP {atp_diff:.1e}")
+    figures["nnsight_atp_max_abs_diff"] = atp_diff
+    figures["nnsight_atp_ms"], figures["engine_atp_ms"] = round(t_atp_ns * 1e3, 1), round(t_atp * 1e3, 1)
+    figures["nnsight_max_abs_diff"] = max(ns_diffs)
+    figures["nnsight_speedup_vs_tl"] = round(t_tl / t_ns, 1)
+    figures["engine_speedup_vs_nnsight"] = round(t_ns / t_engine, 1)
 
     if a.preset:
         big, n_params = random_bridge(a.preset, suite.tokenizer())

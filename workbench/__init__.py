@@ -31,12 +31,13 @@ from .world.backdoors import backdoor_names, get_backdoor
 from .world.chat import render_prompt
 from .world.code import check as check_code
 # trigger-circuit localisation: model access, prompt pairs, exact/attribution patching, circuits
-from . import access, attribution, circuit, pairs, patching  # modules, for the full API
-from .access import bridge as get_bridge, nnsight_model
+from . import access, attribution, circuit, nnsight_patching, pairs, patching  # modules, for the full API
+from .access import bridge as get_bridge, nnsight_model, nnsight_remote
 from .attribution import atp
 from .circuit import Circuit, circuit_series, default_series, minimal_circuit, patch_checkpoint
 from .pairs import PairBatch, make_pairs
 from .patching import PatchResult, exact as exact_patch
+from .nnsight_patching import exact as nnsight_patch
 
 __version__ = "0.1.0"
 
@@ -51,5 +52,5 @@ __all__ = [
     "summarize", "sweep", "load_bridge", "load_suite", "plots", "render_prompt",
     "access", "attribution", "circuit", "pairs", "patching", "get_bridge", "nnsight_model", "atp", "Circuit",
     "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
-    "PatchResult", "exact_patch",
+    "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_remote",
 ]

@@ -8,7 +8,7 @@ Every analysis names components by TransformerLens hook names (`blocks.{l}.hook_
   patching engine reads its weights from.
 - `nnsight_model(suite, name)`: an `nnsight.LanguageModel` over the same weights, for code paths
   that must also run remotely on models too large for this machine; `nnsight_cache` reads the
-  same TL-named activations through it.
+  same TL-named activations through it, and `nnsight_patching.exact` patches through it.
 - `hook_names(model, kind, layers)`: the canonical names, validated, so a typo or an out-of-range
   layer is a `ConfigError` that lists the valid choices instead of a silent empty cache.
 - `checkpoint_sha(model)`: the weight hash `bridge` loaded the model from, which the activation
@@ -174,26 +174,24 @@ def validate_hooks(model: Any, names: Sequence[str]) -> list[str]:
 
 
 # --- nnsight: the same TL-named activations from HF module boundaries ----------------------------
-def _nnsight_point(lm: Any, kind: str, layer: int):
-    """The nnsight proxy holding TL activation `kind` at `layer` (why each one: see the module doc
-    of `STACK.md`: decoder-layer outputs are plain tensors, attention outputs are tuples, and head
-    outputs must be read *before* o_proj)."""
+def nnsight_site(lm: Any, kind: str, layer: int) -> tuple[Any, str, int | None]:
+    """Where TL activation `kind` at `layer` lives in an nnsight Llama-family model: (envoy,
+    "input" or "output", item or None). A trace body reads it as `getattr(envoy, attr)`, then
+    `[item]`: built-ins and envoys only, because a remote server runs the body without this
+    package. Why each one (`STACK.md`): decoder-layer outputs are plain tensors, attention outputs
+    are tuples, and head outputs must be read *before* o_proj. resid_mid is the post-attention
+    norm's input: the decoder layer keeps that very tensor as its residual, so an in-place edit
+    there reaches both paths."""
     blk = lm.model.layers[layer]
-    if kind == "resid_pre":
-        return blk.input
-    if kind == "resid_post":
-        return blk.output
-    if kind == "attn_out":
-        return blk.self_attn.output[0]
-    if kind == "mlp_out":
-        return blk.mlp.output
-    if kind == "z":
-        return blk.self_attn.o_proj.input
-    raise ConfigError(f"nnsight_cache does not read {kind!r}; it reads resid_pre, resid_post, attn_out, "
-                      "mlp_out and z (resid_mid = resid_pre + attn_out)")
+    sites = {"resid_pre": (blk, "input", None), "resid_mid": (blk.post_attention_layernorm, "input", None),
+             "resid_post": (blk, "output", None), "attn_out": (blk.self_attn, "output", 0),
+             "mlp_out": (blk.mlp, "output", None), "z": (blk.self_attn.o_proj, "input", None)}
+    if kind not in sites:
+        raise ConfigError(f"nnsight does not reach {kind!r} here; it reaches {', '.join(sites)}")
+    return sites[kind]
 
 
-def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: bool = False) -> dict[str, torch.Tensor]:
+def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: bool | str = False) -> dict[str, torch.Tensor]:
     """Run `tokens` through an nnsight model and return the named TL activations.
 
     `hook_z` comes back as [batch, pos, head, d_head] like TransformerLens (o_proj's input, split
@@ -204,10 +202,12 @@ def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: b
     parsed = [(name, *parse_hook(name, n)) for name in names]
     # nnsight 0.8 serves module boundaries in execution order only: ask for them in that order
     parsed.sort(key=lambda t: (t[2], _EXEC_ORDER.index(t[1])))
+    sites = [(name, *nnsight_site(lm, kind, layer)) for name, kind, layer in parsed]
     saved: dict[str, Any] = {}
-    with lm.trace(tokens, remote=remote):
-        for name, kind, layer in parsed:
-            saved[name] = _nnsight_point(lm, kind, layer).save()
+    with lm.trace(tokens, remote=remote):  # built-ins and envoys only: see nnsight_site
+        for name, envoy, attr, item in sites:
+            value = getattr(envoy, attr)
+            saved[name] = (value if item is None else value[item]).save()
     out: dict[str, torch.Tensor] = {}
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     for name, kind, _ in parsed:

