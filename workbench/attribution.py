@@ -31,10 +31,10 @@ from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
     DEFAULT_ACTS,
-    DIRECTIONS,
     Metric,
     PatchResult,
     Weights,
+    check_direction,
     forward,
     get_kind,
     make_metric,
@@ -113,8 +113,7 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     `cache`/`checkpoint_sha`: the two forward runs come through the activation cache (the same
     entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    check_direction(direction)
     t0 = time.perf_counter()
     W = weights(model)
     m = make_metric(batch, metric, model)

@@ -30,11 +30,11 @@ from .errors import ArchitectureMismatch, ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
     DEFAULT_ACTS,
-    DIRECTIONS,
     KINDS,
     PatchResult,
     Runs,
     Weights,
+    check_direction,
     exact_all,
     forward,
     get_kind,
@@ -87,8 +87,7 @@ def patch_sets(model: Any, batch: PairBatch, sets: Sequence[Sequence[Node]], met
     """Metric after patching every node of each set simultaneously (one row block per set).
     The source activations come from `runs` (`patching.prepare` of the same batch and metric) if
     given, else from the activation cache with `cache`, else from a fresh run."""
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    check_direction(direction)
     W = weights(model)
     m = make_metric(batch, metric, model)
     clean_t, corr_t = batch.inputs(m.name)
@@ -416,8 +415,7 @@ def _validate(suite: Suite, checkpoint: str, backdoor: str, method: str, kinds: 
         get_kind(k)
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {list(METRICS)}")
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {list(DIRECTIONS)}")
+    check_direction(direction)
     if n <= 0:
         raise ConfigError(f"n must be positive (held-out prompts to build pairs from), got {n}")
 
@@ -491,39 +489,29 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     if reuse and (found := results.find(suite.root, "patching", results.result_key(config, inputs))):
         return load_patching(found)
     sha = suite.sha256(checkpoint)
+    scale = None
     if method == "nnsight":  # reads the HF model through traces only: no bridge, no activation cache
         from . import nnsight_patching as nsp
-        scale = None
         if ref is not None and ref != checkpoint:
             c, x = nsp.metric_values(access.nnsight_model(suite, ref), batch, metric)
             scale = c - x
         out = nsp.exact_all(access.nnsight_model(suite, checkpoint), batch, kinds, metric, direction, scale=scale,
                             progress=progress)
-        return _finish(suite, checkpoint, backdoor, method, metric, batch, ref, sha, scale, out, config, inputs,
-                       save, t0)
-    model = access.bridge(suite, checkpoint)
-    scale = None
-    if ref is not None and ref != checkpoint:
-        c, x = metric_values(access.bridge(suite, ref), batch, metric, cache=cache,
-                             checkpoint_sha=suite.sha256(ref) if cache else None)
-        scale = c - x
-    kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
-    if method == "exact":
-        out = exact_all(model, batch, kinds, metric, direction, scale=scale, progress=progress, **kw)
-    elif method == "atp":
-        from .attribution import atp
-        out = atp(model, batch, kinds, metric, direction, scale=scale, **kw)
     else:
-        from .patching import tl_patch
-        out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}
-    return _finish(suite, checkpoint, backdoor, method, metric, batch, ref, sha, scale, out, config, inputs, save, t0)
-
-
-def _finish(suite: Suite, checkpoint: str, backdoor: str, method: str, metric: str, batch: PairBatch,
-            ref: str | None, sha: str, scale: float | None, out: dict[str, PatchResult], config: dict[str, Any],
-            inputs: dict[str, Any], save: bool, t0: float) -> dict[str, PatchResult]:
-    """Scale, label and save one checkpoint's results, whichever method computed them."""
-    from . import results
+        model = access.bridge(suite, checkpoint)
+        if ref is not None and ref != checkpoint:
+            c, x = metric_values(access.bridge(suite, ref), batch, metric, cache=cache,
+                                 checkpoint_sha=suite.sha256(ref) if cache else None)
+            scale = c - x
+        kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
+        if method == "exact":
+            out = exact_all(model, batch, kinds, metric, direction, scale=scale, progress=progress, **kw)
+        elif method == "atp":
+            from .attribution import atp
+            out = atp(model, batch, kinds, metric, direction, scale=scale, **kw)
+        else:
+            from .patching import tl_patch
+            out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}
     prov = {"checkpoint": checkpoint, "sha256": sha, "scale_from": ref, "answers": batch.answers}
     out = {k: r.with_scale(scale) for k, r in out.items()}
     for r in out.values():

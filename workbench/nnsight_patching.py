@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from .access import HOOK_KINDS, n_layers_of, nnsight_site
 from .attribution import DEFAULT_KINDS
 from .errors import ConfigError
-from .pairs import METRICS, PairBatch, check_aligned
-from .patching import DIRECTIONS, PatchResult, default_budget, get_kind
+from .pairs import PairBatch, check_aligned
+from .patching import PatchResult, check_direction, default_budget, get_kind
 
 # Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
 # is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
@@ -71,13 +71,11 @@ def _check_lm(lm: Any) -> tuple[int, int, int]:
 
 
 def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:
-    """(source, base) token tensors of a call, after every argument is checked."""
+    """(source, base) token tensors of a call, after every argument is checked (an unknown metric
+    by `batch.inputs`)."""
     for k in kinds:
         get_kind(k)
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; choose one of {METRICS}")
+    check_direction(direction)
     clean_t, corr_t = batch.inputs(metric)
     check_aligned(clean_t, corr_t)
     return (clean_t, corr_t) if direction == "denoising" else (corr_t, clean_t)
@@ -196,13 +194,13 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
     out = torch.full((int(torch.tensor(plan.shape).prod()),), float("nan"), dtype=torch.float64)
     out[plan.flat[plan.noop]] = base_m
     todo = torch.nonzero(~plan.noop).flatten()
-    k = 1 if metric == "logit_diff" else int(batch.continuation.shape[1])
+    k = int(_readout_ids(metric, batch, torch.zeros(1, dtype=torch.long)).shape[1])  # positions the metric reads
     if variants_per_trace is None:
         budget = memory_bytes or (REMOTE_BUDGET if remote and remote != "local" else default_budget(getattr(lm, "device", "cpu")))
         rows = budget / _row_bytes(lm, T, k)
         variants_per_trace = max(1, int(rows) // N - 1)
     chunks = list(todo.split(variants_per_trace))
-    act = "resid_mid" if K.act == "resid_mid" else K.act
+    act, width = K.act, (H if K.act == "z" else 1)
     for sel in tqdm(chunks, desc=f"nnsight patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
         V = len(sel)
         tokens = torch.cat([src_t, einops.repeat(base_t, "n t -> (v n) t", v=V)])
@@ -211,7 +209,6 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
         rows = torch.arange(N, N + V * N)
         masks: dict[int, Tensor] = {}
         for layer in sorted(set(lpos[:, 0].tolist())):
-            width = H if act == "z" else 1
             m = torch.zeros(N + V * N, T, width, dtype=torch.bool)
             at = lpos[:, 0] == layer
             r, p, h = rows[at], lpos[at, 1], lpos[at, 2]
@@ -232,7 +229,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
                        clean_m, corr_m, direction, "nnsight", scale, prov)
 
 
-def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"),
+def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS,
               metric: str = "logit_diff", direction: str = "denoising", **kw: Any) -> dict[str, PatchResult]:
     """Several kinds, validated before any trace runs, sharing one unpatched trace."""
     for k in kinds:
@@ -271,7 +268,10 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     reads = [(*nnsight_site(lm, a, layer), H if a == "z" else 1) for layer, a in sites]
     ids = _readout_ids(metric, batch, torch.arange(2 * N) % N)
     logit_diff = metric == "logit_diff"
-    with lm.trace(torch.cat([src_t, base_t]), remote=remote):  # built-ins, torch and envoys only
+    # built-ins, torch and envoys only in the body (so `score` is `_score` written out): a server
+    # that runs it lacks this package. No comment lines in it either: with one above the nested
+    # backward block, nnsight 0.8's remote serialisation lost that block (`remote="local"` failed)
+    with lm.trace(torch.cat([src_t, base_t]), remote=remote):
         lm.model.embed_tokens.output.requires_grad_(True)          # frozen weights: the graph starts here
         xs = []
         for envoy, attr, item, heads in reads:

@@ -85,6 +85,12 @@ for _k in (
     register_kind(_k)
 
 
+def check_direction(direction: str) -> None:
+    """One error for an unknown patching direction, wherever a request is checked."""
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+
+
 def get_kind(name: str) -> Kind:
     if name not in KINDS:
         raise ConfigError(f"unknown patch kind {name!r}; choose one of {sorted(KINDS)}")
@@ -756,8 +762,7 @@ def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "
     `cache`/`checkpoint_sha`: read the two dense runs through the activation cache (see `prepare`).
     """
     K = get_kind(kind)
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    check_direction(direction)
     t0 = time.perf_counter()
     own_runs = runs is None
     runs = runs or prepare(model, batch, metric, acts=(K.act if K.act != "resid_post" else "resid_pre",),
@@ -808,8 +813,7 @@ def exact_all(model: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre",
     """Several kinds sharing one pair of dense runs (read through the activation cache if `cache`)."""
     for k in kinds:
         get_kind(k)
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
+    check_direction(direction)
     runs = prepare(model, batch, metric, cache=cache, checkpoint_sha=checkpoint_sha)
     return {k: exact(model, batch, k, metric, direction, runs=runs, **kw) for k in kinds}
 
