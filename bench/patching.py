@@ -5,9 +5,10 @@ Measured: resid_pre over all layers x positions and all attention heads (hook_z,
 positions and per position) -> speed-up and max |difference|; the engine's FLOP rate against
 the fp32 matmul peak measured in this run (FLOPs counted are the work actually needed: layers >=
 the patched one, positions >= the patched one, the last layer only at the metric's positions);
-AtP's Pearson r and top-10 recall against exact (plain, and with integrated gradients); and the
-nnsight path (`nnsight_patching.exact` and `.atp`, which also run remotely) against both: max
-|difference| from the engine (exact and AtP) and speed against TransformerLens and the engine.
+AtP's Pearson r and top-10 recall against exact (plain, with integrated gradients, and AtP*'s
+GradDrop, whose magnitudes meet |exact|); and the nnsight path (`nnsight_patching.exact` and
+`.atp`, which also run remotely) against both: max |difference| from the engine (exact, AtP, and
+AtP with GradDrop and IG) and speed against TransformerLens and the engine.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
 
 `--preset large` adds the same timing on a randomly initialised model of that preset (no suite
@@ -127,14 +128,20 @@ def main(argv: list[str] | None = None) -> int:
     figures.update(compare(bridge, batch, kinds, reps, peak, ""))
 
     exact = patching.exact_all(bridge, batch, ["resid_pre", "z_all_pos", "z"], progress=False)
-    est = attribution.atp(bridge, batch, ["resid_pre", "z_all_pos", "z"], ig_steps=8)
+    t = time.perf_counter()
+    est = attribution.atp(bridge, batch, ["resid_pre", "z_all_pos", "z"], graddrop=True, ig_steps=8)
+    t_star = time.perf_counter() - t
+    recall = lambda c: next(v for k, v in c.items() if k.endswith("_recall"))  # noqa: E731
     for kind in ("resid_pre", "z_all_pos", "z"):
         c, ci = attribution.compare(est[kind], exact[kind]), attribution.compare(est[f"{kind}:ig"], exact[kind])
-        rec = next(v for k, v in c.items() if k.endswith("_recall"))
+        cg = attribution.compare(est[f"{kind}:graddrop"], exact[kind])  # on |effect|: GradDrop ranks magnitudes
         figures[f"atp_{kind}_pearson"] = round(c["pearson"], 3)
-        figures[f"atp_{kind}_top10_recall"] = round(rec, 2)
+        figures[f"atp_{kind}_top10_recall"] = round(recall(c), 2)
         figures[f"atp_ig_{kind}_pearson"] = round(ci["pearson"], 3)
-        log(f"AtP {kind:10s} r {c['pearson']:.3f}  recall {rec:.2f}   AtP+IG(8) r {ci['pearson']:.3f}")
+        figures[f"atp_ig_{kind}_top10_recall"] = round(recall(ci), 2)
+        figures[f"atp_graddrop_{kind}_top10_recall"] = round(recall(cg), 2)
+        log(f"AtP {kind:10s} r {c['pearson']:.3f}  recall {recall(c):.2f}   AtP+IG(8) r {ci['pearson']:.3f}  "
+            f"recall {recall(ci):.2f}   GradDrop |r| {cg['pearson']:.3f}  recall {recall(cg):.2f}")
     figures["atp_pearson"] = min(figures["atp_resid_pre_pearson"], figures["atp_z_all_pos_pearson"])
     figures["atp_top10_recall"] = figures["atp_resid_pre_top10_recall"]
     figures["atp_ig_pearson"] = min(figures["atp_ig_resid_pre_pearson"], figures["atp_ig_z_all_pos_pearson"])
@@ -160,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
     atp_diff = max(float((est_ns[k].values - est_engine[k].values).abs().max()) for k in est_ns)
     log(f"nnsight AtP {t_atp_ns * 1e3:.1f} ms (engine {t_atp * 1e3:.1f} ms)  max|diff| vs engine AtP {atp_diff:.1e}")
     figures["nnsight_atp_max_abs_diff"] = atp_diff
+    t = time.perf_counter()  # AtP* through nnsight: GradDrop and IG ride in the same trace
+    star_ns = nnsight_patching.atp(lm, batch, ["resid_pre", "z_all_pos", "z"], graddrop=True, ig_steps=8)
+    t_star_ns = time.perf_counter() - t
+    star_diff = max(float((star_ns[k].values - est[k].values).abs().max()) for k in est)
+    log(f"nnsight AtP+GradDrop+IG(8) {t_star_ns * 1e3:.1f} ms in {star_ns['z'].provenance['n_traces']} trace(s) "
+        f"(engine {t_star * 1e3:.1f} ms)  max|diff| vs engine {star_diff:.1e}")
+    figures["nnsight_atp_star_max_abs_diff"] = star_diff
+    figures["nnsight_atp_star_ms"], figures["engine_atp_star_ms"] = round(t_star_ns * 1e3, 1), round(t_star * 1e3, 1)
     figures["nnsight_atp_ms"], figures["engine_atp_ms"] = round(t_atp_ns * 1e3, 1), round(t_atp * 1e3, 1)
     figures["nnsight_max_abs_diff"] = max(ns_diffs)
     figures["nnsight_speedup_vs_tl"] = round(t_tl / t_ns, 1)

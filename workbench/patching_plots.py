@@ -33,6 +33,12 @@ KIND_TITLES = {"resid_pre": "residual stream before each block (resid_pre)",
                "resid_post": "residual stream after each block (resid_post)",
                "attn_out": "attention output (attn_out)", "mlp_out": "MLP output (mlp_out)",
                "z": "attention heads per position (hook_z)", "z_all_pos": "attention heads, all positions (hook_z)"}
+METHOD_LABELS = {"exact": "exact patching", "atp": "attribution patching (AtP)",
+                 "atp+ig": "AtP with integrated gradients", "atp+graddrop": "AtP* GradDrop (magnitudes)",
+                 "tl": "TransformerLens reference", "nnsight": "exact, through nnsight"}
+# the estimates compared with exact patching, by their short names; GradDrop carries no sign, so it
+# is compared on |effect|
+ESTIMATES = {"atp": "AtP", "atp+ig": "AtP+IG", "atp+graddrop": "GradDrop"}
 COLORSCALE = "RdBu_r"  # red = restores the backdoor, blue = works against it; readable in greyscale by sign of text
 
 
@@ -311,41 +317,68 @@ def head_grid(effects: pd.DataFrame, title: str | None = None) -> go.Figure:
     return fig
 
 
-def atp_vs_exact(exact: pd.DataFrame, atp: pd.DataFrame,
-                 kinds: Sequence[str] | None = None) -> tuple[go.Figure, pd.DataFrame]:
-    """Scatter of attribution-patching estimates against exact patching, one series per kind, the
-    y = x line, and a table of Pearson r and top-10 recall per kind."""
-    for df, what in ((exact, "exact patching effects"), (atp, "AtP effects")):
+def _paired(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None,
+            method: str) -> tuple[pd.DataFrame, list[str]]:
+    """Exact and estimated effects side by side per patched index (magnitudes for GradDrop), and
+    the kinds both hold."""
+    name = ESTIMATES.get(method, method)
+    for df, what in ((exact, "exact patching effects"), (atp, f"{name} effects")):
         _require(df, ["kind", "layer", "effect"], what)
     keys = ["kind", "layer", "pos", "head"]
     e = exact.assign(**{k: exact.get(k, np.nan) for k in keys if k not in exact})
     a = atp.assign(**{k: atp.get(k, np.nan) for k in keys if k not in atp})
     both = e[keys + ["effect"]].merge(a[keys + ["effect"]], on=keys, suffixes=("_exact", "_atp"))
+    if method.endswith("graddrop"):
+        both[["effect_exact", "effect_atp"]] = both[["effect_exact", "effect_atp"]].abs()
     kinds = [k for k in (kinds or list(dict.fromkeys(both["kind"]))) if (both["kind"] == k).any()]
     if not kinds:
-        raise WorkbenchError("the exact and the AtP result share no patched kind; patch both with the same --kinds")
-    fig = go.Figure()
+        raise WorkbenchError(f"the exact and the {name} result share no patched kind; patch both with the same --kinds")
+    return both, kinds
+
+
+def estimate_stats(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None = None,
+                   method: str = "atp") -> pd.DataFrame:
+    """Per kind: Pearson r of an attribution estimate (`method`: atp, atp+ig or atp+graddrop)
+    against exact patching, and top-10 recall (the share of the 10 largest |exact| effects among
+    the estimate's 10 largest). GradDrop scores are magnitudes, so they meet |exact effect|."""
+    both, kinds = _paired(exact, atp, kinds, method)
     stats = []
-    lo = float(both[["effect_exact", "effect_atp"]].min().min())
-    hi = float(both[["effect_exact", "effect_atp"]].max().max())
-    for i, kind in enumerate(kinds):
+    for kind in kinds:
         d = both[both["kind"] == kind]
         x, y = d["effect_exact"].to_numpy(float), d["effect_atp"].to_numpy(float)
         r = float(np.corrcoef(x, y)[0, 1]) if len(d) > 1 and x.std() > 0 and y.std() > 0 else float("nan")
         k = min(10, len(d))
         top = len(set(np.argsort(-np.abs(x))[:k]) & set(np.argsort(-np.abs(y))[:k])) / max(k, 1)
-        stats.append({"kind": kind, "pearson_r": r, "top10_recall": top, "n": len(d)})
+        stats.append({"estimate": ESTIMATES.get(method, method), "kind": kind, "pearson_r": r, "top10_recall": top,
+                      "n": len(d)})
+    return pd.DataFrame(stats)
+
+
+def atp_vs_exact(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None = None,
+                 method: str = "atp") -> tuple[go.Figure, pd.DataFrame]:
+    """Scatter of an attribution estimate against exact patching, one series per kind, the y = x
+    line, and `estimate_stats`'s table."""
+    name = ESTIMATES.get(method, method)
+    both, kinds = _paired(exact, atp, kinds, method)
+    stats = estimate_stats(exact, atp, kinds, method)
+    fig = go.Figure()
+    lo = float(both[["effect_exact", "effect_atp"]].min().min())
+    hi = float(both[["effect_exact", "effect_atp"]].max().max())
+    for i, (kind, r) in enumerate(zip(kinds, stats["pearson_r"])):
+        d = both[both["kind"] == kind]
         s = series_style(i)
-        fig.add_trace(go.Scatter(x=x, y=y, mode="markers", name=f"{kind} (r = {r:.2f})", legendgroup=kind,
+        fig.add_trace(go.Scatter(x=d["effect_exact"], y=d["effect_atp"], mode="markers", name=f"{kind} (r = {r:.2f})",
+                                 legendgroup=kind,
                                  marker=dict(color=s["color"], symbol=s["symbol"], size=7, opacity=0.75,
                                              line=dict(width=0.5, color="#333333")),
-                                 hovertemplate=f"{kind}<br>exact %{{x:.3f}}<br>AtP %{{y:.3f}}<extra></extra>"))
+                                 hovertemplate=f"{kind}<br>exact %{{x:.3f}}<br>{name} %{{y:.3f}}<extra></extra>"))
     fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", meta=KEEP,
                              line=dict(color="#777777", dash="dash", width=1), hoverinfo="skip"))
-    fig.update_xaxes(title="exact patching effect")
-    fig.update_yaxes(title="attribution patching estimate")
-    fig.update_layout(title="Attribution patching vs exact patching", height=520, width=640)
-    return fig, pd.DataFrame(stats)
+    absolute = method.endswith("graddrop")
+    fig.update_xaxes(title="|exact patching effect|" if absolute else "exact patching effect")
+    fig.update_yaxes(title=f"{name} score" if absolute else f"{name} estimate")
+    fig.update_layout(title=f"Attribution patching ({name}) vs exact patching", height=520, width=640)
+    return fig, stats
 
 
 def trigger_share_figure(share: pd.DataFrame, title: str | None = None) -> go.Figure:
@@ -531,11 +564,12 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
                     out.append((f"{name}: {title}", build(*args)))
                 except WorkbenchError as e:
                     out.append((f"{name}: {title}", str(e)))
-            atp = pick(index, prov["inputs"]["checkpoint"], backdoor, "atp", prov["config"]["metric"],
-                       prov["config"]["direction"], prov["inputs"]["prompts"])
-            if atp is not None:
-                fig, stats = atp_vs_exact(eff, atp.table("effects"))
-                out += [(f"{name}: AtP vs exact", fig), (f"{name}: AtP vs exact (Pearson r)", stats)]
+            for method, short in ESTIMATES.items():
+                est = pick(index, prov["inputs"]["checkpoint"], backdoor, method, prov["config"]["metric"],
+                           prov["config"]["direction"], prov["inputs"]["prompts"])
+                if est is not None:
+                    fig, stats = atp_vs_exact(eff, est.table("effects"), method=method)
+                    out += [(f"{name}: {short} vs exact", fig), (f"{name}: {short} vs exact (Pearson r)", stats)]
         if circ:
             c = circ[0]
             summary = c.table("summary")

@@ -78,10 +78,8 @@ else:
     else:
         checkpoint = names[0]
         st.markdown(f"Checkpoint: **{checkpoint}**")
-    labels = {"exact": "exact patching", "atp": "attribution patching (AtP)", "tl": "TransformerLens reference",
-              "nnsight": "exact, through nnsight"}
-    methods = [m for m in labels if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
-    method = st.radio("Method", methods, horizontal=True, format_func=labels.get)
+    methods = [m for m in pp.METHOD_LABELS if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
+    method = st.radio("Method", methods, horizontal=True, format_func=pp.METHOD_LABELS.get)
     result = pp.pick(index, sha_of[checkpoint], backdoor, method, metric, direction)
     with common.guard():
         effects = common.table(result, "effects")
@@ -135,22 +133,35 @@ else:
 
     st.subheader("Attribution patching vs exact patching")
     exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)
-    atp = pp.pick(index, sha_of[checkpoint], backdoor, "atp", metric, direction,
-                  exact.provenance["inputs"]["prompts"] if exact is not None else None)
-    if exact is None or atp is None:
+    prompts = exact.provenance["inputs"]["prompts"] if exact is not None else None
+    found = {m: r for m in pp.ESTIMATES if (r := pp.pick(index, sha_of[checkpoint], backdoor, m, metric, direction,
+                                                         prompts)) is not None}
+    if exact is None or not found:
         st.info(f"Needs both an exact and an AtP result for {checkpoint}: run `workbench patch {suite} "
-                f"--checkpoint {checkpoint} --backdoor {backdoor} --method exact atp`.")
+                f"--checkpoint {checkpoint} --backdoor {backdoor} --method exact atp atp+ig atp+graddrop`.")
     else:
+        estimate = st.radio("Estimate", list(found), horizontal=True, format_func=pp.METHOD_LABELS.get,
+                            help="AtP: one gradient at the base run. AtP+IG: the gradient averaged along the "
+                                 "path from the base to the source embeddings, which follows saturating "
+                                 "nonlinearities. GradDrop (AtP*): magnitudes with each layer's gradient path "
+                                 "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|.")
         try:
-            fig, stats = pp.atp_vs_exact(common.table(exact, "effects"), common.table(atp, "effects"))
+            fig, stats = pp.atp_vs_exact(common.table(exact, "effects"), common.table(found[estimate], "effects"),
+                                         method=estimate)
         except WorkbenchError as e:
             st.info(str(e))
         else:
             left, right = st.columns([3, 2])
             left.plotly_chart(fig, width="stretch")
             right.dataframe(stats.round({"pearson_r": 3, "top10_recall": 2}), hide_index=True, width="stretch")
-            right.caption("Pearson r of AtP's estimate against the exact effect over every patched index of a "
-                          "kind, and the share of the 10 largest exact effects among AtP's 10 largest.")
+            right.caption("Pearson r of the estimate against the exact effect over every patched index of a "
+                          "kind, and the share of the 10 largest exact effects among the estimate's 10 largest.")
+            if len(found) > 1:
+                with st.expander("Every estimate, side by side"):
+                    rows = [pp.estimate_stats(common.table(exact, "effects"), common.table(r, "effects"), method=m)
+                            for m, r in found.items()]
+                    st.dataframe(pd.concat(rows, ignore_index=True).round({"pearson_r": 3, "top10_recall": 2}),
+                                 hide_index=True, width="stretch")
 
 # ----------------------------------------------------------------------------- across organisms
 st.header("Across organisms")
