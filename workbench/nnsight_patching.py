@@ -280,20 +280,20 @@ class _Groups:
 
 
 def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites: Sequence[tuple[int, str]],
-                groups: _Groups, metric: str, H: int, n_ig: int, remote: bool | str) -> tuple[Tensor, Tensor]:
+                groups: _Groups, metric: str, H: int, ig_steps: int, remote: bool | str) -> tuple[Tensor, Tensor]:
     """One trace over [source; base; each group's base rows] with one backward pass. Returns every
     group's AtP estimate per site, flattened ([groups, sum over sites of T*heads]), and the
     source and plain-base rows' metric.
 
     Each row's loss weight makes its gradient the one `attribution.atp` takes: 1/N per pair (the
-    mean over pairs), and 1/N/n_ig on an interpolation row, so that the IG groups' estimates sum to
+    mean over pairs), and 1/N/ig_steps on an interpolation row, so that the IG groups' estimates sum to
     the estimate with the gradient averaged over the path. Rows do not interact in a forward
     pass, so one backward serves every group."""
     N, T = base_t.shape
     G = len(groups)
     tokens = torch.cat([src_t] + [base_t] * G)
     ids, logit_diff = _readout_ids(metric, batch, torch.arange(len(tokens)) % N), metric == "logit_diff"
-    weight = torch.cat([torch.zeros(N), torch.full((N,), 1.0 / N), torch.full((N * len(groups.ig),), 1.0 / N / max(n_ig, 1)),
+    weight = torch.cat([torch.zeros(N), torch.full((N,), 1.0 / N), torch.full((N * len(groups.ig),), 1.0 / N / max(ig_steps, 1)),
                         torch.full((N * len(groups.drop),), 1.0 / N)])
     alpha = einops.repeat(torch.tensor(groups.ig, dtype=torch.float32), "g -> (g n) 1 1", n=N)
     steps = []  # (what, envoy, attr, item, heads or row mask): reads and cuts in execution order
