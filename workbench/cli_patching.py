@@ -107,12 +107,22 @@ def _patch(a: argparse.Namespace) -> int:
                 if rest := rest_of_early_effect(sp):
                     print(f"  the rest of it: {rest}")
             print(f"  results: {prov.get('result_dir')}")
-        for est in (m for m in a.method if m.startswith("atp") and "exact" in a.method):
+        estimates = [m for m in a.method if m.startswith("atp") and "exact" in a.method]
+        for est in estimates:
             from .patching_plots import ESTIMATES
             ex, at = done[name, "exact"], done[name, est]
             rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
             on = " on |effect|" if est.endswith("graddrop") else ""  # GradDrop scores are magnitudes
             print(f"  {ESTIMATES[est]} vs exact, Pearson r{on}: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
+        if estimates and "resid_pre" in done[name, "exact"]:
+            from .patching_plots import additivity
+            r = done[name, "exact"]["resid_pre"]
+            add = additivity(r.to_frame(), {"clean_metric": r.clean_metric, "corrupted_metric": r.corrupted_metric,
+                                            "scale": r.scale})
+            print("  resid_pre's single-position exact effects sum, per layer, to "
+                  + ", ".join(f"{v:.2f}" for v in add["sum_of_single_effects"])
+                  + f" (the whole layer: {add['whole_layer_effect'].iloc[0]:.2f}); where they exceed it the positions "
+                  "are redundant, which no additive estimate reproduces")
         if "exact" in a.method and "nnsight" in a.method:
             ex, ns = done[name, "exact"], done[name, "nnsight"]
             d = {k: float((ns[k].values - ex[k].values).abs().max()) for k in ex if k in ns}

@@ -354,6 +354,29 @@ def estimate_stats(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] 
     return pd.DataFrame(stats)
 
 
+RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
+
+
+def additivity(effects: pd.DataFrame, prov: dict, kinds: Sequence[str] = RESID_KINDS) -> pd.DataFrame:
+    """Per residual kind and layer: the sum over positions of the single-position exact effects,
+    against the effect of patching the whole layer (every position at once: the source run itself,
+    so (clean - corrupted) / gap, 1 in the organism's own units).
+
+    Why: an additive estimate (AtP; IG, which is complete at the embeddings) spreads the whole
+    layer's effect over its positions, so it cannot match single-position patching where those
+    effects sum to more than the whole (the positions are redundant: each alone restores much of
+    the behaviour) or to less (they act only together). The ratio bounds how well any of them can
+    correlate with exact patching there."""
+    _require(effects, ["kind", "layer", "effect"], "exact patching effects")
+    gap = prov.get("scale") or float(prov["clean_metric"]) - float(prov["corrupted_metric"])
+    whole = (float(prov["clean_metric"]) - float(prov["corrupted_metric"])) / gap
+    sel = effects[effects["kind"].isin(kinds)]
+    out = sel.groupby(["kind", "layer"], sort=False)["effect"].sum().rename("sum_of_single_effects").reset_index()
+    out["whole_layer_effect"] = whole
+    out["ratio"] = out["sum_of_single_effects"] / whole
+    return out
+
+
 def atp_vs_exact(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None = None,
                  method: str = "atp") -> tuple[go.Figure, pd.DataFrame]:
     """Scatter of an attribution estimate against exact patching, one series per kind, the y = x

@@ -156,6 +156,15 @@ else:
             right.dataframe(stats.round({"pearson_r": 3, "top10_recall": 2}), hide_index=True, width="stretch")
             right.caption("Pearson r of the estimate against the exact effect over every patched index of a "
                           "kind, and the share of the 10 largest exact effects among the estimate's 10 largest.")
+            add = pp.additivity(common.table(exact, "effects"), exact.provenance, ["resid_pre"])
+            if not add.empty:
+                sums = ", ".join(f"{v:.2f}" for v in add["sum_of_single_effects"])
+                st.caption(f"Why an estimate can miss: per layer, the single-position exact effects of resid_pre sum "
+                           f"to {sums}, against {add['whole_layer_effect'].iloc[0]:.2f} for patching the whole "
+                           "layer. Above it, the positions are redundant (each alone restores much of the "
+                           "behaviour); below, they act only together. An additive estimate (AtP, and AtP+IG, "
+                           "which is complete at the embeddings) spreads the whole layer's effect over its "
+                           "positions, so it cannot reproduce either.")
             if len(found) > 1:
                 with st.expander("Every estimate, side by side"):
                     rows = [pp.estimate_stats(common.table(exact, "effects"), common.table(r, "effects"), method=m)
