@@ -110,24 +110,23 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             print(f"skipped {backdoor}: the suite has no {backdoor} organism", file=sys.stderr)
             continue
         org, found = compute(suite, backdoor, n, max_pairs, compute_missing)
-        ex, at, circ = found["exact"], found["atp"], found["circuit"]
+        ex, circ = found["exact"], found["circuit"]
         eff, p = ex.table("effects"), ex.provenance
         stem = f"patching_{backdoor}"
         to_export.append((figures.paper_style(pp.layer_pos_heatmap(
             eff, "resid_pre", p.get("tokens"), p.get("trigger_positions", ()),
             title=f"{org}: patching the residual stream (resid_pre)")), out / f"{stem}_layer_pos"))
         to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
-        fig, stats = pp.atp_vs_exact(eff, at.table("effects"))
-        to_export.append((figures.paper_style(fig), out / f"{stem}_atp"))
-        by_method = {"atp": stats}
-        for method in CORRECTIONS:
-            if found.get(method) is not None:
-                fig, by_method[method] = pp.atp_vs_exact(eff, found[method].table("effects"), method=method)
-                to_export.append((figures.paper_style(fig), out / f"{stem}_{method.replace('+', '_')}"))
+        by_method = {}
+        for method in (m for m in pp.ESTIMATES if found.get(m) is not None):  # atp, then AtP*'s found
+            fig, by_method[method] = pp.atp_vs_exact(eff, found[method].table("effects"), method=method)
+            to_export.append((figures.paper_style(fig), out / f"{stem}_{method.replace('+', '_')}"))
+        stats = by_method["atp"]
         import pandas as pd
         written += figures.table_outputs(pd.concat(by_method.values(), ignore_index=True),
                                          out / f"patching_atp_{backdoor}")
-        written += figures.table_outputs(pp.additivity(eff, p), out / f"patching_additivity_{backdoor}")
+        written += figures.table_outputs(pp.additivity(eff, p["clean_metric"], p["corrupted_metric"], p.get("scale")),
+                                         out / f"patching_additivity_{backdoor}")
         ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(

@@ -161,7 +161,7 @@ def test_additivity_and_estimate_stats_on_known_effects() -> None:
     from workbench import patching_plots as pp
     eff = pd.DataFrame({"kind": ["resid_pre"] * 4 + ["attn_out"] * 2, "layer": [0, 0, 1, 1, 0, 0],
                         "pos": [0, 1, 0, 1, 0, 1], "effect": [0.8, 0.7, 0.5, 0.5, 0.3, -0.2]})
-    add = pp.additivity(eff, {"clean_metric": 3.0, "corrupted_metric": 1.0, "scale": 4.0})
+    add = pp.additivity(eff, clean_metric=3.0, corrupted_metric=1.0, scale=4.0)
     assert list(add["kind"]) == ["resid_pre", "resid_pre"]            # whole-layer effect known for resid only
     assert add["sum_of_single_effects"].round(6).tolist() == [1.5, 1.0]
     assert add["whole_layer_effect"].tolist() == [0.5, 0.5]           # (clean - corrupted) / the reference's gap

@@ -107,7 +107,7 @@ def _patch(a: argparse.Namespace) -> int:
                 if rest := rest_of_early_effect(sp):
                     print(f"  the rest of it: {rest}")
             print(f"  results: {prov.get('result_dir')}")
-        estimates = [m for m in a.method if m.startswith("atp") and "exact" in a.method]
+        estimates = [m for m in a.method if m.startswith("atp")] if "exact" in a.method else []
         for est in estimates:
             from .patching_plots import ESTIMATES
             ex, at = done[name, "exact"], done[name, est]
@@ -117,8 +117,7 @@ def _patch(a: argparse.Namespace) -> int:
         if estimates and "resid_pre" in done[name, "exact"]:
             from .patching_plots import additivity
             r = done[name, "exact"]["resid_pre"]
-            add = additivity(r.to_frame(), {"clean_metric": r.clean_metric, "corrupted_metric": r.corrupted_metric,
-                                            "scale": r.scale})
+            add = additivity(r.to_frame(), r.clean_metric, r.corrupted_metric, r.scale)
             print("  resid_pre's single-position exact effects sum, per layer, to "
                   + ", ".join(f"{v:.2f}" for v in add["sum_of_single_effects"])
                   + f" (the whole layer: {add['whole_layer_effect'].iloc[0]:.2f}); where they exceed it the positions "

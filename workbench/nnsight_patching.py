@@ -296,11 +296,11 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
     weight = torch.cat([torch.zeros(N), torch.full((N,), 1.0 / N), torch.full((N * len(groups.ig),), 1.0 / N / max(ig_steps, 1)),
                         torch.full((N * len(groups.drop),), 1.0 / N)])
     alpha = einops.repeat(torch.tensor(groups.ig, dtype=torch.float32), "g -> (g n) 1 1", n=N)
+    wanted = set(sites) | {(layer, c) for layer in groups.drop for c in ("drop_attn", "drop_mlp")}
+    L = n_layers_of(lm)
+    order = [(layer, a) for layer in range(L) for a in _STEP_ORDER] + [(L - 1, "resid_post")]  # the output last
     steps = []  # (what, envoy, attr, item, heads or row mask): reads and cuts in execution order
-    order = {a: i for i, a in enumerate(_STEP_ORDER)}
-    wanted = [(layer, a) for layer, a in sites] + [(layer, c) for layer in set(groups.drop) for c in ("drop_attn", "drop_mlp")]
-    last = [s for s in wanted if s[1] == "resid_post"]
-    for layer, a in sorted((s for s in wanted if s[1] != "resid_post"), key=lambda s: (s[0], order[s[1]])) + last:
+    for layer, a in (s for s in order if s in wanted):
         if a.startswith("drop_"):
             blk = lm.model.layers[layer]
             norm = blk.input_layernorm if a == "drop_attn" else blk.post_attention_layernorm
@@ -406,14 +406,14 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
         est = torch.stack([per_site[_site_of(K.act, layer, L)].view(len(flat), T, -1) for layer in range(L)], 1)
         return est[..., 0] if "head" not in K.dims else (est if "pos" in K.dims else est.sum(2))
 
-    ig_flat, drop_flat = torch.cat(ig), torch.cat(drop)
-    variants = {"atp": lambda kind: per_kind(plain[None], kind)[0],
-                "atp+ig": lambda kind: per_kind(ig_flat, kind).sum(0),
-                "atp+graddrop": lambda kind: per_kind(drop_flat, kind).abs().sum(0) / max(L - 1, 1)}
+    # (method, per-group estimates, how the groups combine): AtP, IG's path mean, GradDrop's |.| mean
+    variants = [("atp", plain[None], lambda e: e[0])]
+    if ig_steps:
+        variants.append(("atp+ig", torch.cat(ig), lambda e: e.sum(0)))
+    if graddrop:
+        variants.append(("atp+graddrop", torch.cat(drop), lambda e: e.abs().sum(0) / max(L - 1, 1)))
     out: dict[str, PatchResult] = {}
-    for method, estimate in variants.items():
-        if (method == "atp+ig" and not ig_steps) or (method == "atp+graddrop" and not graddrop):
-            continue
+    for method, flat, combine in variants:
         for kind in kinds:
             K = get_kind(kind)
             prov = {"kind": kind, "metric": metric, "direction": direction, "method": method, "backend": "nnsight",
@@ -421,7 +421,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
                     "n_traces": len(chunks), "activation_cache": "off", "seconds": time.perf_counter() - t0,
                     **({"ig_steps": ig_steps} if method == "atp+ig" else {})}
             key = kind if method == "atp" else f"{kind}:{method.split('+')[1]}"
-            out[key] = PatchResult(kind, (base_m + estimate(kind)).float(), K.dims,
+            out[key] = PatchResult(kind, (base_m + combine(per_kind(flat, kind))).float(), K.dims,
                                    [HOOK_KINDS[K.hook].format(l=l) for l in range(L)],
                                    batch.token_labels(metric), clean_m, corr_m, direction, method, scale, prov)
     return out

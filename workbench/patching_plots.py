@@ -336,12 +336,7 @@ def _paired(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None,
     return both, kinds
 
 
-def estimate_stats(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None = None,
-                   method: str = "atp") -> pd.DataFrame:
-    """Per kind: Pearson r of an attribution estimate (`method`: atp, atp+ig or atp+graddrop)
-    against exact patching, and top-10 recall (the share of the 10 largest |exact| effects among
-    the estimate's 10 largest). GradDrop scores are magnitudes, so they meet |exact effect|."""
-    both, kinds = _paired(exact, atp, kinds, method)
+def _stats(both: pd.DataFrame, kinds: Sequence[str], method: str) -> pd.DataFrame:
     stats = []
     for kind in kinds:
         d = both[both["kind"] == kind]
@@ -354,13 +349,23 @@ def estimate_stats(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] 
     return pd.DataFrame(stats)
 
 
+def estimate_stats(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | None = None,
+                   method: str = "atp") -> pd.DataFrame:
+    """Per kind: Pearson r of an attribution estimate (`method`: atp, atp+ig or atp+graddrop)
+    against exact patching, and top-10 recall (the share of the 10 largest |exact| effects among
+    the estimate's 10 largest). GradDrop scores are magnitudes, so they meet |exact effect|."""
+    return _stats(*_paired(exact, atp, kinds, method), method)
+
+
 RESID_KINDS = ("resid_pre", "resid_mid", "resid_post")
 
 
-def additivity(effects: pd.DataFrame, prov: dict, kinds: Sequence[str] = RESID_KINDS) -> pd.DataFrame:
+def additivity(effects: pd.DataFrame, clean_metric: float, corrupted_metric: float, scale: float | None = None,
+               kinds: Sequence[str] = RESID_KINDS) -> pd.DataFrame:
     """Per residual kind and layer: the sum over positions of the single-position exact effects,
     against the effect of patching the whole layer (every position at once: the source run itself,
-    so (clean - corrupted) / gap, 1 in the organism's own units).
+    so (clean - corrupted) / gap, 1 in the organism's own units; `scale`: the reference's gap the
+    effects were normalised by, as in `PatchResult`).
 
     Why: an additive estimate (AtP; IG, which is complete at the embeddings) spreads the whole
     layer's effect over its positions, so it cannot match single-position patching where those
@@ -368,8 +373,7 @@ def additivity(effects: pd.DataFrame, prov: dict, kinds: Sequence[str] = RESID_K
     the behaviour) or to less (they act only together). The ratio bounds how well any of them can
     correlate with exact patching there."""
     _require(effects, ["kind", "layer", "effect"], "exact patching effects")
-    gap = prov.get("scale") or float(prov["clean_metric"]) - float(prov["corrupted_metric"])
-    whole = (float(prov["clean_metric"]) - float(prov["corrupted_metric"])) / gap
+    whole = (clean_metric - corrupted_metric) / (scale or clean_metric - corrupted_metric)
     sel = effects[effects["kind"].isin(kinds)]
     out = sel.groupby(["kind", "layer"], sort=False)["effect"].sum().rename("sum_of_single_effects").reset_index()
     out["whole_layer_effect"] = whole
@@ -383,7 +387,7 @@ def atp_vs_exact(exact: pd.DataFrame, atp: pd.DataFrame, kinds: Sequence[str] | 
     line, and `estimate_stats`'s table."""
     name = ESTIMATES.get(method, method)
     both, kinds = _paired(exact, atp, kinds, method)
-    stats = estimate_stats(exact, atp, kinds, method)
+    stats = _stats(both, kinds, method)
     fig = go.Figure()
     lo = float(both[["effect_exact", "effect_atp"]].min().min())
     hi = float(both[["effect_exact", "effect_atp"]].max().max())

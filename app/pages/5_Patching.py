@@ -145,9 +145,9 @@ else:
                                  "path from the base to the source embeddings, which follows saturating "
                                  "nonlinearities. GradDrop (AtP*): magnitudes with each layer's gradient path "
                                  "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|.")
+        exact_eff = common.table(exact, "effects")
         try:
-            fig, stats = pp.atp_vs_exact(common.table(exact, "effects"), common.table(found[estimate], "effects"),
-                                         method=estimate)
+            fig, stats = pp.atp_vs_exact(exact_eff, common.table(found[estimate], "effects"), method=estimate)
         except WorkbenchError as e:
             st.info(str(e))
         else:
@@ -156,7 +156,8 @@ else:
             right.dataframe(stats.round({"pearson_r": 3, "top10_recall": 2}), hide_index=True, width="stretch")
             right.caption("Pearson r of the estimate against the exact effect over every patched index of a "
                           "kind, and the share of the 10 largest exact effects among the estimate's 10 largest.")
-            add = pp.additivity(common.table(exact, "effects"), exact.provenance, ["resid_pre"])
+            ep = exact.provenance
+            add = pp.additivity(exact_eff, ep["clean_metric"], ep["corrupted_metric"], ep.get("scale"), ["resid_pre"])
             if not add.empty:
                 sums = ", ".join(f"{v:.2f}" for v in add["sum_of_single_effects"])
                 st.caption(f"Why an estimate can miss: per layer, the single-position exact effects of resid_pre sum "
@@ -167,7 +168,7 @@ else:
                            "positions, so it cannot reproduce either.")
             if len(found) > 1:
                 with st.expander("Every estimate, side by side"):
-                    rows = [pp.estimate_stats(common.table(exact, "effects"), common.table(r, "effects"), method=m)
+                    rows = [stats if m == estimate else pp.estimate_stats(exact_eff, common.table(r, "effects"), method=m)
                             for m, r in found.items()]
                     st.dataframe(pd.concat(rows, ignore_index=True).round({"pearson_r": 3, "top10_recall": 2}),
                                  hide_index=True, width="stretch")
