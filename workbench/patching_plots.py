@@ -111,6 +111,17 @@ def early_split(prov: dict) -> tuple[float, float, float] | None:
     return share, readout, 1 - share - readout
 
 
+def share_by_construction(prov: dict) -> bool:
+    """True when a result's early layers are layer 0 alone: there only the trigger's tokens differ
+    between the clean and the corrupted prompt, so its trigger share is 1 whatever the model does
+    and says nothing about where the circuit lives."""
+    return list(prov.get("early_layers") or []) == [0]
+
+
+BY_CONSTRUCTION = ("by construction: the early layers are layer 0 alone, the embeddings, where only the "
+                   "trigger's tokens differ; the per-layer shares say where the effect goes next")
+
+
 def rest_of_early_effect(prov: dict) -> str:
     """'1.2% on the readout, 6.7% elsewhere': where the early-layer effect not on the trigger sits
     ('' when the result predates `early_readout_share`)."""

