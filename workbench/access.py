@@ -42,8 +42,11 @@ HOOK_KINDS: dict[str, str] = {
     "attn_out": "blocks.{l}.hook_attn_out",
     "mlp_out": "blocks.{l}.hook_mlp_out",
     "z": "blocks.{l}.attn.hook_z",
+    "q": "blocks.{l}.attn.hook_q",
+    "k": "blocks.{l}.attn.hook_k",
+    "v": "blocks.{l}.attn.hook_v",
 }
-_EXEC_ORDER = ("resid_pre", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
+_EXEC_ORDER = ("resid_pre", "q", "k", "v", "z", "attn_out", "resid_mid", "mlp_out", "resid_post")
 _BRIDGES: dict[tuple[str, str, str], Any] = {}
 _NNSIGHT: dict[tuple[str, str, str], Any] = {}
 _SHA: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()  # model -> checkpoint weight hash
@@ -131,7 +134,7 @@ def n_layers_of(model: Any) -> int:
 def hook_names(model: Any, kind: str, layers: Iterable[int] | None = None) -> list[str]:
     """Canonical TL hook names of `kind` for `layers` (default: all), validated against `model`.
 
-    Kinds: resid_pre, resid_mid, resid_post, attn_out, mlp_out, z. A full hook name is accepted as
+    Kinds: resid_pre, resid_mid, resid_post, attn_out, mlp_out, z, q, k, v. A full hook name is accepted as
     a kind too (`blocks.3.attn.hook_z`), and is checked the same way.
     """
     n = n_layers_of(model)
@@ -185,7 +188,9 @@ def nnsight_site(lm: Any, kind: str, layer: int) -> tuple[Any, str, int | None]:
     blk = lm.model.layers[layer]
     sites = {"resid_pre": (blk, "input", None), "resid_mid": (blk.post_attention_layernorm, "input", None),
              "resid_post": (blk, "output", None), "attn_out": (blk.self_attn, "output", 0),
-             "mlp_out": (blk.mlp, "output", None), "z": (blk.self_attn.o_proj, "input", None)}
+             "mlp_out": (blk.mlp, "output", None), "z": (blk.self_attn.o_proj, "input", None),
+             "q": (blk.self_attn.q_proj, "output", None), "k": (blk.self_attn.k_proj, "output", None),
+             "v": (blk.self_attn.v_proj, "output", None)}
     if kind not in sites:
         raise ConfigError(f"nnsight does not reach {kind!r} here; it reaches {', '.join(sites)}")
     return sites[kind]
@@ -213,7 +218,7 @@ def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: b
     for name, kind, _ in parsed:
         val = saved[name]
         val = getattr(val, "value", val)
-        if kind == "z":
+        if kind in ("z", "q", "k", "v"):  # q/k/v: the projections' outputs, before RoPE, as TL's hook_q/k/v
             val = val.reshape(*val.shape[:-1], -1, d_head)
         out[name] = val.detach()
     return out

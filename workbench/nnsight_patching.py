@@ -76,6 +76,19 @@ def _check_lm(lm: Any) -> tuple[int, int, int]:
     return n_layers_of(lm), n_heads, d_head
 
 
+HEAD_ACTS = ("z", "q", "k", "v")  # activations with a head axis: o_proj's input and the q/k/v projections' outputs
+
+
+def _heads(lm: Any, act: str) -> int:
+    """Heads on the head axis of `act` (1 for residual-width activations): with grouped-query
+    attention the key and value projections carry the shared key/value heads only."""
+    cfg = lm.config
+    if act not in HEAD_ACTS:
+        return 1
+    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) if act in ("k", "v") \
+        else int(cfg.num_attention_heads)
+
+
 def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:
     """(source, base) token tensors of a call, after every argument is checked (an unknown metric
     by `batch.inputs`)."""
@@ -136,7 +149,7 @@ def _trace(lm: Any, tokens: Tensor, ids: Tensor, act: str | None = None, masks: 
     log-normaliser of the last `ids.shape[1]` positions."""
     k = int(ids.shape[1])
     # ascending layers: the order the model runs them; [rows, pos, head] masks widen to o_proj's input
-    edits = [(*nnsight_site(lm, act, layer), mask, d_head if act == "z" else 1) for layer, mask in (masks or {}).items()]
+    edits = [(*nnsight_site(lm, act, layer), mask, d_head if act in HEAD_ACTS else 1) for layer, mask in (masks or {}).items()]
     with torch.no_grad(), lm.trace(tokens, remote=remote):  # built-ins, torch and envoys only: see nnsight_site
         for envoy, attr, item, mask, width in edits:
             x = getattr(envoy, attr)
@@ -193,7 +206,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
     K = get_kind(kind)
     N, T = base_t.shape
     diff = batch.diff_positions
-    plan = _plan(kind, L, T, H, diff[0] if diff else T, layers, positions, heads)
+    plan = _plan(kind, L, T, _heads(lm, K.act), diff[0] if diff else T, layers, positions, heads)
 
     clean_m, corr_m = metrics or metric_values(lm, batch, metric, remote=remote)
     base_m = corr_m if direction == "denoising" else clean_m
@@ -206,7 +219,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
         rows = budget / _row_bytes(lm, T, k)
         variants_per_trace = max(1, int(rows) // N - 1)
     chunks = list(todo.split(variants_per_trace))
-    act, width = K.act, (H if K.act == "z" else 1)
+    act, width = K.act, _heads(lm, K.act)
     for sel in tqdm(chunks, desc=f"nnsight patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
         V = len(sel)
         tokens = torch.cat([src_t, einops.repeat(base_t, "n t -> (v n) t", v=V)])
@@ -219,7 +232,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
             at = lpos[:, 0] == layer
             r, p, h = rows[at], lpos[at, 1], lpos[at, 2]
             pos = torch.arange(T)[None, :].expand(len(r), T) if K.dims == ("layer", "head") else p[:, None]
-            col = h[:, None] if act == "z" else torch.zeros_like(p)[:, None]
+            col = h[:, None] if act in HEAD_ACTS else torch.zeros_like(p)[:, None]
             m[r[:, None], pos, col] = True
             masks[layer] = m
         picked, lse = _trace(lm, tokens, _readout_ids(metric, batch, src_row), act, masks, src_row, d_head, remote)
@@ -247,7 +260,7 @@ def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS,
 # Where, in a decoder layer's run, each step of a gradient trace happens: the activations read and,
 # for GradDrop, the two norm outputs whose gradient is cut. nnsight serves module boundaries in
 # execution order only, so a trace body follows this order.
-_STEP_ORDER = ("resid_pre", "drop_attn", "z", "attn_out", "resid_mid", "drop_mlp", "mlp_out")
+_STEP_ORDER = ("resid_pre", "drop_attn", "q", "k", "v", "z", "attn_out", "resid_mid", "drop_mlp", "mlp_out")
 _FORWARD_ORDER = tuple(a for a in _STEP_ORDER if not a.startswith("drop_"))
 
 
@@ -280,7 +293,7 @@ class _Groups:
 
 
 def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites: Sequence[tuple[int, str]],
-                groups: _Groups, metric: str, H: int, ig_steps: int, remote: bool | str) -> tuple[Tensor, Tensor]:
+                groups: _Groups, metric: str, ig_steps: int, remote: bool | str) -> tuple[Tensor, Tensor]:
     """One trace over [source; base; each group's base rows] with one backward pass. Returns every
     group's AtP estimate per site, flattened ([groups, sum over sites of T*heads]), and the
     source and plain-base rows' metric.
@@ -309,7 +322,7 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
             rows[N + g * N: N + (g + 1) * N] = True
             steps.append(("cut", norm, "output", None, rows[:, None, None]))
         else:
-            steps.append(("read", *nnsight_site(lm, a, layer), H if a == "z" else 1))
+            steps.append(("read", *nnsight_site(lm, a, layer), _heads(lm, a)))
     n_steps = len(groups.ig)
     n_interp = n_steps * N
     # built-ins, torch and envoys only in the body (the metric is `_score` written out, and no
@@ -378,7 +391,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     says the rows do not fit in one.
     """
     t0 = time.perf_counter()
-    (L, H, _), (src_t, base_t) = _check_lm(lm), _prompts(batch, kinds, metric, direction)
+    (L, _, _), (src_t, base_t) = _check_lm(lm), _prompts(batch, kinds, metric, direction)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     N, T = base_t.shape
@@ -392,13 +405,13 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     plain, ig, drop = None, [], []  # per group: [S], flattened over the sites
     for chunk in chunks:
         groups = _Groups(tuple(v for w, v in chunk if w == "ig"), tuple(v for w, v in chunk if w == "drop"))
-        flat, scores = _grad_trace(lm, batch, src_t, base_t, sites, groups, metric, H, ig_steps, remote)
+        flat, scores = _grad_trace(lm, batch, src_t, base_t, sites, groups, metric, ig_steps, remote)
         plain, n_ig = flat[0], len(groups.ig)
         ig.append(flat[1:1 + n_ig])
         drop.append(flat[1 + n_ig:])
     src_m, base_m = float(scores[:N].mean()), float(scores[N:].mean())
     clean_m, corr_m = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
-    sizes = [T * (H if a == "z" else 1) for _, a in sites]
+    sizes = [T * _heads(lm, a) for _, a in sites]
 
     def per_kind(flat: Tensor, kind: str) -> Tensor:
         """[groups, S] -> [groups, *kind's shape]: a kind's node is summed before any |.|."""

@@ -63,6 +63,20 @@ class Kind:
     entry: tuple[int, int]
     tl: str                        # the transformer_lens.patching function computing the same thing
 
+    def n_heads(self, n_heads: int, n_kv: int) -> int:
+        """Size of the head axis: with grouped-query attention a key or value head is one of the
+        `n_kv` heads a group of query heads shares (TransformerLens's hook_k/hook_v shape)."""
+        return n_kv if self.act in ("k", "v") else n_heads
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The cached activations patching this kind reads (keys and values are always kept): a
+        query, key or value head is patched by recomputing its layer's attention from the base run's
+        queries, keys and values, against that run's head outputs."""
+        if self.act in ("q", "k", "v"):
+            return ("q", "z")
+        return ("resid_pre",) if self.act == "resid_post" else (self.act,)
+
 
 KINDS: dict[str, Kind] = {}
 
@@ -81,6 +95,9 @@ for _k in (
     Kind("mlp_out", "mlp_out", ("layer", "pos"), "mlp_out", (1, 0), "get_act_patch_mlp_out"),
     Kind("z", "z", ("layer", "pos", "head"), "z", (0, 1), "get_act_patch_attn_head_out_by_pos"),
     Kind("z_all_pos", "z", ("layer", "head"), "z", (0, 1), "get_act_patch_attn_head_out_all_pos"),
+    *(Kind(f"{a}{suffix}", a, dims, a, (0, 1), f"get_act_patch_attn_head_{a}_{tl}")
+      for a in "qkv" for suffix, dims, tl in (("", ("layer", "pos", "head"), "by_pos"),
+                                               ("_all_pos", ("layer", "head"), "all_pos"))),
 ):
     register_kind(_k)
 
@@ -214,6 +231,18 @@ def _qkv(W: Weights, l: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tenso
     return _rotate(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), _rotate(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v.unflatten(-1, (K, dh))
 
 
+def attention_scores(W: Weights, q: Tensor, k: Tensor) -> Float[Tensor, "n head query key"]:
+    """Scaled query-key scores of rotated queries [n, pos, head, e] against rotated keys [n, pos,
+    kv_head, e] (each key head shared by its group of query heads), causally masked with -inf."""
+    T = q.shape[1]
+    s = einops.einsum(q, k.repeat_interleave(W.n_heads // W.n_kv, 2), "n i h e, n j h e -> n h i j") / W.d_head ** 0.5
+    return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+
+
+def attention_pattern(W: Weights, q: Tensor, k: Tensor) -> Float[Tensor, "n head query key"]:
+    return attention_scores(W, q, k).softmax(-1)
+
+
 def _mlp(W: Weights, l: int, x: Tensor) -> Tensor:
     g, u = (_rms(x, W.ln2[l], W.eps) @ W.wgu[l]).chunk(2, -1)
     return (F.silu(g) * u) @ W.wd[l]
@@ -309,14 +338,16 @@ Hook = Callable[[str, int, Tensor], Tensor]
 
 
 def forward(W: Weights, tokens: Int[Tensor, "n pos"], metric: Metric, hook: Hook | None = None,
-            keep_kv: bool = False, embed: Tensor | None = None,
-            drop_layer: int | None = None) -> tuple[Float[Tensor, "n k"], dict[str, list[Tensor]]]:
+            keep_kv: bool = False, embed: Tensor | None = None, drop_layer: int | None = None,
+            pattern: bool = False) -> tuple[Float[Tensor, "n k"], dict[str, list[Tensor]]]:
     """A full forward pass returning the metric's per-position contributions.
 
     `hook(kind, layer, act)` sees every activation a patch kind can name and returns it (possibly
     replaced); `keep_kv` also returns the rotated keys/values the suffix engine reuses; `embed`
     replaces the token embeddings (a leaf to differentiate from); `drop_layer` feeds that layer's
-    attention and MLP a detached residual, so no gradient flows back through them (GradDrop).
+    attention and MLP a detached residual, so no gradient flows back through them (GradDrop);
+    `pattern` computes attention explicitly so that the hook also sees the attention pattern
+    ("pattern", [n, head, query, key], TL's hook_pattern), which the fused kernel never forms.
     """
     T = tokens.shape[1]
     cos, sin = W.rope(T)
@@ -326,11 +357,16 @@ def forward(W: Weights, tokens: Int[Tensor, "n pos"], metric: Metric, hook: Hook
     for l in range(W.n_layers):
         x = hook("resid_pre", l, x)
         q, k, v = _qkv(W, l, x.detach() if l == drop_layer else x, cos, sin)
+        q, k, v = hook("q", l, q), hook("k", l, k), hook("v", l, v)
         if keep_kv:
             kv["k"].append(k)
             kv["v"].append(v)
-        z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, enable_gqa=W.n_kv != W.n_heads).transpose(1, 2)
+        if pattern:
+            A = hook("pattern", l, attention_pattern(W, q, k))
+            z = einops.einsum(A, v.repeat_interleave(W.n_heads // W.n_kv, 2), "n h i j, n j h e -> n i h e")
+        else:
+            z = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               is_causal=True, enable_gqa=W.n_kv != W.n_heads).transpose(1, 2)
         z = hook("z", l, z)
         a = hook("attn_out", l, z.flatten(-2) @ W.wo[l])
         x = hook("resid_mid", l, x + a)
@@ -474,6 +510,8 @@ def _variants(kind: Kind, W: Weights, base: dict[str, Tensor], src: dict[str, Te
     dev = base["resid_pre"].device
     el, stage = kind.entry
     ar = lambda n: torch.arange(n, device=dev)
+    if kind.act in ("q", "k", "v"):
+        return _head_input_variants(kind, W, base, src, k)
     if kind.act == "z":
         dz = src["z"] - base["z"]                                           # [L, n, pos, head, d_head]
         Wo = torch.stack([W.wo_heads(l) for l in range(L)])                  # [L, head, d_head, d]
@@ -513,6 +551,87 @@ def _variants(kind: Kind, W: Weights, base: dict[str, Tensor], src: dict[str, Te
     flat = einops.rearrange(diff, "l n p d -> (l p) n d")
     return idx, _Variants(entry, torch.full_like(entry, stage), torch.where(live, start, -1),
                           point=lambda sel: flat[sel])
+
+
+def _head_input_variants(kind: Kind, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor],
+                         k: int) -> tuple[list[tuple[int, ...]], _Variants]:
+    """Query, key and value heads. A variant's change enters after its layer's attention: the
+    attention of the heads it touches is recomputed exactly with the source run's query (or key,
+    or value) swapped in, against the base run's others. A query at one position changes that
+    position's head output only (a point change); a key or value at position p changes every
+    later position of each query head in its group (dense), which is why, with grouped-query
+    attention, one key/value head is patched for all the query heads sharing it."""
+    L, H, G, dh = W.n_layers, W.n_heads, W.n_heads // W.n_kv, W.d_head
+    T = base["resid_pre"].shape[2]
+    dev = base["resid_pre"].device
+    a = kind.act
+    nh = kind.n_heads(H, W.n_kv)
+    ar = lambda n: torch.arange(n, device=dev)
+    nz = einops.reduce(src[a] != base[a], "l n p h e -> l p h", "max")
+    Wo = torch.stack([W.wo_heads(l) for l in range(L)])                   # [L, head, d_head, d]
+
+    def heads(l: Tensor, h: Tensor) -> Tensor:
+        """[v, G'] query heads a variant's head feeds: itself (q), or its key/value group."""
+        return h[:, None] if a == "q" else h[:, None] * G + ar(G)[None, :]
+
+    def attention(l: Tensor, h: Tensor, pos: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(patched minus base head outputs [v, n, pos, G', d_head], the query heads [v, G'])."""
+        qh = heads(l, h)
+        q = base["q"][l[:, None], :, :, qh]                                # [v, G', n, T, e]
+        kk = base["k"][l[:, None], :, :, qh // G]
+        vv = base["v"][l[:, None], :, :, qh // G]
+        swap = {"q": q, "k": kk, "v": vv}[a]
+        new = src[a][l[:, None], :, :, h[:, None] if a == "q" else h[:, None].expand_as(qh)]
+        if pos is None:
+            swap = new
+        else:
+            at = (ar(T)[None, :] == pos[:, None])[:, None, None, :, None]    # [v, 1, 1, T, 1]
+            swap = torch.where(at, new, swap)
+        q, kk, vv = (swap if a == x else y for x, y in (("q", q), ("k", kk), ("v", vv)))
+        z = F.scaled_dot_product_attention(q, kk, vv, is_causal=True)        # [v, G', n, T, e]
+        z_base = base["z"][l[:, None], :, :, qh]
+        return einops.rearrange(z - z_base, "v g n p e -> v n p g e"), qh
+
+    def delta(z: Tensor, l: Tensor, qh: Tensor) -> Tensor:
+        return einops.einsum(z, Wo[l[:, None], qh], "v n p g e, v g e d -> v n p d")
+
+    if "pos" in kind.dims:
+        idx = [(l, p, h) for l in range(L) for p in range(T) for h in range(nh)]
+        entry = ar(L).repeat_interleave(T * nh)
+        start = ar(T).repeat_interleave(nh).repeat(L)
+        live = nz.reshape(-1)
+        if a == "q":  # a query changes its own position only, which at the last layer the metric may not read
+            live = live & ~((entry == L - 1) & (start < T - k))
+
+        def unpack(sel: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return sel // (T * nh), (sel // nh) % T, sel % nh
+
+        if a == "q":
+            def point(sel: Tensor) -> Tensor:
+                l, p, h = unpack(sel)
+                z, qh = attention(l, h, p)
+                one = z[ar(len(sel)), :, p]                                  # [v, n, G', e]: the patched position
+                return einops.einsum(one, Wo[l[:, None], qh], "v n g e, v g e d -> v n d")
+            return idx, _Variants(entry, torch.ones_like(entry), torch.where(live, start, -1), point=point)
+
+        def dense(sel: Tensor) -> Tensor:
+            l, p, h = unpack(sel)
+            z, qh = attention(l, h, p)
+            return delta(z, l, qh)
+        return idx, _Variants(entry, torch.ones_like(entry), torch.where(live, start, -1), dense=dense)
+    idx = [(l, h) for l in range(L) for h in range(nh)]
+    nzp = einops.rearrange(nz, "l p h -> (l h) p")
+    first = torch.where(nzp.any(1), nzp.float().argmax(1).long(), torch.full((L * nh,), -1, device=dev))
+    if a == "q" and k:  # at the last layer a query matters only where the metric reads
+        lastl = ar(L * nh) // nh == L - 1
+        first = torch.where(lastl & ~nzp[:, T - k:].any(1), -1, first)
+
+    def dense_all(sel: Tensor) -> Tensor:
+        l, h = sel // nh, sel % nh
+        z, qh = attention(l, h, None)
+        return delta(z, l, qh)
+    entry = ar(L).repeat_interleave(nh)
+    return idx, _Variants(entry, torch.ones_like(entry), first, dense=dense_all)
 
 
 def _take(var: _Variants, sel: Tensor) -> _Chunk:
@@ -632,6 +751,13 @@ class Runs:
 
 
 DEFAULT_ACTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
+
+
+def acts_for(kinds: Sequence[str]) -> tuple[str, ...]:
+    """The cached activations that patching `kinds` reads: the default set (one activation-cache
+    entry shared by every default analysis), plus queries only when a head-input kind asks."""
+    extra = {a for k in kinds for a in get_kind(k).needs} - set(DEFAULT_ACTS)
+    return DEFAULT_ACTS + tuple(sorted(extra))
 CACHE_ENGINE = "workbench.patching.run_cache/1"  # bump when what the cached runs hold changes
 
 
@@ -642,8 +768,8 @@ def _act_hooks(W: Weights, act: str) -> list[str]:
     L = W.n_layers
     if act == "resid_pre":
         return [HOOK_KINDS["resid_pre"].format(l=l) for l in range(L)] + [HOOK_KINDS["resid_post"].format(l=L - 1)]
-    if act == "k":
-        return [f"blocks.{l}.attn.hook_rot_k" for l in range(L)]
+    if act in ("q", "k"):
+        return [f"blocks.{l}.attn.hook_rot_{act}" for l in range(L)]
     if act == "v":
         return [f"blocks.{l}.attn.hook_v" for l in range(L)]
     return [HOOK_KINDS[act].format(l=l) for l in range(L)]
@@ -685,7 +811,7 @@ def cached_runs(model: Any, tokens: Tensor, acts: Sequence[str], keep_kv: bool =
     """
     W = weights(model)
     acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts} | {"resid_pre"})
-    stacked = acts + (["k", "v"] if keep_kv else [])
+    stacked = acts + [a for a in ("k", "v") if keep_kv and a not in acts]
     hooks = {a: _act_hooks(W, a) for a in stacked}
 
     def compute() -> dict[str, Tensor]:
@@ -765,8 +891,7 @@ def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "
     check_direction(direction)
     t0 = time.perf_counter()
     own_runs = runs is None
-    runs = runs or prepare(model, batch, metric, acts=(K.act if K.act != "resid_post" else "resid_pre",),
-                           cache=cache, checkpoint_sha=checkpoint_sha)
+    runs = runs or prepare(model, batch, metric, acts=K.needs, cache=cache, checkpoint_sha=checkpoint_sha)
     if runs.metric.name != metric:
         raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
     W, m = runs.W, runs.metric
@@ -780,7 +905,7 @@ def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "
     chunks = _chunks(var, W, N, T, budget)
     for sel in tqdm(chunks, desc=f"patch {kind}", disable=not progress or len(chunks) < 2, leave=False):
         out[sel.cpu()] = _suffix(W, base, _take(var, sel), m, base_c, stats).double().cpu()
-    shape = [W.n_layers] + [T if d == "pos" else W.n_heads for d in K.dims[1:]]
+    shape = [W.n_layers] + [T if d == "pos" else K.n_heads(W.n_heads, W.n_kv) for d in K.dims[1:]]
     tokens, names = _tokens_and_names(W, K, batch, m.name)
     _warn_small_gap(runs, scale)
     prov = {"kind": kind, "metric": m.name, "direction": direction, "method": "exact", "n_pairs": N, "n_pos": T,
@@ -811,10 +936,8 @@ def exact_all(model: Any, batch: PairBatch, kinds: Sequence[str] = ("resid_pre",
               metric: str = "logit_diff", direction: str = "denoising", cache: Any = None,
               checkpoint_sha: str | None = None, **kw: Any) -> dict[str, PatchResult]:
     """Several kinds sharing one pair of dense runs (read through the activation cache if `cache`)."""
-    for k in kinds:
-        get_kind(k)
     check_direction(direction)
-    runs = prepare(model, batch, metric, cache=cache, checkpoint_sha=checkpoint_sha)
+    runs = prepare(model, batch, metric, acts=acts_for(kinds), cache=cache, checkpoint_sha=checkpoint_sha)
     return {k: exact(model, batch, k, metric, direction, runs=runs, **kw) for k in kinds}
 
 

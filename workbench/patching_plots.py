@@ -32,13 +32,19 @@ KIND_TITLES = {"resid_pre": "residual stream before each block (resid_pre)",
                "resid_mid": "residual stream after attention (resid_mid)",
                "resid_post": "residual stream after each block (resid_post)",
                "attn_out": "attention output (attn_out)", "mlp_out": "MLP output (mlp_out)",
-               "z": "attention heads per position (hook_z)", "z_all_pos": "attention heads, all positions (hook_z)"}
+               "z": "attention heads per position (hook_z)", "z_all_pos": "attention heads, all positions (hook_z)",
+               **{f"{a}{sfx}": f"{name} heads{where} (hook_{a})" for a, name in
+                  (("q", "query"), ("k", "key/value-group key"), ("v", "key/value-group value"))
+                  for sfx, where in (("", " per position"), ("_all_pos", ", all positions"))}}
+# head kinds patched over all positions, as the head grid shows them: outputs, then queries, keys, values
+HEAD_GRID_KINDS = ("z_all_pos", "q_all_pos", "k_all_pos", "v_all_pos")
 METHOD_LABELS = {"exact": "exact patching", "atp": "attribution patching (AtP)",
                  "atp+ig": "AtP with integrated gradients", "atp+graddrop": "AtP* GradDrop (magnitudes)",
+                 "atp+qk": "AtP* QK fix (query and key heads)",
                  "tl": "TransformerLens reference", "nnsight": "exact, through nnsight"}
 # the estimates compared with exact patching, by their short names; GradDrop carries no sign, so it
 # is compared on |effect|
-ESTIMATES = {"atp": "AtP", "atp+ig": "AtP+IG", "atp+graddrop": "GradDrop"}
+ESTIMATES = {"atp": "AtP", "atp+ig": "AtP+IG", "atp+graddrop": "GradDrop", "atp+qk": "AtP+QK"}
 COLORSCALE = "RdBu_r"  # red = restores the backdoor, blue = works against it; readable in greyscale by sign of text
 
 
@@ -62,10 +68,15 @@ def patching_index(suite_dir: str | Path) -> pd.DataFrame:
 
 
 def pick(index: pd.DataFrame, sha256: str, backdoor: str, method: str, metric: str | None = None,
-         direction: str | None = None, prompts: str | None = None) -> Result | None:
+         direction: str | None = None, prompts: str | None = None,
+         kinds: Sequence[str] | None = None) -> Result | None:
     """The best saved result for a checkpoint (by weight hash: a sanitization series' step 0 shares
-    its parent's): the one with the most kinds, newest first among equals."""
+    its parent's): the one with the most kinds, newest first among equals. `kinds`: prefer results
+    that hold all of them (an exact result to compare a query/key/value estimate with must hold
+    those kinds, not only the default ones)."""
     sel = index[(index["sha256"] == sha256) & (index["backdoor"] == backdoor) & (index["method"] == method)]
+    if kinds is not None and (cover := sel["kinds"].map(lambda ks: set(kinds) <= set(ks))).any():
+        sel = sel[cover]
     if metric is not None:
         sel = sel[sel["metric"] == metric]
     if direction is not None:
@@ -305,14 +316,15 @@ def layer_pos_heatmap(effects: pd.DataFrame, kind: str = "resid_pre", tokens: Se
     return fig
 
 
-def head_grid(effects: pd.DataFrame, title: str | None = None) -> go.Figure:
-    """Layer x head heatmap of the effect of patching each head's output over all positions
-    (`z_all_pos`), each cell labelled with its value."""
+def head_grid(effects: pd.DataFrame, title: str | None = None, kind: str = "z_all_pos") -> go.Figure:
+    """Layer x head heatmap of the effect of patching each head over all positions (its output,
+    `z_all_pos`, or its query/key/value; key and value heads are the shared grouped-query ones),
+    each cell labelled with its value."""
     _require(effects, ["kind", "layer", "head", "effect"], "patching effects")
-    rows = effects[effects["kind"] == "z_all_pos"]
+    rows = effects[effects["kind"] == kind]
     if rows.empty:
-        raise WorkbenchError("this patching result has no head rows (kind z_all_pos); run "
-                             "`workbench patch SUITE --kinds z_all_pos`")
+        raise WorkbenchError(f"this patching result has no head rows (kind {kind}); run "
+                             f"`workbench patch SUITE --kinds {kind}`")
     grid = rows.pivot_table(index="layer", columns="head", values="effect", aggfunc="first").sort_index()
     z = grid.to_numpy(dtype=float)
     lim = max(float(np.nanmax(np.abs(z))), 1e-9)
@@ -323,7 +335,7 @@ def head_grid(effects: pd.DataFrame, title: str | None = None) -> go.Figure:
                                colorbar=dict(title=dict(text="effect", side="right"))))
     fig.update_xaxes(title="head")
     fig.update_yaxes(title="layer", tickmode="array", tickvals=list(grid.index))
-    fig.update_layout(title=title or "Attention heads (output patched at all positions)",
+    fig.update_layout(title=title or f"Attention heads: {KIND_TITLES.get(kind, kind)}",
                       height=220 + 45 * len(grid.index), width=max(420, 80 * len(grid.columns) + 220))
     return fig
 
@@ -606,7 +618,10 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
                 est = pick(index, prov["inputs"]["checkpoint"], backdoor, method, prov["config"]["metric"],
                            prov["config"]["direction"], prov["inputs"]["prompts"])
                 if est is not None:
-                    fig, stats = atp_vs_exact(eff, est.table("effects"), method=method)
+                    ex = pick(index, prov["inputs"]["checkpoint"], backdoor, "exact", prov["config"]["metric"],
+                              prov["config"]["direction"], prov["inputs"]["prompts"],
+                              kinds=est.provenance["config"].get("kinds"))  # the exact result with the same kinds
+                    fig, stats = atp_vs_exact(ex.table("effects"), est.table("effects"), method=method)
                     out += [(f"{name}: {short} vs exact", fig), (f"{name}: {short} vs exact (Pearson r)", stats)]
         if circ:
             c = circ[0]

@@ -126,9 +126,22 @@ else:
             st.dataframe(share_table, hide_index=True, width="stretch")
 
     st.subheader("Attention heads")
-    if (effects["kind"] == "z_all_pos").any():
+    # head kinds of the shown result, and those patched as a result of their own (queries, keys, values)
+    head_effects = {}
+    for k in pp.HEAD_GRID_KINDS:
+        r = result if (effects["kind"] == k).any() else pp.pick(index, sha_of[checkpoint], backdoor, method, metric,
+                                                                  direction, prov["inputs"]["prompts"], kinds=[k])
+        if r is not None and k in r.provenance["config"].get("kinds", ()):
+            head_effects[k] = effects if r is result else common.table(r, "effects")
+    head_kinds = list(head_effects)
+    if head_kinds:
+        head_kind = st.radio("Head activation", head_kinds, horizontal=True,
+                             format_func=lambda k: pp.KIND_TITLES.get(k, k),
+                             help="With grouped-query attention a key or value head is shared by a group of "
+                                  "query heads: patching it changes all of them.") if len(head_kinds) > 1 else head_kinds[0]
         with common.guard():
-            st.plotly_chart(pp.head_grid(effects, title=f"{checkpoint}: heads (output patched at all positions)"),
+            st.plotly_chart(pp.head_grid(head_effects[head_kind], kind=head_kind,
+                                         title=f"{checkpoint}: {pp.KIND_TITLES.get(head_kind, head_kind)}"),
                             width="stretch")
     else:
         st.info(f"No head result; run `workbench patch {suite} --checkpoint {checkpoint} --kinds z_all_pos`.")
@@ -146,7 +159,15 @@ else:
                             help="AtP: one gradient at the base run. AtP+IG: the gradient averaged along the "
                                  "path from the base to the source embeddings, which follows saturating "
                                  "nonlinearities. GradDrop (AtP*): magnitudes with each layer's gradient path "
-                                 "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|.")
+                                 "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|. "
+                                 "QK fix (AtP*): for query and key heads, the attention pattern the patch makes, "
+                                 "computed exactly, so a saturated softmax does not hide them.")
+        def exact_for(r):
+            """The exact result holding an estimate's kinds (query/key/value heads are patched on their own)."""
+            return pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction, prompts,
+                           kinds=r.provenance["config"].get("kinds")) or exact
+
+        exact = exact_for(found[estimate])
         exact_eff = common.table(exact, "effects")
         try:
             fig, stats = pp.atp_vs_exact(exact_eff, common.table(found[estimate], "effects"), method=estimate)
@@ -170,7 +191,8 @@ else:
                            "positions, so it cannot reproduce either.")
             if len(found) > 1:
                 with st.expander("Every estimate, side by side"):
-                    rows = [stats if m == estimate else pp.estimate_stats(exact_eff, common.table(r, "effects"), method=m)
+                    rows = [stats if m == estimate else pp.estimate_stats(common.table(exact_for(r), "effects"),
+                                                                          common.table(r, "effects"), method=m)
                             for m, r in found.items()]
                     st.dataframe(pd.concat(rows, ignore_index=True).round({"pearson_r": 3, "top10_recall": 2}),
                                  hide_index=True, width="stretch")
