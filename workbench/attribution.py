@@ -9,9 +9,11 @@ so a result is never trusted unchecked.
 GradDrop (Kramár et al. 2024, part of AtP*): cancellation between a node's direct and indirect
 paths can hide an important node. Re-estimating with the gradient through each layer's
 attention/MLP dropped in turn, and averaging the magnitudes, exposes it; the score is a magnitude
-for ranking, not a signed effect. AtP*'s other correction, the QK fix, re-computes the softmax for
-nodes that *are* queries or keys; the nodes here are residual, output and head (z) activations,
-whose own difference is taken exactly from the two runs, so it does not apply to them.
+for ranking, not a signed effect. AtP*'s other correction, the QK fix (`_qk_fix`), applies to query
+and key nodes: the attention pattern their patch produces is computed exactly, and only its
+effect from there on is linearised, so a saturated softmax no longer hides them. For every other
+node (residual, output, head output z, value) the node's own difference is taken exactly from the
+two runs, and the fix changes nothing.
 
 Results are `PatchResult`s (values = base metric + estimate) with the same hook names, shapes
 and normalisation as exact patching, so any plot or circuit code takes either.

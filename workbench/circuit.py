@@ -29,7 +29,7 @@ from .access import HOOK_KINDS
 from .errors import ArchitectureMismatch, ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
-    DEFAULT_ACTS,
+    acts_for,
     KINDS,
     PatchResult,
     Runs,
@@ -48,7 +48,7 @@ from .patching import (
 if TYPE_CHECKING:
     from .suite import Suite
 
-NODE_KINDS = ("z", "mlp_out", "attn_out", "resid_pre", "z_all_pos")
+NODE_KINDS = ("z", "mlp_out", "attn_out", "resid_pre", "z_all_pos", "q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos")
 DEFAULT_NODES = ("z", "mlp_out")
 
 
@@ -98,8 +98,9 @@ def patch_sets(model: Any, batch: PairBatch, sets: Sequence[Sequence[Node]], met
     S = len(sets)
     acts = sorted({"resid_pre" if get_kind(n.kind).act == "resid_post" else get_kind(n.kind).act
                    for s in sets for n in s})
-    if runs is None and cache and set(acts) <= set(DEFAULT_ACTS):
-        runs = prepare(model, batch, m, cache=cache, checkpoint_sha=checkpoint_sha)
+    if runs is None and cache:
+        runs = prepare(model, batch, m, acts=acts_for({n.kind for s in sets for n in s}), cache=cache,
+                       checkpoint_sha=checkpoint_sha)
     if runs is not None:
         if not set(acts) <= set(runs.clean):
             raise ConfigError(f"the prepared runs hold {sorted(runs.clean)}, not all of {acts}; prepare them again")
@@ -129,10 +130,11 @@ def _masks(W: Weights, sets: Sequence[Sequence[Node]], T: int, dev: torch.device
             K = get_kind(n.kind)
             if not 0 <= n.layer < W.n_layers:
                 raise ConfigError(f"{n.label}: layer out of range (0..{W.n_layers - 1})")
-            head = K.act == "z"
+            head = "head" in K.dims                                     # outputs, queries, keys, values
             key = (K.act, n.layer)
             if key not in out:
-                out[key] = torch.zeros((len(sets), T, W.n_heads) if head else (len(sets), T), dtype=torch.bool, device=dev)
+                out[key] = torch.zeros((len(sets), T, K.n_heads(W.n_heads, W.n_kv)) if head else (len(sets), T),
+                                       dtype=torch.bool, device=dev)
             pos = slice(None) if n.pos is None else n.pos
             if head:
                 out[key][i, pos, slice(None) if n.head is None else n.head] = True
@@ -192,7 +194,8 @@ def minimal_circuit(model: Any, batch: PairBatch, results: Sequence[PatchResult]
     if max_nodes:
         ranked = ranked[:max_nodes]
     n_all = len(ranked)
-    runs = prepare(model, batch, metric, cache=cache, checkpoint_sha=checkpoint_sha) if cache else None
+    runs = prepare(model, batch, metric, acts=acts_for([r.kind for r in res]), cache=cache,
+                   checkpoint_sha=checkpoint_sha) if cache else None
     if runs is not None:  # one read of the cache serves every faithfulness evaluation below
         clean_m, corr_m = float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean())
     else:
