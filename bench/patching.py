@@ -42,7 +42,10 @@ from workbench.organisms.train import use_all_cores
 from workbench.suite import load_suite
 
 TL_FNS = {k: getattr(tlp, K.tl) for k, K in patching.KINDS.items() if not K.tl.startswith("generic:")}
-HEAD_INPUT_KINDS = ["k", "k_all_pos", "v", "q_all_pos"]  # grouped-query key/value heads, and queries
+# grouped-query key/value heads, and queries; --quick skips the per-position values and queries (TL's
+# helpers take seconds each there)
+HEAD_INPUT_KINDS = ["k", "k_all_pos", "v_all_pos", "q_all_pos", "v", "q"]
+QUICK_HEAD_INPUT_KINDS = HEAD_INPUT_KINDS[:4]
 
 
 def log(msg: str) -> None:
@@ -150,10 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     figures["atp_ig_pearson"] = min(figures["atp_ig_resid_pre_pearson"], figures["atp_ig_z_all_pos_pearson"])
 
     # query/key/value heads (GQA's shared KV heads) against TL's own helpers, and AtP*'s QK fix on them
-    figures.update(compare(bridge, batch, HEAD_INPUT_KINDS, reps, peak, "qkv_"))
-    exact_qkv = patching.exact_all(bridge, batch, HEAD_INPUT_KINDS, progress=False)
-    est_qkv = attribution.atp(bridge, batch, HEAD_INPUT_KINDS, qk_fix=True)
-    for kind in HEAD_INPUT_KINDS:
+    head_inputs = QUICK_HEAD_INPUT_KINDS if a.quick else HEAD_INPUT_KINDS
+    figures.update(compare(bridge, batch, head_inputs, reps, peak, "qkv_"))
+    exact_qkv = patching.exact_all(bridge, batch, head_inputs, progress=False)
+    est_qkv = attribution.atp(bridge, batch, head_inputs, qk_fix=True)
+    for kind in head_inputs:
         c, cq = (attribution.compare(est_qkv[k], exact_qkv[kind]) for k in (kind, f"{kind}:qk"))
         figures[f"atp_{kind}_pearson"], figures[f"atp_qk_{kind}_pearson"] = round(c["pearson"], 3), round(cq["pearson"], 3)
         log(f"AtP {kind:10s} r {c['pearson']:.3f}   AtP+QK fix r {cq['pearson']:.3f}")
