@@ -608,10 +608,14 @@ def _head_input_variants(kind: Kind, W: Weights, base: dict[str, Tensor], src: d
 
         if a == "q":
             def point(sel: Tensor) -> Tensor:
+                """Only the patched query's own row of attention: the source query at p against the
+                base run's keys up to p."""
                 l, p, h = unpack(sel)
-                z, qh = attention(l, h, p)
-                one = z[ar(len(sel)), :, p]                                  # [v, n, G', e]: the patched position
-                return einops.einsum(one, Wo[l[:, None], qh], "v n g e, v g e d -> v n d")
+                g = h // G
+                s = einops.einsum(src["q"][l, :, p, h], base["k"][l, :, :, g], "v n e, v n t e -> v n t") / dh ** 0.5
+                s = s.masked_fill(ar(T)[None, None, :] > p[:, None, None], float("-inf"))
+                z = einops.einsum(s.softmax(-1), base["v"][l, :, :, g], "v n t, v n t e -> v n e")
+                return einops.einsum(z - base["z"][l, :, p, h], Wo[l, h], "v n e, v e d -> v n d")
             return idx, _Variants(entry, torch.ones_like(entry), torch.where(live, start, -1), point=point)
 
         def dense(sel: Tensor) -> Tensor:
