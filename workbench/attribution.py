@@ -32,6 +32,7 @@ from .access import HOOK_KINDS
 from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import (
+    HEAD_ACTS,
     Metric,
     PatchResult,
     Weights,
@@ -90,7 +91,7 @@ def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
 def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, list[Tensor]]) -> Tensor:
     K = get_kind(kind)
     L = W.n_layers
-    if K.act in ("z", "q", "k", "v"):
+    if K.act in HEAD_ACTS:
         g = torch.stack(grads[K.act])                                         # [L, n, pos, head, d_head]
         prod = (diff[K.act] * g).sum(-1)                                      # [L, n, pos, head]
         if "pos" in K.dims:
@@ -133,9 +134,9 @@ def _qk_fix(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tenso
                 est = einops.reduce(dA * gA, "n (g r) i j -> g", "sum", r=G)
         else:                                                                  # one key position p at a time, all p at once
             s_new = attention_scores(W, qb, src["k"][l])                         # [n, H, i, p]: query i on the swapped key p
-            la = A.log()
-            log_c = -torch.logaddexp(torch.log1p(-A.clamp(max=1.0)), la + (s_new - S).nan_to_num(0.0))
-            c, a_new = log_c.exp(), (la + (s_new - S).nan_to_num(0.0) + log_c).exp()
+            la_new = A.log() + (s_new - S).nan_to_num(0.0)                     # log(a e^{s'-s}); masked: -inf
+            log_c = -torch.logaddexp(torch.log1p(-A.clamp(max=1.0)), la_new)
+            c, a_new = log_c.exp(), (la_new + log_c).exp()
             row = (A * gA).sum(-1, keepdim=True)                                 # sum_j A_ij g_ij
             contrib = (c - 1) * (row - A * gA) + (a_new - A) * gA
             causal = torch.ones_like(A[0, 0], dtype=torch.bool).tril()

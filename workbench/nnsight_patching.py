@@ -41,7 +41,7 @@ from .access import HOOK_KINDS, n_layers_of, nnsight_site
 from .attribution import DEFAULT_KINDS
 from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
-from .patching import PatchResult, check_direction, default_budget, get_kind
+from .patching import HEAD_ACTS, PatchResult, check_direction, default_budget, get_kind, head_count
 
 # Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
 # is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
@@ -76,17 +76,12 @@ def _check_lm(lm: Any) -> tuple[int, int, int]:
     return n_layers_of(lm), n_heads, d_head
 
 
-HEAD_ACTS = ("z", "q", "k", "v")  # activations with a head axis: o_proj's input and the q/k/v projections' outputs
-
-
 def _heads(lm: Any, act: str) -> int:
-    """Heads on the head axis of `act` (1 for residual-width activations): with grouped-query
-    attention the key and value projections carry the shared key/value heads only."""
+    """Heads on `act`'s axis in an nnsight model (`patching.head_count`): o_proj's input and the
+    q projection carry the query heads, the k/v projections the shared key/value heads."""
     cfg = lm.config
-    if act not in HEAD_ACTS:
-        return 1
-    return int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads) if act in ("k", "v") \
-        else int(cfg.num_attention_heads)
+    return head_count(act, int(cfg.num_attention_heads),
+                      int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
 
 
 def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:

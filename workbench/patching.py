@@ -51,6 +51,18 @@ DIRECTIONS = ("denoising", "noising")
 
 
 # --- patch kinds: a registry, so the CLI and the app can list them -----------------------------
+HEAD_ACTS = ("z", "q", "k", "v")  # activations with a head axis: head outputs, queries, keys, values
+
+
+def head_count(act: str, n_heads: int, n_kv: int) -> int:
+    """Size of `act`'s head axis (1: a residual-width activation). With grouped-query attention a
+    key or value head is one of the `n_kv` heads a group of query heads shares (TransformerLens's
+    hook_k/hook_v shape)."""
+    if act not in HEAD_ACTS:
+        return 1
+    return n_kv if act in ("k", "v") else n_heads
+
+
 @dataclass(frozen=True)
 class Kind:
     """A patchable activation. `act`: which cached activation is swapped; `entry`: the layer offset
@@ -64,9 +76,7 @@ class Kind:
     tl: str                        # the transformer_lens.patching function computing the same thing
 
     def n_heads(self, n_heads: int, n_kv: int) -> int:
-        """Size of the head axis: with grouped-query attention a key or value head is one of the
-        `n_kv` heads a group of query heads shares (TransformerLens's hook_k/hook_v shape)."""
-        return n_kv if self.act in ("k", "v") else n_heads
+        return head_count(self.act, n_heads, n_kv)
 
     @property
     def needs(self) -> tuple[str, ...]:
