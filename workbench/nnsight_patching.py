@@ -18,7 +18,9 @@ GradDrop and integrated gradients ride in the same trace as more groups of base 
 layer with that layer's attention and MLP cut from the gradient (`torch.where` of a row mask
 over the norm's output and its detached copy), and one per step whose input embeddings lie on the
 path from the base to the source prompt; one backward serves them all, because rows do not
-interact in a forward pass.
+interact in a forward pass. AtP*'s QK fix is computed on the server in the same trace: each layer's
+attention pattern, rebuilt from the q/k projections and the model's rotary tables, for the base
+and for the patched queries or keys, against dM/dA = (z's gradient) . values.
 
 Exact patching here is the reference-free twin of the engine: slower (every copy runs all layers
 and positions, and the source prompts run once more per trace), but correct for any Llama-family module tree
@@ -288,10 +290,12 @@ class _Groups:
 
 
 def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites: Sequence[tuple[int, str]],
-                groups: _Groups, metric: str, ig_steps: int, remote: bool | str) -> tuple[Tensor, Tensor]:
+                groups: _Groups, metric: str, ig_steps: int, remote: bool | str,
+                qk: Sequence[str] = ()) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """One trace over [source; base; each group's base rows] with one backward pass. Returns every
-    group's AtP estimate per site, flattened ([groups, sum over sites of T*heads]), and the
-    source and plain-base rows' metric.
+    group's AtP estimate per site, flattened ([groups, sum over sites of T*heads]), the source and
+    plain-base rows' metric, and for each query/key kind in `qk` its QK-fixed estimate per layer
+    (`attribution._qk_fix` computes the same; `sites` must then hold every layer's q, k, v and z).
 
     Each row's loss weight makes its gradient the one `attribution.atp` takes: 1/N per pair (the
     mean over pairs), and 1/N/ig_steps on an interpolation row, so that the IG groups' estimates sum to
@@ -308,6 +312,7 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
     L = n_layers_of(lm)
     order = [(layer, a) for layer in range(L) for a in _STEP_ORDER] + [(L - 1, "resid_post")]  # the output last
     steps = []  # (what, envoy, attr, item, heads or row mask): reads and cuts in execution order
+    reads = []  # (layer, activation) of each read, in the order of `xs` in the body
     for layer, a in (s for s in order if s in wanted):
         if a.startswith("drop_"):
             blk = lm.model.layers[layer]
@@ -318,8 +323,16 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
             steps.append(("cut", norm, "output", None, rows[:, None, None]))
         else:
             steps.append(("read", *nnsight_site(lm, a, layer), _heads(lm, a)))
+            reads.append((layer, a))
     n_steps = len(groups.ig)
     n_interp = n_steps * N
+    H, KV = int(lm.config.num_attention_heads), _heads(lm, "k")
+    R, e = H // KV, int(getattr(lm.config, "head_dim", None) or lm.config.hidden_size // H)
+    # per layer, where its q, k, v and z reads sit among the body's reads
+    qk_at = [[reads.index((layer, a)) for a in ("q", "k", "v", "z")] for layer in range(L)] if qk else []
+    want_q, want_q_all, want_k, want_k_all = ("q" in qk, "q_all_pos" in qk, "k" in qk, "k_all_pos" in qk)
+    future = torch.ones(T, T, dtype=torch.bool).triu(1)
+    scale = e ** -0.5
     # built-ins, torch and envoys only in the body (the metric is `_score` written out, and no
     # `_Groups`): a server that runs it lacks this package. No comment lines in it either: with one
     # above the nested backward block, nnsight 0.8's remote serialisation lost that block
@@ -329,6 +342,9 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
             e_src, e_base = emb[:N].repeat(n_steps, 1, 1), emb[N:2 * N].repeat(n_steps, 1, 1)
             interp = e_base + alpha.to(emb.device, emb.dtype) * (e_src - e_base)
             lm.model.embed_tokens.output = torch.cat([emb[:2 * N], interp, emb[2 * N + n_interp:]])
+        if qk_at:
+            rotary = lm.model.rotary_emb.output
+            cos, sin = rotary[0][:1, None].float(), rotary[1][:1, None].float()
         xs = []
         for what, envoy, attr, item, extra in steps:
             x = getattr(envoy, attr)
@@ -342,13 +358,55 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
         metrics = score[:2 * N].detach().save()
         estimates = []
         with (score * weight.to(score.device)).sum().backward():
+            grads = []
             for x, heads in reversed(xs):
+                grads.insert(0, x.grad)
                 d = (x[:N] - x[N:2 * N]).detach().repeat(G, 1, 1)
-                prod = (d * x.grad[N:]).reshape(G, N, T, heads, -1).sum(-1).sum(1)
+                prod = (d * grads[0][N:]).reshape(G, N, T, heads, -1).sum(-1).sum(1)
                 estimates.append(prod.reshape(G, -1))
             flat = torch.cat(estimates[::-1], 1).save()
+            fixed = []
+            for iq, ik, iv, iz in qk_at:
+                q = xs[iq][0][:2 * N].detach().float().reshape(2 * N, T, H, e).transpose(1, 2)
+                k = xs[ik][0][:2 * N].detach().float().reshape(2 * N, T, KV, e).transpose(1, 2)
+                q = q * cos + torch.cat([-q[..., e // 2:], q[..., :e // 2]], -1) * sin
+                k = (k * cos + torch.cat([-k[..., e // 2:], k[..., :e // 2]], -1) * sin).repeat_interleave(R, 1)
+                v = xs[iv][0][N:2 * N].detach().float().reshape(N, T, KV, e).transpose(1, 2).repeat_interleave(R, 1)
+                g_z = grads[iz][N:2 * N].float().reshape(N, T, H, e).transpose(1, 2)
+                g_a = g_z @ v.transpose(-1, -2)
+                mask = future.to(q.device)
+                s_base = (q[N:] @ k[N:].transpose(-1, -2) * scale).masked_fill(mask, float("-inf"))
+                a_base = s_base.softmax(-1)
+                if want_q or want_q_all:
+                    a_q = (q[:N] @ k[N:].transpose(-1, -2) * scale).masked_fill(mask, float("-inf")).softmax(-1)
+                    per_row = ((a_q - a_base) * g_a).sum(-1).sum(0).transpose(0, 1)
+                    if want_q:
+                        fixed.append(per_row.reshape(-1))
+                    if want_q_all:
+                        fixed.append(per_row.sum(0))
+                if want_k_all:
+                    a_k = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf")).softmax(-1)
+                    fixed.append(((a_k - a_base) * g_a).sum(-1).sum(-1).sum(0).reshape(KV, R).sum(-1))
+                if want_k:
+                    s_new = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf"))
+                    la_new = a_base.log() + (s_new - s_base).nan_to_num(0.0)
+                    log_c = -torch.logaddexp(torch.log1p(-a_base.clamp(max=1.0)), la_new)
+                    row = (a_base * g_a).sum(-1, keepdim=True)
+                    change = (log_c.exp() - 1) * (row - a_base * g_a) + ((la_new + log_c).exp() - a_base) * g_a
+                    change = torch.where(mask, torch.zeros_like(change), change.nan_to_num(0.0))
+                    fixed.append(change.sum(2).sum(0).reshape(KV, R, T).sum(1).transpose(0, 1).reshape(-1))
+            if qk_at:
+                fixed = torch.cat(fixed).save()
     flat = getattr(flat, "value", flat).detach().double().cpu()
-    return flat, getattr(metrics, "value", metrics).double().cpu()
+    out: dict[str, Tensor] = {}
+    if qk_at:  # per layer, the wanted kinds in the body's order, each flattened
+        shapes = {"q": (T, H), "q_all_pos": (H,), "k_all_pos": (KV,), "k": (T, KV)}
+        kinds = [kd for kd, on in zip(shapes, (want_q, want_q_all, want_k_all, want_k)) if on]
+        per_layer = getattr(fixed, "value", fixed).detach().double().cpu().view(L, -1)
+        sizes = [int(torch.tensor(shapes[kd]).prod()) for kd in kinds]
+        for kd, part in zip(kinds, per_layer.split(sizes, dim=1)):
+            out[kd] = part.reshape(L, *shapes[kd])
+    return flat, getattr(metrics, "value", metrics).double().cpu(), out
 
 
 def _grad_row_bytes(lm: Any, T: int, k: int) -> float:
@@ -371,13 +429,18 @@ def _grad_budget(lm: Any, remote: bool | str) -> float:
 
 
 def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric: str = "logit_diff",
-        direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0, remote: bool | str = False,
-        scale: float | None = None, memory_bytes: float | None = None,
+        direction: str = "denoising", graddrop: bool = False, ig_steps: int = 0, qk_fix: bool = False,
+        remote: bool | str = False, scale: float | None = None, memory_bytes: float | None = None,
         groups_per_trace: int | None = None) -> dict[str, PatchResult]:
     """AtP estimates for every index of each kind through nnsight, with one backward pass per
-    trace: equal to `attribution.atp` on the same model and pairs (with the same `graddrop` and
-    `ig_steps`, giving `<kind>:graddrop` and `<kind>:ig`), and runnable remotely: only the
-    estimates, one number per index and group, come back.
+    trace: equal to `attribution.atp` on the same model and pairs (with the same `graddrop`,
+    `ig_steps` and `qk_fix`, giving `<kind>:graddrop`, `<kind>:ig` and `<kind>:qk`), and runnable
+    remotely: only the estimates, one number per index and group, come back.
+
+    The QK fix rides in the first trace: on the server, each layer's attention pattern is rebuilt
+    from the q/k projections (rotated with the model's own rotary tables) for the base and the
+    patched queries or keys, and dM/dA is the head output's gradient against the values (z = A v
+    is linear in A), so no pattern needs to be a module's output.
 
     AtP alone is one trace. IG adds `ig_steps` groups of base rows whose input embeddings lie on
     the path from the base to the source prompt, GradDrop one group per layer with that layer's
@@ -390,17 +453,23 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     N, T = base_t.shape
-    sites = _atp_sites(kinds, L)
+    qk = [k for k in kinds if get_kind(k).act in ("q", "k")] if qk_fix else []
+    if qk and not hasattr(lm.model, "rotary_emb"):
+        raise ConfigError("the QK fix rebuilds attention from the model's rotary tables (model.rotary_emb), "
+                          f"which this {type(lm).__name__} lacks; use qk_fix=False or the local engine")
+    sites = _atp_sites(list(kinds) + (["q", "k", "v", "z"] if qk else []), L)
     k = int(_readout_ids(metric, batch, torch.zeros(1, dtype=torch.long)).shape[1])  # positions the metric reads
     extra = [("ig", (i + 0.5) / ig_steps) for i in range(ig_steps)] + [("drop", layer) for layer in range(L) if graddrop]
     if groups_per_trace is None:
         budget = memory_bytes or _grad_budget(lm, remote)
         groups_per_trace = max(1, int(budget / _grad_row_bytes(lm, T, k)) // N - 2)
     chunks = [extra[i:i + groups_per_trace] for i in range(0, len(extra), groups_per_trace)] or [[]]
-    plain, ig, drop = None, [], []  # per group: [S], flattened over the sites
-    for chunk in chunks:
+    plain, ig, drop, fixed = None, [], [], {}  # per group: [S], flattened over the sites
+    for i, chunk in enumerate(chunks):
         groups = _Groups(tuple(v for w, v in chunk if w == "ig"), tuple(v for w, v in chunk if w == "drop"))
-        flat, scores = _grad_trace(lm, batch, src_t, base_t, sites, groups, metric, ig_steps, remote)
+        flat, scores, got = _grad_trace(lm, batch, src_t, base_t, sites, groups, metric, ig_steps, remote,
+                                        qk if i == 0 else ())
+        fixed.update(got)
         plain, n_ig = flat[0], len(groups.ig)
         ig.append(flat[1:1 + n_ig])
         drop.append(flat[1 + n_ig:])
@@ -420,6 +489,8 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
         variants.append(("atp+ig", torch.cat(ig), lambda e: e.sum(0)))
     if graddrop:
         variants.append(("atp+graddrop", torch.cat(drop), lambda e: e.abs().sum(0) / max(L - 1, 1)))
+    if qk_fix:  # plain AtP's estimates, the query and key kinds' replaced by their fixed ones
+        variants.append(("atp+qk", plain[None], lambda e: e[0]))
     out: dict[str, PatchResult] = {}
     for method, flat, combine in variants:
         for kind in kinds:
@@ -429,7 +500,8 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
                     "n_traces": len(chunks), "activation_cache": "off", "seconds": time.perf_counter() - t0,
                     **({"ig_steps": ig_steps} if method == "atp+ig" else {})}
             key = kind if method == "atp" else f"{kind}:{method.split('+')[1]}"
-            out[key] = PatchResult(kind, (base_m + combine(per_kind(flat, kind))).float(), K.dims,
+            est = fixed[kind] if method == "atp+qk" and kind in fixed else combine(per_kind(flat, kind))
+            out[key] = PatchResult(kind, (base_m + est).float(), K.dims,
                                    [HOOK_KINDS[K.hook].format(l=l) for l in range(L)],
                                    batch.token_labels(metric), clean_m, corr_m, direction, method, scale, prov)
     return out
