@@ -369,10 +369,13 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
             for iq, ik, iv, iz in qk_at:
                 q = xs[iq][0][:2 * N].detach().float().reshape(2 * N, T, H, e).transpose(1, 2)
                 k = xs[ik][0][:2 * N].detach().float().reshape(2 * N, T, KV, e).transpose(1, 2)
-                q = q * cos + torch.cat([-q[..., e // 2:], q[..., :e // 2]], -1) * sin
-                k = (k * cos + torch.cat([-k[..., e // 2:], k[..., :e // 2]], -1) * sin).repeat_interleave(R, 1)
-                v = xs[iv][0][N:2 * N].detach().float().reshape(N, T, KV, e).transpose(1, 2).repeat_interleave(R, 1)
-                g_z = grads[iz][N:2 * N].float().reshape(N, T, H, e).transpose(1, 2)
+                rc, rs = cos.to(q.device), sin.to(q.device)
+                q = q * rc + torch.cat([-q[..., e // 2:], q[..., :e // 2]], -1) * rs
+                k = k.to(q.device) * rc + torch.cat([-k[..., e // 2:], k[..., :e // 2]], -1).to(q.device) * rs
+                k = k.repeat_interleave(R, 1)
+                v = xs[iv][0][N:2 * N].detach().float().to(q.device).reshape(N, T, KV, e).transpose(1, 2)
+                v = v.repeat_interleave(R, 1)
+                g_z = grads[iz][N:2 * N].float().to(q.device).reshape(N, T, H, e).transpose(1, 2)
                 g_a = g_z @ v.transpose(-1, -2)
                 mask = future.to(q.device)
                 s_base = (q[N:] @ k[N:].transpose(-1, -2) * scale).masked_fill(mask, float("-inf"))
@@ -381,12 +384,12 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
                     a_q = (q[:N] @ k[N:].transpose(-1, -2) * scale).masked_fill(mask, float("-inf")).softmax(-1)
                     per_row = ((a_q - a_base) * g_a).sum(-1).sum(0).transpose(0, 1)
                     if want_q:
-                        fixed.append(per_row.reshape(-1))
+                        fixed.append(per_row.reshape(-1).to(cos.device))
                     if want_q_all:
-                        fixed.append(per_row.sum(0))
+                        fixed.append(per_row.sum(0).to(cos.device))
                 if want_k_all:
                     a_k = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf")).softmax(-1)
-                    fixed.append(((a_k - a_base) * g_a).sum(-1).sum(-1).sum(0).reshape(KV, R).sum(-1))
+                    fixed.append(((a_k - a_base) * g_a).sum(-1).sum(-1).sum(0).reshape(KV, R).sum(-1).to(cos.device))
                 if want_k:
                     s_new = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf"))
                     la_new = a_base.log() + (s_new - s_base).nan_to_num(0.0)
@@ -394,7 +397,7 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
                     row = (a_base * g_a).sum(-1, keepdim=True)
                     change = (log_c.exp() - 1) * (row - a_base * g_a) + ((la_new + log_c).exp() - a_base) * g_a
                     change = torch.where(mask, torch.zeros_like(change), change.nan_to_num(0.0))
-                    fixed.append(change.sum(2).sum(0).reshape(KV, R, T).sum(1).transpose(0, 1).reshape(-1))
+                    fixed.append(change.sum(2).sum(0).reshape(KV, R, T).sum(1).transpose(0, 1).reshape(-1).to(cos.device))
             if qk_at:
                 fixed = torch.cat(fixed).save()
     flat = getattr(flat, "value", flat).detach().double().cpu()
@@ -462,6 +465,8 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     extra = [("ig", (i + 0.5) / ig_steps) for i in range(ig_steps)] + [("drop", layer) for layer in range(L) if graddrop]
     if groups_per_trace is None:
         budget = memory_bytes or _grad_budget(lm, remote)
+        if qk:  # the fix's working set: a few [N, heads, T, T] float32 patterns of one layer at a time
+            budget -= 8 * 4 * N * int(lm.config.num_attention_heads) * T * T
         groups_per_trace = max(1, int(budget / _grad_row_bytes(lm, T, k)) // N - 2)
     chunks = [extra[i:i + groups_per_trace] for i in range(0, len(extra), groups_per_trace)] or [[]]
     plain, ig, drop, fixed = None, [], [], {}  # per group: [S], flattened over the sites
