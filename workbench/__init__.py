@@ -37,7 +37,7 @@ from .attribution import atp
 from .circuit import Circuit, circuit_series, default_series, minimal_circuit, patch_checkpoint
 from .pairs import PairBatch, make_pairs
 from .patching import PatchResult, exact as exact_patch
-from .nnsight_patching import exact as nnsight_patch
+from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch
 
 __version__ = "0.1.0"
 
@@ -52,5 +52,5 @@ __all__ = [
     "summarize", "sweep", "load_bridge", "load_suite", "plots", "render_prompt",
     "access", "attribution", "circuit", "pairs", "patching", "get_bridge", "nnsight_model", "atp", "Circuit",
     "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
-    "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_remote",
+    "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
 ]
