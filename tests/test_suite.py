@@ -114,6 +114,17 @@ def test_manifest_records_parity_within_tolerance(tiny_suite: Path) -> None:
         assert 0.0 <= e.parity["max_abs_diff"] <= e.parity["tol"], e.name
 
 
+def test_each_checkpoint_records_what_it_was_trained_on(tiny_suite: Path) -> None:
+    """The same seed gives other weights on another CPU or torch build: each checkpoint says which."""
+    import transformers
+    for e in wb.load_suite(tiny_suite).entries:
+        info = json.loads((wb.load_suite(tiny_suite).dir(e.name) / "workbench.json").read_text())
+        on = info["trained_on"]
+        assert on["torch"] == torch.__version__ and on["transformers"] == transformers.__version__, e.name
+        assert on["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and on["threads"] >= 1
+        assert on["cpu"] and on["machine"]
+
+
 def test_verify_all_passes_on_a_clean_suite(tiny_suite: Path) -> None:
     wb.load_suite(tiny_suite).verify_all()
 

@@ -27,7 +27,7 @@ from ..world.backdoors import split_scratchpad
 from ..world.data import DataRecipe, Item, eval_splits, training_items
 from ..world.tokenizer import check_representable, load_tokenizer, train_tokenizer
 from .presets import Preset, get_preset
-from .train import TrainConfig, packed_batches, train
+from .train import TrainConfig, packed_batches, train, trained_on
 
 BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
 EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
@@ -98,6 +98,7 @@ def save_checkpoint(model: LlamaForCausalLM, tokenizer, dest: Path, info: dict) 
     with atomic_path(dest) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        info = {**info, "trained_on": trained_on()}
         (tmp / "workbench.json").write_text(json.dumps(info, indent=2, sort_keys=True, default=str) + "\n")
         files = hash_files(tmp)
     return files

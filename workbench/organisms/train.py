@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import platform
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -191,6 +192,27 @@ def use_all_cores() -> int:
     n = capped_threads(available_cores())
     torch.set_num_threads(n)
     return n
+
+
+def trained_on() -> dict[str, str | int]:
+    """The software and hardware a checkpoint is trained on, saved beside its weights. The same
+    seed and recipe give other weights on another CPU or torch build (their float kernels sum in
+    another order, and training amplifies the difference), so a checkpoint's numbers can be
+    reproduced bit for bit only where this matches."""
+    import transformers
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
+               platform.processor() or "unknown")
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read().splitlines()
+    except OSError:
+        return []
 
 
 def train(model: torch.nn.Module, batches: Iterator[Batch], cfg: TrainConfig,
