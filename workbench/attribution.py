@@ -106,6 +106,11 @@ def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, 
     return einops.reduce(d * g, "l n p d -> l p", "sum")
 
 
+def qk_kinds(kinds: Sequence[str]) -> list[str]:
+    """The kinds the QK fix changes: those patching a query or a key."""
+    return [k for k in kinds if get_kind(k).act in ("q", "k")]
+
+
 def _qk_fix(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor],
             g_pattern: Sequence[Tensor]) -> Tensor:
     """AtP*'s QK fix for a query or key node: the attention pattern the patch produces, computed
@@ -175,7 +180,7 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     cache_acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts})
     # both forward runs in one pass, through the cache; with the default kinds this is exactly the
     # entry `exact_all` reads, so AtP after exact patching (or a rerun) computes no forward again
-    qk = [k for k in kinds if get_kind(k).act in ("q", "k")] if qk_fix else []
+    qk = qk_kinds(kinds) if qk_fix else []
     runs = prepare(model, batch, m, acts=acts_for(kinds) if cache else sorted(set(cache_acts) | ({"q"} if qk else set())),
                    cache=cache, checkpoint_sha=checkpoint_sha)
     clean_contrib, clean, corr = runs.clean_contrib, runs.clean, runs.corrupted

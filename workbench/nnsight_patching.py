@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .access import HOOK_KINDS, n_layers_of, nnsight_site
-from .attribution import DEFAULT_KINDS
+from .attribution import DEFAULT_KINDS, qk_kinds
 from .errors import ConfigError
 from .pairs import PairBatch, check_aligned
 from .patching import HEAD_ACTS, PatchResult, check_direction, default_budget, get_kind, head_count
@@ -368,11 +368,10 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
             fixed = []
             for iq, ik, iv, iz in qk_at:
                 q = xs[iq][0][:2 * N].detach().float().reshape(2 * N, T, H, e).transpose(1, 2)
-                k = xs[ik][0][:2 * N].detach().float().reshape(2 * N, T, KV, e).transpose(1, 2)
+                k = xs[ik][0][:2 * N].detach().float().to(q.device).reshape(2 * N, T, KV, e).transpose(1, 2)
                 rc, rs = cos.to(q.device), sin.to(q.device)
                 q = q * rc + torch.cat([-q[..., e // 2:], q[..., :e // 2]], -1) * rs
-                k = k.to(q.device) * rc + torch.cat([-k[..., e // 2:], k[..., :e // 2]], -1).to(q.device) * rs
-                k = k.repeat_interleave(R, 1)
+                k = (k * rc + torch.cat([-k[..., e // 2:], k[..., :e // 2]], -1) * rs).repeat_interleave(R, 1)
                 v = xs[iv][0][N:2 * N].detach().float().to(q.device).reshape(N, T, KV, e).transpose(1, 2)
                 v = v.repeat_interleave(R, 1)
                 g_z = grads[iz][N:2 * N].float().to(q.device).reshape(N, T, H, e).transpose(1, 2)
@@ -387,11 +386,11 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
                         fixed.append(per_row.reshape(-1).to(cos.device))
                     if want_q_all:
                         fixed.append(per_row.sum(0).to(cos.device))
-                if want_k_all:
-                    a_k = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf")).softmax(-1)
-                    fixed.append(((a_k - a_base) * g_a).sum(-1).sum(-1).sum(0).reshape(KV, R).sum(-1).to(cos.device))
-                if want_k:
+                if want_k or want_k_all:
                     s_new = (q[N:] @ k[:N].transpose(-1, -2) * scale).masked_fill(mask, float("-inf"))
+                if want_k_all:
+                    fixed.append(((s_new.softmax(-1) - a_base) * g_a).sum(-1).sum(-1).sum(0).reshape(KV, R).sum(-1).to(cos.device))
+                if want_k:
                     la_new = a_base.log() + (s_new - s_base).nan_to_num(0.0)
                     log_c = -torch.logaddexp(torch.log1p(-a_base.clamp(max=1.0)), la_new)
                     row = (a_base * g_a).sum(-1, keepdim=True)
@@ -456,7 +455,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     N, T = base_t.shape
-    qk = [k for k in kinds if get_kind(k).act in ("q", "k")] if qk_fix else []
+    qk = qk_kinds(kinds) if qk_fix else []
     if qk and not hasattr(lm.model, "rotary_emb"):
         raise ConfigError("the QK fix rebuilds attention from the model's rotary tables (model.rotary_emb), "
                           f"which this {type(lm).__name__} lacks; use qk_fix=False or the local engine")
