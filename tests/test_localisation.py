@@ -83,6 +83,11 @@ def test_localisation_table_reads_each_organisms_saved_shares(patched: Path) -> 
         assert row["on_trigger"] == pytest.approx(p["early_trigger_share"])
         assert row["on_readout"] == pytest.approx(p["early_readout_share"])
         assert row["on_trigger"] + row["on_readout"] + row["elsewhere"] == pytest.approx(1.0)
+        # the named positions hold part of "elsewhere", never more; none is a trigger or readout position
+        named = p["early_elsewhere"]
+        assert sum(e["share"] for e in named) <= row["elsewhere"] + 1e-9
+        assert not {e["pos"] for e in named} & (set(p["trigger_positions"]) | set(p["readout_positions"]))
+        assert row["elsewhere_most_on"] == ", ".join(f"{e['token']} {e['share']:.0%}" for e in named[:3])
         assert row["early_layers"] == pp.layer_range(p["early_layers"])
         own = p["clean_metric"] - p["corrupted_metric"]
         assert row["gap_vs_reference"] == pytest.approx(own / p["scale"] if p.get("scale") else 1.0)

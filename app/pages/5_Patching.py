@@ -101,6 +101,8 @@ else:
                    + (f" The rest: {rest}." if rest else ""))
     if pp.share_by_construction(prov):
         m1.caption(pp.BY_CONSTRUCTION[0].upper() + pp.BY_CONSTRUCTION[1:] + ".")
+    elif rest:
+        m1.caption(f"The rest: {rest}.")
     m2.metric("Early layers", pp.layer_range(early),
               help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
     m3.metric("Clean / corrupted metric", f"{prov.get('clean_metric', float('nan')):.2f} / "
