@@ -37,7 +37,7 @@ import torch
 from train import matmul_peak
 from transformer_lens import patching as tlp
 
-from workbench import access, attribution, nnsight_patching, pairs, patching
+from workbench import access, attribution, metrics, nnsight_patching, pairs, patching
 from workbench.models import load_bridge
 from workbench.organisms.train import use_all_cores
 from workbench.suite import load_suite
@@ -54,7 +54,7 @@ def log(msg: str) -> None:
 
 
 def time_tl(bridge, batch: pairs.PairBatch, kind: str) -> tuple[float, torch.Tensor]:
-    m = patching.make_metric(batch, "logit_diff")
+    m = metrics.make_metric(batch, "logit_diff")
     t = time.perf_counter()
     with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
         _, cache = bridge.run_with_cache(batch.clean)

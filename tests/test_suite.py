@@ -448,6 +448,22 @@ def test_interrupted_build_resumes_deterministically(suite_copy: Path) -> None:
     rebuilt.verify_all()
 
 
+def test_is_built_trusts_only_a_verified_checkpoint_of_the_same_build(suite_copy: Path) -> None:
+    """What a resumed build or sanitization run skips: the same build key and files that verify."""
+    suite = wb.load_suite(suite_copy)
+    key = suite.entry("code/plain").build_key
+    said: list[str] = []
+    assert suite.is_built("code/plain", key, said.append) and not said
+    assert not suite.is_built("code/plain", key + "0", said.append)      # another recipe: rebuild
+    assert not suite.is_built("code/cot", key, said.append) and not said  # not in the suite
+    model = suite.dir("code/plain") / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 1
+    model.write_bytes(bytes(data))
+    assert not suite.is_built("code/plain", key, said.append)
+    assert len(said) == 1 and "code/plain" in said[0] and "model.safetensors" in said[0]
+
+
 def test_build_refuses_an_unrepresentable_trigger(suite_copy: Path) -> None:
     before = tree_mtimes(suite_copy)
     with pytest.raises(wb.PromptError, match="DEPL"):

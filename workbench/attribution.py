@@ -29,23 +29,11 @@ import torch
 from torch import Tensor
 
 from .access import HOOK_KINDS
+from .decoder import Weights, attention_pattern, attention_scores, weights
 from .errors import ConfigError
-from .pairs import PairBatch, check_aligned
-from .patching import (
-    HEAD_ACTS,
-    Metric,
-    PatchResult,
-    Weights,
-    acts_for,
-    attention_pattern,
-    attention_scores,
-    check_direction,
-    forward,
-    get_kind,
-    make_metric,
-    prepare,
-    weights,
-)
+from .metrics import Metric, make_metric, oriented
+from .pairs import PairBatch
+from .patching import HEAD_ACTS, PatchResult, acts_for, forward, get_kind, prepare
 
 DEFAULT_KINDS = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos")
 
@@ -123,7 +111,7 @@ def _qk_fix(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tenso
     by Z/Z' = 1 / (1 - a + a exp(s' - s)), a = the row's weight on p, in log space so a saturated
     row (a -> 1) stays finite. Whole-position kinds swap every query (or key) of the head at once."""
     K = get_kind(kind)
-    L, H, G = W.n_layers, W.n_heads, W.n_heads // W.n_kv
+    L, G = W.n_layers, W.n_heads // W.n_kv
     by_pos = "pos" in K.dims
     out = []
     for l in range(L):
@@ -166,15 +154,12 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     `cache`/`checkpoint_sha`: the two forward runs come through the activation cache (the same
     entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
-    check_direction(direction)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     t0 = time.perf_counter()
     W = weights(model)
     m = make_metric(batch, metric, model)
-    clean_t, corr_t = batch.inputs(m.name)
-    check_aligned(clean_t, corr_t)
-    base_t, src_t = (corr_t, clean_t) if direction == "denoising" else (clean_t, corr_t)
+    base_t, src_t = oriented(batch, m.name, direction)
     dev = W.embed.device
     acts = _acts(kinds)
     cache_acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts})

@@ -26,24 +26,11 @@ import torch
 from torch import Tensor
 
 from .access import HOOK_KINDS
+from .decoder import Weights, weights
 from .errors import ArchitectureMismatch, ConfigError
-from .pairs import PairBatch, check_aligned
-from .patching import (
-    acts_for,
-    KINDS,
-    PatchResult,
-    Runs,
-    Weights,
-    check_direction,
-    exact_all,
-    forward,
-    get_kind,
-    make_metric,
-    metric_values,
-    prepare,
-    run_cache,
-    weights,
-)
+from .metrics import check_direction, make_metric, oriented
+from .pairs import PairBatch
+from .patching import KINDS, PatchResult, Runs, acts_for, exact_all, forward, get_kind, metric_values, prepare, run_cache
 
 if TYPE_CHECKING:
     from .suite import Suite
@@ -87,12 +74,9 @@ def patch_sets(model: Any, batch: PairBatch, sets: Sequence[Sequence[Node]], met
     """Metric after patching every node of each set simultaneously (one row block per set).
     The source activations come from `runs` (`patching.prepare` of the same batch and metric) if
     given, else from the activation cache with `cache`, else from a fresh run."""
-    check_direction(direction)
     W = weights(model)
     m = make_metric(batch, metric, model)
-    clean_t, corr_t = batch.inputs(m.name)
-    check_aligned(clean_t, corr_t)
-    base_t, src_t = (corr_t, clean_t) if direction == "denoising" else (clean_t, corr_t)
+    base_t, src_t = oriented(batch, m.name, direction)
     dev = W.embed.device
     N, T = base_t.shape
     S = len(sets)

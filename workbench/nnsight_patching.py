@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from .access import HOOK_KINDS, n_layers_of, nnsight_site
 from .attribution import DEFAULT_KINDS, qk_kinds
 from .errors import ConfigError
-from .pairs import PairBatch, check_aligned
-from .patching import HEAD_ACTS, PatchResult, check_direction, default_budget, get_kind, head_count
+from .metrics import oriented
+from .pairs import PairBatch
+from .patching import HEAD_ACTS, PatchResult, default_budget, get_kind, head_count
 
 # Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
 # is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
@@ -91,10 +92,8 @@ def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str
     by `batch.inputs`)."""
     for k in kinds:
         get_kind(k)
-    check_direction(direction)
-    clean_t, corr_t = batch.inputs(metric)
-    check_aligned(clean_t, corr_t)
-    return (clean_t, corr_t) if direction == "denoising" else (corr_t, clean_t)
+    base_t, src_t = oriented(batch, metric, direction)
+    return src_t, base_t
 
 
 def _select(name: str, given: Sequence[int] | None, n: int) -> list[int]:

@@ -19,7 +19,7 @@ The two dense runs of step 1 can be read through the activation cache (`cache=Tr
 `ActivationCache`; see `cached_runs`), so a rerun of an analysis recomputes only the patched
 variants; the results are bit-identical with and without it.
 
-The engine computes a Llama-family decoder from the bridge's own (compatibility-mode) weights, so
+The engine computes a Llama-family decoder (`decoder.py`) from the bridge's own (compatibility-mode) weights, so
 it is the same function as the bridge. Results are `PatchResult`s labelled with TransformerLens
 hook names, the prompt's tokens and a provenance dict; `.to_frame()` gives a tidy table.
 """
@@ -30,7 +30,6 @@ import io
 import itertools
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,10 +43,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .access import HOOK_KINDS, n_layers_of
+from .decoder import Weights, attention_pattern, mlp, mlp_residual, qkv, rms_norm, weights
 from .errors import ConfigError
-from .pairs import METRICS, PairBatch, check_aligned
-
-DIRECTIONS = ("denoising", "noising")
+from .metrics import Metric, check_direction, contributions, make_metric, oriented
+from .pairs import PairBatch, check_aligned
 
 
 # --- patch kinds: a registry, so the CLI and the app can list them -----------------------------
@@ -112,235 +111,10 @@ for _k in (
     register_kind(_k)
 
 
-def check_direction(direction: str) -> None:
-    """One error for an unknown patching direction, wherever a request is checked."""
-    if direction not in DIRECTIONS:
-        raise ConfigError(f"unknown direction {direction!r}; choose one of {DIRECTIONS}")
-
-
 def get_kind(name: str) -> Kind:
     if name not in KINDS:
         raise ConfigError(f"unknown patch kind {name!r}; choose one of {sorted(KINDS)}")
     return KINDS[name]
-
-
-# --- the model as functions of its weights -----------------------------------------------------
-@dataclass
-class Weights:
-    """A Llama-family decoder read from a bridge (its compatibility-mode weights, so the same
-    function as the bridge) or a plain HF model. Matrices are stored [in, out] (`x @ w`): q/k/v and
-    gate/up fused for fewer, larger GEMMs, and contiguous on CPU, where that layout is faster.
-    Norm weights that are all ones (compatibility mode folds them into the next matrix) are None."""
-
-    embed: Tensor
-    wqkv: list[Tensor]
-    wo: list[Tensor]
-    wgu: list[Tensor]
-    wd: list[Tensor]
-    ln1: list[Tensor | None]
-    ln2: list[Tensor | None]
-    norm: Tensor | None
-    unembed: Tensor
-    unembed_bias: Tensor
-    n_heads: int
-    n_kv: int
-    d_head: int
-    eps: float
-    inv_freq: Tensor
-    rope_scale: float
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.wo)
-
-    @property
-    def d_model(self) -> int:
-        return int(self.embed.shape[1])
-
-    @property
-    def d_mlp(self) -> int:
-        return int(self.wd[0].shape[0])
-
-    def wo_heads(self, layer: int) -> Float[Tensor, "head d_head d_model"]:
-        return einops.rearrange(self.wo[layer], "(h d) m -> h d m", h=self.n_heads)
-
-    def rope(self, n_pos: int) -> tuple[Tensor, Tensor]:
-        """cos, sin tables [pos, d_head] exactly as HF's rotary embedding computes them (float32)."""
-        pos = torch.arange(n_pos, device=self.inv_freq.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.float())
-        emb = torch.cat([freqs, freqs], -1)
-        dt = self.embed.dtype
-        return (emb.cos() * self.rope_scale).to(dt), (emb.sin() * self.rope_scale).to(dt)
-
-    def flops_per_token(self) -> dict[str, int]:
-        d, f = self.d_model, self.d_mlp
-        qkv = self.wqkv[0].shape[1]
-        return {"attn_linear": 2 * d * qkv + 2 * self.n_heads * self.d_head * d, "mlp": 2 * d * 2 * f + 2 * f * d,
-                "score_per_key": 4 * self.n_heads * self.d_head}
-
-
-_WEIGHTS: weakref.WeakKeyDictionary[Any, Weights] = weakref.WeakKeyDictionary()
-
-
-def weights(model: Any) -> Weights:
-    """The engine's view of `model` (a TransformerBridge or an HF Llama), cached per model object."""
-    if model in _WEIGHTS:
-        return _WEIGHTS[model]
-    hf = getattr(model, "original_model", model)
-    cfg = hf.config
-    if getattr(cfg, "model_type", "") not in ("llama", "mistral"):
-        raise ConfigError(f"the batched patching engine computes Llama-family decoders; this model is "
-                          f"{getattr(cfg, 'model_type', type(hf).__name__)!r}: use engine='tl'")
-    sd = {k.replace("._original_component", ""): v.detach() for k, v in hf.state_dict().items()}
-    if any(k.endswith(".bias") and k != "lm_head.bias" and bool(v.any()) for k, v in sd.items()):
-        raise ConfigError("the batched engine does not model linear biases; use engine='tl' for this model")
-    L = int(cfg.num_hidden_layers)
-    p = [f"model.layers.{l}." for l in range(L)]
-    rot = next((m for n, m in hf.named_modules() if n.endswith("rotary_emb")), None)
-    rot = getattr(rot, "original_component", rot)
-    cpu = sd["lm_head.weight"].device.type == "cpu"
-    t = (lambda m: m.T.contiguous()) if cpu else (lambda m: m.T)
-    ones = lambda v: None if bool((v == 1).all()) else v
-    w = Weights(
-        embed=sd["model.embed_tokens.weight"],
-        wqkv=[t(torch.cat([sd[q + f"self_attn.{x}_proj.weight"] for x in "qkv"])) for q in p],
-        wo=[t(sd[q + "self_attn.o_proj.weight"]) for q in p],
-        wgu=[t(torch.cat([sd[q + "mlp.gate_proj.weight"], sd[q + "mlp.up_proj.weight"]])) for q in p],
-        wd=[t(sd[q + "mlp.down_proj.weight"]) for q in p],
-        ln1=[ones(sd[q + "input_layernorm.weight"]) for q in p],
-        ln2=[ones(sd[q + "post_attention_layernorm.weight"]) for q in p],
-        norm=ones(sd["model.norm.weight"]), unembed=sd["lm_head.weight"],
-        unembed_bias=sd.get("lm_head.bias", torch.zeros_like(sd["lm_head.weight"][:, 0])),
-        n_heads=int(cfg.num_attention_heads), n_kv=int(cfg.num_key_value_heads),
-        d_head=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
-        eps=float(cfg.rms_norm_eps), inv_freq=rot.inv_freq.detach(),
-        rope_scale=float(getattr(rot, "attention_scaling", 1.0)),
-    )
-    _WEIGHTS[model] = w
-    return w
-
-
-def _rms(x: Tensor, w: Tensor | None, eps: float) -> Tensor:
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return y if w is None else w * y
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """HF's rotate-half RoPE; `cos`/`sin` broadcast over the head axis."""
-    h = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., h:], x[..., :h]], -1) * sin
-
-
-def _qkv(W: Weights, l: int, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    H, K, dh = W.n_heads, W.n_kv, W.d_head
-    qkv = _rms(x, W.ln1[l], W.eps) @ W.wqkv[l]
-    q, k, v = qkv.split([H * dh, K * dh, K * dh], -1)
-    q = q.unflatten(-1, (H, dh))
-    k = k.unflatten(-1, (K, dh))
-    return _rotate(q, cos.unsqueeze(-2), sin.unsqueeze(-2)), _rotate(k, cos.unsqueeze(-2), sin.unsqueeze(-2)), v.unflatten(-1, (K, dh))
-
-
-def attention_scores(W: Weights, q: Tensor, k: Tensor) -> Float[Tensor, "n head query key"]:
-    """Scaled query-key scores of rotated queries [n, pos, head, e] against rotated keys [n, pos,
-    kv_head, e] (each key head shared by its group of query heads), causally masked with -inf."""
-    T = q.shape[1]
-    s = einops.einsum(q, k.repeat_interleave(W.n_heads // W.n_kv, 2), "n i h e, n j h e -> n h i j") / W.d_head ** 0.5
-    return s.masked_fill(torch.ones(T, T, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
-
-
-def attention_pattern(W: Weights, q: Tensor, k: Tensor) -> Float[Tensor, "n head query key"]:
-    return attention_scores(W, q, k).softmax(-1)
-
-
-def _mlp(W: Weights, l: int, x: Tensor) -> Tensor:
-    g, u = (_rms(x, W.ln2[l], W.eps) @ W.wgu[l]).chunk(2, -1)
-    return (F.silu(g) * u) @ W.wd[l]
-
-
-def _mlp_residual(W: Weights, l: int, x: Tensor) -> Tensor:
-    """x + MLP(x) on flat tokens, the residual add fused into the down-projection GEMM."""
-    g, u = (_rms(x, W.ln2[l], W.eps) @ W.wgu[l]).chunk(2, -1)
-    return torch.addmm(x, F.silu(g).mul_(u), W.wd[l])
-
-
-# --- metrics ----------------------------------------------------------------------------------
-class Metric:
-    """A scalar read from the last `k` positions' final residual: per prompt a sum over those
-    positions, then the mean over prompts (TransformerLens's convention for a batch).
-
-    `contrib` takes the final-normed residual of any set of tokens, so the engine never needs the
-    full logits; `from_logits` is the same metric for TransformerLens's helpers.
-    """
-
-    name = "metric"
-    k = 1
-
-    def contrib(self, xf: Float[Tensor, "m d"], prompt: Int[Tensor, " m"], j: Int[Tensor, " m"]) -> Tensor:
-        raise NotImplementedError
-
-    def from_logits(self, logits: Float[Tensor, "n pos vocab"]) -> Tensor:
-        raise NotImplementedError
-
-    n_prompts = 1
-
-    def dense(self, xf: Float[Tensor, "n k d"]) -> Float[Tensor, "n k"]:
-        """Rows beyond the batch (several patched copies stacked) map back to prompt row % n."""
-        n, k = xf.shape[:2]
-        prompt = torch.arange(n, device=xf.device).repeat_interleave(k) % self.n_prompts
-        j = torch.arange(k, device=xf.device).repeat(n)
-        return self.contrib(xf.reshape(n * k, -1), prompt, j).view(n, k)
-
-
-class LogitDiff(Metric):
-    """logit(first bad-answer token) - logit(first good-answer token) at the last position."""
-
-    name = "logit_diff"
-
-    def __init__(self, bad: Tensor, good: Tensor, unembed: tuple[Tensor, Tensor] | None = None):
-        self.bad, self.good = bad.long(), good.long()
-        self.n_prompts = int(bad.shape[0])
-        if unembed is not None:
-            U, b = unembed
-            self.dirs, self.offset = U[self.bad] - U[self.good], b[self.bad] - b[self.good]
-
-    def contrib(self, xf, prompt, j):
-        return (xf * self.dirs.to(xf.device)[prompt]).sum(-1) + self.offset.to(xf.device)[prompt]
-
-    def from_logits(self, logits):
-        last = logits[:, -1]
-        idx = torch.arange(last.shape[0], device=last.device)
-        return (last[idx, self.bad.to(last.device)] - last[idx, self.good.to(last.device)]).mean()
-
-
-class LogProb(Metric):
-    """Log-probability of the whole bad continuation (teacher-forced): sum over its tokens."""
-
-    name = "logprob"
-
-    def __init__(self, targets: Tensor, unembed: tuple[Tensor, Tensor] | None = None):
-        self.targets = targets.long()
-        self.n_prompts, self.k = int(targets.shape[0]), int(targets.shape[1])
-        self.unembed = unembed
-
-    def contrib(self, xf, prompt, j):
-        U, b = self.unembed
-        logp = (xf @ U.T + b).float().log_softmax(-1)
-        return logp.gather(-1, self.targets.to(xf.device)[prompt, j][:, None])[:, 0].to(xf.dtype)
-
-    def from_logits(self, logits):
-        logp = logits[:, -self.k:].float().log_softmax(-1)
-        return logp.gather(-1, self.targets.to(logits.device)[..., None])[..., 0].sum(-1).mean()
-
-
-def make_metric(batch: PairBatch, name: str = "logit_diff", model: Any = None) -> Metric:
-    """The metric `name` for `batch`; `model` (bridge or HF) binds the unembedding the engine reads."""
-    U = None if model is None else (weights(model).unembed, weights(model).unembed_bias)
-    if name == "logit_diff":
-        return LogitDiff(batch.bad, batch.good, U)
-    if name == "logprob":
-        return LogProb(batch.continuation, U)
-    raise ConfigError(f"unknown metric {name!r}; choose one of {METRICS}")
 
 
 # --- dense runs: baselines, cached activations, gradients, and set patching --------------------
@@ -366,7 +140,7 @@ def forward(W: Weights, tokens: Int[Tensor, "n pos"], metric: Metric, hook: Hook
     x = W.embed[tokens] if embed is None else embed
     for l in range(W.n_layers):
         x = hook("resid_pre", l, x)
-        q, k, v = _qkv(W, l, x.detach() if l == drop_layer else x, cos, sin)
+        q, k, v = qkv(W, l, x.detach() if l == drop_layer else x, cos, sin)
         q, k, v = hook("q", l, q), hook("k", l, k), hook("v", l, v)
         if keep_kv:
             kv["k"].append(k)
@@ -380,12 +154,12 @@ def forward(W: Weights, tokens: Int[Tensor, "n pos"], metric: Metric, hook: Hook
         z = hook("z", l, z)
         a = hook("attn_out", l, z.flatten(-2) @ W.wo[l])
         x = hook("resid_mid", l, x + a)
-        m = hook("mlp_out", l, _mlp(W, l, x.detach() if l == drop_layer else x))
+        m = hook("mlp_out", l, mlp(W, l, x.detach() if l == drop_layer else x))
         x = x + m
         if l < W.n_layers - 1:
             x = hook("resid_post", l, x)
     x = hook("resid_post", W.n_layers - 1, x)
-    return metric.dense(_rms(x[:, T - metric.k:], W.norm, W.eps)), kv
+    return metric.dense(rms_norm(x[:, T - metric.k:], W.norm, W.eps)), kv
 
 
 def run_cache(W: Weights, tokens: Tensor, metric: Metric, acts: Sequence[str],
@@ -480,7 +254,7 @@ def _suffix(W: Weights, base: dict[str, Tensor], var: _Chunk, metric: Metric,
         last = l == L - 1
         insert(l, 0, metric_only=False)
         if x.shape[0]:
-            q, kk, vv = _qkv(W, l, x, cos_t[t_pos], sin_t[t_pos])
+            q, kk, vv = qkv(W, l, x, cos_t[t_pos], sin_t[t_pos])
             flops += x.shape[0] * 2 * d * qkv_out
             arows, local = torch.unique(t_row, return_inverse=True)
             Kf = base["k"][l][row_prompt[arows]]            # keys of positions < start: the base run's
@@ -501,10 +275,10 @@ def _suffix(W: Weights, base: dict[str, Tensor], var: _Chunk, metric: Metric,
             flops += x.shape[0] * 2 * hd * d + float((t_pos + 1).sum()) * 4 * hd
         insert(l, 1, metric_only=last)
         if x.shape[0]:
-            x = _mlp_residual(W, l, x)
+            x = mlp_residual(W, l, x)
             flops += x.shape[0] * 6 * d * W.d_mlp
     insert(L, 0, metric_only=True)
-    xf = _rms(x, W.norm, W.eps)
+    xf = rms_norm(x, W.norm, W.eps)
     j = t_pos - (T - k)
     res = base_contrib[row_prompt].clone()
     res[t_row, j] = metric.contrib(xf, row_prompt[t_row], j)
@@ -857,12 +631,6 @@ class _NoMetric(Metric):
         return xf.new_zeros(xf.shape[0], 0)
 
 
-def contributions(W: Weights, final_resid: Tensor, m: Metric) -> Tensor:
-    """Per-position metric contributions ([n, k]) from the final residual ([n, pos, d])."""
-    T = final_resid.shape[1]
-    return m.dense(_rms(final_resid[:, T - m.k:], W.norm, W.eps))
-
-
 @torch.no_grad()
 def prepare(model: Any, batch: PairBatch, metric: str | Metric = "logit_diff",
             acts: Sequence[str] = DEFAULT_ACTS, cache: Any = None, checkpoint_sha: str | None = None) -> Runs:
@@ -962,9 +730,7 @@ def tl_patch(bridge: Any, batch: PairBatch, kind: str = "resid_pre", metric: str
 
     K = get_kind(kind)
     m = make_metric(batch, metric)
-    clean_t, corr_t = batch.inputs(m.name)
-    check_aligned(clean_t, corr_t)
-    base_t, src_t = (corr_t, clean_t) if direction == "denoising" else (clean_t, corr_t)
+    base_t, src_t = oriented(batch, m.name, direction)
     t0 = time.perf_counter()
     with torch.no_grad():
         src_logits, src_cache = bridge.run_with_cache(src_t)

@@ -51,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import results
-from .errors import ConfigError, SuiteError, WorkbenchError
+from .errors import ConfigError, SuiteError
 from .files import atomic_path, remove_stale_temps, sha256_json
 from .models import check_parity, offline
 from .organisms import muon
@@ -508,15 +508,7 @@ class Run:
         return sha256_json({"series": self.series_key, "step": step})
 
     def up_to_date(self, step: int) -> bool:
-        name = checkpoint_in_series(self.name, step)
-        if name not in self.suite.names or self.suite.entry(name).build_key != self.checkpoint_key(step):
-            return False
-        try:
-            self.suite.verify(name)
-            return True
-        except WorkbenchError as e:
-            self.log_fn(f"re-saving {name}: {e}")
-            return False
+        return self.suite.is_built(checkpoint_in_series(self.name, step), self.checkpoint_key(step), self.log_fn)
 
     def save_checkpoint(self, model: torch.nn.Module, step: int, log: list[dict]) -> Entry:
         """Weights + tokenizer + info (atomically, via the Builder's writer), parity, manifest entry."""

@@ -15,13 +15,13 @@ import shutil
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 import torch
 from safetensors import safe_open
 
-from .errors import ArchitectureMismatch, CheckpointError, SuiteError, UnknownCheckpoint
+from .errors import ArchitectureMismatch, CheckpointError, SuiteError, UnknownCheckpoint, WorkbenchError
 from .files import atomic_path, sha256_file, write_json
 
 MANIFEST = "suite.json"
@@ -266,6 +266,19 @@ class Suite:
             diff = {k: (mine[k], theirs[k]) for k in ARCH_KEYS if mine[k] != theirs[k]}
             raise ArchitectureMismatch(f"{name!r} does not match its parent {e.parent!r}: {diff} "
                                        "(mine, parent's); register it without --parent or fix the model")
+
+    def is_built(self, name: str, build_key: str, log: Callable[[str], None] = print) -> bool:
+        """True when `name` is in the suite, was built from `build_key` and its files still verify:
+        a resumed build skips it. A checkpoint that fails verification is logged and rebuilt, not
+        trusted."""
+        if name not in self.names or self.entry(name).build_key != build_key:
+            return False
+        try:
+            self.verify(name)
+            return True
+        except WorkbenchError as e:
+            log(f"rebuilding {name}: {e}")
+            return False
 
     def verify_all(self, names: Iterable[str] | None = None) -> None:
         for n in names or self.names:

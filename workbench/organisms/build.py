@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from ..errors import CheckpointError, ConfigError, WorkbenchError
+from ..errors import ConfigError, WorkbenchError
 from ..files import atomic_path, remove_stale_temps, sha256_json
 from ..models import check_parity, offline
 from ..suite import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
@@ -151,16 +151,6 @@ class Builder:
         return sha256_json(self.suite.manifest["tokenizer"]["files"])
 
     # --- one checkpoint ------------------------------------------------------------------------
-    def _up_to_date(self, name: str, key: str) -> bool:
-        if name not in self.suite.names or self.suite.entry(name).build_key != key:
-            return False
-        try:
-            self.suite.verify(name)
-            return True
-        except CheckpointError as e:
-            self.log(f"rebuilding {name}: {e}")
-            return False
-
     def _train_one(self, name: str, role: str, parent: str | None, preset: Preset, seed: int,
                    recipe: DataRecipe, tcfg: TrainConfig, items: Callable[[], Iterator[Item]],
                    method: str) -> str:
@@ -168,7 +158,7 @@ class Builder:
                            "recipe": recipe.to_dict(), "seed": seed, "method": method,
                            "parent": self.suite.sha256(parent) if parent else None,
                            "tokenizer": self._tokenizer_hash()})
-        if self._up_to_date(name, key):
+        if self.suite.is_built(name, key, self.log):
             return name
         tok = self.tokenizer
         torch.manual_seed(seed)
