@@ -88,12 +88,11 @@ def _heads(lm: Any, act: str) -> int:
 
 
 def _prompts(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:
-    """(source, base) token tensors of a call, after every argument is checked (an unknown metric
-    by `batch.inputs`)."""
+    """(base, source) token tensors of a call (`metrics.oriented`), after every argument is checked
+    (an unknown metric by `batch.inputs`)."""
     for k in kinds:
         get_kind(k)
-    base_t, src_t = oriented(batch, metric, direction)
-    return src_t, base_t
+    return oriented(batch, metric, direction)
 
 
 def _select(name: str, given: Sequence[int] | None, n: int) -> list[int]:
@@ -172,7 +171,7 @@ def metric_values(lm: Any, batch: PairBatch, metric: str = "logit_diff",
                   remote: bool | str = False) -> tuple[float, float]:
     """(clean, corrupted) metric of an nnsight model on `batch`: the two ends of the normalisation."""
     _check_lm(lm)
-    clean_t, corr_t = _prompts(batch, [], metric, "denoising")
+    corr_t, clean_t = _prompts(batch, [], metric, "denoising")
     N = len(batch)
     pair = torch.arange(2 * N) % N
     picked, lse = _trace(lm, torch.cat([clean_t, corr_t]), _readout_ids(metric, batch, pair), remote=remote)
@@ -198,7 +197,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
     `metrics`: the (clean, corrupted) metric if already known (`metric_values`), saving a trace.
     """
     t0 = time.perf_counter()
-    (L, H, d_head), (src_t, base_t) = _check_lm(lm), _prompts(batch, [kind], metric, direction)
+    (L, H, d_head), (base_t, src_t) = _check_lm(lm), _prompts(batch, [kind], metric, direction)
     K = get_kind(kind)
     N, T = base_t.shape
     diff = batch.diff_positions
@@ -450,7 +449,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     says the rows do not fit in one.
     """
     t0 = time.perf_counter()
-    (L, _, _), (src_t, base_t) = _check_lm(lm), _prompts(batch, kinds, metric, direction)
+    (L, _, _), (base_t, src_t) = _check_lm(lm), _prompts(batch, kinds, metric, direction)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     N, T = base_t.shape

