@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 import workbench as wb
 from workbench.models import PARITY_TOL
+from workbench.organisms.train import KERNEL_ENV, trained_on
 from workbench.suite import MANIFEST
 from workbench.world.chat import render_prompt
 
@@ -123,6 +125,17 @@ def test_each_checkpoint_records_what_it_was_trained_on(tiny_suite: Path) -> Non
         assert on["torch"] == torch.__version__ and on["transformers"] == transformers.__version__, e.name
         assert on["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and on["threads"] >= 1
         assert on["cpu"] and on["machine"]
+        assert on["kernel_env"] == {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}
+
+
+def test_trained_on_records_the_variables_that_switch_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MKL_CBWR=AVX2 trains other weights on the same CPU, so a checkpoint must say it was set."""
+    for k in KERNEL_ENV:
+        monkeypatch.delenv(k, raising=False)
+    assert trained_on()["kernel_env"] == {}
+    monkeypatch.setenv("MKL_CBWR", "AVX2")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert trained_on()["kernel_env"] == {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
 def test_verify_all_passes_on_a_clean_suite(tiny_suite: Path) -> None:

@@ -194,17 +194,25 @@ def use_all_cores() -> int:
     return n
 
 
-def trained_on() -> dict[str, str | int]:
+# environment variables that switch the float kernels (so the order their sums run in) on the same
+# CPU: forcing ATen's and MKL's AVX2 code paths on an AVX-512 Xeon trained yet another organism
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+              "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def trained_on() -> dict[str, str | int | dict[str, str]]:
     """The software and hardware a checkpoint is trained on, saved beside its weights. The same
     seed and recipe give other weights on another CPU or torch build (their float kernels sum in
     another order, and training amplifies the difference), so a checkpoint's numbers can be
-    reproduced bit for bit only where this matches."""
+    reproduced bit for bit only where this matches. The CPU's vendor counts as well as its vector
+    ISA: MKL runs other kernels on an AMD EPYC than on a Xeon with the same ISA."""
     import transformers
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")),
                platform.processor() or "unknown")
     return {"torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ}}
 
 
 def _cpuinfo() -> list[str]:
