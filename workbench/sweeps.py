@@ -120,8 +120,7 @@ def get_recipe(name: str) -> Recipe:
 
 
 def primary_size(suite: Suite) -> str:
-    presets = suite.manifest.get("build", {}).get("config", {}).get("presets") or ["small"]
-    return presets[0]
+    return suite.primary_preset
 
 
 def organism_info(suite: Suite, name: str) -> dict[str, Any]:

