@@ -32,7 +32,7 @@ from workbench.errors import WorkbenchError
 from workbench.files import write_json
 from workbench.results import latest
 from workbench.suite import load_suite
-from workbench.sweeps import SERIES_ANALYSIS, primary_size, sanitized_names, save_persistence
+from workbench.sweeps import SERIES_ANALYSIS, sanitized_names, save_persistence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,7 +63,7 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
     curves, series, agg = result.table("curves"), result.table("series"), result.table("aggregate")
     out = out or suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    primary = primary_size(suite)
+    primary = suite.primary_preset
     builders = {
         "persistence_curves": lambda: pp.persistence_by(curves, "size"),
         "persistence_variants": lambda: pp.persistence_by(curves[curves["size"] == primary], "variant", None,

