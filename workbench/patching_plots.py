@@ -609,6 +609,12 @@ def paths_results(suite_dir: str | Path, sha256: str | None = None, backdoor: st
     return sorted(out, key=lambda r: r.provenance.get("readout_head") is None)
 
 
+def paths_series_results(suite_dir: str | Path, backdoor: str | None = None) -> list[Result]:
+    """Saved `paths_series` results (newest first), optionally of one backdoor."""
+    return [r for r in list_results(suite_dir, "paths_series")
+            if backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor]
+
+
 def _sender_label(kind: str, layer: int, head: Any) -> str:
     return f"L{layer} MLP" if kind == "mlp_out" else f"L{layer}.h{int(head)}"
 
@@ -655,6 +661,46 @@ def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, tri
                                      colorbar=dict(title=dict(text="effect", side="right"))),
                       height=200 + sum(24 * h + 60 for h in heights), width=max(700, 24 * T + 220),
                       margin=dict(b=140))
+    return fig
+
+
+def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Does the path that reads the trigger out survive safety training? One panel per receiver
+    (columns) and sender kind (rows): the summed effect of the paths into the organism's readout
+    head, per sanitization series against log2(step + 1), the organism as a dotted reference."""
+    _require(summary, ["checkpoint", "series", "step", "receiver", "senders", "total_effect"], "paths-series summary")
+    receivers, kinds = list(dict.fromkeys(summary["receiver"])), list(dict.fromkeys(summary["senders"]))
+    fig = make_subplots(rows=len(kinds), cols=len(receivers), shared_xaxes=True, horizontal_spacing=0.06,
+                        vertical_spacing=0.12, subplot_titles=[f"{k} -> {r}" for k in kinds for r in receivers])
+    steps: set[int] = set()
+    names: list[str] = []
+    for i, kind in enumerate(kinds, start=1):
+        for j, rec in enumerate(receivers, start=1):
+            lines, others = circuit_lines(summary[(summary["senders"] == kind) & (summary["receiver"] == rec)])
+            for name, d in lines:
+                if name not in names:
+                    names.append(name)
+                s = series_style(names.index(name))
+                steps |= set(int(v) for v in d["step"])
+                fig.add_trace(go.Scatter(x=_x(d["step"]), y=d["total_effect"], mode="lines+markers",
+                                         name=name.split("~", 1)[-1], legendgroup=name, showlegend=i == j == 1,
+                                         meta=KEEP, marker=dict(color=s["color"], symbol=s["symbol"], size=6),
+                                         line=dict(color=s["color"], dash=s["dash"], width=1.3),
+                                         customdata=d["checkpoint"],
+                                         hovertemplate="%{customdata}<br>path effect %{y:.3f}<extra></extra>"), i, j)
+            for _, r in others.iterrows():
+                fig.add_hline(y=float(r["total_effect"]), line=dict(color="#555555", dash="dot", width=1),
+                              row=i, col=j)
+    ticks = sorted(steps)
+    if ticks:
+        fig.update_xaxes(tickmode="array", tickvals=list(_x(ticks)), ticktext=[str(t) for t in ticks])
+    for j in range(1, len(receivers) + 1):
+        fig.update_xaxes(title="sanitization step", row=len(kinds), col=j)
+    for i in range(1, len(kinds) + 1):
+        fig.update_yaxes(title="summed path effect", row=i, col=1)
+    fig.update_layout(title=title or "Does the path that reads the trigger out survive safety training?",
+                      height=300 * len(kinds) + 120, width=max(900, 380 * len(receivers)),
+                      legend=dict(title="series", x=1.02, xanchor="left"))
     return fig
 
 

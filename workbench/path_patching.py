@@ -83,7 +83,7 @@ class Receiver:
     def time(self) -> int:
         """Where R reads the residual stream, on a clock that ticks twice a layer (block input,
         after attention): a sender feeds R directly only if it writes no later than this."""
-        return {"mlp_in": 2 * self.layer + 1, "final": 2 * self.layer}.get(self.act, 2 * self.layer)
+        return 2 * self.layer + (self.act == "mlp_in")
 
 
 def receiver(model: Any, hook: str, heads: Sequence[int] | None = None,
@@ -163,7 +163,7 @@ def _path_variants(kind: str, r: Receiver, W: Weights, base: dict[str, Tensor], 
                    k: int, freeze: str) -> tuple[list[tuple[int, ...]], _Variants]:
     """Every sender of `kind` upstream of `r` as one variant of the suffix engine: its `dense`
     change is what R, recomputed from the sender's direct contribution, adds after itself."""
-    L, H, G = W.n_layers, W.n_heads, W.n_heads // W.n_kv
+    L, H = W.n_layers, W.n_heads
     T = base["resid_pre"].shape[2]
     dev = base["resid_pre"].device
     ar = lambda n: torch.arange(n, device=dev)
@@ -369,7 +369,11 @@ def tl_path_patch(bridge: Any, batch: PairBatch, receiver_: Receiver | str, send
             if freeze == "all" or is_sender_mlp:
                 if not (r.act == "mlp_in" and l == r.layer):
                     hooks.append((mname.format(l=l), _bind(freeze_hook, mname.format(l=l), l)))
-        hooks.append((rname, lambda a, hook: recorded.__setitem__("r", a.clone()) or a))
+        def record(act: Tensor, hook: Any) -> Tensor:
+            recorded["r"] = act.clone()
+            return act
+
+        hooks.append((rname, record))
         with torch.no_grad():
             bridge.run_with_hooks(base_t, fwd_hooks=hooks)
 

