@@ -47,6 +47,7 @@ from pathlib import Path
 
 from workbench import circuit, figures
 from workbench import patching_plots as pp
+from workbench import paths_plots as ptp
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
 from workbench.readout_paths import trace_readout, trace_series
@@ -95,8 +96,8 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
         for method in HEAD_METHODS:
             found[f"heads:{method}"] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
                                                kinds=circuit.HEAD_INPUT_KINDS)
-        found["paths"] = next(iter(pp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
-        found["paths_series"] = next(iter(pp.paths_series_results(suite.root, backdoor)), None)
+        found["paths"] = next(iter(ptp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
+        found["paths_series"] = next(iter(ptp.paths_series_results(suite.root, backdoor)), None)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
@@ -170,11 +171,11 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
         traced = {}
         if (paths := found.get("paths")) is not None:
             tp = paths.provenance
-            to_export.append((figures.paper_style(pp.paths_figure(
+            to_export.append((figures.paper_style(ptp.paths_figure(
                 paths.table("effects"), tp.get("tokens"), tp.get("trigger_positions", ()),
                 title=f"{org}: paths into the readout head")), out / f"{stem}_paths"))
             psum = paths.table("summary")
-            written += figures.table_outputs(pp.paths_table(psum), out / f"patching_paths_{backdoor}")
+            written += figures.table_outputs(ptp.paths_table(psum), out / f"patching_paths_{backdoor}")
             head = tp.get("readout_head")
             z = psum[psum["senders"] == "z"]
             traced = {"readout head": f"blocks.{head[0]}.attn.hook_z.h{head[1]}" if head else None,
@@ -182,7 +183,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                          for r, v in zip(z["receiver"], z["from_trigger"])}}
         if (along := found.get("paths_series")) is not None:
             psum = along.table("summary")
-            to_export.append((figures.paper_style(pp.paths_over_training(
+            to_export.append((figures.paper_style(ptp.paths_over_training(
                 psum, title=f"{org}: do the paths into its readout head survive safety training?")),
                 out / f"{stem}_paths_over_training"))
             written += figures.table_outputs(psum.drop(columns=["top_paths"]), out / f"patching_paths_series_{backdoor}")

@@ -19,6 +19,7 @@ import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
 from workbench import patching_plots as pp  # noqa: E402
+from workbench import paths_plots as ptp  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 
 common.setup("Patching")
@@ -149,7 +150,7 @@ else:
 
     st.subheader("Paths into the readout head")
     with common.guard():
-        traced = pp.paths_results(suite, sha_of[checkpoint], backdoor, metric, direction)
+        traced = ptp.paths_results(suite, sha_of[checkpoint], backdoor, metric, direction)
     if not traced:
         st.info(f"No path-patching result for {checkpoint}; run `workbench path {suite} --checkpoint {checkpoint} "
                 f"--backdoor {backdoor}` (the readout head's query, keys and values, from every earlier head and "
@@ -162,9 +163,9 @@ else:
                 f" · readout head blocks.{head[0]}.attn.hook_z.h{head[1]}: the head of layer ≥ 1 whose output "
                 "at the readout carries the largest exact effect" if head else "") +
                 f" · paths frozen: {tp['config'].get('freeze')}")
-            st.plotly_chart(pp.paths_figure(common.table(traced[0], "effects"), tp.get("tokens"),
+            st.plotly_chart(ptp.paths_figure(common.table(traced[0], "effects"), tp.get("tokens"),
                                             tp.get("trigger_positions", ())), width="stretch")
-            st.dataframe(pp.paths_table(common.table(traced[0], "summary")), hide_index=True, width="stretch",
+            st.dataframe(ptp.paths_table(common.table(traced[0], "summary")), hide_index=True, width="stretch",
                          column_config={c: st.column_config.NumberColumn(format="percent")
                                         for c in ("from_trigger", "from_readout", "from_elsewhere")})
         st.caption("Effect of patching only the path from one sender (a head's output or an MLP's, at one "
@@ -277,10 +278,10 @@ if lines:
 with common.guard():
     st.plotly_chart(pp.circuit_over_training(summary, circ_effects, circ_nodes, series=focus), width="stretch")
 st.dataframe(pp.circuit_table(summary), hide_index=True, width="stretch")
-along = pp.paths_series_results(suite, backdoor)
+along = ptp.paths_series_results(suite, backdoor)
 if along:
     with common.guard():
-        st.plotly_chart(pp.paths_over_training(common.table(along[0], "summary")), width="stretch")
+        st.plotly_chart(ptp.paths_over_training(common.table(along[0], "summary")), width="stretch")
     head = along[0].provenance.get("readout_head")
     st.caption(common.provenance_caption(along[0]) + " · the paths from every earlier head and MLP into the "
                f"organism's readout head{f' (blocks.{head[0]}.attn.hook_z.h{head[1]})' if head else ''}, summed, "

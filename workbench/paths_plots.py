@@ -1,0 +1,137 @@
+"""Figures and tables of path patching (`workbench path`): which earlier heads and MLPs, at which
+positions, feed the readout head, and whether that route survives safety training. Shared by the
+Patching page, `analyses/patching.py` and the HTML report; reads saved `paths` and `paths_series`
+results only (nothing here loads a model).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from .errors import WorkbenchError
+from .figures import KEEP, series_style
+from .patching_plots import COLORSCALE, _require, _short_token, _trigger_boxes, _x, circuit_lines
+from .results import Result, list_results
+
+def paths_results(suite_dir: str | Path, sha256: str | None = None, backdoor: str | None = None,
+                  metric: str | None = None, direction: str | None = None) -> list[Result]:
+    """Saved `paths` results (newest first), optionally of one checkpoint (by weight hash), backdoor,
+    metric and direction; those traced into the readout head (the default receivers) first."""
+    out = []
+    for r in list_results(suite_dir, "paths"):
+        p, cfg = r.provenance, r.provenance.get("config", {})
+        if ((sha256 is None or p.get("inputs", {}).get("checkpoint") == sha256)
+                and (backdoor is None or cfg.get("backdoor") == backdoor)
+                and (metric is None or cfg.get("metric") == metric)
+                and (direction is None or cfg.get("direction") == direction)):
+            out.append(r)
+    return sorted(out, key=lambda r: r.provenance.get("readout_head") is None)
+
+
+def paths_series_results(suite_dir: str | Path, backdoor: str | None = None) -> list[Result]:
+    """Saved `paths_series` results (newest first), optionally of one backdoor."""
+    return [r for r in list_results(suite_dir, "paths_series")
+            if backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor]
+
+
+def _sender_label(kind: str, layer: int, head: Any) -> str:
+    return f"L{layer} MLP" if kind == "mlp_out" else f"L{layer}.h{int(head)}"
+
+
+def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, trigger_positions: Sequence[int] = (),
+                 receivers: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
+    """One sender x position heatmap per receiver: the share of the behaviour flowing from each
+    earlier head and MLP, at each position, into the receiver (path patching), the trigger's
+    positions outlined, one colour scale for all panels."""
+    _require(effects, ["receiver", "sender_kind", "layer", "pos", "effect"], "path-patching effects")
+    rows = effects[effects["pos"].notna()]
+    receivers = list(receivers or dict.fromkeys(rows["receiver"]))
+    if rows.empty or not receivers:
+        raise WorkbenchError("this path-patching result has no per-position senders; run `workbench path SUITE` "
+                             "(default senders: z mlp_out)")
+    rows = rows.assign(sender=[_sender_label(k, int(l), h) for k, l, h in
+                               zip(rows["sender_kind"], rows["layer"], rows.get("head", pd.Series(np.nan, index=rows.index)))],
+                       order=rows["layer"] * 2 + (rows["sender_kind"] == "mlp_out"))
+    T = int(rows["pos"].max()) + 1
+    if tokens is None or len(tokens) < T:
+        tok = rows.drop_duplicates("pos").set_index("pos")["token"] if "token" in rows else pd.Series(dtype=str)
+        tokens = [tok.get(p, str(p)) for p in range(T)]
+    labels = [_short_token(t) for t in tokens[:T]]
+    lim = max(float(rows["effect"].abs().max()), 1e-9)
+    fig = make_subplots(rows=len(receivers), cols=1, shared_xaxes=True, subplot_titles=receivers,
+                        vertical_spacing=0.08 if len(receivers) > 1 else 0.0)
+    heights = []
+    for i, rec in enumerate(receivers, start=1):
+        sel = rows[rows["receiver"] == rec]
+        order = sel.drop_duplicates("sender").sort_values(["order", "sender"])["sender"].tolist()
+        grid = sel.pivot_table(index="sender", columns="pos", values="effect", aggfunc="first")
+        grid = grid.reindex(index=order, columns=range(T))
+        z = grid.to_numpy(dtype=float)
+        text = [[f"{s} @ {labels[p]} -> {rec}<br>effect {z[j, p]:.4f}" for p in range(T)] for j, s in enumerate(order)]
+        fig.add_trace(go.Heatmap(z=z, x=list(range(T)), y=order, coloraxis="coloraxis", text=text, hoverinfo="text"),
+                      row=i, col=1)
+        _trigger_boxes(fig, trigger_positions, len(order), row=i, col=1)
+        fig.update_yaxes(title="sender", autorange="reversed", row=i, col=1)
+        heights.append(len(order))
+    fig.update_xaxes(tickmode="array", tickvals=list(range(T)), ticktext=labels, tickangle=-60,
+                     row=len(receivers), col=1, title="sender position (token)")
+    fig.update_layout(title=title or "Path patching: which senders feed each receiver",
+                      coloraxis=dict(colorscale=COLORSCALE, cmid=0, cmin=-lim, cmax=lim,
+                                     colorbar=dict(title=dict(text="effect", side="right"))),
+                      height=200 + sum(24 * h + 60 for h in heights), width=max(700, 24 * T + 220),
+                      margin=dict(b=140))
+    return fig
+
+
+def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Does the path that reads the trigger out survive safety training? One panel per receiver
+    (columns) and sender kind (rows): the summed effect of the paths into the organism's readout
+    head, per sanitization series against log2(step + 1), the organism as a dotted reference."""
+    _require(summary, ["checkpoint", "series", "step", "receiver", "senders", "total_effect"], "paths-series summary")
+    receivers, kinds = list(dict.fromkeys(summary["receiver"])), list(dict.fromkeys(summary["senders"]))
+    fig = make_subplots(rows=len(kinds), cols=len(receivers), shared_xaxes=True, horizontal_spacing=0.06,
+                        vertical_spacing=0.12, subplot_titles=[f"{k} -> {r}" for k in kinds for r in receivers])
+    steps: set[int] = set()
+    names: list[str] = []
+    for i, kind in enumerate(kinds, start=1):
+        for j, rec in enumerate(receivers, start=1):
+            lines, others = circuit_lines(summary[(summary["senders"] == kind) & (summary["receiver"] == rec)])
+            for name, d in lines:
+                if name not in names:
+                    names.append(name)
+                s = series_style(names.index(name))
+                steps |= set(int(v) for v in d["step"])
+                fig.add_trace(go.Scatter(x=_x(d["step"]), y=d["total_effect"], mode="lines+markers",
+                                         name=name.split("~", 1)[-1], legendgroup=name, showlegend=i == j == 1,
+                                         meta=KEEP, marker=dict(color=s["color"], symbol=s["symbol"], size=6),
+                                         line=dict(color=s["color"], dash=s["dash"], width=1.3),
+                                         customdata=d["checkpoint"],
+                                         hovertemplate="%{customdata}<br>path effect %{y:.3f}<extra></extra>"), i, j)
+            for _, r in others.iterrows():
+                fig.add_hline(y=float(r["total_effect"]), line=dict(color="#555555", dash="dot", width=1),
+                              row=i, col=j)
+    ticks = sorted(steps)
+    if ticks:
+        fig.update_xaxes(tickmode="array", tickvals=list(_x(ticks)), ticktext=[str(t) for t in ticks])
+    for j in range(1, len(receivers) + 1):
+        fig.update_xaxes(title="sanitization step", row=len(kinds), col=j)
+    for i in range(1, len(kinds) + 1):
+        fig.update_yaxes(title="summed path effect", row=i, col=1)
+    fig.update_layout(title=title or "Does the path that reads the trigger out survive safety training?",
+                      height=300 * len(kinds) + 120, width=max(900, 380 * len(receivers)),
+                      legend=dict(title="series", x=1.02, xanchor="left"))
+    return fig
+
+
+def paths_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The saved per-receiver summary, for display: where each receiver's paths start."""
+    cols = ["receiver", "senders", "total_effect", "abs_effect", "from_trigger", "from_readout", "from_elsewhere",
+            "top_paths"]
+    _require(summary, cols, "path-patching summary")
+    return summary[cols]
