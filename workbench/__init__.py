@@ -37,7 +37,7 @@ from .attribution import atp
 from .circuit import Circuit, circuit_series, default_series, minimal_circuit, patch_checkpoint
 from .pairs import PairBatch, make_pairs
 from .patching import PatchResult, exact as exact_patch
-from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch
+from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch, path_patch as nnsight_path_patch
 # path patching: which earlier heads and MLPs, at which positions, feed a head (the readout head by default)
 from . import path_patching, readout_paths  # modules
 from .path_patching import Receiver, path_patch, receiver
@@ -58,4 +58,5 @@ __all__ = [
     "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
     "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
     "path_patching", "readout_paths", "Receiver", "path_patch", "receiver", "Paths", "trace_readout",
+    "nnsight_path_patch",
 ]

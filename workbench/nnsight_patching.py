@@ -142,15 +142,27 @@ def _trace(lm: Any, tokens: Tensor, ids: Tensor, act: str | None = None, masks: 
     """One forward over `tokens`; at each layer of `masks`, rows where the mask is set take
     `src_row`'s activation `act` from this same pass. Returns the logits at `ids` and the
     log-normaliser of the last `ids.shape[1]` positions."""
+    edits = {(layer, act): [(mask, src_row)] for layer, mask in (masks or {}).items()}
+    return _trace_edits(lm, tokens, ids, edits, d_head, remote)
+
+
+def _trace_edits(lm: Any, tokens: Tensor, ids: Tensor, edits: dict[tuple[int, str], list[tuple[Tensor, Tensor]]],
+                 d_head: int, remote: bool | str = False) -> tuple[Tensor, Tensor]:
+    """One forward over `tokens` with, at each (layer, activation) of `edits`, rows where a mask
+    ([rows, pos, heads or 1]) is set taking the activation of their `from_row` in this same pass,
+    later edits of a site over earlier ones, all read from the site's unedited value."""
+    from .access import _EXEC_ORDER
     k = int(ids.shape[1])
-    # ascending layers: the order the model runs them; [rows, pos, head] masks widen to o_proj's input
-    edits = [(*nnsight_site(lm, act, layer), mask, d_head if act in HEAD_ACTS else 1) for layer, mask in (masks or {}).items()]
+    order = sorted(edits, key=lambda la: (la[0], _EXEC_ORDER.index(la[1])))  # nnsight serves sites in run order
+    plan = [(*nnsight_site(lm, a, layer), d_head if a in HEAD_ACTS else 1, edits[layer, a]) for layer, a in order]
     with torch.no_grad(), lm.trace(tokens, remote=remote):  # built-ins, torch and envoys only: see nnsight_site
-        for envoy, attr, item, mask, width in edits:
+        for envoy, attr, item, width, steps in plan:
             x = getattr(envoy, attr)
             x = x if item is None else x[item]
-            m = mask.to(x.device).repeat_interleave(width, dim=-1)
-            x[:] = torch.where(m, x[src_row.to(x.device)], x)
+            y = x
+            for mask, rows in steps:
+                y = torch.where(mask.to(x.device).repeat_interleave(width, dim=-1), x[rows.to(x.device)], y)
+            x[:] = y
         logits = lm.lm_head.output[:, -k:].float()
         picked = logits.gather(-1, ids.to(logits.device)).save()
         lse = logits.logsumexp(-1).save()
@@ -241,6 +253,102 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
             "activation_cache": "off", "seconds": time.perf_counter() - t0}
     return PatchResult(kind, out.view(plan.shape).float(), K.dims, names, batch.token_labels(metric),
                        clean_m, corr_m, direction, "nnsight", scale, prov)
+
+
+def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_pos", metric: str = "logit_diff",
+               direction: str = "denoising", freeze: str = "all", remote: bool | str = False,
+               memory_bytes: float | None = None, variants_per_trace: int | None = None, scale: float | None = None,
+               progress: bool = True, metrics: tuple[float, float] | None = None) -> PatchResult:
+    """Path patching through nnsight interventions: equal to `path_patching.path_patch` (the
+    engine) on the same model and pairs, and runs on a remote model too.
+
+    Both passes of the hook algorithm ride in one trace: after the source and the base prompts,
+    a block of frozen copies (every head output, and with `freeze="all"` every MLP output, taken
+    from the pair's base row, the sender's from its source row) and a block of plain copies whose
+    receiver takes the frozen copy's value at the same site, in the same pass, since the frozen
+    copy computes it first or at the same module call."""
+    from .path_patching import FREEZE, SENDERS, _positions, n_senders, receiver
+    t0 = time.perf_counter()
+    L, H, d_head = _check_lm(lm)
+    if senders not in SENDERS:
+        raise ConfigError(f"unknown sender kind {senders!r}; choose one of {list(SENDERS)}")
+    if freeze not in FREEZE:
+        raise ConfigError(f"freeze={freeze!r}: choose 'all' (direct paths) or 'heads' (MLPs in between recompute)")
+    r = receiver(lm, receiver_) if isinstance(receiver_, str) else receiver_
+    Ls = n_senders(senders, r)
+    if Ls == 0:
+        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose head senders or a later receiver")
+    base_t, src_t = _prompts(batch, [], metric, direction)
+    N, T = base_t.shape
+    at_r = _positions(r, T, base_t.device)
+    dims = SENDERS[senders]
+    shape = (Ls,) + tuple(T if d == "pos" else H for d in dims[1:])
+    index = torch.cartesian_prod(*[torch.arange(n) for n in shape]).view(-1, len(shape))
+    pos = index[:, 1] if "pos" in dims else torch.full((len(index),), -1)
+    head = index[:, -1] if "head" in dims else torch.full((len(index),), -1)
+    first = batch.diff_positions[0] if batch.diff_positions else T
+    noop = (pos >= 0) & (pos < first)               # source and base agree there bit for bit
+    clean_m, corr_m = metrics or metric_values(lm, batch, metric, remote=remote)
+    base_m = corr_m if direction == "denoising" else clean_m
+    out = torch.full((len(index),), base_m, dtype=torch.float64)
+    todo = torch.nonzero(~noop).flatten()
+    k = int(_readout_ids(metric, batch, torch.zeros(1, dtype=torch.long)).shape[1])
+    if variants_per_trace is None:
+        budget = memory_bytes or (REMOTE_BUDGET if remote and remote != "local" else default_budget(getattr(lm, "device", "cpu")))
+        variants_per_trace = max(1, (int(budget / _row_bytes(lm, T, k)) // N - 2) // 2)
+    chunks = list(todo.split(variants_per_trace))
+    r_width = _heads(lm, r.act) if r.act in ("q", "k", "v") else 1
+    for sel in tqdm(chunks, desc=f"nnsight path {senders} -> {r.label}", disable=not progress or len(chunks) < 2,
+                    leave=False):
+        V = len(sel)
+        R = 2 * N + 2 * V * N                                       # [src; base; frozen copies; plain copies]
+        tokens = torch.cat([src_t, base_t, einops.repeat(base_t, "n t -> (c v n) t", c=2, v=V)])
+        pair = torch.arange(R) % N
+        frozen = torch.arange(2 * N, 2 * N + V * N)
+        plain = frozen + V * N
+        var_l = einops.repeat(index[sel, 0], "v -> (v n)", n=N)
+        var_p, var_h = (einops.repeat(t[sel], "v -> (v n)", n=N) for t in (pos, head))
+        from_src, from_base = pair, N + pair
+        from_frozen = torch.arange(R) - V * N                       # a plain copy's frozen twin
+
+        def mask(width: int, rows: Tensor, p: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+            m = torch.zeros(R, T, width, dtype=torch.bool)
+            if p is None and h is None:
+                m[rows] = True
+            else:
+                pp = torch.arange(T)[None, :].expand(len(rows), T) if p is None or bool((p < 0).all()) else p[:, None]
+                hh = torch.arange(width)[None, :].expand(len(rows), width) if h is None or bool((h < 0).all()) else h[:, None]
+                m[rows[:, None, None], pp[:, :, None], hh[:, None, :]] = True
+            return m
+
+        edits: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+        for layer in range(L):
+            z = [(mask(H, frozen), from_base)]
+            mo = [] if freeze == "heads" or (r.act == "mlp_in" and layer == r.layer) else [(mask(1, frozen), from_base)]
+            at = var_l == layer
+            if at.any() and senders.startswith("z"):
+                z.append((mask(H, frozen[at], var_p[at] if senders == "z" else None, var_h[at]), from_src))
+            if at.any() and senders == "mlp_out":
+                mo.append((mask(1, frozen[at], var_p[at]), from_src))
+            edits[layer, "z"] = z
+            if mo:
+                edits[layer, "mlp_out"] = mo
+        site = {"q": "q", "k": "k", "v": "v", "mlp_in": "mlp_out", "final": "resid_post"}[r.act]
+        r_layer = L - 1 if r.act == "final" else r.layer
+        rm = mask(r_width, plain) & at_r[None, :, None]
+        if r.heads is not None:
+            rm &= torch.isin(torch.arange(r_width), torch.tensor(r.heads))[None, None, :]
+        edits.setdefault((r_layer, site), []).append((rm, from_frozen))
+        picked, lse = _trace_edits(lm, tokens, _readout_ids(metric, batch, pair), edits, d_head, remote)
+        out[sel] = einops.reduce(_score(metric, picked, lse)[2 * N + V * N:], "(v n) -> v", "mean", n=N)
+    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
+    prov = {"kind": senders, "receiver": r.label, "freeze": freeze, "metric": metric, "direction": direction,
+            "method": "nnsight_path", "n_pairs": N, "n_pos": T, "prompt_sha256": batch.sha256(),
+            "backdoor": batch.backdoor, "n_variants": len(index), "n_noop": int(noop.sum()),
+            "n_traces": len(chunks) + (metrics is None), "variants_per_trace": variants_per_trace, "remote": remote,
+            "activation_cache": "off", "seconds": time.perf_counter() - t0}
+    return PatchResult(senders, out.view(shape).float(), dims, [hook.format(l=l) for l in range(Ls)],
+                       batch.token_labels(metric), clean_m, corr_m, direction, "nnsight_path", scale, prov)
 
 
 def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS,
