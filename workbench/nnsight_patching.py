@@ -312,13 +312,11 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
         from_frozen = torch.arange(R) - V * N                       # a plain copy's frozen twin
 
         def mask(width: int, rows: Tensor, p: Tensor | None = None, h: Tensor | None = None) -> Tensor:
+            """[R, T, width]: `rows`, at each row's position `p` and head `h` (None: all of them)."""
+            pp = torch.arange(T)[None, :].expand(len(rows), T) if p is None else p[:, None]
+            hh = torch.arange(width)[None, :].expand(len(rows), width) if h is None else h[:, None]
             m = torch.zeros(R, T, width, dtype=torch.bool)
-            if p is None and h is None:
-                m[rows] = True
-            else:
-                pp = torch.arange(T)[None, :].expand(len(rows), T) if p is None or bool((p < 0).all()) else p[:, None]
-                hh = torch.arange(width)[None, :].expand(len(rows), width) if h is None or bool((h < 0).all()) else h[:, None]
-                m[rows[:, None, None], pp[:, :, None], hh[:, None, :]] = True
+            m[rows[:, None, None], pp[:, :, None], hh[:, None, :]] = True
             return m
 
         edits: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
