@@ -178,9 +178,8 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             written += figures.table_outputs(ptp.paths_table(psum), out / f"patching_paths_{backdoor}")
             head = tp.get("readout_head")
             z = psum[psum["senders"] == "z"]
-            traced = {"readout head": f"blocks.{head[0]}.attn.hook_z.h{head[1]}" if head else None,
-                      **{f"paths from trigger, {r.split('.hook_')[1].split('@')[0].split('.')[0]}": v
-                         for r, v in zip(z["receiver"], z["from_trigger"])}}
+            traced = {"readout head": ptp.head_label(head) if head else None,
+                      **{f"paths from trigger, {act}": v for act, v in zip(z["receiver_act"], z["from_trigger"])}}
         if (along := found.get("paths_series")) is not None:
             psum = along.table("summary")
             to_export.append((figures.paper_style(ptp.paths_over_training(

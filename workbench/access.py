@@ -150,10 +150,12 @@ def hook_names(model: Any, kind: str, layers: Iterable[int] | None = None) -> li
     return [HOOK_KINDS[kind].format(l=x) for x in ls]
 
 
-def parse_hook(name: str, n_layers: int) -> tuple[str, int]:
-    """(kind, layer) of a canonical hook name, or a `ConfigError` naming the valid choices."""
+def parse_hook(name: str, n_layers: int, templates: dict[str, str] = HOOK_KINDS, noun: str = "hook",
+               also: str = "") -> tuple[str, int]:
+    """(kind, layer) of a canonical hook name, or a `ConfigError` naming the valid choices.
+    `templates`/`noun`/`also`: another family of layer-templated names (path patching's receivers)."""
     parts = name.split(".")
-    for kind, tmpl in HOOK_KINDS.items():
+    for kind, tmpl in templates.items():
         t = tmpl.split(".")
         if len(parts) == len(t) and all(a == b for a, b in zip(parts, t) if b != "{l}"):
             layer_str = parts[t.index("{l}")]
@@ -164,8 +166,8 @@ def parse_hook(name: str, n_layers: int) -> tuple[str, int]:
                 raise ConfigError(f"{name!r}: layer {layer} out of range; this model has {n_layers} layers "
                                   f"(valid: 0..{n_layers - 1})")
             return kind, layer
-    valid = ", ".join(f"{k} ({t})" for k, t in HOOK_KINDS.items())
-    raise ConfigError(f"unknown hook {name!r}; valid kinds and names: {valid}")
+    valid = ", ".join(f"{k} ({t})" for k, t in templates.items())
+    raise ConfigError(f"unknown {noun} {name!r}; valid kinds and names: {valid}{also}")
 
 
 def validate_hooks(model: Any, names: Sequence[str]) -> list[str]:

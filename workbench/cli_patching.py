@@ -215,6 +215,7 @@ def _path(a: argparse.Namespace) -> int:
     from . import access, circuit
     from .errors import ConfigError
     from .path_patching import receiver
+    from .paths_plots import head_label
     from .readout_paths import trace_readout
     from .suite import load_suite
 
@@ -243,8 +244,7 @@ def _path(a: argparse.Namespace) -> int:
                             a.max_pairs, cache=not a.no_cache, progress=not a.quiet)
     print(f"{name}  backdoor {a.backdoor}  {a.metric}/{a.direction}  paths frozen: {a.freeze}")
     if res.readout_head:
-        l, h = res.readout_head
-        print(f"  readout head: blocks.{l}.attn.hook_z.h{h} (the head of layer >= 1 whose output at the readout "
+        print(f"  readout head: {head_label(res.readout_head)} (the head of layer >= 1 whose output at the readout "
               "carries the largest exact effect)")
     t = res.summary.copy()
     for c in ("total_effect", "abs_effect"):
@@ -262,6 +262,7 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
     import pandas as pd
 
     from . import circuit
+    from .paths_plots import head_label
     from .readout_paths import trace_series
 
     names = circuit.resolve_series(suite, a.series or None, a.backdoor)
@@ -270,7 +271,7 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
                          cache=not a.no_cache, progress=not a.quiet, own_head=a.own_head)
     if s.readout_head:
         into = "each checkpoint's own readout head" if a.own_head else "it"
-        print(f"readout head of {names[0]}: blocks.{s.readout_head[0]}.attn.hook_z.h{s.readout_head[1]}; "
+        print(f"readout head of {names[0]}: {head_label(s.readout_head)}; "
               f"summed path effects into {into}, per checkpoint (1 = the organism's backdoor)")
     t = s.summary.assign(path=s.summary["senders"] + " -> " + s.summary["receiver_act"])
     wide = t.pivot_table(index=["checkpoint", "step", "readout_head"], columns="path", values="total_effect",

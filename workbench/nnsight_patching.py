@@ -267,22 +267,14 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
     from the pair's base row, the sender's from its source row) and a block of plain copies whose
     receiver takes the frozen copy's value at the same site, in the same pass, since the frozen
     copy computes it first or at the same module call."""
-    from .path_patching import FREEZE, SENDERS, _positions, n_senders, receiver
+    from .path_patching import _positions, check_request, sender_axes
     t0 = time.perf_counter()
     L, H, d_head = _check_lm(lm)
-    if senders not in SENDERS:
-        raise ConfigError(f"unknown sender kind {senders!r}; choose one of {list(SENDERS)}")
-    if freeze not in FREEZE:
-        raise ConfigError(f"freeze={freeze!r}: choose 'all' (direct paths) or 'heads' (MLPs in between recompute)")
-    r = receiver(lm, receiver_) if isinstance(receiver_, str) else receiver_
-    Ls = n_senders(senders, r)
-    if Ls == 0:
-        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose head senders or a later receiver")
+    r = check_request(lm, receiver_, senders, freeze)
     base_t, src_t = _prompts(batch, [], metric, direction)
     N, T = base_t.shape
     at_r = _positions(r, T, base_t.device)
-    dims = SENDERS[senders]
-    shape = (Ls,) + tuple(T if d == "pos" else H for d in dims[1:])
+    dims, shape, names = sender_axes(senders, r, T, H)
     index = torch.cartesian_prod(*[torch.arange(n) for n in shape]).view(-1, len(shape))
     pos = index[:, 1] if "pos" in dims else torch.full((len(index),), -1)
     head = index[:, -1] if "head" in dims else torch.full((len(index),), -1)
@@ -320,9 +312,10 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
             return m
 
         edits: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+        frozen_z, frozen_mlp = mask(H, frozen), mask(1, frozen)      # the same at every layer
         for layer in range(L):
-            z = [(mask(H, frozen), from_base)]
-            mo = [] if freeze == "heads" or (r.act == "mlp_in" and layer == r.layer) else [(mask(1, frozen), from_base)]
+            z = [(frozen_z, from_base)]
+            mo = [] if freeze == "heads" or (r.act == "mlp_in" and layer == r.layer) else [(frozen_mlp, from_base)]
             at = var_l == layer
             if at.any() and senders.startswith("z"):
                 z.append((mask(H, frozen[at], var_p[at] if senders == "z" else None, var_h[at]), from_src))
@@ -339,13 +332,12 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
         edits.setdefault((r_layer, site), []).append((rm, from_frozen))
         picked, lse = _trace_edits(lm, tokens, _readout_ids(metric, batch, pair), edits, d_head, remote)
         out[sel] = einops.reduce(_score(metric, picked, lse)[2 * N + V * N:], "(v n) -> v", "mean", n=N)
-    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
     prov = {"kind": senders, "receiver": r.label, "freeze": freeze, "metric": metric, "direction": direction,
             "method": "nnsight_path", "n_pairs": N, "n_pos": T, "prompt_sha256": batch.sha256(),
             "backdoor": batch.backdoor, "n_variants": len(index), "n_noop": int(noop.sum()),
             "n_traces": len(chunks) + (metrics is None), "variants_per_trace": variants_per_trace, "remote": remote,
             "activation_cache": "off", "seconds": time.perf_counter() - t0}
-    return PatchResult(senders, out.view(shape).float(), dims, [hook.format(l=l) for l in range(Ls)],
+    return PatchResult(senders, out.view(shape).float(), dims, names,
                        batch.token_labels(metric), clean_m, corr_m, direction, "nnsight_path", scale, prov)
 
 

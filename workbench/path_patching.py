@@ -40,18 +40,17 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .access import HOOK_KINDS, n_layers_of
+from .access import HOOK_KINDS, n_layers_of, parse_hook
 from .decoder import Weights, mlp, qkv
 from .errors import ConfigError
 from .metrics import check_direction, make_metric, oriented
 from .pairs import PairBatch
 from .patching import (PatchResult, Runs, _chunks, _dense_flops, _suffix, _take, _Variants, _warn_small_gap,
-                       acts_for, default_budget, prepare)
+                       acts_for, default_budget, head_count, prepare)
 
 # sender kinds (named like the patch kinds they refine) and their result axes
 SENDERS: dict[str, tuple[str, ...]] = {"z_all_pos": ("layer", "head"), "z": ("layer", "pos", "head"),
                                        "mlp_out": ("layer", "pos")}
-RECEIVER_ACTS = ("q", "k", "v", "mlp_in", "final")
 FREEZE = ("all", "heads")
 _RECEIVER_HOOKS = {"q": HOOK_KINDS["q"], "k": HOOK_KINDS["k"], "v": HOOK_KINDS["v"],
                    "mlp_in": "blocks.{l}.hook_mlp_in"}
@@ -79,6 +78,16 @@ class Receiver:
         heads = "" if self.heads is None else ".h" + ",".join(map(str, self.heads))
         return self.hook + pos + heads
 
+    def spec(self) -> dict[str, Any]:
+        """What a saved result records of it (JSON: lists, not tuples)."""
+        return {"act": self.act, "layer": self.layer, "heads": None if self.heads is None else list(self.heads),
+                "positions": None if self.positions is None else list(self.positions)}
+
+    @classmethod
+    def from_spec(cls, d: dict[str, Any]) -> Receiver:
+        return cls(d["act"], d["layer"], None if d["heads"] is None else tuple(d["heads"]),
+                   None if d["positions"] is None else tuple(d["positions"]))
+
     @property
     def time(self) -> int:
         """Where R reads the residual stream, on a clock that ticks twice a layer (block input,
@@ -97,7 +106,7 @@ def receiver(model: Any, hook: str, heads: Sequence[int] | None = None,
     if hook in ("final", "logits", HOOK_KINDS["resid_post"].format(l=L - 1)):
         act, layer = "final", L
     else:
-        act, layer = _parse_receiver(hook, L)
+        act, layer = parse_hook(hook, L, _RECEIVER_HOOKS, "receiver", ", or final (the residual the metric reads)")
     if heads is not None:
         if act not in ("q", "k", "v"):
             raise ConfigError(f"receiver {hook!r} has no heads; give heads only for a query/key/value hook")
@@ -116,25 +125,13 @@ def receiver(model: Any, hook: str, heads: Sequence[int] | None = None,
     return r
 
 
-def _parse_receiver(hook: str, L: int) -> tuple[str, int]:
-    parts = hook.split(".")
-    for act, tmpl in _RECEIVER_HOOKS.items():
-        t = tmpl.split(".")
-        if len(parts) == len(t) and all(a == b for a, b in zip(parts, t) if b != "{l}"):
-            s = parts[t.index("{l}")]
-            if s.isdigit() and 0 <= int(s) < L:
-                return act, int(s)
-            raise ConfigError(f"{hook!r}: layer {s} out of range; this model has {L} layers (valid: 0..{L - 1})")
-    valid = ", ".join(t.format(l="{l}") for t in _RECEIVER_HOOKS.values())
-    raise ConfigError(f"unknown receiver {hook!r}; valid receivers: {valid}, or final (the residual the metric reads)")
-
-
 def _n_heads(cfg: Any, act: str) -> int | None:
+    """Size of `act`'s head axis in a bridge's or HF model's config (`patching.head_count`)."""
     if cfg is None:
         return None
     n = getattr(cfg, "n_heads", None) or getattr(cfg, "num_attention_heads", None)
     kv = getattr(cfg, "n_key_value_heads", None) or getattr(cfg, "num_key_value_heads", None) or n
-    return int(kv if act in ("k", "v") else n)
+    return head_count(act, int(n), int(kv))
 
 
 def _sender_time(kind: str, layer: Tensor) -> Tensor:
@@ -145,6 +142,34 @@ def _sender_time(kind: str, layer: Tensor) -> Tensor:
 def n_senders(kind: str, r: Receiver) -> int:
     """How many layers hold senders upstream of `r`."""
     return (r.time - 1) // 2 + 1 if kind.startswith("z") else r.time // 2
+
+
+def check_options(senders: Sequence[str], freeze: str) -> None:
+    """The sender kinds and the freezing, checked before any model is touched."""
+    bad = [s for s in senders if s not in SENDERS]
+    if bad or not senders:
+        raise ConfigError(f"unknown sender kind {', '.join(map(repr, bad)) or '(none given)'}; "
+                          f"choose one of {list(SENDERS)}")
+    if freeze not in FREEZE:
+        raise ConfigError(f"freeze={freeze!r}: choose 'all' (direct paths) or 'heads' (MLPs in between recompute)")
+
+
+def check_request(model: Any, receiver_: Receiver | str, senders: str, freeze: str) -> Receiver:
+    """One path-patching request, checked against `model` (the engine, the hook reference and the
+    nnsight path all take the same): its `Receiver`, with at least one sender upstream of it."""
+    check_options([senders], freeze)
+    r = receiver(model, receiver_) if isinstance(receiver_, str) else receiver_
+    if n_senders(senders, r) == 0:
+        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose head senders (z, z_all_pos) "
+                          "or a later receiver")
+    return r
+
+
+def sender_axes(senders: str, r: Receiver, T: int, H: int) -> tuple[tuple[str, ...], list[int], list[str]]:
+    """(dims, shape, per-layer TL hook names) of a path-patching result over the senders upstream of `r`."""
+    dims, Ls = SENDERS[senders], n_senders(senders, r)
+    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
+    return dims, [Ls] + [T if d == "pos" else H for d in dims[1:]], [hook.format(l=l) for l in range(Ls)]
 
 
 def _positions(r: Receiver, T: int, dev: torch.device) -> Tensor:
@@ -275,15 +300,8 @@ def path_patch(model: Any, batch: PairBatch, receiver_: Receiver | str, senders:
 
     `runs`/`cache`: the two dense runs, shared with exact patching of the query kinds (the same
     activation-cache entry)."""
-    if senders not in SENDERS:
-        raise ConfigError(f"unknown sender kind {senders!r}; choose one of {list(SENDERS)}")
-    if freeze not in FREEZE:
-        raise ConfigError(f"freeze={freeze!r}: choose 'all' (direct paths) or 'heads' (MLPs in between recompute)")
     check_direction(direction)
-    r = receiver(model, receiver_) if isinstance(receiver_, str) else receiver_
-    if n_senders(senders, r) == 0:
-        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose head senders (z, z_all_pos) "
-                          "or a later receiver")
+    r = check_request(model, receiver_, senders, freeze)
     t0 = time.perf_counter()
     own = runs is None
     runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=checkpoint_sha)
@@ -303,10 +321,7 @@ def path_patch(model: Any, batch: PairBatch, receiver_: Receiver | str, senders:
     for sel in tqdm(chunks, desc=f"path {senders} -> {r.label}", disable=not progress or len(chunks) < 2,
                     leave=False):
         out[sel.cpu()] = _suffix(W, base, _take(var, sel), m, base_c, stats).double().cpu()
-    dims = SENDERS[senders]
-    Ls = n_senders(senders, r)
-    shape = [Ls] + [T if d == "pos" else W.n_heads for d in dims[1:]]
-    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
+    dims, shape, names = sender_axes(senders, r, T, W.n_heads)
     _warn_small_gap(runs, scale)
     prov = {"kind": senders, "receiver": r.label, "receiver_act": r.act, "receiver_layer": r.layer,
             "receiver_heads": list(r.heads) if r.heads is not None else None,
@@ -315,7 +330,7 @@ def path_patch(model: Any, batch: PairBatch, receiver_: Receiver | str, senders:
             "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor, "n_variants": len(idx),
             "n_noop": int((var.start < 0).sum()), "n_chunks": len(chunks), "flops": stats["flops"],
             "activation_cache": runs.cache, "seconds": time.perf_counter() - t0}
-    return PatchResult(senders, out.view(shape).float(), dims, [hook.format(l=l) for l in range(Ls)],
+    return PatchResult(senders, out.view(shape).float(), dims, names,
                        batch.token_labels(m.name), float(runs.clean_contrib.sum(1).mean()),
                        float(runs.corrupted_contrib.sum(1).mean()), direction, "path", scale, prov)
 
@@ -327,7 +342,7 @@ def tl_path_patch(bridge: Any, batch: PairBatch, receiver_: Receiver | str, send
     """The same result by the two-pass hook algorithm on a TransformerBridge, one sender per pair
     of forward passes (slow: the reference the tests and the benchmark compare with). `only`: the
     sender indices to compute (others are left at the base metric)."""
-    r = receiver(bridge, receiver_) if isinstance(receiver_, str) else receiver_
+    r = check_request(bridge, receiver_, senders, freeze)
     m = make_metric(batch, metric)
     base_t, src_t = oriented(batch, m.name, direction)
     L, H = n_layers_of(bridge), int(bridge.cfg.n_heads)
@@ -337,9 +352,7 @@ def tl_path_patch(bridge: Any, batch: PairBatch, receiver_: Receiver | str, send
         base_logits, base_cache = bridge.run_with_cache(base_t)
     T = base_t.shape[1]
     at_r = _positions(r, T, base_t.device)
-    Ls = n_senders(senders, r)
-    dims = SENDERS[senders]
-    shape = [Ls] + [T if d == "pos" else H for d in dims[1:]]
+    dims, shape, names = sender_axes(senders, r, T, H)
     out = torch.full(shape, float(m.from_logits(base_logits)))
     indices = list(only) if only is not None else list(itertools.product(*[range(s) for s in shape]))
     zname, mname = HOOK_KINDS["z"], HOOK_KINDS["mlp_out"]
@@ -391,10 +404,9 @@ def tl_path_patch(bridge: Any, batch: PairBatch, receiver_: Receiver | str, send
         out[ix] = float(m.from_logits(logits))
     src_m, base_m = float(m.from_logits(src_logits)), float(m.from_logits(base_logits))
     cm, xm = (src_m, base_m) if direction == "denoising" else (base_m, src_m)
-    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
     prov = {"kind": senders, "receiver": r.label, "freeze": freeze, "method": "tl_path", "metric": m.name,
             "direction": direction, "seconds": time.perf_counter() - t0, "n_computed": len(indices)}
-    return PatchResult(senders, out, dims, [hook.format(l=l) for l in range(Ls)], batch.token_labels(m.name),
+    return PatchResult(senders, out, dims, names, batch.token_labels(m.name),
                        cm, xm, direction, "tl_path", None, prov)
 
 

@@ -19,6 +19,11 @@ from .figures import KEEP, series_style
 from .patching_plots import COLORSCALE, _require, _short_token, _trigger_boxes, _x, circuit_lines
 from .results import Result, list_results
 
+def head_label(head: Sequence[int]) -> str:
+    """The TL name of a (layer, head) output, as the CLI, the page and the tables print it."""
+    return f"blocks.{head[0]}.attn.hook_z.h{head[1]}"
+
+
 def paths_results(suite_dir: str | Path, sha256: str | None = None, backdoor: str | None = None,
                   metric: str | None = None, direction: str | None = None) -> list[Result]:
     """Saved `paths` results (newest first), optionally of one checkpoint (by weight hash), backdoor,
@@ -93,10 +98,11 @@ def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.F
     """Does the path that reads the trigger out survive safety training? One panel per receiver
     (columns) and sender kind (rows): the summed effect of the paths into the organism's readout
     head, per sanitization series against log2(step + 1), the organism as a dotted reference."""
-    _require(summary, ["checkpoint", "series", "step", "receiver", "senders", "total_effect"], "paths-series summary")
+    _require(summary, ["checkpoint", "series", "step", "receiver", "receiver_act", "senders", "total_effect",
+                       "readout_head"], "paths-series summary")
     # panels by the receiver's role (query, keys, values): with each checkpoint's own readout head
     # the hook names differ from checkpoint to checkpoint, the role does not
-    col = "receiver_act" if "receiver_act" in summary else "receiver"
+    col = "receiver_act"
     receivers, kinds = list(dict.fromkeys(summary[col])), list(dict.fromkeys(summary["senders"]))
     names_of = summary.groupby(col, sort=False)["receiver"].unique()
     label = {r: names_of[r][0] if len(names_of[r]) == 1 else f"{r} of each checkpoint's readout head" for r in receivers}
@@ -116,8 +122,7 @@ def paths_over_training(summary: pd.DataFrame, title: str | None = None) -> go.F
                                          name=name.split("~", 1)[-1], legendgroup=name, showlegend=i == j == 1,
                                          meta=KEEP, marker=dict(color=s["color"], symbol=s["symbol"], size=6),
                                          line=dict(color=s["color"], dash=s["dash"], width=1.3),
-                                         customdata=d[["checkpoint", "readout_head"]] if "readout_head" in d
-                                         else d[["checkpoint", "checkpoint"]],
+                                         customdata=d[["checkpoint", "readout_head"]],
                                          hovertemplate="%{customdata[0]}<br>into %{customdata[1]}<br>path effect "
                                                        "%{y:.3f}<extra></extra>"), i, j)
             for _, r in others.iterrows():

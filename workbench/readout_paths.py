@@ -25,7 +25,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .patching import PatchResult, acts_for, prepare
-from .path_patching import FREEZE, SENDERS, Receiver, path_patch, receiver
+from .path_patching import SENDERS, Receiver, _n_heads, check_options, path_patch, receiver
 
 if TYPE_CHECKING:
     from .suite import Suite
@@ -66,17 +66,20 @@ def readout_head(z: PatchResult, readout: Sequence[int]) -> tuple[int, int]:
 def readout_receivers(model: Any, head: tuple[int, int], readout: Sequence[int]) -> list[Receiver]:
     """The readout head's query at the readout positions, its key and value head everywhere."""
     layer, h = head
-    cfg = model.cfg
-    group = int(cfg.n_heads) // int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads)
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    group = _n_heads(cfg, "q") // _n_heads(cfg, "k")
     hook = lambda a: f"blocks.{layer}.attn.hook_{a}"
     return [receiver(model, hook("q"), [h], list(readout)), receiver(model, hook("k"), [h // group]),
             receiver(model, hook("v"), [h // group])]
 
 
-def summarize(results: dict[str, dict[str, PatchResult]], trigger: Sequence[int],
+def summarize(results: dict[str, dict[str, PatchResult]], receivers: Sequence[Receiver], trigger: Sequence[int],
               readout: Sequence[int]) -> pd.DataFrame:
     """Per receiver and sender kind: the paths' summed effect, and where their |effect| starts:
-    on the trigger's positions, on the readout positions, or elsewhere (with the top senders)."""
+    on the trigger's positions, on the readout positions, or elsewhere (with the top senders).
+    `receiver_act`, the receiver's role (q, k, v, ...), stays the same when a series traces each
+    checkpoint into its own head and the hook names change."""
+    role = {r.label: r.act for r in receivers}
     rows = []
     for rec, by in results.items():
         for kind, r in by.items():
@@ -87,7 +90,7 @@ def summarize(results: dict[str, dict[str, PatchResult]], trigger: Sequence[int]
             pos = df["pos"] if "pos" in df else pd.Series(-1, index=df.index)  # all-position senders: no split
             on_t, on_r = pos.isin(list(trigger)), pos.isin(list(readout)) & ~pos.isin(list(trigger))
             top = df.assign(a=a).nlargest(3, "a")
-            rows.append({"receiver": rec, "senders": kind, "total_effect": float(df["effect"].sum()),
+            rows.append({"receiver": rec, "receiver_act": role[rec], "senders": kind, "total_effect": float(df["effect"].sum()),
                          "abs_effect": tot, "from_trigger": share(on_t), "from_readout": share(on_r),
                          "from_elsewhere": share(~on_t & ~on_r),
                          "top_paths": "; ".join(_label(x) + f" {x.effect:+.3f}" for x in top.itertuples())})
@@ -115,11 +118,7 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
 
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     circuit.check_backdoor(backdoor)
-    bad = [s for s in senders if s not in SENDERS]
-    if bad or not senders:
-        raise ConfigError(f"unknown sender kind(s) {bad or list(senders)}; choose from {list(SENDERS)}")
-    if freeze not in FREEZE:
-        raise ConfigError(f"freeze={freeze!r}: choose one of {list(FREEZE)}")
+    check_options(senders, freeze)
     n = circuit.DEFAULT_N.get(backdoor, 64) if n is None else n
     checkpoint = checkpoint or circuit.organism_for(suite, backdoor)
     if checkpoint is None:
@@ -149,12 +148,12 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     runs = prepare(model, batch, metric, acts=acts_for(["q"]), **kw)
     out = {r.label: {s: path_patch(model, batch, r, s, metric, direction, freeze, runs=runs, scale=scale,
                                    progress=progress).with_scale(scale) for s in senders} for r in receivers}
-    summary = _with_roles(summarize(out, batch.diff_positions, readout), receivers)
+    summary = summarize(out, receivers, batch.diff_positions, readout)
     paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256())
     if save:
         first = next(iter(next(iter(out.values())).values()))
         extra = {"checkpoint": checkpoint, "backdoor": backdoor, "readout_head": list(head) if head else None,
-                 "receivers": [r.label for r in receivers], "receiver_specs": [_spec(r) for r in receivers],
+                 "receivers": [r.label for r in receivers], "receiver_specs": [r.spec() for r in receivers],
                  "scale": scale, "scale_from": ref,
                  "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
                  "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
@@ -169,7 +168,6 @@ def load_paths(result: Any) -> Paths:
     """A saved `paths` result as `Paths` (tables and provenance only: no model)."""
     import torch
 
-    from .path_patching import SENDERS
     prov, eff = result.provenance, result.table("effects")
     out: dict[str, dict[str, PatchResult]] = {}
     for (rec, kind), df in eff.groupby(["receiver", "sender_kind"], sort=False):
@@ -183,23 +181,9 @@ def load_paths(result: Any) -> Paths:
             str(df["direction"].iloc[0]), "path", prov.get("scale"),
             {"checkpoint": prov.get("checkpoint"), "receiver": rec, "result_dir": str(result.dir)})
     head = prov.get("readout_head")
-    receivers = [Receiver(d["act"], d["layer"], None if d["heads"] is None else tuple(d["heads"]),
-                          None if d["positions"] is None else tuple(d["positions"])) for d in prov["receiver_specs"]]
-    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out,
-                 _with_roles(result.table("summary"), receivers), prov["inputs"]["prompts"], result.dir)
-
-
-def _with_roles(summary: pd.DataFrame, receivers: Sequence[Receiver]) -> pd.DataFrame:
-    """The summary with each receiver's role (q, k, v, mlp_in, final) beside its hook name: the
-    role stays when a series traces each checkpoint into its own head."""
-    if "receiver_act" not in summary:
-        summary.insert(1, "receiver_act", summary["receiver"].map({r.label: r.act for r in receivers}))
-    return summary
-
-
-def _spec(r: Receiver) -> dict[str, Any]:
-    return {"act": r.act, "layer": r.layer, "heads": None if r.heads is None else list(r.heads),
-            "positions": None if r.positions is None else list(r.positions)}
+    receivers = [Receiver.from_spec(d) for d in prov["receiver_specs"]]
+    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out, result.table("summary"),
+                 prov["inputs"]["prompts"], result.dir)
 
 
 @dataclass

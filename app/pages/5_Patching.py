@@ -160,7 +160,7 @@ else:
         head = tp.get("readout_head")
         with common.guard():
             st.caption(common.provenance_caption(traced[0]) + (
-                f" · readout head blocks.{head[0]}.attn.hook_z.h{head[1]}: the head of layer ≥ 1 whose output "
+                f" · readout head {ptp.head_label(head)}: the head of layer ≥ 1 whose output "
                 "at the readout carries the largest exact effect" if head else "") +
                 f" · paths frozen: {tp['config'].get('freeze')}")
             st.plotly_chart(ptp.paths_figure(common.table(traced[0], "effects"), tp.get("tokens"),
@@ -284,7 +284,7 @@ if along:
         st.plotly_chart(ptp.paths_over_training(common.table(along[0], "summary")), width="stretch")
     head = along[0].provenance.get("readout_head")
     st.caption(common.provenance_caption(along[0]) + " · the paths from every earlier head and MLP into the "
-               f"organism's readout head{f' (blocks.{head[0]}.attn.hook_z.h{head[1]})' if head else ''}, summed, "
+               f"organism's readout head{f' ({ptp.head_label(head)})' if head else ''}, summed, "
                "per checkpoint: whether safety training cuts the route the trigger is read along.")
 else:
     st.info(f"No path result along the series yet: `workbench path {suite} --backdoor {backdoor} --series` traces "
