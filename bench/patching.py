@@ -14,7 +14,11 @@ grouped-query ones, against TL's own q/k/v helpers, and AtP's r on them with and
 QK fix, also through nnsight (`nnsight_atp_qk_max_abs_diff`: its QK-fixed estimates against the
 engine's). Path patching (`path_` figures): the engine against the two-pass TransformerLens hook
 algorithm (sender patched and everything else frozen, receiver recorded; then receiver patched),
-and through nnsight (both passes in one trace) against the engine.
+and through nnsight (both passes in one trace) against the engine. Edge attribution (`eap_`
+figures): EAP and EAP-IG (5 steps) of every edge of the graph (each head and MLP at each position
+into every query, key and value head, MLP input and the output) against exact path patching of
+all of them: Pearson r and top-20 recall over all edges, and the time of each; and the same
+estimates through nnsight (`nnsight_eap_` figures: one trace per sender kind) against the engine.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
 
 `--preset large` adds the same timing on a randomly initialised model of that preset (no suite
@@ -125,6 +129,53 @@ def compare_paths(bridge, lm, batch: pairs.PairBatch, reps: int, stride: int) ->
     out["path_max_abs_diff"] = max(diffs)
     out["path_ms"] = round(t_ours * 1e3, 1)
     out["nnsight_path_max_abs_diff"], out["nnsight_path_ms"] = max(ns_diffs), round(t_ns * 1e3, 1)
+    return out
+
+
+def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
+    from workbench import edge_attribution as ea
+    from workbench import nnsight_edge_attribution as nea
+    from workbench import path_patching as pp
+
+    runs = patching.prepare(bridge, batch, "logit_diff", acts=patching.acts_for(["q"]))
+    recs = ea.all_receivers(bridge)
+    recs = recs[::3] + [recs[-1]] if quick else recs
+    senders = ("z", "mlp_out")
+    t = time.perf_counter()
+    exact = {}
+    for r in recs:
+        for s in senders:
+            if pp.n_senders(s, r):
+                exact.setdefault(r.label, {})[s] = pp.path_patch(bridge, batch, r, s, runs=runs, progress=False)
+    t_exact = time.perf_counter() - t
+    out = {}
+    for steps, tag in ((0, "eap"), (5, "eap_ig")):
+        t = time.perf_counter()
+        est = {}
+        for s in senders:  # mlp senders have no path into layer 0's MLP: estimate each kind where it has one
+            ok = [r for r in recs if pp.n_senders(s, r)]
+            for rec, by in ea.eap(bridge, batch, ok, (s,), ig_steps=steps, runs=runs).items():
+                est.setdefault(rec, {}).update(by)
+        dt = time.perf_counter() - t
+        c = ea.pooled(est, exact, k=20)
+        out[f"{tag}_graph_pearson"], out[f"{tag}_graph_top20_recall"] = round(c["pearson"], 3), c["top20_recall"]
+        out[f"{tag}_graph_max_abs_err"] = round(c["max_abs_err"], 3)
+        out[f"{tag}_speedup_vs_exact_paths"] = round(t_exact / dt, 1)
+        log(f"{tag:7s} {c['n_edges']} edges into {len(recs)} receivers: {dt * 1e3:7.1f} ms, exact path patching "
+            f"{t_exact * 1e3:8.1f} ms  x{t_exact / dt:.1f}  r {c['pearson']:.3f}  "
+            f"top-20 recall {c['top20_recall']:.2f}  "
+            f"max|err| {c['max_abs_err']:.3f} (of the behaviour)")
+        t = time.perf_counter()  # the same graph through nnsight: one trace, one backward (the path that runs remotely)
+        ns = {}
+        for s in senders:
+            ok = [r for r in recs if pp.n_senders(s, r)]
+            for rec, by in nea.eap(lm, batch, ok, (s,), ig_steps=steps).items():
+                ns.setdefault(rec, {}).update(by)
+        dt_ns = time.perf_counter() - t
+        diff = max(float((ns[rec][s].values - est[rec][s].values).abs().max()) for rec in est for s in est[rec])
+        out[f"nnsight_{tag}_max_abs_diff"], out[f"nnsight_{tag}_ms"] = diff, round(dt_ns * 1e3, 1)
+        log(f"{tag:7s} through nnsight: {dt_ns * 1e3:7.1f} ms  max|diff| vs engine {diff:.1e}")
+    out["eap_graph_edges"] = c["n_edges"]
     return out
 
 
@@ -243,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     # every layer-0 head at every position into layer 1's values, and every head into the output (MLPs
     # recomputing); the reference runs two forward passes per sender (--quick: every 4th sender)
     figures.update(compare_paths(bridge, lm, batch, reps, 4 if a.quick else 1))
+    # edge attribution of the whole graph against exact path patching of every edge (--quick: every 3rd receiver)
+    figures.update(compare_eap(bridge, lm, batch, a.quick))
 
     if a.preset:
         big, n_params = random_bridge(a.preset, suite.tokenizer())

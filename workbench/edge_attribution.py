@@ -1,0 +1,252 @@
+"""Edge attribution patching (EAP): every path's effect at once, from one gradient pass.
+
+Exact path patching (`path_patching`) runs the network once per sender for each receiver. EAP
+(Syed et al. 2023) linearises instead: patching the direct path from a sender s to a receiver R
+changes R's input by s's change to the residual stream, Δs = s_source - s_base, and the metric by
+about Δs · ∂M/∂(R's input), the gradient taken on the base run. One backward pass gives
+∂M/∂(R's input) for every receiver (each query, key and value head, each MLP input, the final
+residual), and a contraction with every sender's Δs gives every edge of the graph.
+
+The estimate is exact where the network is linear between R's input and the metric and fails
+where it is not (a saturated softmax, a gate). `ig_steps` averages the gradient over runs whose
+input embeddings lie on the line from the base to the source prompt (EAP-IG, Hanna et al. 2024),
+which follows such nonlinearities. `compare_exact` measures both against exact path patching, so a
+graph is never trusted unchecked.
+
+Gradients at a head's own input are not a hook's gradient: the residual stream feeds all of a
+layer's heads through one norm. They come from ∂M/∂q (∂M/∂k, ∂M/∂v) by the transposed rotary
+embedding, the head's slice of the projection and the norm's Jacobian, which is per position and
+cheap: [n, pos, head, d_model] per layer, the cost of one projection.
+
+What EAP estimates is the direct path (`path_patch(..., freeze="all")`); the results are
+`PatchResult`s with its axes, hook names and normalisation, so every plot and summary of exact
+paths takes them.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import einops
+import pandas as pd
+import torch
+from torch import Tensor
+
+from .attribution import _grad_run, compare
+from .decoder import Weights, mlp
+from .errors import ConfigError
+from .metrics import check_direction, oriented
+from .pairs import PairBatch
+from .access import n_layers_of
+from .path_patching import Receiver, _n_heads, _positions, check_request, path_patch, receiver, sender_axes
+from .patching import PatchResult, Runs, acts_for, prepare
+
+_GRAD_ACTS = ["q", "k", "v", "mlp_out", "resid_pre", "resid_mid"]
+
+
+@dataclass
+class InputGrads:
+    """One run's hook gradients (∂M/∂q, ∂M/∂k, ∂M/∂v per head, ∂M/∂mlp_out, ∂M/∂final residual)
+    and the activations they were taken at: enough to give any receiver's input gradient on
+    demand, so memory holds one run, not one [n, pos, d_model] tensor per head."""
+
+    W: Weights
+    values: dict[str, list[Tensor]]
+    grads: dict[str, list[Tensor]]
+
+    def at(self, r: Receiver) -> Tensor:
+        """[n, pos, d]: ∂M/∂(R's input), summed over R's heads, zero off R's positions. Summing
+        heads before the transposed projection and norm is exact: both are linear in the gradient."""
+        W, g = self.W, self.grads
+        T = g["resid_pre"][0].shape[1]
+        at_r = _positions(r, T, g["resid_pre"][0].device)[None, :, None]
+        if r.act == "final":
+            return g["resid_pre"][W.n_layers] * at_r
+        l = r.layer
+        if r.act == "mlp_in":
+            with torch.enable_grad():
+                x = self.values["resid_mid"][l].detach().requires_grad_(True)
+                (gx,) = torch.autograd.grad(mlp(W, l, x), x, g["mlp_out"][l])
+            return gx * at_r
+        H, K, e = W.n_heads, W.n_kv, W.d_head
+        first, n = {"q": (0, H), "k": (H, K), "v": (H + K, K)}[r.act]
+        heads = list(r.heads) if r.heads is not None else list(range(n))
+        c = g[r.act][l][:, :, heads]                                             # [n, pos, |heads|, e]
+        if r.act in ("q", "k"):
+            cos, sin = W.rope(T)
+            c = _rope_transpose(c, cos[:, None], sin[:, None])
+        w = einops.rearrange(W.wqkv[l], "d (r e) -> r e d", e=e)[[first + h for h in heads]]
+        u = einops.einsum(c, w, "n p r e, r e d -> n p d")
+        return _norm_transpose(self.values["resid_pre"][l], W.ln1[l], W.eps, u) * at_r
+
+
+def mean_at(runs: Sequence[InputGrads], r: Receiver) -> Tensor:
+    """R's input gradient averaged over runs (EAP-IG's interpolation steps)."""
+    return torch.stack([g.at(r) for g in runs]).mean(0)
+
+
+def _rope_transpose(g: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """The gradient through `decoder.rotate_half` (linear: its transpose applied to `g`)."""
+    h = g.shape[-1] // 2
+    gs = g * sin
+    return g * cos + torch.cat([gs[..., h:], -gs[..., :h]], -1)
+
+
+def _norm_transpose(x: Tensor, w: Tensor | None, eps: float, g: Tensor) -> Tensor:
+    """The gradient through `decoder.rms_norm` at input x [.., d] for the cotangent g [.., d]:
+    u/rms - x (x·u) / (d rms³), u = w ⊙ g."""
+    xf = x.float()
+    u = g.float() if w is None else (w * g).float()
+    inv = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (u * inv - xf * (xf * u).sum(-1, keepdim=True) * inv.pow(3) / x.shape[-1]).to(g.dtype)
+
+
+def input_grads(W: Weights, values: dict[str, list[Tensor]], grads: dict[str, list[Tensor]]) -> InputGrads:
+    """The receivers' input gradients of one run (`attribution._grad_run` with `_GRAD_ACTS`)."""
+    return InputGrads(W, values, grads)
+
+
+def _sender_deltas(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor], Ls: int) -> Tensor:
+    """[layer, n, pos, (head,) d]: each sender's change to the residual stream where it writes."""
+    if kind.startswith("z"):
+        Wo = torch.stack([W.wo_heads(l) for l in range(Ls)])
+        return einops.einsum(src["z"][:Ls] - base["z"][:Ls], Wo, "l n p h e, l h e d -> l n p h d")
+    return src["mlp_out"][:Ls] - base["mlp_out"][:Ls]
+
+
+def _estimate(kind: str, delta: Tensor, g: Tensor) -> Tensor:
+    pattern = {"z": "l n p h d, n p d -> l p h", "z_all_pos": "l n p h d, n p d -> l h",
+               "mlp_out": "l n p d, n p d -> l p"}[kind]
+    return einops.einsum(delta, g, pattern)
+
+
+@torch.no_grad()
+def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], senders: Sequence[str] = ("z", "mlp_out"),
+        metric: str = "logit_diff", direction: str = "denoising", ig_steps: int = 0, runs: Runs | None = None,
+        scale: float | None = None, cache: Any = None, checkpoint_sha: str | None = None
+        ) -> dict[str, dict[str, PatchResult]]:
+    """EAP estimates of the direct path from every sender of each kind into each receiver, per
+    receiver label and sender kind: the same `PatchResult`s `path_patch(..., freeze="all")` gives,
+    from one backward pass shared by all (`ig_steps` > 0: EAP-IG, that many passes).
+
+    `runs`/`cache`: the two dense runs, shared with exact (path) patching."""
+    check_direction(direction)
+    if ig_steps < 0:
+        raise ConfigError(f"ig_steps must be >= 0 (0: plain EAP), not {ig_steps}")
+    if not receivers:
+        raise ConfigError("no receivers given: name at least one (e.g. blocks.1.attn.hook_v, or final)")
+    rs = [check_request(model, r, s, "all") for r in receivers for s in senders]
+    rs = list(dict.fromkeys(rs))  # one per receiver, in order (check_request checked every kind)
+    t0 = time.perf_counter()
+    runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=checkpoint_sha)
+    if runs.metric.name != metric:
+        raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
+    W, m = runs.W, runs.metric
+    base, src = (runs.corrupted, runs.clean) if direction == "denoising" else (runs.clean, runs.corrupted)
+    base_c = runs.corrupted_contrib if direction == "denoising" else runs.clean_contrib
+    dev = W.embed.device
+    base_t, src_t = (t.to(dev) for t in oriented(batch, m.name, direction))
+
+    def grads_at(embed: Tensor | None) -> InputGrads:
+        values: dict[str, list[Tensor]] = {}
+        _, g = _grad_run(W, base_t, m, _GRAD_ACTS, embed=embed, values=values)
+        return input_grads(W, values, g)
+
+    if ig_steps:
+        e_base, e_src = W.embed[base_t], W.embed[src_t]
+        steps = [grads_at(e_base + (i + 0.5) / ig_steps * (e_src - e_base)) for i in range(ig_steps)]
+    else:
+        steps = [grads_at(None)]
+    base_m = float(base_c.sum(1).mean())
+    N, T = base["resid_pre"].shape[1:3]
+    method = "eap-ig" if ig_steps else "eap"
+    out: dict[str, dict[str, PatchResult]] = {}
+    deltas: dict[str, Tensor] = {}
+    for r in rs:
+        g = mean_at(steps, r)
+        for kind in senders:
+            dims, shape, names = sender_axes(kind, r, T, W.n_heads)
+            key = "z" if kind.startswith("z") else "mlp_out"
+            if key not in deltas:
+                deltas[key] = _sender_deltas(kind, W, base, src, W.n_layers)
+            est = _estimate(kind, deltas[key][:shape[0]], g).double().cpu()
+            prov = {"kind": kind, "receiver": r.label, "receiver_act": r.act, "receiver_layer": r.layer,
+                    "freeze": "all", "metric": m.name, "direction": direction, "method": method,
+                    "ig_steps": ig_steps, "n_pairs": N, "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor,
+                    "activation_cache": runs.cache, "seconds": time.perf_counter() - t0}
+            out.setdefault(r.label, {})[kind] = PatchResult(
+                kind, (base_m + est).view(shape).float(), dims, names, batch.token_labels(m.name),
+                float(runs.clean_contrib.sum(1).mean()), float(runs.corrupted_contrib.sum(1).mean()),
+                direction, method, scale, prov)
+    return out
+
+
+def check(estimates: dict[str, dict[str, PatchResult]], exact: dict[str, dict[str, PatchResult]],
+          k: int = 10) -> pd.DataFrame:
+    """Estimates (`eap`'s) against exact path patching (`path_patch`'s), per receiver and sender
+    kind: Pearson r, top-k recall (k capped at the number of paths), the largest error and the
+    exact paths' summed |effect|, both in units of the behaviour (r over paths that carry nothing
+    is noise)."""
+    rows = []
+    for rec, by in exact.items():
+        for s, ex in by.items():
+            if rec not in estimates or s not in estimates[rec]:
+                raise ConfigError(f"no estimate of the paths {s} -> {rec}: estimate the same receivers and senders")
+            est = estimates[rec][s]
+            c = compare(est, ex, k=k)
+            kk = min(k, c["n"])
+            rows.append({"receiver": rec, "receiver_act": ex.provenance.get("receiver_act"), "senders": s,
+                         "method": est.method, "ig_steps": est.provenance.get("ig_steps", 0), "pearson": c["pearson"],
+                         "top_k": kk, "topk_recall": c[f"top{kk}_recall"], "n": c["n"],
+                         "exact_abs_effect": float(ex.effect().abs().sum()),
+                         "max_abs_err": c["max_abs_err"] / abs(ex.gap)})
+    return pd.DataFrame(rows)
+
+
+def all_receivers(model: Any) -> list[Receiver]:
+    """Every receiver of the graph: each head's query, key and value head (layers >= 1), each MLP
+    input, and the final residual."""
+    L = n_layers_of(model)
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    out = [receiver(model, f"blocks.{l}.attn.hook_{a}", [h]) for l in range(1, L) for a in "qkv"
+           for h in range(_n_heads(cfg, a))]
+    return out + [receiver(model, f"blocks.{l}.hook_mlp_in") for l in range(L)] + [receiver(model, "final")]
+
+
+def pooled(estimates: dict[str, dict[str, PatchResult]], exact: dict[str, dict[str, PatchResult]],
+           k: int = 20) -> dict[str, float]:
+    """Pearson r and top-k recall over every edge of every receiver at once: how well the estimate
+    would pick a graph's strongest edges (the use EAP is for), effects in units of the behaviour."""
+    pairs_ = [(estimates[rec][s].effect().flatten(), ex.effect().flatten()) for rec, by in exact.items()
+              for s, ex in by.items()]
+    a = torch.cat([p[0] for p in pairs_]).double()
+    b = torch.cat([p[1] for p in pairs_]).double()
+    k = min(k, a.numel())
+    top = len(set(a.abs().topk(k).indices.tolist()) & set(b.abs().topk(k).indices.tolist())) / k
+    r = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
+    return {"pearson": r, f"top{k}_recall": top, "n_edges": int(a.numel()), "max_abs_err": float((a - b).abs().max())}
+
+
+def compare_exact(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str],
+                  senders: Sequence[str] = ("z", "mlp_out"), metric: str = "logit_diff",
+                  direction: str = "denoising", ig_steps: Sequence[int] = (0,), k: int = 10,
+                  runs: Runs | None = None, progress: bool = False) -> pd.DataFrame:
+    """EAP (and EAP-IG at each of `ig_steps`) against exact path patching on the same runs: `check`'s
+    rows per method, with the seconds exact path patching of all receivers took (`exact_s`) and
+    the estimate's (`estimate_s`)."""
+    runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]))
+    t0 = time.perf_counter()
+    exact = {}
+    for r in receivers:
+        for s in senders:
+            res = path_patch(model, batch, r, s, metric, direction, "all", runs=runs, progress=progress)
+            exact.setdefault(res.provenance["receiver"], {})[s] = res
+    exact_s = time.perf_counter() - t0
+    frames = []
+    for steps in ig_steps:
+        t0 = time.perf_counter()
+        est = eap(model, batch, receivers, senders, metric, direction, ig_steps=steps, runs=runs)
+        frames.append(check(est, exact, k).assign(exact_s=exact_s, estimate_s=time.perf_counter() - t0))
+    return pd.concat(frames, ignore_index=True)
