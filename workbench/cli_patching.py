@@ -338,7 +338,8 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--heads", nargs="+", type=int, help="the receivers' heads (key/value: the grouped-query KV heads)")
     q.add_argument("--positions", nargs="+", type=int, help="the receivers' positions (negative: from the end)")
     q.add_argument("--senders", nargs="+", default=list(PATH_SENDERS), help="sender kinds (default: %(default)s; "
-                   "also z_all_pos, each head at every position)")
+                   "also z_all_pos, each head at every position, and embed, the token embedding at each position, "
+                   "the only sender upstream of layer 0's heads)")
     q.add_argument("--freeze", default="all", help="all (direct paths) or heads (MLPs in between recompute, "
                                                     "the IOI convention); default all")
     q.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),

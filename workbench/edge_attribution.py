@@ -108,18 +108,17 @@ def input_grads(W: Weights, values: dict[str, list[Tensor]], grads: dict[str, li
     return InputGrads(W, values, grads)
 
 
-def _sender_deltas(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor], Ls: int) -> Tensor:
-    """[layer, n, pos, (head,) d]: each sender's change to the residual stream where it writes."""
+def _estimate(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor], Ls: int, g: Tensor) -> Tensor:
+    """Each sender's change (source - base) dotted with R's input gradient g [n, pos, d], summed
+    over pairs. A head's change is taken in its own d_head space, against g read back through its
+    output projection, so nothing of size [layer, n, pos, head, d_model] is ever formed."""
     if kind.startswith("z"):
-        Wo = torch.stack([W.wo_heads(l) for l in range(Ls)])
-        return einops.einsum(src["z"][:Ls] - base["z"][:Ls], Wo, "l n p h e, l h e d -> l n p h d")
-    return src["mlp_out"][:Ls] - base["mlp_out"][:Ls]
-
-
-def _estimate(kind: str, delta: Tensor, g: Tensor) -> Tensor:
-    pattern = {"z": "l n p h d, n p d -> l p h", "z_all_pos": "l n p h d, n p d -> l h",
-               "mlp_out": "l n p d, n p d -> l p"}[kind]
-    return einops.einsum(delta, g, pattern)
+        Wo = torch.stack([W.wo_heads(l) for l in range(Ls)])                  # [Ls, head, e, d]
+        gz = einops.einsum(Wo, g, "l h e d, n p d -> l n p h e")
+        per = einops.einsum(src["z"][:Ls] - base["z"][:Ls], gz, "l n p h e, l n p h e -> l p h")
+        return per.sum(1) if kind == "z_all_pos" else per
+    act = "resid_pre" if kind == "embed" else "mlp_out"                       # the embedding: layer 0's input
+    return einops.einsum(src[act][:Ls] - base[act][:Ls], g, "l n p d, n p d -> l p")
 
 
 @torch.no_grad()
@@ -163,15 +162,11 @@ def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], sende
     N, T = base["resid_pre"].shape[1:3]
     method = "eap-ig" if ig_steps else "eap"
     out: dict[str, dict[str, PatchResult]] = {}
-    deltas: dict[str, Tensor] = {}
     for r in rs:
         g = mean_at(steps, r)
         for kind in senders:
             dims, shape, names = sender_axes(kind, r, T, W.n_heads)
-            key = "z" if kind.startswith("z") else "mlp_out"
-            if key not in deltas:
-                deltas[key] = _sender_deltas(kind, W, base, src, W.n_layers)
-            est = _estimate(kind, deltas[key][:shape[0]], g).double().cpu()
+            est = _estimate(kind, W, base, src, shape[0], g).double().cpu()
             prov = {"kind": kind, "receiver": r.label, "receiver_act": r.act, "receiver_layer": r.layer,
                     "freeze": "all", "metric": m.name, "direction": direction, "method": method,
                     "ig_steps": ig_steps, "n_pairs": N, "prompt_sha256": batch.sha256(), "backdoor": batch.backdoor,
@@ -206,11 +201,11 @@ def check(estimates: dict[str, dict[str, PatchResult]], exact: dict[str, dict[st
 
 
 def all_receivers(model: Any) -> list[Receiver]:
-    """Every receiver of the graph: each head's query, key and value head (layers >= 1), each MLP
-    input, and the final residual."""
+    """Every receiver of the graph: each head's query, key and value head, each MLP input, and the
+    final residual (layer 0's heads have only the embedding upstream: `path_patching.n_senders`)."""
     L = n_layers_of(model)
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    out = [receiver(model, f"blocks.{l}.attn.hook_{a}", [h]) for l in range(1, L) for a in "qkv"
+    out = [receiver(model, f"blocks.{l}.attn.hook_{a}", [h]) for l in range(L) for a in "qkv"
            for h in range(_n_heads(cfg, a))]
     return out + [receiver(model, f"blocks.{l}.hook_mlp_in") for l in range(L)] + [receiver(model, "final")]
 

@@ -11,7 +11,8 @@ projection's gradient: a query/key/value head from its projection's output (befo
 embedding, so no transposed rotation is needed) through the projection's rows of that head and
 the input norm's Jacobian at the layer's input; an MLP's from the MLP's input through the
 post-attention norm's Jacobian; the output's from the last layer's output. Senders' changes are
-read where `nnsight_patching` reads them (head outputs at `o_proj`'s input, MLP outputs).
+read where `nnsight_patching` reads them (head outputs at `o_proj`'s input, MLP outputs; the
+token embeddings at the embedding's output).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
         else:
             need.add((L - 1, "resid_post"))
     for s, n in n_send.items():
-        need |= {(l, "z" if s.startswith("z") else "mlp_out") for l in range(n)}
+        if s != "embed":
+            need |= {(l, "z" if s.startswith("z") else "mlp_out") for l in range(n)}
     reads = sorted(need, key=lambda la: (la[0], _ORDER.index(la[1])))
     at = {la: i for i, la in enumerate(reads)}
     sites = [_site(lm, a, l) for l, a in reads]
@@ -92,12 +94,14 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
             plan.append(("f", L - 1, [], mask, -1, at[L - 1, "resid_post"]))
     zs = [at[l, "z"] for l in range(n_send.get("z", 0) or n_send.get("z_all_pos", 0))]
     ms = [at[l, "mlp_out"] for l in range(n_send.get("mlp_out", 0))]
+    want_embed = "embed" in senders
     eps = float(getattr(lm.config, "rms_norm_eps", 1e-6))
     d = int(lm.config.hidden_size)
     blocks = [lm.model.layers[l] for l in range(L)]
     # built-ins, torch and envoys only in the body, and no comment lines in it (see nnsight_patching)
     with lm.trace(tokens, remote=remote):
         emb = lm.model.embed_tokens.output.requires_grad_(True)
+        de = (emb[:N] - emb[N:2 * N]).detach().float()
         if ig_steps:
             e_src, e_base = emb[:N].repeat(ig_steps, 1, 1), emb[N:2 * N].repeat(ig_steps, 1, 1)
             interp = e_base + alpha.to(emb.device, emb.dtype) * (e_src - e_base)
@@ -135,9 +139,10 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
                     u = nw * g
                     g = u * inv - x * (x * u).sum(-1, keepdim=True) * inv.pow(3) / d
                 g = (g * mask.to(g.device)).reshape(G, N, T, d).sum(0)
-                out.append(torch.stack([torch.einsum("nthe,dhe,ntd->th", z, w, g) for z, w in zip(dz, wo)]).reshape(-1)
-                           if dz else g.new_zeros(0))
+                out.append(torch.stack([(z * torch.einsum("ntd,dhe->nthe", g, w)).sum(-1).sum(0) for z, w in zip(dz, wo)])
+                           .reshape(-1) if dz else g.new_zeros(0))
                 out.append(torch.stack([(m * g).sum(-1).sum(0) for m in dm]).reshape(-1) if dm else g.new_zeros(0))
+                out.append((de * g).sum(-1).sum(0) if want_embed else g.new_zeros(0))
             flat = torch.cat(out).save()
     flat = getattr(flat, "value", flat).detach().double().cpu()
     metrics = getattr(metrics, "value", metrics).double().cpu()
@@ -148,7 +153,7 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     offset = 0
     for r in rs:
         parts = {}
-        for key, n in (("z", len(zs) * T * H), ("mlp_out", len(ms) * T)):
+        for key, n in (("z", len(zs) * T * H), ("mlp_out", len(ms) * T), ("embed", T if want_embed else 0)):
             parts[key] = flat[offset:offset + n]
             offset += n
         for s in senders:
@@ -156,6 +161,8 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
             if s.startswith("z"):
                 est = parts["z"].view(len(zs), T, H)[:shape[0]]
                 est = est.sum(1) if s == "z_all_pos" else est
+            elif s == "embed":
+                est = parts["embed"].view(1, T)
             else:
                 est = parts["mlp_out"].view(len(ms), T)[:shape[0]]
             prov = {"kind": s, "receiver": r.label, "receiver_act": r.act, "receiver_layer": r.layer, "freeze": "all",

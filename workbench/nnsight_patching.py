@@ -312,6 +312,8 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
             return m
 
         edits: dict[tuple[int, str], list[tuple[Tensor, Tensor]]] = {}
+        if senders == "embed":  # the embedding is layer 0's input: the frozen copies take the source's there
+            edits[0, "resid_pre"] = [(mask(1, frozen, var_p), from_src)]
         frozen_z, frozen_mlp = mask(H, frozen), mask(1, frozen)      # the same at every layer
         for layer in range(L):
             z = [(frozen_z, from_base)]

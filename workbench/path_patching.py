@@ -9,7 +9,8 @@ only travel along.
 
 Definition (denoising: the base run is the corrupted one, the source the clean one; noising swaps
 them). For a sender s (one head's output at every position or at one, or an MLP's output at one
-position) and a receiver R (the query, key or value input of some heads of one layer, optionally
+position, or the token embedding at one position) and a receiver R (the query, key or value input
+of some heads of one layer, optionally
 at some positions; the MLP input of one layer; or the final residual the metric reads):
 
 1. s's change to the residual stream, `source(s) - base(s)`, reaches R's input along the residual
@@ -48,9 +49,10 @@ from .pairs import PairBatch
 from .patching import (PatchResult, Runs, _chunks, _dense_flops, _suffix, _take, _Variants, _warn_small_gap,
                        acts_for, default_budget, head_count, prepare)
 
-# sender kinds (named like the patch kinds they refine) and their result axes
+# sender kinds (named like the patch kinds they refine) and their result axes; `embed` is the token
+# embedding at one position (TL's hook_embed; its layer axis has one entry), the graph's input
 SENDERS: dict[str, tuple[str, ...]] = {"z_all_pos": ("layer", "head"), "z": ("layer", "pos", "head"),
-                                       "mlp_out": ("layer", "pos")}
+                                       "mlp_out": ("layer", "pos"), "embed": ("layer", "pos")}
 FREEZE = ("all", "heads")
 _RECEIVER_HOOKS = {"q": HOOK_KINDS["q"], "k": HOOK_KINDS["k"], "v": HOOK_KINDS["v"],
                    "mlp_in": "blocks.{l}.hook_mlp_in"}
@@ -119,10 +121,7 @@ def receiver(model: Any, hook: str, heads: Sequence[int] | None = None,
         if not positions:
             raise ConfigError("positions=[] selects nothing; give None for every position")
         positions = tuple(int(p) for p in positions)
-    r = Receiver(act, layer, heads, positions)
-    if r.time < 1:
-        raise ConfigError(f"no sender writes before {r.hook}: choose a receiver at layer 1 or later, or an MLP input")
-    return r
+    return Receiver(act, layer, heads, positions)
 
 
 def _n_heads(cfg: Any, act: str) -> int | None:
@@ -135,12 +134,15 @@ def _n_heads(cfg: Any, act: str) -> int | None:
 
 
 def _sender_time(kind: str, layer: Tensor) -> Tensor:
-    """A head writes after its layer's attention (2l+1), an MLP at the next block's input (2l+2)."""
-    return 2 * layer + (1 if kind.startswith("z") else 2)
+    """A head writes after its layer's attention (2l+1), an MLP at the next block's input (2l+2),
+    the embedding before everything (0)."""
+    return 0 * layer if kind == "embed" else 2 * layer + (1 if kind.startswith("z") else 2)
 
 
 def n_senders(kind: str, r: Receiver) -> int:
-    """How many layers hold senders upstream of `r`."""
+    """How many layers hold senders upstream of `r` (the embedding: one, upstream of everything)."""
+    if kind == "embed":
+        return 1
     return (r.time - 1) // 2 + 1 if kind.startswith("z") else r.time // 2
 
 
@@ -160,15 +162,15 @@ def check_request(model: Any, receiver_: Receiver | str, senders: str, freeze: s
     check_options([senders], freeze)
     r = receiver(model, receiver_) if isinstance(receiver_, str) else receiver_
     if n_senders(senders, r) == 0:
-        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose head senders (z, z_all_pos) "
-                          "or a later receiver")
+        alt = "embed" if r.time == 0 else "head senders (z, z_all_pos) or embed"
+        raise ConfigError(f"no {senders} sender writes before {r.hook}: choose {alt}, or a later receiver")
     return r
 
 
 def sender_axes(senders: str, r: Receiver, T: int, H: int) -> tuple[tuple[str, ...], list[int], list[str]]:
     """(dims, shape, per-layer TL hook names) of a path-patching result over the senders upstream of `r`."""
     dims, Ls = SENDERS[senders], n_senders(senders, r)
-    hook = HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
+    hook = "hook_embed" if senders == "embed" else HOOK_KINDS["z" if senders.startswith("z") else "mlp_out"]
     return dims, [Ls] + [T if d == "pos" else H for d in dims[1:]], [hook.format(l=l) for l in range(Ls)]
 
 
@@ -208,7 +210,8 @@ def _path_variants(kind: str, r: Receiver, W: Weights, base: dict[str, Tensor], 
             nzp = einops.rearrange(nz, "l p h -> (l h) p")
             first = torch.where(nzp.any(1), nzp.float().argmax(1).long(), -1)
     else:
-        dm = src["mlp_out"][:Ls] - base["mlp_out"][:Ls]                       # [Ls, n, pos, d]
+        dm = (src["resid_pre"][:1] - base["resid_pre"][:1] if kind == "embed"   # [Ls, n, pos, d]
+              else src["mlp_out"][:Ls] - base["mlp_out"][:Ls])
         idx = [(l, p) for l in range(Ls) for p in range(T)]
         layer = ar(Ls).repeat_interleave(T)
         first = torch.where(einops.reduce(dm != 0, "l n p d -> (l p)", "max"), ar(T).repeat(Ls), -1)
@@ -376,6 +379,13 @@ def tl_path_patch(bridge: Any, batch: PairBatch, receiver_: Receiver | str, send
 
         recorded: dict[str, Tensor] = {}
         hooks = []
+        if senders == "embed":
+            def embed_hook(act: Tensor, hook: Any) -> Tensor:
+                act = act.clone()
+                act[:, sp] = src_cache["hook_embed"][:, sp]
+                return act
+
+            hooks.append(("hook_embed", embed_hook))
         for l in range(L):
             hooks.append((zname.format(l=l), _bind(freeze_hook, zname.format(l=l), l)))
             is_sender_mlp = senders == "mlp_out" and l == sl

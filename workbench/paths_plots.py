@@ -46,7 +46,7 @@ def paths_series_results(suite_dir: str | Path, backdoor: str | None = None) -> 
 
 
 def _sender_label(kind: str, layer: int, head: Any) -> str:
-    return f"L{layer} MLP" if kind == "mlp_out" else f"L{layer}.h{int(head)}"
+    return {"mlp_out": f"L{layer} MLP", "embed": "embed"}.get(kind) or f"L{layer}.h{int(head)}"
 
 
 def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, trigger_positions: Sequence[int] = (),
@@ -62,7 +62,7 @@ def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, tri
                              "(default senders: z mlp_out)")
     rows = rows.assign(sender=[_sender_label(k, int(l), h) for k, l, h in
                                zip(rows["sender_kind"], rows["layer"], rows.get("head", pd.Series(np.nan, index=rows.index)))],
-                       order=rows["layer"] * 2 + (rows["sender_kind"] == "mlp_out"))
+                       order=(rows["layer"] * 2 + (rows["sender_kind"] == "mlp_out")).where(rows["sender_kind"] != "embed", -1))
     T = int(rows["pos"].max()) + 1
     if tokens is None or len(tokens) < T:
         tok = rows.drop_duplicates("pos").set_index("pos")["token"] if "token" in rows else pd.Series(dtype=str)
