@@ -150,12 +150,8 @@ def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
     t_exact = time.perf_counter() - t
     out = {}
     for steps, tag in ((0, "eap"), (5, "eap_ig")):
-        t = time.perf_counter()
-        est = {}
-        for s in senders:  # mlp senders have no path into layer 0's MLP: estimate each kind where it has one
-            ok = [r for r in recs if pp.n_senders(s, r)]
-            for rec, by in ea.eap(bridge, batch, ok, (s,), ig_steps=steps, runs=runs).items():
-                est.setdefault(rec, {}).update(by)
+        t = time.perf_counter()  # one gradient pass (EAP-IG: one per step) for every edge
+        est = ea.eap(bridge, batch, recs, senders, ig_steps=steps, runs=runs, reachable_only=True)
         dt = time.perf_counter() - t
         c = ea.pooled(est, exact, k=20)
         out[f"{tag}_graph_pearson"], out[f"{tag}_graph_top20_recall"] = round(c["pearson"], 3), c["top20_recall"]
@@ -166,11 +162,7 @@ def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
             f"top-20 recall {c['top20_recall']:.2f}  "
             f"max|err| {c['max_abs_err']:.3f} (of the behaviour)")
         t = time.perf_counter()  # the same graph through nnsight: one trace, one backward (the path that runs remotely)
-        ns = {}
-        for s in senders:
-            ok = [r for r in recs if pp.n_senders(s, r)]
-            for rec, by in nea.eap(lm, batch, ok, (s,), ig_steps=steps).items():
-                ns.setdefault(rec, {}).update(by)
+        ns = nea.eap(lm, batch, recs, senders, ig_steps=steps, reachable_only=True)
         dt_ns = time.perf_counter() - t
         diff = max(float((ns[rec][s].values - est[rec][s].values).abs().max()) for rec in est for s in est[rec])
         out[f"nnsight_{tag}_max_abs_diff"], out[f"nnsight_{tag}_ms"] = diff, round(dt_ns * 1e3, 1)

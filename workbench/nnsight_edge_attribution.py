@@ -41,18 +41,19 @@ def _site(lm: Any, what: str, layer: int) -> tuple[Any, str, int | None]:
 
 def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[str] = ("z", "mlp_out"),
         metric: str = "logit_diff", direction: str = "denoising", ig_steps: int = 0, remote: bool | str = False,
-        scale: float | None = None) -> dict[str, dict[str, PatchResult]]:
+        scale: float | None = None, reachable_only: bool = False) -> dict[str, dict[str, PatchResult]]:
     """EAP (EAP-IG with `ig_steps`) of the direct paths from every sender of each kind into each
     receiver, through nnsight: equal to `edge_attribution.eap` on the same model and pairs, and
-    runnable remotely (`remote=True`, or "local" to run nnsight's serialised form here)."""
-    from .path_patching import _positions, check_request, sender_axes
+    runnable remotely (`remote=True`, or "local" to run nnsight's serialised form here).
+    `reachable_only` as there."""
+    from .edge_attribution import requests
+    from .path_patching import _positions, sender_axes
     t0 = time.perf_counter()
     L, H, e = _check_lm(lm)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: plain EAP), not {ig_steps}")
-    if not receivers:
-        raise ConfigError("no receivers given: name at least one (e.g. blocks.1.attn.hook_v, or final)")
-    rs = list(dict.fromkeys(check_request(lm, r, s, "all") for r in receivers for s in senders))
+    todo = requests(lm, receivers, senders, reachable_only)
+    rs = [r for r, _ in todo]
     base_t, src_t = _prompts(batch, [], metric, direction)
     N, T = base_t.shape
     KV = _heads(lm, "k")
@@ -151,12 +152,12 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     method = "eap-ig" if ig_steps else "eap"
     result: dict[str, dict[str, PatchResult]] = {}
     offset = 0
-    for r in rs:
+    for r, kinds in todo:
         parts = {}
         for key, n in (("z", len(zs) * T * H), ("mlp_out", len(ms) * T), ("embed", T if want_embed else 0)):
             parts[key] = flat[offset:offset + n]
             offset += n
-        for s in senders:
+        for s in kinds:
             dims, shape, names = sender_axes(s, r, T, H)
             if s.startswith("z"):
                 est = parts["z"].view(len(zs), T, H)[:shape[0]]
