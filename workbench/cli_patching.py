@@ -306,6 +306,8 @@ def _graph(a: argparse.Namespace) -> int:
     from .graph_plots import graph_table
 
     before = _cache_before()
+    if a.series is not None:
+        return _graph_series(a, before)
     with _warnings_as_lines():
         g = trace_graph(a.suite, a.checkpoint, a.backdoor, a.metric, a.n, a.max_pairs, eap_steps=a.eap_steps,
                         cache=not a.no_cache, progress=not a.quiet)
@@ -318,6 +320,28 @@ def _graph(a: argparse.Namespace) -> int:
         print(f"  {r.method}: r {r.pearson:.3f} against exact over all {r.n_edges} edges, top-20 recall "
               f"{r.top20_recall:.2f}, largest error {r.max_abs_err:.3f}")
     print(f"  results: {g.dir}")
+    print(cache_line(before, not a.no_cache))
+    return 0
+
+
+def _graph_series(a: argparse.Namespace, before: Any) -> int:
+    import pandas as pd
+
+    from .circuit_graph import trace_graph_series
+    from .errors import ConfigError
+
+    if a.checkpoint:
+        raise ConfigError("--series follows the organism's graph along a series; it takes no --checkpoint")
+    with _warnings_as_lines():
+        s = trace_graph_series(a.suite, a.series or None, a.backdoor, top=a.top, metric=a.metric, n=a.n,
+                               max_pairs=a.max_pairs, eap_steps=a.eap_steps, cache=not a.no_cache,
+                               progress=not a.quiet)
+    print(f"the strongest edges of {s.names[0]}'s graph (and each checkpoint's own), per checkpoint "
+          "(exact, 1 = the organism's backdoor):")
+    wide = s.edges.pivot_table(index="edge", columns="checkpoint", values="effect", sort=False)[s.names]
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
+        print(wide.round(3).to_string())
+    print(f"results: {s.dir}")
     print(cache_line(before, not a.no_cache))
     return 0
 
@@ -390,7 +414,11 @@ def add_commands(sub: Any) -> None:
                                     "on one checkpoint, with EAP/EAP-IG estimates of the same edges and their check. "
                                     "Saved under SUITE/results/graph/ for the Patching page.")
     _checkpoint_args(gr)
-    gr.add_argument("--top", type=int, default=24, help="node-level edges to print (default 24)")
+    gr.add_argument("--top", type=int, default=24, help="node-level edges to print (default 24; with --series the "
+                                                          "organism's edges followed)")
+    gr.add_argument("--series", nargs="*",
+                    help="follow the organism's strongest edges along a series instead: checkpoint and/or "
+                         "sanitization series names, or none for the organism and the last step of each of its series")
     gr.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
                     help="estimates beside the exact edges: 0 for EAP, N > 0 for EAP-IG with N steps "
                          "(default: %(default)s; give none to skip)")

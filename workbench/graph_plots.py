@@ -122,3 +122,42 @@ def check_table(check: pd.DataFrame) -> pd.DataFrame:
     _require(check, ["method", "pearson", "n_edges", "max_abs_err"], "graph check")
     return check
 
+
+
+def graph_series_results(suite_dir: str | Path, backdoor: str | None = None) -> list[Result]:
+    """Saved `graph_series` results (newest first), optionally of one backdoor."""
+    return [r for r in list_results(suite_dir, "graph_series")
+            if backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor]
+
+
+def _column(series: str, step: int, reference: str) -> str:
+    """A checkpoint's column: the reference by name, a sanitization step by its method and step."""
+    if series == reference:
+        return series
+    method = series.split("~", 1)[-1].split("/", 1)[0]
+    return f"{method} @{step}"
+
+
+def graph_series_figure(edges: pd.DataFrame, title: str | None = None) -> go.Figure:
+    """Which edges survive safety training: edge x checkpoint heatmap of the exact effect (on the
+    organism's scale), the organism's strongest edges first, then any checkpoint's own strongest
+    that the organism's do not include (a route that grows)."""
+    _require(edges, ["checkpoint", "series", "step", "edge", "organism_top", "effect"], "graph-series edges")
+    if edges.empty:
+        raise WorkbenchError("this graph-series result has no edges")
+    reference = str(edges["series"].iloc[0])
+    cols = list(dict.fromkeys(_column(s, int(t), reference) for s, t in zip(edges["series"], edges["step"])))
+    e = edges.assign(column=[_column(s, int(t), reference) for s, t in zip(edges["series"], edges["step"])])
+    order = list(dict.fromkeys(list(e.loc[e["organism_top"], "edge"]) + list(e.loc[~e["organism_top"], "edge"])))
+    grid = e.pivot_table(index="edge", columns="column", values="effect", aggfunc="first").reindex(index=order,
+                                                                                                   columns=cols)
+    z = grid.to_numpy(dtype=float)
+    lim = max(float(np.nanmax(np.abs(z))), 1e-9)
+    fig = go.Figure(go.Heatmap(z=z, x=cols, y=order, colorscale="RdBu", reversescale=True, zmid=0, zmin=-lim, zmax=lim,
+                               text=np.round(z, 2), texttemplate="%{text}", hovertemplate="%{y}<br>%{x}<br>effect "
+                               "%{z:.3f}<extra></extra>", colorbar=dict(title=dict(text="effect", side="right"))))
+    fig.update_yaxes(autorange="reversed", title=None)
+    fig.update_xaxes(title="checkpoint (organism, then the last step of each safety training)", tickangle=-30)
+    fig.update_layout(title=title or "Which edges of the trigger circuit survive safety training?",
+                      height=220 + 26 * len(order), width=max(700, 120 * len(cols) + 320), margin=dict(l=240))
+    return fig

@@ -209,6 +209,15 @@ else:
             st.dataframe(gp.graph_table(nodes, top), hide_index=True, width="stretch",
                          column_config={"from_trigger": st.column_config.NumberColumn(format="percent")})
             st.dataframe(gp.check_table(common.table(graphs[0], "check")), hide_index=True, width="stretch")
+        along_g = gp.graph_series_results(suite, backdoor)
+        if along_g:
+            with common.guard():
+                st.plotly_chart(gp.graph_series_figure(common.table(along_g[0], "edges")), width="stretch")
+            st.caption(common.provenance_caption(along_g[0]) + " · the organism's strongest edges (then any "
+                       "checkpoint's own strongest) at the end of each safety training, on the organism's scale")
+        else:
+            st.info(f"No graph along safety training yet: `workbench graph {suite} --backdoor {backdoor} --series` "
+                    "follows the organism's strongest edges to the last step of each series.")
         st.caption("Each edge is the direct path from a sender (the token embeddings, a head's output, an MLP's "
                    "output) into a receiver (a query head, a key/value head, an MLP's input, the output), every "
                    "other component frozen to the untriggered run, summed over the sender's positions (so an edge "
