@@ -34,12 +34,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .access import n_layers_of
 from .attribution import _grad_run, compare
 from .decoder import Weights, mlp
 from .errors import ConfigError
 from .metrics import check_direction, oriented
 from .pairs import PairBatch
-from .access import n_layers_of
 from .path_patching import (Receiver, _n_heads, _positions, check_options, check_request, n_senders, path_patch,
                             receiver, sender_axes)
 from .patching import PatchResult, Runs, acts_for, prepare
