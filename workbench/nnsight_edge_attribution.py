@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
 
 from .errors import ConfigError
 from .nnsight_patching import _check_lm, _heads, _prompts, _readout_ids
