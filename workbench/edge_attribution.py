@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .access import n_layers_of
-from .attribution import _grad_run, compare
+from .attribution import _grad_run, agreement, compare, ig_embeddings
 from .decoder import Weights, mlp
 from .errors import ConfigError
 from .metrics import check_direction, oriented
@@ -104,11 +104,6 @@ def _norm_transpose(x: Tensor, w: Tensor | None, eps: float, g: Tensor) -> Tenso
     return (u * inv - xf * (xf * u).sum(-1, keepdim=True) * inv.pow(3) / x.shape[-1]).to(g.dtype)
 
 
-def input_grads(W: Weights, values: dict[str, list[Tensor]], grads: dict[str, list[Tensor]]) -> InputGrads:
-    """The receivers' input gradients of one run (`attribution._grad_run` with `_GRAD_ACTS`)."""
-    return InputGrads(W, values, grads)
-
-
 def _estimate(kind: str, W: Weights, base: dict[str, Tensor], src: dict[str, Tensor], Ls: int, g: Tensor) -> Tensor:
     """Each sender's change (source - base) dotted with R's input gradient g [n, pos, d], summed
     over pairs. A head's change is taken in its own d_head space, against g read back through its
@@ -144,6 +139,26 @@ def requests(model: Any, receivers: Sequence[Receiver | str], senders: Sequence[
     return todo
 
 
+def method_name(ig_steps: int) -> str:
+    """What an estimate with `ig_steps` is called in results: eap, or eap-ig."""
+    return "eap-ig" if ig_steps else "eap"
+
+
+def check_eap_steps(eap_steps: Sequence[int]) -> list[int]:
+    """0 (EAP) and/or one number of EAP-IG steps, or one clear error (results are keyed by method)."""
+    steps = [int(x) for x in eap_steps]
+    if any(x < 0 for x in steps) or len(set(steps)) != len(steps) or sum(x > 0 for x in steps) > 1:
+        raise ConfigError(f"eap_steps {steps}: give 0 (EAP) and/or one number of EAP-IG steps (> 0)")
+    return steps
+
+
+def by_method(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], senders: Sequence[str],
+              eap_steps: Sequence[int], **kw: Any) -> dict[str, dict[str, dict[str, PatchResult]]]:
+    """`eap` at each of `eap_steps` (checked), per method name: what the path and graph analyses
+    save beside their exact paths. `kw`: `eap`'s other arguments (runs, scale, reachable_only, ...)."""
+    return {method_name(s): eap(model, batch, receivers, senders, ig_steps=s, **kw) for s in check_eap_steps(eap_steps)}
+
+
 @torch.no_grad()
 def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], senders: Sequence[str] = ("z", "mlp_out"),
         metric: str = "logit_diff", direction: str = "denoising", ig_steps: int = 0, runs: Runs | None = None,
@@ -161,27 +176,20 @@ def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], sende
     todo = requests(model, receivers, senders, reachable_only)
     t0 = time.perf_counter()
     runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=checkpoint_sha)
-    if runs.metric.name != metric:
-        raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
+    base, src, base_c = runs.oriented(metric, direction)
     W, m = runs.W, runs.metric
-    base, src = (runs.corrupted, runs.clean) if direction == "denoising" else (runs.clean, runs.corrupted)
-    base_c = runs.corrupted_contrib if direction == "denoising" else runs.clean_contrib
     dev = W.embed.device
     base_t, src_t = (t.to(dev) for t in oriented(batch, m.name, direction))
 
     def grads_at(embed: Tensor | None) -> InputGrads:
         values: dict[str, list[Tensor]] = {}
         _, g = _grad_run(W, base_t, m, _GRAD_ACTS, embed=embed, values=values)
-        return input_grads(W, values, g)
+        return InputGrads(W, values, g)
 
-    if ig_steps:
-        e_base, e_src = W.embed[base_t], W.embed[src_t]
-        steps = [grads_at(e_base + (i + 0.5) / ig_steps * (e_src - e_base)) for i in range(ig_steps)]
-    else:
-        steps = [grads_at(None)]
+    steps = [grads_at(e) for e in ig_embeddings(W, base_t, src_t, ig_steps)] if ig_steps else [grads_at(None)]
     base_m = float(base_c.sum(1).mean())
     N, T = base["resid_pre"].shape[1:3]
-    method = "eap-ig" if ig_steps else "eap"
+    method = method_name(ig_steps)
     out: dict[str, dict[str, PatchResult]] = {}
     for r, kinds in todo:
         g = mean_at(steps, r)
@@ -235,14 +243,11 @@ def pooled(estimates: dict[str, dict[str, PatchResult]], exact: dict[str, dict[s
            k: int = 20) -> dict[str, float]:
     """Pearson r and top-k recall over every edge of every receiver at once: how well the estimate
     would pick a graph's strongest edges (the use EAP is for), effects in units of the behaviour."""
-    pairs_ = [(estimates[rec][s].effect().flatten(), ex.effect().flatten()) for rec, by in exact.items()
-              for s, ex in by.items()]
-    a = torch.cat([p[0] for p in pairs_]).double()
-    b = torch.cat([p[1] for p in pairs_]).double()
-    k = min(k, a.numel())
-    top = len(set(a.abs().topk(k).indices.tolist()) & set(b.abs().topk(k).indices.tolist())) / k
-    r = float(torch.corrcoef(torch.stack([a, b]))[0, 1]) if a.std() > 0 and b.std() > 0 else float("nan")
-    return {"pearson": r, f"top{k}_recall": top, "n_edges": int(a.numel()), "max_abs_err": float((a - b).abs().max())}
+    flat = lambda results: torch.cat([results[rec][s].effect().flatten() for rec, by in exact.items()
+                                      for s in by]).double()
+    c = agreement(flat(estimates), flat(exact), k)
+    c["n_edges"] = c.pop("n")
+    return c
 
 
 def compare_exact(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str],

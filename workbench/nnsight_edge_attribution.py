@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .attribution import ig_alphas
 from .errors import ConfigError
 from .nnsight_patching import _check_lm, _heads, _prompts, _readout_ids
 from .pairs import PairBatch
@@ -62,7 +63,7 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     logit_diff = metric == "logit_diff"
     weight = torch.cat([torch.zeros(N), torch.full((N,), 0.0 if ig_steps else 1.0 / N),
                         torch.full((N * ig_steps,), 1.0 / N / max(ig_steps, 1))])
-    alpha = torch.tensor([(i + 0.5) / ig_steps for i in range(ig_steps)]).repeat_interleave(N)[:, None, None]
+    alpha = torch.tensor(ig_alphas(ig_steps)).repeat_interleave(N)[:, None, None]
     # what the body reads, in run order: sender values (z, mlp_out), receiver inputs' values and gradients
     n_send = {s: max(sender_axes(s, r, T, H)[1][0] for r in rs) for s in senders}
     need = set()
@@ -92,7 +93,7 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
             plan.append(("m", r.layer, [], mask, at[r.layer, "resid_mid"], at[r.layer, "mlp_in"]))
         else:
             plan.append(("f", L - 1, [], mask, -1, at[L - 1, "resid_post"]))
-    zs = [at[l, "z"] for l in range(n_send.get("z", 0) or n_send.get("z_all_pos", 0))]
+    zs = [at[l, "z"] for l in range(max(n_send.get("z", 0), n_send.get("z_all_pos", 0)))]
     ms = [at[l, "mlp_out"] for l in range(n_send.get("mlp_out", 0))]
     want_embed = "embed" in senders
     eps = float(getattr(lm.config, "rms_norm_eps", 1e-6))

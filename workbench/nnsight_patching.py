@@ -40,7 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .access import HOOK_KINDS, n_layers_of, nnsight_site
-from .attribution import DEFAULT_KINDS, qk_kinds
+from .attribution import DEFAULT_KINDS, ig_alphas, qk_kinds
 from .errors import ConfigError
 from .metrics import oriented
 from .pairs import PairBatch
@@ -559,7 +559,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
                           f"which this {type(lm).__name__} lacks; use qk_fix=False or the local engine")
     sites = _atp_sites(list(kinds) + (["q", "k", "v", "z"] if qk else []), L)
     k = int(_readout_ids(metric, batch, torch.zeros(1, dtype=torch.long)).shape[1])  # positions the metric reads
-    extra = [("ig", (i + 0.5) / ig_steps) for i in range(ig_steps)] + [("drop", layer) for layer in range(L) if graddrop]
+    extra = [("ig", a) for a in ig_alphas(ig_steps)] + [("drop", layer) for layer in range(L) if graddrop]
     if groups_per_trace is None:
         budget = memory_bytes or _grad_budget(lm, remote)
         if qk:  # the fix's working set: a few [N, heads, T, T] float32 patterns of one layer at a time

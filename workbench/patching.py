@@ -537,6 +537,15 @@ class Runs:
     corrupted: dict[str, Tensor]
     cache: str = "off"
 
+    def oriented(self, metric: str, direction: str) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        """(base activations, source activations, base contributions) for `direction`, after
+        checking that these runs score `metric`: what every patching method starts from."""
+        if self.metric.name != metric:
+            raise ConfigError(f"the prepared runs score {self.metric.name!r}, not {metric!r}; prepare them again")
+        if direction == "denoising":
+            return self.corrupted, self.clean, self.corrupted_contrib
+        return self.clean, self.corrupted, self.clean_contrib
+
 
 DEFAULT_ACTS = ("resid_pre", "resid_mid", "attn_out", "mlp_out", "z")
 
@@ -674,11 +683,8 @@ def exact(model: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "
     t0 = time.perf_counter()
     own_runs = runs is None
     runs = runs or prepare(model, batch, metric, acts=K.needs, cache=cache, checkpoint_sha=checkpoint_sha)
-    if runs.metric.name != metric:
-        raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
+    base, src, base_c = runs.oriented(metric, direction)
     W, m = runs.W, runs.metric
-    base, src = (runs.corrupted, runs.clean) if direction == "denoising" else (runs.clean, runs.corrupted)
-    base_c = runs.corrupted_contrib if direction == "denoising" else runs.clean_contrib
     N, T = base["resid_pre"].shape[1:3]
     idx, var = _variants(K, W, base, src, m.k)
     out = torch.full((len(idx),), float(base_c.sum(1).mean()), dtype=torch.float64)

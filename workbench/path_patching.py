@@ -133,10 +133,15 @@ def _n_heads(cfg: Any, act: str) -> int | None:
     return head_count(act, int(n), int(kv))
 
 
+def sender_label(kind: str, layer: int, head: Any = None) -> str:
+    """A sender's short name in tables and figures: `embed`, `L0 MLP`, `L1.h2`."""
+    return {"mlp_out": f"L{layer} MLP", "embed": "embed"}.get(kind) or f"L{layer}.h{int(head)}"
+
+
 def _sender_time(kind: str, layer: Tensor) -> Tensor:
     """A head writes after its layer's attention (2l+1), an MLP at the next block's input (2l+2),
     the embedding before everything (0)."""
-    return 0 * layer if kind == "embed" else 2 * layer + (1 if kind.startswith("z") else 2)
+    return torch.zeros_like(layer) if kind == "embed" else 2 * layer + (1 if kind.startswith("z") else 2)
 
 
 def n_senders(kind: str, r: Receiver) -> int:
@@ -308,14 +313,11 @@ def path_patch(model: Any, batch: PairBatch, receiver_: Receiver | str, senders:
     t0 = time.perf_counter()
     own = runs is None
     runs = runs or prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=checkpoint_sha)
-    if runs.metric.name != metric:
-        raise ConfigError(f"the prepared runs score {runs.metric.name!r}, not {metric!r}; prepare them again")
+    base, src, base_c = runs.oriented(metric, direction)
     missing = {"q", "z", "mlp_out", "resid_mid"} - set(runs.clean)
     if missing:
         raise ConfigError(f"the prepared runs lack {sorted(missing)}; prepare them with acts=acts_for(['q'])")
     W, m = runs.W, runs.metric
-    base, src = (runs.corrupted, runs.clean) if direction == "denoising" else (runs.clean, runs.corrupted)
-    base_c = runs.corrupted_contrib if direction == "denoising" else runs.clean_contrib
     N, T = base["resid_pre"].shape[1:3]
     idx, var = _path_variants(senders, r, W, base, src, m.k, freeze)
     out = torch.full((len(idx),), float(base_c.sum(1).mean()), dtype=torch.float64)

