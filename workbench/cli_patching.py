@@ -316,14 +316,18 @@ def _graph(a: argparse.Namespace) -> int:
         return _graph_series(a, before)
     with _warnings_as_lines():
         g = trace_graph(a.suite, a.checkpoint, a.backdoor, a.metric, a.n, a.max_pairs, eap_steps=a.eap_steps,
-                        cache=not a.no_cache, progress=not a.quiet)
-    print(f"{g.checkpoint}  backdoor {a.backdoor}  {a.metric}/denoising  {len(g.edges)} direct paths by exact path "
-          f"patching; the {a.top} strongest node-level edges (summed over positions, 1 = the backdoor):")
+                        cache=not a.no_cache, progress=not a.quiet, exact=a.exact)
+    n_exact = int(g.edges["patched"].sum())
+    how = "by exact path patching" if n_exact == len(g.edges) else (
+        f"{n_exact} of them by exact path patching (the {g.edges.loc[g.edges['patched'], 'receiver'].nunique()} "
+        f"receivers where EAP and EAP-IG disagree most), the rest by {g.edges.loc[~g.edges['patched'], 'method'].iloc[0]}")
+    print(f"{g.checkpoint}  backdoor {a.backdoor}  {a.metric}/denoising  {len(g.edges)} direct paths {how}; the "
+          f"{a.top} strongest node-level edges (summed over positions, 1 = the backdoor):")
     t = graph_table(g.nodes, a.top)
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
         print("  " + t.to_string(index=False, float_format="{:.3f}".format).replace("\n", "\n  "))
     for r in g.check.itertuples():
-        print(f"  {r.method}: r {r.pearson:.3f} against exact over all {r.n_edges} edges, top-20 recall "
+        print(f"  {r.method}: r {r.pearson:.3f} against exact over {'all ' * (n_exact == len(g.edges))}{r.n_edges} edges, top-20 recall "
               f"{r.top20_recall:.2f}, largest error {r.max_abs_err:.3f}")
     print(f"  results: {g.dir}")
     print(cache_line(before, not a.no_cache))
@@ -341,9 +345,10 @@ def _graph_series(a: argparse.Namespace, before: Any) -> int:
     with _warnings_as_lines():
         s = trace_graph_series(a.suite, a.series or None, a.backdoor, top=a.top, metric=a.metric, n=a.n,
                                max_pairs=a.max_pairs, eap_steps=a.eap_steps, cache=not a.no_cache,
-                               progress=not a.quiet)
+                               progress=not a.quiet, exact=a.exact)
+    how = "exact" if a.exact == 1 else f"exact on {a.exact:.0%} of each graph's receivers, EAP-IG elsewhere"
     print(f"the strongest edges of {s.names[0]}'s graph (and each checkpoint's own), per checkpoint "
-          "(exact, 1 = the organism's backdoor):")
+          f"({how}, 1 = the organism's backdoor):")
     wide = s.edges.pivot_table(index="edge", columns="checkpoint", values="effect", sort=False)[s.names]
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_rows", 200):
         print(wide.round(3).to_string())
@@ -424,6 +429,9 @@ def add_commands(sub: Any) -> None:
                     help="follow the organism's strongest edges along a series instead: checkpoint and/or "
                          "sanitization series names, or none for the organism and the last step of each of its series")
     _eap_steps_arg(gr, "estimates beside the exact edges")
+    gr.add_argument("--exact", type=float, default=1.0, metavar="SHARE",
+                    help="share of the receivers to patch exactly (default 1, all): below 1, those where EAP and "
+                         "EAP-IG disagree most, EAP-IG standing in for the rest; 0: estimates only")
     gr.add_argument("--metric", default="logit_diff", help=f"one of {', '.join(METRICS)} (default logit_diff)")
     _batch_args(gr)
     gr.set_defaults(func=_graph)

@@ -19,10 +19,20 @@ POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # an edge that carries the behaviour 
 
 
 def graph_results(suite_dir: str | Path, sha256: str | None = None, backdoor: str | None = None) -> list[Result]:
-    """Saved `graph` results (newest first), optionally of one checkpoint (by weight hash) and backdoor."""
-    return [r for r in list_results(suite_dir, "graph")
-            if (sha256 is None or r.provenance.get("inputs", {}).get("checkpoint") == sha256)
-            and (backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor)]
+    """Saved `graph` results, optionally of one checkpoint (by weight hash) and backdoor: whole graphs
+    first, then by the share of receivers patched exactly, newest first within each."""
+    found = [r for r in list_results(suite_dir, "graph")
+             if (sha256 is None or r.provenance.get("inputs", {}).get("checkpoint") == sha256)
+             and (backdoor is None or r.provenance.get("config", {}).get("backdoor") == backdoor)]
+    return sorted(found, key=lambda r: -float(r.provenance.get("exact_share", 1.0)))
+
+
+def how_exact(prov: dict) -> str:
+    """What a graph's effects are, for titles: all exact, or exact on some receivers only."""
+    if float(prov.get("exact_share", 1.0)) == 1:
+        return "exact path patching"
+    n, of = len(prov.get("exact_receivers", [])), prov.get("n_receivers", "?")
+    return f"exact path patching on {n} of {of} receivers, EAP-IG elsewhere"
 
 
 def _place(node: str, n_heads: int, group: int) -> tuple[float, float]:
@@ -106,9 +116,11 @@ def graph_figure(nodes: pd.DataFrame, n_layers: int, n_heads: int, n_kv: int | N
 
 
 def graph_table(nodes: pd.DataFrame, top: int = 24) -> pd.DataFrame:
-    """The strongest node-level edges, for display."""
+    """The strongest node-level edges, for display (with `patched` where only some are exact)."""
     cols = ["sender", "receiver_node", "receiver_input", "effect", "eap", "eap_ig", "from_trigger", "top_token"]
     _require(nodes, cols, "graph edges")
+    if "patched" in nodes and not nodes["patched"].all():
+        cols.append("patched")
     return _strongest(nodes, top)[cols]
 
 

@@ -204,7 +204,7 @@ else:
         with common.guard():
             st.caption(common.provenance_caption(graphs[0]) + f" · {len(common.table(graphs[0], 'edges'))} direct paths")
             st.plotly_chart(gp.graph_figure(nodes, gprov["n_layers"], gprov["n_heads"], gprov.get("n_kv"), top=top,
-                                            title=f"{checkpoint}: the {top} strongest edges (exact path patching)"),
+                                            title=f"{checkpoint}: the {top} strongest edges ({gp.how_exact(gprov)})"),
                             width="stretch")
             st.dataframe(gp.graph_table(nodes, top), hide_index=True, width="stretch",
                          column_config={"from_trigger": st.column_config.NumberColumn(format="percent")})
