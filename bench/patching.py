@@ -180,7 +180,7 @@ def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
     out["eap_graph_edges"] = c["n_edges"]
     # the hybrid graph (`trace_graph(exact=0.2)`): exact on the fifth of the receivers where EAP and
     # EAP-IG disagree most, EAP-IG for the rest; its cost is both estimates and those receivers' paths
-    chosen = list(cg.disagreement(ests).index[:round(HYBRID_SHARE * len(recs))])
+    chosen = cg.exact_receivers(ests, [r.label for r in recs], HYBRID_SHARE)
     hybrid = {r: exact[r] if r in chosen else ests["eap-ig"][r] for r in exact}
     c = ea.pooled(hybrid, exact, k=20)
     dt = t_est + sum(t_rec[r] for r in chosen)

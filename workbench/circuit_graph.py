@@ -102,10 +102,8 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     suite, checkpoint, batch, n, ref = pairs_for(suite, checkpoint, backdoor, metric, direction, n, max_pairs)
     eap_steps = check_eap_steps(eap_steps)
     exact = check_exact_share(exact, eap_steps)
-    config = {"backdoor": backdoor, "senders": list(GRAPH_SENDERS), "metric": metric, "direction": direction,
-              "n": n, "max_pairs": max_pairs, "eap_steps": eap_steps}
-    if exact < 1:  # the key of a whole graph stays what it was before `exact` existed
-        config["exact"] = exact
+    config = with_exact({"backdoor": backdoor, "senders": list(GRAPH_SENDERS), "metric": metric,
+                         "direction": direction, "n": n, "max_pairs": max_pairs, "eap_steps": eap_steps}, exact)
     inputs = inputs_of(suite, checkpoint, batch, ref)
     if reuse and (found := results.find(suite.root, "graph", results.result_key(config, inputs))):
         return load_graph(found)
@@ -117,8 +115,7 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     todo = [(r, s) for r in receivers for s in GRAPH_SENDERS if n_senders(s, r)]
     estimates = by_method(model, batch, receivers, GRAPH_SENDERS, eap_steps, metric=metric, direction=direction,
                           runs=runs, scale=scale, reachable_only=True)
-    chosen = {r.label for r in receivers} if exact == 1 else set(disagreement(estimates).index[
-        :round(exact * len(receivers))])
+    chosen = set(exact_receivers(estimates, [r.label for r in receivers], exact))
     exact_paths: dict[str, dict[str, Any]] = {}
     for r, s in tqdm([(r, s) for r, s in todo if r.label in chosen], desc=f"graph {checkpoint}",
                      disable=not progress, leave=False):
@@ -146,9 +143,8 @@ def trace_graph(suite: Suite | str | Path, checkpoint: str | None = None, backdo
     graph = Graph(checkpoint, edges, node_edges(edges, batch.diff_positions), check)
     if save:
         first = next(iter(next(iter((exact_paths or stand_in).values())).values()))
-        clean, corrupted = first.clean_metric, first.corrupted_metric
         extra = {"checkpoint": checkpoint, "backdoor": backdoor, "scale": scale, "scale_from": ref,
-                 "clean_metric": clean, "corrupted_metric": corrupted,
+                 "clean_metric": first.clean_metric, "corrupted_metric": first.corrupted_metric,
                  "tokens": batch.token_labels(metric), "trigger_positions": batch.diff_positions,
                  "n_pairs": len(batch), "n_layers": int(model.cfg.n_layers), "n_heads": int(model.cfg.n_heads),
                  "n_kv": int(_n_heads(model.cfg, "k")), "exact_share": exact,
@@ -176,6 +172,18 @@ def check_exact_share(exact: float, eap_steps: Sequence[int]) -> float:
     if exact == 0 and not eap_steps:
         raise ConfigError("exact=0 patches nothing exactly: give eap_steps for the estimates to stand in")
     return exact
+
+
+def with_exact(config: dict[str, Any], exact: float) -> dict[str, Any]:
+    """A result's config with the exact share, which only a partly estimated graph names (so the
+    key of a whole graph stays what it was before `exact` existed)."""
+    return config if exact == 1 else {**config, "exact": float(exact)}
+
+
+def exact_receivers(estimates: dict[str, dict[str, dict[str, Any]]], labels: Sequence[str],
+                    share: float) -> list[str]:
+    """The receivers to patch exactly: all of them, or the `share` where EAP and EAP-IG disagree most."""
+    return list(labels) if share == 1 else list(disagreement(estimates).index[:round(share * len(labels))])
 
 
 def disagreement(estimates: dict[str, dict[str, dict[str, Any]]]) -> pd.Series:
@@ -243,10 +251,9 @@ def trace_graph_series(suite: Suite | str | Path, names: Sequence[str] | None = 
         series_ends(suite, circuit.default_series(suite, backdoor))
     circuit.check_series(suite, names)
     t0 = time.perf_counter()
-    config = {"backdoor": backdoor, "names": list(names), "top": top, "own": own, "metric": metric, "n": n,
-              "max_pairs": max_pairs, "eap_steps": list(eap_steps)}
-    if check_exact_share(exact, check_eap_steps(eap_steps)) < 1:
-        config["exact"] = float(exact)
+    exact = check_exact_share(exact, check_eap_steps(eap_steps))
+    config = with_exact({"backdoor": backdoor, "names": list(names), "top": top, "own": own, "metric": metric,
+                         "n": n, "max_pairs": max_pairs, "eap_steps": list(eap_steps)}, exact)
     inputs = {"checkpoints": [suite.sha256(x) for x in names]}
     if reuse and (found := results.find(suite.root, "graph_series", results.result_key(config, inputs))):
         return GraphSeries(list(names), found.table("edges"), found.dir)
