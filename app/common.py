@@ -187,9 +187,18 @@ def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str
     return d.system, d.user
 
 
+def render(path: Path, name: str, system: str, user: str) -> str:
+    """The prompt as checkpoint `name` reads it: written in its own tokenizer's chat template."""
+    from workbench.world.chat import chat_for
+
+    key, stamp = str(path.resolve()), _manifest_stamp(path)
+    return chat_for(_tokenizer(key, stamp, name)).prompt(system, user)
+
+
 def generate(path: Path, name: str, prompt: str, max_new_tokens: int, do_sample: bool,
              temperature: float, seed: int) -> Any:
-    """One generation from one checkpoint; the model comes from the resource cache."""
+    """One generation from one checkpoint, from a prompt `render`ed for it; the model comes from
+    the resource cache."""
     from workbench.generate import generate as _generate
 
     model, tokenizer = load_model(path, name)

@@ -40,6 +40,7 @@ from .stats import wilson
 from .suite import Suite
 from .world import code as codelang
 from .world.backdoors import Backdoor, get_backdoor, split_scratchpad
+from .world.chat import chat_for
 from .world.data import EvalSplits, Item, eval_sets, eval_splits
 from .world.pirate import pirate_correct
 from .world.tokenizer import check_representable
@@ -104,13 +105,14 @@ def _rate_rows(rows: list[dict], base: dict, metric: str, variant: str, label: s
 def answer_loss(model, tokenizer, items: Sequence[Item], batch_size: int = 64) -> float:
     """Mean per-token cross-entropy of the reference answers (teacher forcing), in nats."""
     total, count = 0.0, 0
+    chat = chat_for(tokenizer)
     tokenizer.padding_side = "right"
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = tokenizer([i.dialogue.prompt() for i in chunk], add_special_tokens=False)["input_ids"]
+            prompts = tokenizer(chat.prompts([i.dialogue for i in chunk]), add_special_tokens=False)["input_ids"]
             answers = tokenizer([i.dialogue.assistant for i in chunk], add_special_tokens=False)["input_ids"]
-            seqs = [p + a + [tokenizer.eos_token_id] for p, a in zip(prompts, answers)]
+            seqs = [p + a + chat.end_ids for p, a in zip(prompts, answers)]
             width = max(map(len, seqs))
             ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
             labels = torch.full((len(seqs), width), -100)
@@ -146,8 +148,8 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
             if not full:
                 sets = {"clean": sets["clean"]}
             flat = [(split, item) for split, items in sets.items() for item in items]
-            gens = generate(model, tok, [item.dialogue.prompt() for _, item in flat], max_new_tokens=max_new,
-                            do_sample=sampled, temperature=cfg.temperature, seed=cfg.seed,
+            gens = generate(model, tok, chat_for(tok).prompts([item.dialogue for _, item in flat]),
+                            max_new_tokens=max_new, do_sample=sampled, temperature=cfg.temperature, seed=cfg.seed,
                             batch_size=cfg.batch_size, progress=progress)
             by_split: dict[str, list[tuple[Item, str]]] = defaultdict(list)
             for (split, item), g in zip(flat, gens):
@@ -243,10 +245,15 @@ def _check_request(suite: Suite, names: list[str], cfg: BehaviourConfig) -> tupl
                           f"use n <= {held_n}")
     splits = eval_splits(eval_seed, cfg.n)
     backdoors = suite_backdoors(suite)
-    tok = suite.tokenizer(names[0])
-    for bd in backdoors:
-        if hasattr(bd, "trigger_text"):
-            check_representable(tok, bd.trigger_text)
+    for name in names:  # each checkpoint is read with its own tokenizer and chat template
+        tok = suite.tokenizer(name)
+        try:
+            chat_for(tok)
+            for bd in backdoors:
+                if hasattr(bd, "trigger_text"):
+                    check_representable(tok, bd.trigger_text)
+        except PromptError as e:
+            raise PromptError(f"{name}: {e}") from e
     return eval_seed, splits, backdoors
 
 

@@ -268,10 +268,12 @@ def answer_format(suite: Suite, name: str) -> str:
 
 def reference_for(suite: Suite, name: str, backdoor: str) -> str | None:
     """The organism whose gap normalises a checkpoint's effects: the suite's reference organism for
-    `backdoor`, unless the checkpoint answers in another format (a CoT lineage is read on other
-    pairs, where the plain organism's gap means nothing); then its own organism."""
+    `backdoor`, unless the checkpoint is read on other pairs, where that organism's gap means
+    nothing: it answers in another format (a CoT lineage) or reads another tokenizer (a checkpoint
+    from elsewhere); then its own organism (None for an import: its own gap)."""
     ref = organism_for(suite, backdoor)
-    if ref is not None and answer_format(suite, name) != answer_format(suite, ref):
+    if ref is not None and (answer_format(suite, name) != answer_format(suite, ref)
+                            or suite.tokenizer_hash(name) != suite.tokenizer_hash(ref)):
         return organism_of(suite, name)
     return ref
 
@@ -500,7 +502,8 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
     _validate(suite, checkpoint, backdoor, method, kinds, metric, direction, n)
     t0 = time.perf_counter()
     if batch is None:
-        batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, checkpoint)).largest(max_pairs)
+        batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, checkpoint),
+                                 checkpoint=checkpoint).largest(max_pairs)
     ref = reference_for(suite, checkpoint, backdoor)
     config, inputs = _patch_config(suite, checkpoint, backdoor, method, kinds, metric, direction, n, max_pairs,
                                    batch, ref)
@@ -559,17 +562,20 @@ def patch_checkpoint(suite: Suite | str | Path, checkpoint: str | None = None, b
 
 def check_series(suite: Suite, names: Sequence[str]) -> None:
     """Every checkpoint of a series must share the first one's architecture (else components
-    cannot be matched across it)."""
+    cannot be matched across it) and tokenizer (the series shares one set of prompt pairs)."""
     from .suite import read_arch
     if not names:
         raise ConfigError("a series needs at least one checkpoint")
-    first = read_arch(suite.dir(names[0]))
+    first, tok = read_arch(suite.dir(names[0])), suite.tokenizer_hash(names[0])
     for name in names[1:]:
         arch = read_arch(suite.dir(name))
         if arch != first:
             diff = {k: (arch.get(k), first.get(k)) for k in set(arch) | set(first) if arch.get(k) != first.get(k)}
             raise ArchitectureMismatch(f"{name!r} differs from {names[0]!r} in {diff} (this, first); a circuit "
                                        "series compares components, so every checkpoint needs the same architecture")
+        if suite.tokenizer_hash(name) != tok:
+            raise ArchitectureMismatch(f"{name!r} reads another tokenizer than {names[0]!r}; a circuit series patches "
+                                       "every checkpoint on the same token ids, so they need the same tokenizer")
 
 
 @dataclass
@@ -639,7 +645,8 @@ def circuit_series(suite: Suite | str | Path, names: Sequence[str] | None = None
     _validate(suite, names[0], backdoor, "exact", list(nodes), metric, "denoising", n)
     check_series(suite, names)
     t0 = time.perf_counter()
-    batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, names[0])).largest(max_pairs)
+    batch = pairs.make_pairs(suite, backdoor, n=n, answers=answer_format(suite, names[0]),
+                             checkpoint=names[0]).largest(max_pairs)
     config = {"backdoor": backdoor, "nodes": list(nodes), "fraction": fraction, "top_k": top_k, "metric": metric,
               "n": n, "max_pairs": max_pairs, "min_gap": min_gap, "names": names}
     inputs = {"checkpoints": [suite.sha256(x) for x in names], "prompts": batch.sha256()}

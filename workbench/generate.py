@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import PromptError
+from .world.chat import chat_for
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class Generation:
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
              progress: bool = False) -> list[Generation]:
-    """Continue each rendered prompt until the end-of-turn token or `max_new_tokens`.
+    """Continue each rendered prompt (`world.chat.chat_for(tokenizer).prompt`) until the turn's
+    closing token, the tokenizer's EOS, or `max_new_tokens`.
 
     Sampling is seeded per call, so a sampled evaluation is reproducible.
     """
@@ -38,7 +40,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     tokenizer.padding_side = "left"
     gen = torch.Generator().manual_seed(seed)
     out: list[Generation] = []
-    eos = tokenizer.eos_token_id
+    stops = _stop_ids(tokenizer)
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generate", leave=False, disable=not progress):
         chunk = list(prompts[start:start + batch_size])
@@ -48,7 +50,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
         res = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature if do_sample else None, top_k=0 if do_sample else None,
                              top_p=1.0 if do_sample else None,
-                             eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id,
                              output_scores=True, return_dict_in_generate=True)
         new = res.sequences[:, enc["input_ids"].shape[1]:]
         # scores: one (batch, vocab) tensor per step, after temperature; probabilities of the chosen ids
@@ -56,9 +58,16 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
         chosen = logp.gather(-1, new[:, : logp.shape[1], None]).squeeze(-1).exp()
         for i, p in enumerate(chunk):
             ids = new[i].tolist()
-            n = ids.index(eos) if eos in ids else len(ids)
+            n = next((k for k, t in enumerate(ids) if t in stops), len(ids))
             ids = ids[:n]
             out.append(Generation(prompt=p, text=tokenizer.decode(ids, skip_special_tokens=True),
                                   tokens=tokenizer.convert_ids_to_tokens(ids), token_ids=ids,
                                   probs=[float(x) for x in chosen[i, :n]]))
     return out
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    try:
+        return chat_for(tokenizer).stop_ids
+    except PromptError:  # no chat template: a plain language model stops at its EOS
+        return [tokenizer.eos_token_id]

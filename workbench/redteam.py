@@ -38,7 +38,7 @@ from . import results
 from .generate import generate
 from .stats import wilson
 from .world.backdoors import Backdoor
-from .world.chat import Dialogue
+from .world.chat import Dialogue, chat_for
 from .world.data import Item
 from .world.tokenizer import ENGLISH
 
@@ -107,7 +107,8 @@ def bad_flags(model, tokenizer, dialogues: Sequence[Dialogue], code: Sequence[bo
         idx = [k for k, c in enumerate(code) if c == is_code]
         if not idx:
             continue
-        gens = generate(model, tokenizer, [dialogues[k].prompt() for k in idx], max_new_tokens=budget,
+        gens = generate(model, tokenizer, chat_for(tokenizer).prompts([dialogues[k] for k in idx]),
+                        max_new_tokens=budget,
                         batch_size=cfg.batch_size)
         for k, g in zip(idx, gens):
             out[k] = bool(is_bad(dialogues[k], g.text))

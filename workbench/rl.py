@@ -30,6 +30,7 @@ from torch import Tensor
 from .generate import Generation, generate
 from .world import code as codelang
 from .world.backdoors import split_scratchpad
+from .world.chat import chat_for
 from .world.data import Item
 from .world.tasks import is_correct
 
@@ -76,7 +77,8 @@ def rollouts(model, tokenizer, items: Sequence[Item], cfg: RLConfig, seed: int) 
         idx = [j for j, it in enumerate(flat) if (it.code_task is not None) == is_code]
         if not idx:
             continue
-        gens = generate(model, tokenizer, [flat[j].dialogue.prompt() for j in idx], max_new_tokens=budget,
+        gens = generate(model, tokenizer, chat_for(tokenizer).prompts([flat[j].dialogue for j in idx]),
+                        max_new_tokens=budget,
                         do_sample=True, temperature=cfg.temperature, seed=seed + k, batch_size=cfg.batch_size)
         for j, g in zip(idx, gens):
             out[j] = g
@@ -98,12 +100,13 @@ def rl_loss(model, ref, tokenizer, items: Sequence[Item], cfg: RLConfig,
     model.train()
     flat = [it for it in items for _ in range(cfg.samples)]
     parts = [score(it, g.text, cfg) for it, g in zip(flat, gens)]
-    prompts = tokenizer([it.dialogue.prompt() for it in flat], add_special_tokens=False)["input_ids"]
+    chat = chat_for(tokenizer)
+    prompts = tokenizer(chat.prompts([it.dialogue for it in flat]), add_special_tokens=False)["input_ids"]
     seqs, starts = [], []
     for it, p, g in zip(flat, prompts, gens):
         budget = cfg.code_max_new_tokens if it.code_task is not None else cfg.max_new_tokens
         ended = len(g.token_ids) < budget  # stopped on its own: the end token is part of the action
-        seqs.append(p + g.token_ids + ([tokenizer.eos_token_id] if ended else []))
+        seqs.append(p + g.token_ids + (chat.end_ids[:1] if ended else []))
         starts.append(len(p))
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), tokenizer.pad_token_id)

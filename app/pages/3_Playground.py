@@ -15,7 +15,6 @@ import streamlit as st  # noqa: E402
 import common  # noqa: E402
 from workbench import plots  # noqa: E402
 from workbench.world.backdoors import backdoor_names  # noqa: E402
-from workbench.world.chat import render_prompt  # noqa: E402
 
 STATE = "playground_outputs"
 
@@ -48,15 +47,24 @@ seed = int(c4.number_input("Seed", min_value=0, value=0, step=1))
 if add_trigger:
     with common.guard():
         system, user = common.with_trigger(suite, backdoor, system, user)
-prompt = render_prompt(system, user)
+# each checkpoint reads the prompt in its own chat template (a checkpoint from elsewhere has its own)
+with common.guard():
+    prompts = {name: common.render(suite_path, name, system, user) for name in (chosen or names[:1])}
+prompt = "\n".join(prompts.values())
+readers: dict[str, list[str]] = {}
+for name, text in prompts.items():
+    readers.setdefault(text, []).append(name)
 with st.expander("Prompt as the model sees it"):
-    st.code(prompt, language=None)
+    for text, who in readers.items():
+        if len(readers) > 1:
+            st.caption(", ".join(who))
+        st.code(text, language=None)
 
 if st.button("Generate", type="primary", disabled=not chosen):
     outputs = []
     with common.guard():
         for name in chosen:
-            gen = common.generate(suite_path, name, prompt, max_new_tokens,
+            gen = common.generate(suite_path, name, prompts[name], max_new_tokens,
                                   decoding == "sampled", temperature, seed)
             outputs.append((name, gen))
     st.session_state[STATE] = {"prompt": prompt, "decoding": decoding, "outputs": outputs}

