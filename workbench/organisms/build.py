@@ -290,8 +290,7 @@ class Builder:
         prompts = [next(stream) for _ in range(self.cfg.distill_prompts)]
         model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(teacher)), dtype=torch.float32).eval()
         gens = generate(model, self.tokenizer, chat_for(self.tokenizer).prompts([p.dialogue for p in prompts]),
-                        max_new_tokens=96,
-                        progress=self.progress)
+                        max_new_tokens=96, progress=self.progress)
         items = []
         for p, g in zip(prompts, gens):
             _, answer = split_scratchpad(g.text)
