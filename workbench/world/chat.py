@@ -167,6 +167,10 @@ class Chat:
     def prompts(self, dialogues: Sequence[Dialogue]) -> list[str]:
         return [self.prompt(d.system, d.user) for d in dialogues]
 
+    def prompt_ids(self, dialogues: Sequence[Dialogue]) -> list[list[int]]:
+        """The prompts' token ids (the template writes its own special tokens: none are added)."""
+        return self.tok(self.prompts(dialogues), add_special_tokens=False)["input_ids"]
+
     @property
     def stop_ids(self) -> list[int]:
         """Tokens that end an answer: the turn's closing token, and the tokenizer's EOS."""
