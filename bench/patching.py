@@ -46,10 +46,14 @@ import torch
 from train import matmul_peak
 from transformer_lens import patching as tlp
 
-from workbench import access, attribution, metrics, nnsight_patching, pairs, patching
-from workbench.models import load_bridge
+from workbench.interp import metrics, pairs
+from workbench.suite import loading
+from workbench.families.patching.engine import attribution, exact as patching
+from workbench.families.patching.nnsight import patching as nnsight_patching
+from workbench.suite.loading import bridge_from_dir
+from workbench.families.patching import reference
 from workbench.organisms.train import use_all_cores
-from workbench.suite import load_suite
+from workbench.suite.manifest import load_suite
 
 TL_FNS = {k: getattr(tlp, K.tl) for k, K in patching.KINDS.items() if not K.tl.startswith("generic:")}
 # grouped-query key/value heads, and queries; --quick skips the per-position values and queries (TL's
@@ -107,7 +111,7 @@ def compare(bridge, batch, kinds, reps: int, peak: float, tag: str) -> dict:
 def compare_paths(bridge, lm, batch: pairs.PairBatch, reps: int, stride: int) -> dict:
     import itertools
 
-    from workbench import path_patching as pp
+    from workbench.families.patching.engine import paths as pp
     out, diffs, ns_diffs, t_ours, t_ref, t_ns = {}, [], [], 0.0, 0.0, 0.0
     for hook, senders, freeze in (("blocks.1.attn.hook_v", "z", "all"), ("final", "z_all_pos", "heads")):
         r = pp.receiver(bridge, hook)
@@ -117,7 +121,7 @@ def compare_paths(bridge, lm, batch: pairs.PairBatch, reps: int, stride: int) ->
         dt = (time.perf_counter() - t) / reps
         idx = list(itertools.product(*[range(n) for n in ours.values.shape]))[::stride]
         t = time.perf_counter()
-        ref = pp.tl_path_patch(bridge, batch, r, senders, freeze=freeze, only=idx)
+        ref = reference.tl_path_patch(bridge, batch, r, senders, freeze=freeze, only=idx)
         dt_ref = (time.perf_counter() - t) * len(ours.values.flatten()) / len(idx)  # per sender, scaled to all
         diffs.append(max(abs(float(ours.values[ix]) - float(ref.values[ix])) for ix in idx))
         t = time.perf_counter()  # both passes in one nnsight trace per chunk: the path that also runs remotely
@@ -139,10 +143,10 @@ HYBRID_SHARE = 0.2
 
 
 def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
-    from workbench import circuit_graph as cg
-    from workbench import edge_attribution as ea
-    from workbench import nnsight_edge_attribution as nea
-    from workbench import path_patching as pp
+    from workbench.families.patching.tasks import graph as cg
+    from workbench.families.patching.engine import edges as ea
+    from workbench.families.patching.nnsight import edges as nea
+    from workbench.families.patching.engine import paths as pp
 
     runs = patching.prepare(bridge, batch, "logit_diff", acts=patching.acts_for(["q"]))
     recs = ea.all_receivers(bridge)
@@ -204,7 +208,7 @@ def random_bridge(preset_name: str, tok):
     with tempfile.TemporaryDirectory(prefix="bench-patching-") as d:  # the bridge boots from a directory
         model.save_pretrained(d)
         tok.save_pretrained(d)
-        bridge = load_bridge(d, hf_model=model, tokenizer=tok)
+        bridge = bridge_from_dir(d, hf_model=model, tokenizer=tok)
     return bridge, sum(p.numel() for p in model.parameters())
 
 
@@ -223,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     peak = matmul_peak(1.0 if a.quick else 3.0)
     suite = load_suite(a.suite)
     batch = pairs.make_pairs(suite, a.backdoor, n=64).largest(n_pairs)
-    bridge = access.bridge(suite, a.checkpoint)
+    bridge = loading.bridge(suite, a.checkpoint)
     log(f"{a.suite}:{a.checkpoint}  {len(batch)} pairs x {batch.clean.shape[1]} tokens  {threads} threads  "
         f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     kinds = ["resid_pre", "z_all_pos", "z"]
@@ -263,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         figures[f"atp_ig_{kind}_pearson"] = round(ci["pearson"], 3)
         log(f"AtP {kind:10s} r {c['pearson']:.3f}   AtP+QK fix r {cq['pearson']:.3f}   AtP+IG(8) r {ci['pearson']:.3f}")
 
-    lm = access.nnsight_model(suite, a.checkpoint)
+    lm = loading.nnsight_model(suite, a.checkpoint)
     t_ns = t_engine = t_tl = 0.0
     ns_diffs = []
     for kind in ("resid_pre", "z"):

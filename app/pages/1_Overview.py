@@ -13,7 +13,7 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
-from workbench import plots  # noqa: E402
+from workbench.evaluation import plots  # noqa: E402
 
 COLUMNS = ["name", "role", "parent", "method", "step", "preset", "seed", "n_params",
            "parity_max_abs_diff", "sha256"]

