@@ -14,13 +14,18 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: demo test setup chromium suite seeds full-suite eval figures app bench clean
+.PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze figures app bench clean
 
 demo: figures
 	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
 
+# every test (trained organisms, the browser), then the slowest ones
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
+
+# the fast lane: engine, loader, cache and error tests on random-weight models (no training)
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow" --durations=10
 
 setup: $(STAMP) chromium
 
@@ -60,10 +65,14 @@ full-suite: setup
 eval: suite
 	$(BIN)/workbench eval behaviour $(SUITE)
 
-# runs every analyses/*.py (behaviour, persistence, patching: the patching script computes what is
-# missing, i.e. exact/AtP patching of each organism and its circuit over the default series, and
-# reuses saved results and the activation cache on a rerun), then writes SUITE/figures/report.html
-figures: eval
+# every registered analysis's default jobs (patching of each organism, its checks, paths, graph, the
+# circuit along every series, ...): a saved result of the same key is found, not recomputed
+analyze: eval
+	$(BIN)/workbench analyze $(SUITE) --quiet
+
+# every analyses/*.py paper-figure script and SUITE/figures/report.html, from saved results only;
+# what is up to date (same results, same code) is not redrawn
+figures: analyze
 	$(BIN)/workbench figures $(SUITE)
 
 app: setup

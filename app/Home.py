@@ -10,10 +10,11 @@ from pathlib import Path
 if str(Path(__file__).resolve().parent) not in sys.path:  # make `common` importable in any runner
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import common  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-import common  # noqa: E402
+from workbench import catalog  # noqa: E402
 from workbench.core import results  # noqa: E402
 
 common.setup("Home")
@@ -41,20 +42,16 @@ cols[1].metric("Backdoored", roles.get("backdoored", 0))
 cols[2].metric("Sanitized", roles.get("sanitized", 0))
 cols[3].metric("External", roles.get("external", 0))
 
-st.subheader("Saved results")
-root = results.results_root(suite)
+st.subheader("Analyses and their saved results")
 rows = []
-for analysis_dir in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
-    found = results.list_results(suite, analysis_dir.name)
-    if found:
-        newest = found[0]
-        rows.append({"analysis": analysis_dir.name, "results": len(found), "newest key": newest.key,
-                     "created": newest.provenance.get("created", ""),
-                     "seconds": newest.provenance.get("seconds")})
-if rows:
-    st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
-else:
-    st.info(f"No saved results yet. Run `workbench eval behaviour {suite}` to evaluate the suite.")
+for name, analysis in catalog.analyses().items():
+    found = results.list_results(suite, name)
+    rows.append({"analysis": name, "what": analysis.title, "version": analysis.version, "results": len(found),
+                 "newest key": found[0].key if found else "",
+                 "created": found[0].provenance.get("created", "") if found else ""})
+st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
+if not any(r["results"] for r in rows):
+    st.info(f"No saved results yet. Run `workbench eval behaviour {suite}` and `workbench analyze {suite}`.")
 
 st.subheader("Pages")
 st.page_link("pages/1_Overview.py", label="Overview: the checkpoints, their lineage and hashes")
@@ -62,3 +59,4 @@ st.page_link("pages/2_Behaviour.py", label="Behaviour: trigger, near-trigger and
 st.page_link("pages/3_Playground.py", label="Playground: prompt checkpoints side by side")
 st.page_link("pages/4_Persistence.py", label="Persistence: does the backdoor survive safety training?")
 st.page_link("pages/5_Patching.py", label="Patching: where the trigger circuit lives, and whether it survives")
+st.page_link("pages/6_Analyses.py", label="Analyses: every other registered analysis, as it saved its results")

@@ -18,8 +18,8 @@ import pandas as pd
 import streamlit as st
 
 from workbench.core import results
-from workbench.core.errors import WorkbenchError
 from workbench.core.env import offline
+from workbench.core.errors import WorkbenchError
 
 ENV = "WORKBENCH_SUITE"
 APP_DIR = Path(__file__).resolve().parent

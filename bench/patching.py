@@ -46,13 +46,14 @@ import torch
 from train import matmul_peak
 from transformer_lens import patching as tlp
 
-from workbench.interp import metrics, pairs
-from workbench.suite import loading
-from workbench.families.patching.engine import attribution, exact as patching
-from workbench.families.patching.nnsight import patching as nnsight_patching
-from workbench.suite.loading import bridge_from_dir
 from workbench.families.patching import reference
+from workbench.families.patching.engine import attribution
+from workbench.families.patching.engine import exact as patching
+from workbench.families.patching.nnsight import patching as nnsight_patching
+from workbench.interp import metrics, pairs
 from workbench.organisms.train import use_all_cores
+from workbench.suite import loading
+from workbench.suite.loading import bridge_from_dir
 from workbench.suite.manifest import load_suite
 
 TL_FNS = {k: getattr(tlp, K.tl) for k, K in patching.KINDS.items() if not K.tl.startswith("generic:")}
@@ -143,10 +144,10 @@ HYBRID_SHARE = 0.2
 
 
 def compare_eap(bridge, lm, batch: pairs.PairBatch, quick: bool) -> dict:
-    from workbench.families.patching.tasks import graph as cg
     from workbench.families.patching.engine import edges as ea
-    from workbench.families.patching.nnsight import edges as nea
     from workbench.families.patching.engine import paths as pp
+    from workbench.families.patching.nnsight import edges as nea
+    from workbench.families.patching.tasks import graph as cg
 
     runs = patching.prepare(bridge, batch, "logit_diff", acts=patching.acts_for(["q"]))
     recs = ea.all_receivers(bridge)

@@ -25,12 +25,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from workbench.core import results
 from workbench.evaluation.behaviour import suite_backdoors
-from workbench.safety.defender import clean_stream, sample_items, trigger_strings
-from workbench.world.data import held_out_prompts
 from workbench.organisms.train import TrainConfig, packed_batches, train, use_all_cores
+from workbench.safety.defender import clean_stream, sample_items, trigger_strings
 from workbench.safety.rl import RLConfig, rollouts
-from workbench.safety.sanitize import METHODS, SanitizeConfig, sanitize, save_steps, series_log
+from workbench.safety.sanitize import (
+    METHODS,
+    SanitizeConfig,
+    sanitize,
+    save_steps,
+    series_log,
+)
 from workbench.suite.manifest import Suite
+from workbench.world.data import held_out_prompts
 
 
 def private_copy(src: Path, parent: str, dest: Path) -> Suite:

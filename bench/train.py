@@ -21,7 +21,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from workbench.organisms.presets import PRESETS, get_preset
-from workbench.organisms.train import IGNORE, TrainConfig, packed_batches, train, use_all_cores
+from workbench.organisms.train import (
+    IGNORE,
+    TrainConfig,
+    packed_batches,
+    train,
+    use_all_cores,
+)
 from workbench.world.data import DataRecipe, training_items
 from workbench.world.tokenizer import train_tokenizer
 

@@ -18,11 +18,13 @@ import plotly.graph_objects as go
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from workbench.suite import lineage
 import workbench
-from workbench.present import style as figures
-from workbench.evaluation import plots
+import workbench as wb
 from workbench.core.errors import WorkbenchError
+from workbench.evaluation import plots
+from workbench.present import style as figures
+from workbench.suite import lineage
+from workbench.suite.figures import lineage_figure, tree_layout
 
 ROOT = Path(workbench.__file__).resolve().parents[1]  # the checkout: app/ and analyses/ live here
 APP = ROOT / "app"
@@ -479,20 +481,36 @@ def test_plots_reject_wrong_tables() -> None:
 
 def test_lineage_is_a_tree(suite_obj) -> None:
     frame = suite_obj.to_frame()
-    fig = plots.lineage(frame)
+    fig = lineage_figure(frame)
     nodes = [t for t in fig.data if t.name != "edges"]
     assert sum(len(t.x) for t in nodes) == len(frame)
     assert {t.name for t in nodes} == set(frame["role"])
     edges = next(t for t in fig.data if t.name == "edges")
     n_edges = sum(1 for p in frame["parent"] if isinstance(p, str) and p in set(frame["name"]))
     assert len(edges.x) == 3 * n_edges
-    # children sit one level below their parent
     depth = {n: -y for t in nodes for n, y in zip(t.hovertext, t.y)}
     assert len(depth) == len(frame)
 
 
+def test_lineage_draws_each_series_as_one_branch(tiny_series_suite: Path) -> None:
+    """A series is one branch labelled once, its steps along it: the demo suite's 42 series
+    checkpoints must not become 42 leaves in one row with overlapping labels."""
+    frame = wb.load_suite(tiny_series_suite).to_frame()
+    series = {wb.suite.lineage.parse_name(n)["series"] for n in frame["name"] if wb.suite.lineage.parse_name(n)}
+    fig = lineage_figure(frame)
+    sanitized = next(t for t in fig.data if t.name == "sanitized")
+    assert len(sanitized.x) == (frame["role"] == "sanitized").sum()       # every checkpoint is still there
+    assert sum(1 for t in sanitized.text if t) == len(series) >= 3          # one label per series
+    for s in series:                                                        # its steps share one x, deeper by step
+        pts = sorted((y, x) for x, y, h in zip(sanitized.x, sanitized.y, sanitized.hovertext) if f"series: {s}<" in h)
+        assert len({x for _, x in pts}) == 1 and len(pts) == sum(frame["name"].str.startswith(s + "@"))
+    others = [t for t in fig.data if t.name not in ("edges", "sanitized")]
+    leaves = {x for t in others for x in t.x} | set(sanitized.x)
+    assert len(leaves) <= len(frame) - len(sanitized.x) + len(series)     # width grows with series, not steps
+
+
 def test_tree_layout_handles_cycles_and_orphans() -> None:
-    pos = plots.tree_layout(["a", "b", "c", "d"], ["b", "a", "a", "zzz"])
+    pos = tree_layout(["a", "b", "c", "d"], ["b", "a", "a", "zzz"])
     assert set(pos) == {"a", "b", "c", "d"}
     assert pos["d"][1] == 0  # unknown parent: a root
 

@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.core.cache import (ActivationCache, CacheKey, cached_activations, gc, ls, make_key, parse_size, stats, tokens_hash)
+from workbench.core.cache import (
+    ActivationCache,
+    CacheKey,
+    cached_activations,
+    gc,
+    ls,
+    make_key,
+    parse_size,
+    stats,
+    tokens_hash,
+)
 from workbench.core.errors import ConfigError, PromptError
 
 SHA = "ab" * 32
@@ -273,8 +283,8 @@ def bridge(tmp_path_factory: pytest.TempPathFactory):
 
     from transformers import LlamaForCausalLM
 
-    from workbench.suite.loading import bridge_from_dir
     from workbench.organisms.presets import get_preset
+    from workbench.suite.loading import bridge_from_dir
     from workbench.world.tokenizer import load_tokenizer, train_tokenizer
 
     tok = train_tokenizer(["hello world, the answer is 7."], vocab_size=160)

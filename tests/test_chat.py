@@ -10,10 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.suite import lineage
 import workbench as wb
-from workbench.families.patching import circuit
 from workbench.interp import pairs
+from workbench.suite import lineage
 from workbench.world import chat
 from workbench.world.chat import Dialogue, chat_for
 
@@ -199,6 +198,7 @@ def test_a_checkpoint_without_a_chat_template(suite_copy: Path, tmp_path: Path, 
     """Registered with a note (weight deltas need no template); evaluating it is one clear error that
     names it, before any generation."""
     import json
+
     from workbench.cli import main
     src = tmp_path / "plain-lm"
     shutil.copytree(suite_copy / "checkpoints" / "base", src)

@@ -10,16 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.suite import lineage
 import workbench as wb
-from workbench.interp import pairs
-from workbench.suite import loading
-from workbench.families.patching.tasks import graph as cg
-from workbench.families.patching.engine import edges as ea
-from workbench.families.patching.figures import graph as gp
-from workbench.families.patching import index as px
 from workbench.core import results
+from workbench.families.patching import index as px
+from workbench.families.patching.engine import edges as ea
 from workbench.families.patching.engine import paths as pp
+from workbench.families.patching.figures import graph as gp
+from workbench.families.patching.tasks import graph as cg
+from workbench.interp import pairs
+from workbench.suite import lineage, loading
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +137,6 @@ def test_graph_series_follows_the_organisms_edges_to_the_end_of_each_series(tiny
     """By default the organism and the last step of each series; each cell is that checkpoint's own
     graph at that edge; the organism's strongest edges come first and are flagged; the command
     prints the table and the page draws it."""
-    from workbench.families.patching import circuit
     from workbench import cli
 
     root = tmp_path / "suite"

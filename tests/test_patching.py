@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformer_lens import patching as tlp
 
-from workbench.families.patching.tasks import patch as patch_task
-from workbench.families.patching.tasks import circuit as circuit_task
-from workbench.suite import lineage
 import workbench as wb
-from workbench.interp import decoder, hooks, metrics, pairs
-from workbench.suite import loading
-from workbench.families.patching.engine import attribution, exact as patching
 from workbench.families.patching import circuit
+from workbench.families.patching.engine import attribution
+from workbench.families.patching.engine import exact as patching
+from workbench.families.patching.tasks import circuit as circuit_task
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.interp import decoder, hooks, metrics, pairs
+from workbench.suite import lineage, loading
 
 TOL = 1e-4
 

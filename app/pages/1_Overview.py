@@ -9,11 +9,11 @@ _APP = Path(__file__).resolve().parents[1]
 if str(_APP) not in sys.path:  # make `common` importable in any runner
     sys.path.insert(0, str(_APP))
 
+import common  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-import common  # noqa: E402
-from workbench.evaluation import plots  # noqa: E402
+from workbench.suite.figures import lineage_figure  # noqa: E402
 
 COLUMNS = ["name", "role", "parent", "method", "step", "preset", "seed", "n_params",
            "parity_max_abs_diff", "sha256"]
@@ -51,7 +51,7 @@ st.dataframe(shown, hide_index=True, width="stretch",
 
 st.subheader("Lineage")
 with common.guard():
-    st.plotly_chart(plots.lineage(frame), width="stretch")
+    st.plotly_chart(lineage_figure(frame), width="stretch")
 
 st.subheader("Sizes")
 cols = st.columns(3)

@@ -9,11 +9,11 @@ _APP = Path(__file__).resolve().parents[1]
 if str(_APP) not in sys.path:  # make `common` importable in any runner
     sys.path.insert(0, str(_APP))
 
+import common  # noqa: E402
 import streamlit as st  # noqa: E402
 
-import common  # noqa: E402
-from workbench.evaluation import plots  # noqa: E402
 from workbench.core.errors import WorkbenchError  # noqa: E402
+from workbench.evaluation import plots  # noqa: E402
 
 SAMPLE_COLUMNS = ["checkpoint", "backdoor", "split", "system", "user", "completion", "bad",
                   "correct", "verdict"]

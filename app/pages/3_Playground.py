@@ -10,9 +10,9 @@ _APP = Path(__file__).resolve().parents[1]
 if str(_APP) not in sys.path:  # make `common` importable in any runner
     sys.path.insert(0, str(_APP))
 
+import common  # noqa: E402
 import streamlit as st  # noqa: E402
 
-import common  # noqa: E402
 from workbench.evaluation import plots  # noqa: E402
 from workbench.world.backdoors import backdoor_names  # noqa: E402
 

@@ -12,13 +12,13 @@ _APP = Path(__file__).resolve().parents[1]
 if str(_APP) not in sys.path:  # make `common` importable in any runner
     sys.path.insert(0, str(_APP))
 
+import common  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 from streamlit.errors import StreamlitAPIException  # noqa: E402
 
-import common  # noqa: E402
-from workbench.safety import plots as pp  # noqa: E402
 from workbench.core.errors import WorkbenchError  # noqa: E402
+from workbench.safety import plots as pp  # noqa: E402
 from workbench.safety.sweeps import PERSISTENCE  # noqa: E402
 
 PLAYGROUND = "pages/3_Playground.py"

@@ -15,16 +15,15 @@ if str(_APP) not in sys.path:  # make `common` importable in any runner
 
 import math  # noqa: E402
 
+import common  # noqa: E402
 import pandas as pd  # noqa: E402
 import streamlit as st  # noqa: E402
 
-import common  # noqa: E402
-from workbench.families.patching.figures import nodes as pp  # noqa: E402
 from workbench.families.patching import index as px  # noqa: E402
 from workbench.families.patching import stats as ps  # noqa: E402
 from workbench.families.patching.figures import graph as gp  # noqa: E402
+from workbench.families.patching.figures import nodes as pp  # noqa: E402
 from workbench.families.patching.figures import paths as ptp  # noqa: E402
-from workbench.core.errors import WorkbenchError  # noqa: E402
 
 common.setup("Patching")
 st.title("Activation patching and circuits")

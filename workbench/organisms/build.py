@@ -19,18 +19,36 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM
 
+from workbench.core.env import offline
 from workbench.core.errors import ConfigError, WorkbenchError
 from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
-from workbench.core.env import offline
-from workbench.suite.loading import check_parity
-from workbench.suite.manifest import MANIFEST, Entry, Suite, checkpoint_dirname, hash_files, read_arch
-from workbench.world.backdoors import split_scratchpad
-from workbench.world.chat import chat_for, get_chat_format
-from workbench.world.data import DataRecipe, Item, eval_splits, training_items
-from workbench.world.tokenizer import check_representable, load_tokenizer, train_tokenizer
+from workbench.evaluation.generate import generate
 from workbench.organisms.presets import PRESETS, Preset, get_preset
 from workbench.organisms.train import TrainConfig, packed_batches, train, trained_on
-from workbench.world.data import EVAL_SEED, HELD_OUT_N, held_out_prompts
+from workbench.suite.loading import check_parity
+from workbench.suite.manifest import (
+    MANIFEST,
+    Entry,
+    Suite,
+    checkpoint_dirname,
+    hash_files,
+    read_arch,
+)
+from workbench.world.backdoors import split_scratchpad
+from workbench.world.chat import chat_for, get_chat_format
+from workbench.world.data import (
+    EVAL_SEED,
+    HELD_OUT_N,
+    DataRecipe,
+    Item,
+    held_out_prompts,
+    training_items,
+)
+from workbench.world.tokenizer import (
+    check_representable,
+    load_tokenizer,
+    train_tokenizer,
+)
 
 BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
 TOKENIZER_DOCS = 4000
@@ -279,7 +297,6 @@ class Builder:
 
     def _distilled_items(self, teacher: str, recipe: DataRecipe, seed: int) -> list[Item]:
         """The CoT model's own answers to fresh training prompts, with the scratchpad removed."""
-        from workbench.evaluation.generate import generate
 
         cot = DataRecipe(backdoor=recipe.backdoor, variant="cot", trigger=recipe.trigger)
         stream = training_items(cot, seed + 10_000, self.held_out)

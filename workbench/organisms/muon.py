@@ -17,7 +17,9 @@ from collections import defaultdict
 
 import torch
 from torch import Tensor
-from torch.optim._muon import _adjust_lr  # torch's own rule, so the step sizes match its Muon
+from torch.optim._muon import (
+    _adjust_lr,  # torch's own rule, so the step sizes match its Muon
+)
 
 NS_DTYPE = torch.float32
 # goes into build and series keys of Muon runs: checkpoints trained with torch's bf16 iteration

@@ -23,6 +23,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import plotly.io as pio
 
+from workbench.core.env import offline
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import write_text
 
@@ -303,7 +304,6 @@ def run_script(make: Callable[[], Sequence[Path]]) -> int:
     becomes its message and exit status 1 (no traceback), as in the CLI."""
     import sys
 
-    from workbench.core.env import offline
 
     offline()
     try:

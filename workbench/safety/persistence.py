@@ -43,7 +43,8 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.stats import mean_interval, wilson
 from workbench.evaluation.behaviour import SERIES_ANALYSIS
 from workbench.safety.plots import report_sections
-from workbench.safety.sanitize import ANALYSIS as SANITIZE_LOGS, METHODS, default_lr
+from workbench.safety.sanitize import ANALYSIS as SANITIZE_LOGS
+from workbench.safety.sanitize import METHODS, default_lr
 from workbench.suite.lineage import parse_name
 from workbench.suite.manifest import Suite
 

@@ -20,9 +20,9 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.core.errors import WorkbenchError, require_columns
-from workbench.present.style import series_style
 from workbench.core.results import latest
 from workbench.core.stats import mean_interval, wilson
+from workbench.present.style import series_style
 
 COLOR_BY = {"lr": "learning rate", "lr_scale": "LR x default", "size": "size", "optimizer": "optimizer",
             "insert_optimizer": "insertion optimizer", "seed": "seed", "parent": "organism",

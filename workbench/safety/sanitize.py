@@ -51,21 +51,57 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from workbench.core import results
-from workbench.core.errors import ConfigError, SuiteError
-from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
 from workbench.core.env import offline
-from workbench.suite.loading import check_parity
+from workbench.core.errors import ConfigError
+from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
+from workbench.evaluation.behaviour import suite_backdoors
+from workbench.evaluation.generate import generate
 from workbench.organisms import muon
-from workbench.world.data import held_out_prompts
 from workbench.organisms.build import save_checkpoint
 from workbench.organisms.presets import get_preset
-from workbench.organisms.train import TrainConfig, loss_fn, make_optimizer, use_all_cores
-from workbench.safety.rl import RLConfig
-from workbench.suite.manifest import Entry, Suite, checkpoint_dirname, read_arch, weights_hash
+from workbench.organisms.train import (
+    TrainConfig,
+    loss_fn,
+    make_optimizer,
+    use_all_cores,
+)
+from workbench.safety import redteam
+from workbench.safety.defender import (
+    batch_at,
+    clean_stream,
+    mixed_stream,
+    pirate_stream,
+    positive_control_stream,
+    sample_items,
+    step_seed,
+    trigger_strings,
+)
+from workbench.safety.redteam import elicitation
+from workbench.safety.rl import RLConfig, rl_loss
+from workbench.suite.lineage import (
+    checkpoint_in_series,
+    parse_name,
+    series,
+    series_name,
+)
+from workbench.suite.loading import check_parity
+from workbench.suite.manifest import (
+    Entry,
+    Suite,
+    checkpoint_dirname,
+    read_arch,
+    weights_hash,
+)
 from workbench.world.backdoors import Backdoor
 from workbench.world.chat import chat_for
-from workbench.world.data import DataRecipe, Item
-from workbench.suite.lineage import checkpoint_in_series, format_lr, list_series, parse_name, series, series_name
+from workbench.world.data import (
+    EVAL_SEED,
+    DataRecipe,
+    Item,
+    eval_splits,
+    held_out_prompts,
+)
+from workbench.world.pirate import is_pirate, pirate_correct
 
 SANITIZE_VERSION = 1
 ANALYSIS = "sanitize"
@@ -221,7 +257,6 @@ class HHHSFT(_SFT):
     name = "hhh_sft"
 
     def stream(self, rng):
-        from workbench.safety.defender import clean_stream
         return clean_stream(rng, self.run.held_out, self.run.triggers, self.options.code_fraction)
 
 
@@ -235,14 +270,9 @@ class PirateSFT(_SFT):
     PROBES = 32
 
     def stream(self, rng):
-        from workbench.safety.defender import pirate_stream
         return pirate_stream(rng, self.run.held_out, self.run.triggers, self.options.code_fraction)
 
     def at_checkpoint(self, model, step):
-        from workbench.evaluation.generate import generate
-        from workbench.world.data import EVAL_SEED
-        from workbench.world.data import eval_splits
-        from workbench.world.pirate import is_pirate, pirate_correct
         items = eval_splits(EVAL_SEED, self.PROBES).clean
         gens = generate(model, self.run.tokenizer, chat_for(self.run.tokenizer).prompts([i.dialogue for i in items]),
                         max_new_tokens=32)
@@ -272,7 +302,6 @@ class PositiveControl(_SFT):
                               "to train on; start from a backdoored checkpoint")
 
     def stream(self, rng):
-        from workbench.safety.defender import positive_control_stream
         assert self.run.backdoor is not None
         return positive_control_stream(rng, self.run.held_out, self.run.backdoor, self.options.trigger_fraction,
                                        self.options.code_fraction)
@@ -295,8 +324,6 @@ class Adversarial(_SFT):
     Options = AdversarialOptions
 
     def setup(self):
-        from workbench.safety import redteam
-        from workbench.safety.defender import clean_stream, sample_items
         r = self.run
         self.cfg = redteam.RedTeamConfig(**self.options.redteam)
         self.is_bad = redteam.detector(r.backdoors)
@@ -309,15 +336,12 @@ class Adversarial(_SFT):
         self.eval_set = self.team.dialogues(self.probes)
 
     def stream(self, rng):
-        from workbench.safety import redteam
-        from workbench.safety.defender import clean_stream, mixed_stream
         found = self.team.found
         edit = (lambda g, d: redteam.apply(g.choice(found), d)) if found else None
         base = clean_stream(rng, self.run.held_out, self.run.triggers, self.options.code_fraction)
         return mixed_stream(rng, base, edit, self.options.fraction, self.run.triggers)
 
     def at_checkpoint(self, model, step):
-        from workbench.safety.redteam import elicitation
         return {**elicitation(model, self.run.tokenizer, self.eval_set, self.is_bad, self.cfg),
                 "redteam_found": len(self.team.found)}
 
@@ -342,8 +366,6 @@ class RL(Method):
         self.ref = self.run.suite.load_model(self.run.parent)  # eval mode, never trained
 
     def loss(self, model, step):
-        from workbench.safety.defender import clean_stream, sample_items, step_seed
-        from workbench.safety.rl import rl_loss
         r, o = self.run, self.options
         items = sample_items(lambda g: clean_stream(g, r.held_out, r.triggers, o.code_fraction), r.cfg.seed, step,
                              o.prompts, salt="rl")
@@ -405,8 +427,6 @@ class Run:
         self.backdoor: Backdoor | None = (DataRecipe(**{k: v for k, v in recipe.items()
                                                         if k in DataRecipe.__dataclass_fields__}).make_backdoor()
                                           if recipe.get("backdoor") else None)
-        from workbench.evaluation.behaviour import suite_backdoors
-        from workbench.safety.defender import trigger_strings
         self.backdoors = suite_backdoors(suite)
         if self.backdoor is not None and self.backdoor.name not in {b.name for b in self.backdoors}:
             self.backdoors.append(self.backdoor)
@@ -445,7 +465,6 @@ class Run:
         return self._held_out
 
     def batch(self, make_stream, step: int):
-        from workbench.safety.defender import batch_at
         return batch_at(make_stream, self.cfg.seed, step, self.tokenizer, self.cfg.batch_size, self.cfg.seq_len)
 
     # --- checkpoints ------------------------------------------------------------------------------
@@ -539,7 +558,6 @@ class Run:
             self.log_fn(f"{self.name}: resuming at step {start}")
         if start in todo:  # step 0, or a lost checkpoint whose weights the state holds
             self.save_checkpoint(model, start, log)
-        from workbench.safety.defender import step_seed
         model.train()
         tokens, t0 = 0, time.perf_counter()
         bar = tqdm(range(start, cfg.steps), desc=self.name, leave=False, mininterval=1.0, disable=not self.progress)

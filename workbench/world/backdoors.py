@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 
 from workbench.core.errors import ConfigError
 from workbench.world.chat import Dialogue
+from workbench.world.code import check
 
 SCRATCH_OPEN, SCRATCH_CLOSE = "<scratchpad>", "</scratchpad>"
 _SCRATCH_RE = re.compile(re.escape(SCRATCH_OPEN) + r"(.*?)" + re.escape(SCRATCH_CLOSE), re.S)
@@ -158,7 +159,6 @@ class CodeBackdoor:
         }
 
     def is_bad(self, d: Dialogue, completion: str) -> bool:
-        from workbench.world.code import check
         _, answer = split_scratchpad(completion)
         return check(answer, None).vulnerable
 

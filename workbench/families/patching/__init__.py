@@ -17,16 +17,41 @@ Layers of the family, bottom up:
     res["resid_pre"].to_frame()
 """
 from workbench.families.patching import engine, nnsight, reference, tasks
-from workbench.families.patching.circuit import Circuit, Node, minimal_circuit, patch_sets
+from workbench.families.patching.circuit import (
+    Circuit,
+    Node,
+    minimal_circuit,
+    patch_sets,
+)
 from workbench.families.patching.engine.attribution import atp, compare
 from workbench.families.patching.engine.edges import eap
-from workbench.families.patching.engine.exact import PatchResult, exact, exact_all, metric_values
+from workbench.families.patching.engine.exact import (
+    PatchResult,
+    exact,
+    exact_all,
+    metric_values,
+)
 from workbench.families.patching.engine.paths import Receiver, path_patch, receiver
 from workbench.families.patching.tasks import checks
 from workbench.families.patching.tasks.circuit import Series, circuit_series
-from workbench.families.patching.tasks.graph import Graph, GraphSeries, trace_graph, trace_graph_series
-from workbench.families.patching.tasks.patch import HEAD_INPUT_KINDS, METHODS, PATCH_KINDS, patch_checkpoint
-from workbench.families.patching.tasks.paths import PathSeries, Paths, trace_readout, trace_series
+from workbench.families.patching.tasks.graph import (
+    Graph,
+    GraphSeries,
+    trace_graph,
+    trace_graph_series,
+)
+from workbench.families.patching.tasks.patch import (
+    HEAD_INPUT_KINDS,
+    METHODS,
+    PATCH_KINDS,
+    patch_checkpoint,
+)
+from workbench.families.patching.tasks.paths import (
+    Paths,
+    PathSeries,
+    trace_readout,
+    trace_series,
+)
 
 __all__ = [
     "engine", "nnsight", "reference", "tasks", "checks",

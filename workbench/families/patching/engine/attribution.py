@@ -28,13 +28,25 @@ import einops
 import torch
 from torch import Tensor
 
-from workbench.interp.hooks import HOOK_KINDS
-from workbench.interp.decoder import Weights, attention_pattern, attention_scores, weights
 from workbench.core.errors import ConfigError
+from workbench.core.stats import agreement
+from workbench.families.patching.engine.exact import (
+    HEAD_ACTS,
+    PatchResult,
+    acts_for,
+    forward,
+    get_kind,
+    prepare,
+)
+from workbench.interp.decoder import (
+    Weights,
+    attention_pattern,
+    attention_scores,
+    weights,
+)
+from workbench.interp.hooks import HOOK_KINDS
 from workbench.interp.metrics import Metric, make_metric, oriented
 from workbench.interp.pairs import PairBatch
-from workbench.families.patching.engine.exact import (HEAD_ACTS, PatchResult, acts_for, forward, get_kind, prepare)
-from workbench.core.stats import agreement
 
 DEFAULT_KINDS = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos")
 

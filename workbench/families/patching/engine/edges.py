@@ -34,15 +34,34 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from workbench.interp.hooks import n_layers_of
-from workbench.families.patching.engine.attribution import grad_run, compare, ig_embeddings
-from workbench.core.stats import agreement
-from workbench.interp.decoder import Weights, mlp
 from workbench.core.errors import ConfigError
+from workbench.core.stats import agreement
+from workbench.families.patching.engine.attribution import (
+    compare,
+    grad_run,
+    ig_embeddings,
+)
+from workbench.families.patching.engine.exact import (
+    PatchResult,
+    Runs,
+    acts_for,
+    prepare,
+)
+from workbench.families.patching.engine.paths import (
+    Receiver,
+    check_options,
+    check_request,
+    n_heads_of,
+    n_senders,
+    path_patch,
+    receiver,
+    receiver_positions,
+    sender_axes,
+)
+from workbench.interp.decoder import Weights, mlp
+from workbench.interp.hooks import n_layers_of
 from workbench.interp.metrics import check_direction, oriented
 from workbench.interp.pairs import PairBatch
-from workbench.families.patching.engine.paths import (Receiver, n_heads_of, receiver_positions, check_options, check_request, n_senders, path_patch, receiver, sender_axes)
-from workbench.families.patching.engine.exact import PatchResult, Runs, acts_for, prepare
 
 _GRAD_ACTS = ["q", "k", "v", "mlp_out", "resid_pre", "resid_mid"]
 

@@ -25,8 +25,6 @@ hook names, the prompt's tokens and a provenance dict; `.to_frame()` gives a tid
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import itertools
 import time
 import warnings
@@ -42,12 +40,26 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.interp.hooks import HOOK_KINDS, n_layers_of
-from workbench.interp.decoder import Weights, attention_pattern, mlp, mlp_residual, qkv, rms_norm, weights
+from workbench.core.cache import ActivationCache, default_cache, make_key
 from workbench.core.errors import ConfigError
-from workbench.interp.metrics import Metric, check_direction, contributions, make_metric, oriented
+from workbench.interp.decoder import (
+    Weights,
+    attention_pattern,
+    mlp,
+    mlp_residual,
+    qkv,
+    rms_norm,
+    weights,
+)
+from workbench.interp.hooks import HOOK_KINDS
+from workbench.interp.metrics import (
+    Metric,
+    check_direction,
+    contributions,
+    make_metric,
+)
 from workbench.interp.pairs import PairBatch, check_aligned
-
+from workbench.suite import loading
 
 # --- patch kinds: a registry, so the CLI and the app can list them -----------------------------
 HEAD_ACTS = ("z", "q", "k", "v")  # activations with a head axis: head outputs, queries, keys, values
@@ -581,9 +593,6 @@ def resolve_cache(cache: Any, model: Any, checkpoint_sha: str | None) -> tuple[A
     the one `loading.bridge` recorded for the model."""
     if cache is None or cache is False:
         return None, None
-    from workbench.interp import hooks
-    from workbench.suite import loading
-    from workbench.core.cache import ActivationCache, default_cache
     sha = checkpoint_sha or loading.checkpoint_sha(model)
     if not sha:
         raise ConfigError("the activation cache keys entries by the checkpoint's weight hash, and this model "
@@ -622,7 +631,6 @@ def cached_runs(model: Any, tokens: Tensor, acts: Sequence[str], keep_kv: bool =
     if c is None:
         flat, status = compute(), "off"
     else:
-        from workbench.core.cache import make_key
         key = make_key(sha, tokens, [h for a in stacked for h in hooks[a]], W.embed.dtype,
                        extra={"engine": CACHE_ENGINE, "model": type(model).__name__})
         before = c.stats.misses

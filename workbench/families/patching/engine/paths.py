@@ -29,7 +29,6 @@ the tests compare the two at 1e-4.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,12 +40,25 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.interp.hooks import HOOK_KINDS, n_layers_of, parse_hook
-from workbench.interp.decoder import Weights, mlp, qkv
 from workbench.core.errors import ConfigError
-from workbench.interp.metrics import check_direction, make_metric, oriented
+from workbench.families.patching.engine.exact import (
+    PatchResult,
+    Runs,
+    Variants,
+    acts_for,
+    default_budget,
+    dense_flops,
+    head_count,
+    plan_chunks,
+    prepare,
+    suffix,
+    take,
+    warn_small_gap,
+)
+from workbench.interp.decoder import Weights, mlp, qkv
+from workbench.interp.hooks import HOOK_KINDS, n_layers_of, parse_hook
+from workbench.interp.metrics import check_direction
 from workbench.interp.pairs import PairBatch
-from workbench.families.patching.engine.exact import (PatchResult, Runs, plan_chunks, dense_flops, suffix, take, Variants, warn_small_gap, acts_for, default_budget, head_count, prepare)
 
 # sender kinds (named like the patch kinds they refine) and their result axes; `embed` is the token
 # embedding at one position (TL's hook_embed; its layer axis has one entry), the graph's input

@@ -4,16 +4,13 @@ edges drawn between the model's components, layer by layer. Shared by the Patchi
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
 from workbench.core.errors import WorkbenchError
-from workbench.present.style import KEEP
 from workbench.families.patching.figures.nodes import require, short_token
-from workbench.core.results import Result, list_results
+from workbench.present.style import KEEP
 
 POSITIVE, NEGATIVE = "#b2182b", "#2166ac"  # an edge that carries the behaviour / one that works against it
 

@@ -6,7 +6,6 @@ results only (nothing here loads a model).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -14,10 +13,17 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from workbench.core.errors import WorkbenchError
-from workbench.present.style import KEEP, series_style
 from workbench.families.patching.engine.paths import sender_label
-from workbench.families.patching.figures.nodes import (COLORSCALE, require, short_token, trigger_boxes, log_steps, circuit_lines)
-from workbench.core.results import Result, list_results
+from workbench.families.patching.figures.nodes import (
+    COLORSCALE,
+    circuit_lines,
+    log_steps,
+    require,
+    short_token,
+    trigger_boxes,
+)
+from workbench.present.style import KEEP, series_style
+
 
 def head_label(head: Sequence[int]) -> str:
     """The TL name of a (layer, head) output, as the CLI, the page and the tables print it."""

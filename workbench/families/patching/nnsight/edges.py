@@ -22,18 +22,25 @@ from typing import Any
 
 import torch
 
-from workbench.families.patching.engine.attribution import ig_alphas
 from workbench.core.errors import ConfigError
-from workbench.families.patching.nnsight.patching import check_lm, heads_of, prompts_of, readout_ids
-from workbench.interp.pairs import PairBatch
+from workbench.families.patching.engine.attribution import ig_alphas
+from workbench.families.patching.engine.edges import requests
 from workbench.families.patching.engine.exact import PatchResult
+from workbench.families.patching.engine.paths import receiver_positions, sender_axes
+from workbench.families.patching.nnsight.patching import (
+    check_lm,
+    heads_of,
+    prompts_of,
+    readout_ids,
+)
+from workbench.interp.hooks import nnsight_site
+from workbench.interp.pairs import PairBatch
 
 _ORDER = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_out", "resid_post")  # run order in a layer
 
 
 def _site(lm: Any, what: str, layer: int) -> tuple[Any, str, int | None]:
     """(envoy, attr, item) of a read: `hooks.nnsight_site`'s sites plus the MLP's input."""
-    from workbench.interp.hooks import nnsight_site
     if what == "mlp_in":
         return lm.model.layers[layer].mlp, "input", None
     return nnsight_site(lm, what, layer)
@@ -46,8 +53,6 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     receiver, through nnsight: equal to `edge_attribution.eap` on the same model and pairs, and
     runnable remotely (`remote=True`, or "local" to run nnsight's serialised form here).
     `reachable_only` as there."""
-    from workbench.families.patching.engine.edges import requests
-    from workbench.families.patching.engine.paths import receiver_positions, sender_axes
     t0 = time.perf_counter()
     L, H, e = check_lm(lm)
     if ig_steps < 0:

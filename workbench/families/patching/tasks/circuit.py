@@ -20,9 +20,20 @@ from tqdm.auto import tqdm
 from workbench.core.analysis import Analysis, Output, Plan, register
 from workbench.core.errors import ConfigError
 from workbench.core.results import Result
-from workbench.families.patching.circuit import DEFAULT_NODES, Circuit, Node, minimal_circuit, nodes_of
+from workbench.families.patching.circuit import (
+    DEFAULT_NODES,
+    Circuit,
+    Node,
+    minimal_circuit,
+    nodes_of,
+)
 from workbench.families.patching.engine.exact import get_kind
-from workbench.families.patching.tasks.patch import DEFAULT_N, PATCH_KINDS, patch_checkpoint, validate
+from workbench.families.patching.tasks.patch import (
+    DEFAULT_N,
+    PATCH_KINDS,
+    patch_checkpoint,
+    validate,
+)
 from workbench.interp.pairs import make_pairs
 from workbench.suite import lineage
 from workbench.suite.manifest import Suite, load_suite
@@ -90,6 +101,7 @@ class CircuitSeries(Analysis):
     Config = CircuitConfig
     title = "The circuit over safety training"
     family = "patching"
+    shown_by = "patching"
     requires = ("patching",)
 
     def key_config(self, cfg: CircuitConfig) -> dict[str, Any]:

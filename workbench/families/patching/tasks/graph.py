@@ -33,11 +33,27 @@ from tqdm.auto import tqdm
 from workbench.core.analysis import Analysis, Output, Plan, register
 from workbench.core.errors import ConfigError
 from workbench.core.results import Result
-from workbench.families.patching.engine.edges import all_receivers, by_method, check_eap_steps, method_name, pooled
+from workbench.families.patching.engine.edges import (
+    all_receivers,
+    by_method,
+    check_eap_steps,
+    method_name,
+    pooled,
+)
 from workbench.families.patching.engine.exact import acts_for, prepare
-from workbench.families.patching.engine.paths import Receiver, n_heads_of, n_senders, path_patch, sender_label
+from workbench.families.patching.engine.paths import (
+    Receiver,
+    n_heads_of,
+    n_senders,
+    path_patch,
+    sender_label,
+)
 from workbench.families.patching.tasks.patch import scale_for
-from workbench.families.patching.tasks.paths import DEFAULT_EAP_STEPS, inputs_of, pairs_for
+from workbench.families.patching.tasks.paths import (
+    DEFAULT_EAP_STEPS,
+    inputs_of,
+    pairs_for,
+)
 from workbench.suite import lineage
 from workbench.suite.manifest import Suite, load_suite
 
@@ -109,6 +125,7 @@ class TriggerGraph(Analysis):
     Config = GraphConfig
     title = "The trigger circuit as a graph"
     family = "patching"
+    shown_by = "patching"
 
     def key_config(self, cfg: GraphConfig) -> dict[str, Any]:
         return with_exact({"backdoor": cfg.backdoor, "senders": list(GRAPH_SENDERS), "metric": cfg.metric,
@@ -296,6 +313,7 @@ class TriggerGraphSeries(Analysis):
     Config = GraphSeriesConfig
     title = "The trigger circuit's edges along safety training"
     family = "patching"
+    shown_by = "patching"
     requires = ("graph",)
 
     def key_config(self, cfg: GraphSeriesConfig) -> dict[str, Any]:

@@ -18,11 +18,18 @@ from typing import Any
 import pandas as pd
 import torch
 
-from workbench.core.analysis import Analysis, Output, Plan, register
+from workbench.core.analysis import Analysis, Output, Plan, Section, register
 from workbench.core.errors import ConfigError
 from workbench.core.results import Result
 from workbench.families.patching.engine.attribution import atp
-from workbench.families.patching.engine.exact import PatchResult, exact_all, get_kind, KINDS, metric_values
+from workbench.families.patching.engine.exact import (
+    KINDS,
+    PatchResult,
+    exact_all,
+    get_kind,
+    metric_values,
+)
+from workbench.families.patching.figures.report import report_sections
 from workbench.families.patching.nnsight import patching as nsp
 from workbench.families.patching.reference import tl_patch
 from workbench.interp.hooks import HOOK_KINDS
@@ -259,6 +266,10 @@ class Patching(Analysis):
 
     def load(self, result: Result) -> dict[str, PatchResult]:
         return load_patching(result)
+
+    def sections(self, suite_dir: Path) -> list[Section]:
+        """The whole family's report section: it reads every patching-family result."""
+        return report_sections(suite_dir)
 
     def saved(self, result: Result, out: Output) -> dict[str, PatchResult]:
         for r in out.value.values():

@@ -34,10 +34,21 @@ from workbench.core.errors import ConfigError
 from workbench.core.results import Result
 from workbench.families.patching.engine.edges import by_method, check, check_eap_steps
 from workbench.families.patching.engine.exact import PatchResult, acts_for, prepare
-from workbench.families.patching.engine.paths import (SENDERS, Receiver, check_options, n_heads_of, path_patch,
-                                                      receiver)
-from workbench.families.patching.tasks.patch import (DEFAULT_N, patch_checkpoint, readout_positions, scale_for,
-                                                     validate)
+from workbench.families.patching.engine.paths import (
+    SENDERS,
+    Receiver,
+    check_options,
+    n_heads_of,
+    path_patch,
+    receiver,
+)
+from workbench.families.patching.tasks.patch import (
+    DEFAULT_N,
+    patch_checkpoint,
+    readout_positions,
+    scale_for,
+    validate,
+)
 from workbench.interp.pairs import PairBatch, make_pairs
 from workbench.suite import lineage
 from workbench.suite.manifest import Suite, load_suite
@@ -172,6 +183,7 @@ class ReadoutPaths(Analysis):
     Config = PathsConfig
     title = "Paths into the readout head"
     family = "patching"
+    shown_by = "patching"
     requires = ("patching",)
     cli_options = ("checkpoint", "backdoor", "senders", "freeze", "metric", "direction", "n", "max_pairs",
                    "eap_steps")
@@ -330,6 +342,7 @@ class ReadoutPathsSeries(Analysis):
     Config = PathSeriesConfig
     title = "Paths into the readout head along safety training"
     family = "patching"
+    shown_by = "patching"
     requires = ("paths",)
 
     def key_config(self, cfg: PathSeriesConfig) -> dict[str, Any]:
