@@ -16,7 +16,9 @@ export WANDB_MODE := disabled
 
 .PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze figures app bench clean
 
-demo: figures
+# suite -> eval -> analyze -> figures in one process (each step a lookup where up to date), then the app
+demo: setup
+	$(BIN)/workbench pipeline $(SUITE) --quiet
 	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
 
 # every test (trained organisms, the browser), then the slowest ones
@@ -78,6 +80,7 @@ figures: analyze
 app: setup
 	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
 
+# also `bench/app.py SUITE [--quick]`: each dashboard page's seconds to a settled page in headless Chromium
 bench: setup
 	$(BIN)/python bench/train.py --quick
 

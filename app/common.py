@@ -1,10 +1,10 @@
 """Shared plumbing for the Streamlit pages: which suite, cached loading, errors as messages.
 
 Pages only READ the manifest and saved results; the one thing they compute is a Playground
-generation, and that code lives in `workbench.generate` (nnsight/TransformerLens read the source of
-the code they trace, which breaks inside a Streamlit page script). Models are held in
-`st.cache_resource`, keyed by suite, checkpoint name and weight hash, so a rebuilt checkpoint is
-never served stale.
+generation, and that code lives in `workbench.evaluation.generation` (nnsight/TransformerLens read
+the source of the code they trace, which breaks inside a Streamlit page script). Models come from
+the library's one loader (`workbench.suite.loading`), which holds each for the life of the server,
+keyed by its weight hash, so a rebuilt checkpoint is never served stale.
 """
 from __future__ import annotations
 
@@ -111,21 +111,18 @@ def frame(path: Path) -> pd.DataFrame:
     return suite_frame(str(path.resolve()), _manifest_stamp(path))
 
 
-@st.cache_resource(show_spinner="Loading checkpoint...", max_entries=6)
-def _model(path: str, stamp: float, name: str, sha256: str) -> Any:
-    return _suite(path, stamp).load_model(name)
-
-
 @st.cache_resource(show_spinner=False, max_entries=6)
 def _tokenizer(path: str, stamp: float, name: str) -> Any:
     return _suite(path, stamp).tokenizer(name)
 
 
 def load_model(path: Path, name: str) -> tuple[Any, Any]:
-    """(model, tokenizer) for one checkpoint, held across reruns and sessions."""
+    """(model, tokenizer) for one checkpoint: the model from the library's one loader, which holds it
+    for the life of the server process, keyed by the checkpoint's weight hash."""
     key, stamp = str(path.resolve()), _manifest_stamp(path)
-    sha = _suite(key, stamp).sha256(name)  # also raises UnknownCheckpoint for a bad name
-    return _model(key, stamp, name, sha), _tokenizer(key, stamp, name)
+    with st.spinner(f"Loading {name}..."):
+        model = _suite(key, stamp).load_model(name)  # also raises UnknownCheckpoint for a bad name
+    return model, _tokenizer(key, stamp, name)
 
 
 # ----------------------------------------------------------------------------- saved results
@@ -199,7 +196,7 @@ def generate(path: Path, name: str, prompt: str, max_new_tokens: int, do_sample:
              temperature: float, seed: int) -> Any:
     """One generation from one checkpoint, from a prompt `render`ed for it; the model comes from
     the resource cache."""
-    from workbench.evaluation.generate import generate as _generate
+    from workbench.evaluation.generation import generate as _generate
 
     model, tokenizer = load_model(path, name)
     return _generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,

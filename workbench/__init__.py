@@ -45,11 +45,11 @@ from workbench.core.errors import (
 )
 from workbench.core.results import latest, list_results
 from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.families import patching
 from workbench.interp.pairs import make_pairs
 from workbench.organisms.build import build_suite
-from workbench.safety.sanitize import sanitize
+from workbench.safety.training import sanitize
 from workbench.suite.loading import load
 from workbench.suite.manifest import Suite, load_suite
 

@@ -1,5 +1,5 @@
 """Playground: type a prompt, run it through up to three checkpoints side by side, and see how
-sure each was of every token it chose. Generation code lives in `workbench.generate`.
+sure each was of every token it chose. Generation code lives in `workbench.evaluation.generation`.
 `?checkpoint=NAME` in the URL preselects a checkpoint (the Persistence page links here with it)."""
 from __future__ import annotations
 

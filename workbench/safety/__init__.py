@@ -2,7 +2,7 @@
 adversarial training with a red team, RL, the positive control), sweeps over them, and the
 persistence analysis."""
 from workbench.safety.persistence import ReturnRule, persistence_tables
-from workbench.safety.sanitize import (
+from workbench.safety.training import (
     SanitizeConfig,
     method_names,
     sanitize,

@@ -43,8 +43,8 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.stats import mean_interval, wilson
 from workbench.evaluation.behaviour import SERIES_ANALYSIS
 from workbench.safety.plots import report_sections
-from workbench.safety.sanitize import ANALYSIS as SANITIZE_LOGS
-from workbench.safety.sanitize import METHODS, default_lr
+from workbench.safety.training import ANALYSIS as SANITIZE_LOGS
+from workbench.safety.training import METHODS, default_lr
 from workbench.suite.lineage import parse_name
 from workbench.suite.manifest import Suite
 
@@ -216,7 +216,7 @@ class PersistenceConfig:
 
 
 def _series_logs(suite: Suite) -> dict[str, results.Result]:
-    """Each series' saved run result, chosen as `sanitize.series_log` does (its longest finished
+    """Each series' saved run result, chosen as `training.series_log` does (its longest finished
     run), in one pass over the saved results."""
     best: dict[str, results.Result] = {}
     for r in results.list_results(suite.root, SANITIZE_LOGS):

@@ -1,7 +1,7 @@
 """Figures and tables of safety-training persistence, shared by the Persistence page, the paper
 script (`analyses/persistence.py`) and the HTML report, so all three show the same thing.
 
-Inputs are the tables of a saved `persistence` result (`workbench.sweeps.save_persistence`):
+Inputs are the tables of a saved `persistence` result (`workbench.safety.sweeps.save_persistence`):
 `curves` (one row per series x step), `series` (one row per series), `aggregate` (across seeds) and
 `logs` (every series' step log). Nothing here evaluates a model.
 

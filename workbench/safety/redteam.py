@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from workbench.core import results
 from workbench.core.stats import wilson
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.world.backdoors import Backdoor
 from workbench.world.chat import Dialogue, chat_for
 from workbench.world.data import Item

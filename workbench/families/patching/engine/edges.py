@@ -250,7 +250,7 @@ def check(estimates: dict[str, dict[str, PatchResult]], exact: dict[str, dict[st
 
 def all_receivers(model: Any) -> list[Receiver]:
     """Every receiver of the graph: each head's query, key and value head, each MLP input, and the
-    final residual (layer 0's heads have only the embedding upstream: `path_patching.n_senders`)."""
+    final residual (layer 0's heads have only the embedding upstream: `engine.paths.n_senders`)."""
     L = n_layers_of(model)
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     out = [receiver(model, f"blocks.{l}.attn.hook_{a}", [h]) for l in range(L) for a in "qkv"

@@ -136,7 +136,7 @@ def receiver(model: Any, hook: str, heads: Sequence[int] | None = None,
 
 
 def n_heads_of(cfg: Any, act: str) -> int | None:
-    """Size of `act`'s head axis in a bridge's or HF model's config (`patching.head_count`)."""
+    """Size of `act`'s head axis in a bridge's or HF model's config (`engine.exact.head_count`)."""
     if cfg is None:
         return None
     n = getattr(cfg, "n_heads", None) or getattr(cfg, "num_attention_heads", None)

@@ -1,17 +1,17 @@
-"""Edge attribution patching through nnsight: `edge_attribution.eap`'s estimates, computed on the
+"""Edge attribution patching through nnsight: `engine.edges.eap`'s estimates, computed on the
 HF model by one trace and one backward pass, so a graph of a model only an NDIF server holds
 comes back as a few numbers per edge and no activation leaves the server.
 
 The trace holds the source prompts, the base prompts and, for EAP-IG, one group of base rows per
 interpolation step (input embeddings on the line from the base to the source prompt). The loss
-weights every gradient row as `edge_attribution.eap` weights its runs (1/N per pair, 1/N/steps on
+weights every gradient row as `engine.edges.eap` weights its runs (1/N per pair, 1/N/steps on
 an interpolation row, 0 on the plain base rows under IG), so the rows' gradients summed over
 groups are the local estimate's. A receiver's input gradient is built on the server from the
 projection's gradient: a query/key/value head from its projection's output (before the rotary
 embedding, so no transposed rotation is needed) through the projection's rows of that head and
 the input norm's Jacobian at the layer's input; an MLP's from the MLP's input through the
 post-attention norm's Jacobian; the output's from the last layer's output. Senders' changes are
-read where `nnsight_patching` reads them (head outputs at `o_proj`'s input, MLP outputs; the
+read where `nnsight.patching` reads them (head outputs at `o_proj`'s input, MLP outputs; the
 token embeddings at the embedding's output).
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
         metric: str = "logit_diff", direction: str = "denoising", ig_steps: int = 0, remote: bool | str = False,
         scale: float | None = None, reachable_only: bool = False) -> dict[str, dict[str, PatchResult]]:
     """EAP (EAP-IG with `ig_steps`) of the direct paths from every sender of each kind into each
-    receiver, through nnsight: equal to `edge_attribution.eap` on the same model and pairs, and
+    receiver, through nnsight: equal to `engine.edges.eap` on the same model and pairs, and
     runnable remotely (`remote=True`, or "local" to run nnsight's serialised form here).
     `reachable_only` as there."""
     t0 = time.perf_counter()

@@ -1,4 +1,4 @@
-"""Exact and attribution patching through nnsight: `patching.exact`'s and `attribution.atp`'s
+"""Exact and attribution patching through nnsight: `engine.exact.exact`'s and `engine.attribution.atp`'s
 results, computed by interventions on the HF model itself, so the same call runs on a model that
 only an NDIF server holds.
 
@@ -13,7 +13,7 @@ trace serves, which is what remote execution can run.
 
 Attribution patching (`atp`) is one trace too: the source and base prompts together, one backward
 from the base rows' metric, and each node's estimate (source - base activation) . gradient reduced
-to one number per index on the server, as `attribution.atp` computes it from the engine. AtP*'s
+to one number per index on the server, as `engine.attribution.atp` computes it from the engine. AtP*'s
 GradDrop and integrated gradients ride in the same trace as more groups of base rows: one per
 layer with that layer's attention and MLP cut from the gradient (`torch.where` of a row mask
 over the norm's output and its detached copy), and one per step whose input embeddings lie on the
@@ -95,7 +95,7 @@ def check_lm(lm: Any) -> tuple[int, int, int]:
 
 
 def heads_of(lm: Any, act: str) -> int:
-    """Heads on `act`'s axis in an nnsight model (`patching.head_count`): o_proj's input and the
+    """Heads on `act`'s axis in an nnsight model (`engine.exact.head_count`): o_proj's input and the
     q projection carry the query heads, the k/v projections the shared key/value heads."""
     cfg = lm.config
     return head_count(act, int(cfg.num_attention_heads),
@@ -211,7 +211,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
           remote: bool | str = False, memory_bytes: float | None = None, variants_per_trace: int | None = None,
           scale: float | None = None, progress: bool = True,
           metrics: tuple[float, float] | None = None) -> PatchResult:
-    """Exact patching of `kind` through nnsight interventions: equal to `patching.exact` (and so
+    """Exact patching of `kind` through nnsight interventions: equal to `engine.exact.exact` (and so
     to TransformerLens's helpers) on the same model and pairs.
 
     `layers`/`positions`/`heads` restrict the patched indices (the others are NaN in the result),
@@ -273,7 +273,7 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
                direction: str = "denoising", freeze: str = "all", remote: bool | str = False,
                memory_bytes: float | None = None, variants_per_trace: int | None = None, scale: float | None = None,
                progress: bool = True, metrics: tuple[float, float] | None = None) -> PatchResult:
-    """Path patching through nnsight interventions: equal to `path_patching.path_patch` (the
+    """Path patching through nnsight interventions: equal to `engine.paths.path_patch` (the
     engine) on the same model and pairs, and runs on a remote model too.
 
     Both passes of the hook algorithm ride in one trace: after the source and the base prompts,
@@ -406,9 +406,9 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
     """One trace over [source; base; each group's base rows] with one backward pass. Returns every
     group's AtP estimate per site, flattened ([groups, sum over sites of T*heads]), the source and
     plain-base rows' metric, and for each query/key kind in `qk` its QK-fixed estimate per layer
-    (`attribution._qk_fix` computes the same; `sites` must then hold every layer's q, k, v and z).
+    (`engine.attribution.qk_fix` computes the same; `sites` must then hold every layer's q, k, v and z).
 
-    Each row's loss weight makes its gradient the one `attribution.atp` takes: 1/N per pair (the
+    Each row's loss weight makes its gradient the one `engine.attribution.atp` takes: 1/N per pair (the
     mean over pairs), and 1/N/ig_steps on an interpolation row, so that the IG groups' estimates sum to
     the estimate with the gradient averaged over the path. Rows do not interact in a forward
     pass, so one backward serves every group."""
@@ -546,7 +546,7 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
         remote: bool | str = False, scale: float | None = None, memory_bytes: float | None = None,
         groups_per_trace: int | None = None) -> dict[str, PatchResult]:
     """AtP estimates for every index of each kind through nnsight, with one backward pass per
-    trace: equal to `attribution.atp` on the same model and pairs (with the same `graddrop`,
+    trace: equal to `engine.attribution.atp` on the same model and pairs (with the same `graddrop`,
     `ig_steps` and `qk_fix`, giving `<kind>:graddrop`, `<kind>:ig` and `<kind>:qk`), and runnable
     remotely: only the estimates, one number per index and group, come back.
 

