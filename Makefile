@@ -16,10 +16,9 @@ export WANDB_MODE := disabled
 
 .PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze figures app bench clean
 
-# suite -> eval -> analyze -> figures in one process (each step a lookup where up to date), then the app
+# suite -> eval -> analyze -> figures -> the dashboard, in one process (each step a lookup where up to date)
 demo: setup
-	$(BIN)/workbench pipeline $(SUITE) --quiet
-	$(BIN)/workbench app $(SUITE) --host $(HOST) --port $(PORT)
+	$(BIN)/workbench pipeline $(SUITE) --quiet --serve --host $(HOST) --port $(PORT)
 
 # every test (trained organisms, the browser), then the slowest ones
 test: setup

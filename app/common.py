@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import streamlit as st
@@ -143,6 +143,17 @@ def table(result: results.Result, name: str) -> pd.DataFrame:
     if not p.exists():
         result.table(name)  # raises the WorkbenchError that names the tables there are
     return _table(str(result.dir), name, p.stat().st_mtime)
+
+
+@st.cache_data(show_spinner=False, max_entries=128)
+def _figure(name: str, key: str, _build: Callable[..., Any], _args: tuple, _kwargs: dict) -> Any:
+    return _build(*_args, **_kwargs)
+
+
+def figure(key: str, build: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`build(*args, **kwargs)`, built once per `key` (name the saved result(s) and every option
+    the figure depends on): a warm page only sends the figure, it does not draw it again."""
+    return _figure(f"{build.__module__}.{build.__qualname__}", key, build, args, kwargs)
 
 
 def provenance_caption(result: results.Result) -> str:

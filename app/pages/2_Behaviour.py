@@ -46,16 +46,20 @@ st.dataframe(plots.format_headline(headline), hide_index=True, width="stretch")
 with st.expander("Headline as numbers (rate, lo, hi, n)"):
     st.dataframe(headline, hide_index=True, width="stretch")
 
+key = f"{result.key}/{decoding}/{order}"
 with common.guard():
-    st.plotly_chart(plots.behaviour_overview(metrics, decoding, order), width="stretch")
-    if (metrics["metric"] == "near_trigger_rate").any():
-        st.subheader("Near-trigger generalisation")
+    st.plotly_chart(common.figure(key, plots.behaviour_overview, metrics, decoding, order), width="stretch")
+    more = (["Near-trigger generalisation"] if (metrics["metric"] == "near_trigger_rate").any() else []) + \
+        ["Capability"]
+    shown = st.radio("Also", more, horizontal=True, label_visibility="collapsed")
+    st.subheader(shown)
+    if shown == "Capability":
+        st.plotly_chart(common.figure(key, plots.capability, metrics, decoding, order), width="stretch")
+    else:
         st.caption("Bad-behaviour rate for trigger variants never seen in training; the exact "
                    "trigger and no trigger bracket the scale.")
-        st.plotly_chart(plots.near_trigger(metrics, decoding, order), width="stretch")
-    st.subheader("Capability")
-    st.plotly_chart(plots.capability(metrics, decoding, order), width="stretch")
-    pad = plots.scratchpad(metrics, decoding, order)
+        st.plotly_chart(common.figure(key, plots.near_trigger, metrics, decoding, order), width="stretch")
+    pad = common.figure(key, plots.scratchpad, metrics, decoding, order)
     if pad is not None:
         st.subheader("Scratchpad (chain-of-thought organisms)")
         st.plotly_chart(pad, width="stretch")

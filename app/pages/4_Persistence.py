@@ -74,15 +74,14 @@ def points_of(event) -> list[str]:
         return []
 
 
-st.subheader("Trigger rate")
+key = f"{result.key}/{sorted(shown_series['series'])}/{color}/{facet}"
+curve = st.radio("Along safety training", ["Trigger rate", "Clean capability"], horizontal=True,
+                 help="The trigger rate of each series' own backdoor, or clean accuracy on held-out tasks, "
+                      "against the training step.")
 with common.guard():
-    ev = st.plotly_chart(pp.curves_figure(shown_curves, "trigger", color, facet), width="stretch",
-                         key="trigger_curves", on_select="rerun", selection_mode="points")
-selected += points_of(ev)
-st.subheader("Clean capability")
-with common.guard():
-    ev = st.plotly_chart(pp.curves_figure(shown_curves, "clean", color, facet), width="stretch",
-                         key="clean_curves", on_select="rerun", selection_mode="points")
+    which = "trigger" if curve == "Trigger rate" else "clean"
+    ev = st.plotly_chart(common.figure(key, pp.curves_figure, shown_curves, which, color, facet), width="stretch",
+                         key=f"{which}_curves", on_select="rerun", selection_mode="points")
 selected += points_of(ev)
 st.caption("Click a point to pick that checkpoint below, then open it in the Playground.")
 
@@ -123,42 +122,45 @@ with c2:
     except StreamlitAPIException:  # this page run on its own (no Home entry point): a plain URL link
         st.markdown(f"[Open in the Playground](Playground?{urlencode(link_params)})")
 
-# ----------------------------------------------------------------------------- adversarial training
+# ----------------------------------------------------------------------------- training logs
 adv = shown_series[shown_series["method"] == "adversarial"]["series"].tolist()
-if adv:
-    st.subheader("Adversarial training: red-team prompts")
-    st.caption("Prompts found by the automatic red team *without* the trigger, and how often they elicit the "
-               "bad behaviour at every saved step, next to the trigger rate: hiding the behaviour from the red "
-               "team is not removing the backdoor.")
-    s = st.selectbox("Adversarial series", adv)
-    with common.guard():
-        st.plotly_chart(pp.redteam_figure(logs, curves, s), width="stretch", key="redteam_fig")
-    try:
-        prompts = common.table(result, "redteam_prompts")
-        prompts = prompts[prompts["series"] == s] if "series" in prompts else prompts.iloc[0:0]
-    except WorkbenchError:
-        prompts = pd.DataFrame()
-    if len(prompts):
-        by_pert = (prompts.groupby("perturbation", sort=False)["elicited_before"].agg(["sum", "count"])
-                   .reset_index().rename(columns={"sum": "elicited before training", "count": "probes"}))
-        st.dataframe(by_pert, hide_index=True, width="stretch")
-        with st.expander(f"All {len(prompts)} red-team prompts"):
-            st.dataframe(prompts[["perturbation", "system", "user", "elicited_before"]], hide_index=True,
-                         width="stretch")
-    else:
-        st.info("The red team found no prompt that elicits the behaviour without the trigger for this series.")
-
-# ----------------------------------------------------------------------------- RL
-rl = shown_series[shown_series["method"] == "rl"]["series"].tolist()
-if rl and len(logs):
-    st.subheader("RL: reward and KL to the starting model")
-    with common.guard():
-        st.plotly_chart(pp.log_figure(logs, ["reward", "kl", "hostile", "vulnerable"], "RL training (per step)", rl),
-                        width="stretch", key="rl_fig")
-
-pirate = shown_series[shown_series["method"] == "pirate_sft"]["series"].tolist()
-if pirate and "pirate_rate" in logs.columns:
-    with st.expander("Pirate SFT: style uptake (pirate-styled answers) and accuracy through the style"):
+rl = shown_series[shown_series["method"] == "rl"]["series"].tolist() if len(logs) else []
+pirate = shown_series[shown_series["method"] == "pirate_sft"]["series"].tolist() if "pirate_rate" in logs.columns else []
+views = {name: on for name, on in (("Adversarial training: red-team prompts", adv), ("RL: reward and KL", rl),
+                                   ("Pirate SFT: style uptake", pirate)) if on}
+if views:
+    st.subheader("What each method trained on")
+    shown = st.radio("Training log", list(views), horizontal=True, label_visibility="collapsed")
+    if shown.startswith("Adversarial"):
+        st.caption("Prompts found by the automatic red team *without* the trigger, and how often they elicit the "
+                   "bad behaviour at every saved step, next to the trigger rate: hiding the behaviour from the red "
+                   "team is not removing the backdoor.")
+        s = st.selectbox("Adversarial series", adv)
         with common.guard():
-            st.plotly_chart(pp.log_figure(logs, ["pirate_rate", "pirate_accuracy"], "Pirate SFT at saved steps",
-                                          pirate), width="stretch", key="pirate_fig")
+            st.plotly_chart(common.figure(f"{result.key}/{s}", pp.redteam_figure, logs, curves, s), width="stretch",
+                            key="redteam_fig")
+        try:
+            prompts = common.table(result, "redteam_prompts")
+            prompts = prompts[prompts["series"] == s] if "series" in prompts else prompts.iloc[0:0]
+        except WorkbenchError:
+            prompts = pd.DataFrame()
+        if len(prompts):
+            by_pert = (prompts.groupby("perturbation", sort=False)["elicited_before"].agg(["sum", "count"])
+                       .reset_index().rename(columns={"sum": "elicited before training", "count": "probes"}))
+            st.dataframe(by_pert, hide_index=True, width="stretch")
+            with st.expander(f"All {len(prompts)} red-team prompts"):
+                st.dataframe(prompts[["perturbation", "system", "user", "elicited_before"]], hide_index=True,
+                             width="stretch")
+        else:
+            st.info("The red team found no prompt that elicits the behaviour without the trigger for this series.")
+    elif shown.startswith("RL"):
+        with common.guard():
+            st.plotly_chart(common.figure(f"{result.key}/{rl}", pp.log_figure, logs,
+                                          ["reward", "kl", "hostile", "vulnerable"], "RL training (per step)", rl),
+                            width="stretch", key="rl_fig")
+    else:
+        st.caption("Style uptake (pirate-styled answers) and accuracy through the style.")
+        with common.guard():
+            st.plotly_chart(common.figure(f"{result.key}/{pirate}", pp.log_figure, logs,
+                                          ["pirate_rate", "pirate_accuracy"], "Pirate SFT at saved steps", pirate),
+                            width="stretch", key="pirate_fig")

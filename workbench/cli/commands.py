@@ -158,7 +158,7 @@ def _pipeline(a: argparse.Namespace) -> int:
         if code := args.func(args):
             return code
         print(f"[{' '.join(step[:2]).replace(' {suite}', '')}: {time.perf_counter() - t0:.1f} s]")
-    return 0
+    return _app(a) if a.serve else 0
 
 
 def _app(a: argparse.Namespace) -> int:
@@ -285,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
                                          "draw the figures, in one process (make demo); up-to-date steps are lookups")
     pl.add_argument("suite")
     pl.add_argument("--quiet", action="store_true")
+    pl.add_argument("--serve", action="store_true", help="then serve the dashboard (as `workbench app`)")
+    pl.add_argument("--host", default="127.0.0.1")
+    pl.add_argument("--port", type=int, default=8501)
     pl.set_defaults(func=_pipeline)
 
     ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
