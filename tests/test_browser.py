@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = {"Home": "", "Overview": "Overview", "Behaviour": "Behaviour", "Playground": "Playground",
-         "Persistence": "Persistence"}
+# every page of the app, by its URL path (Streamlit names a page after its file, less the number)
+PAGES = {"Home": "", **{p.stem.split("_", 1)[1]: p.stem.split("_", 1)[1]
+                        for p in sorted((ROOT / "app" / "pages").glob("[0-9]*_*.py"))}}
 
 
 def _free_port() -> int:
@@ -103,7 +104,8 @@ def test_page_renders_without_exception(server: str, browser, page: str, tmp_pat
 
 def test_patching_page_renders_saved_results(server: str, browser, tiny_patched_suite: Path, tmp_path: Path) -> None:
     """The Patching page on a suite with patching and circuit results (chosen through ?suite=, since
-    the server's own suite has none): heatmap, head grid, AtP scatter and circuit plot all drawn."""
+    the server's own suite has none): the heatmap and the head grid drawn, tokens on the heatmap's
+    axis; then the Over training page's circuit plot."""
     from urllib.parse import quote
 
     tab = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -117,7 +119,7 @@ def test_patching_page_renders_saved_results(server: str, browser, tiny_patched_
         time.sleep(0.5)
     tab.wait_for_selector(".js-plotly-plot", timeout=60_000)
     deadline = time.time() + 60
-    while time.time() < deadline and tab.locator(".js-plotly-plot").count() < 4:
+    while time.time() < deadline and tab.locator(".js-plotly-plot").count() < 2:
         time.sleep(0.5)
     time.sleep(1.5)
     shots = Path(os.environ.get("WORKBENCH_SCREENSHOTS", tmp_path))
@@ -127,7 +129,14 @@ def test_patching_page_renders_saved_results(server: str, browser, tiny_patched_
     assert not errors, errors
     body = tab.inner_text("body")
     assert "Early-layer residual effect on trigger tokens" in body, body[:2000]
-    assert tab.locator(".js-plotly-plot").count() >= 4
+    assert tab.locator(".js-plotly-plot").count() == 2
     labels = " ".join(tab.locator(".js-plotly-plot text").all_text_contents())
     assert "<|assistant|>" in labels and "layer" in labels, labels[:2000]  # tokens on the heatmap's axis
+    tab.goto(f"{server}/Over_training?suite={quote(str(tiny_patched_suite))}", wait_until="domcontentloaded")
+    tab.wait_for_selector(".js-plotly-plot", timeout=60_000)
+    deadline = time.time() + 60
+    while time.time() < deadline and (tab.locator(busy).count() or tab.locator(".js-plotly-plot").count() < 1):
+        time.sleep(0.5)
+    assert tab.locator('[data-testid="stException"]').count() == 0, tab.inner_text("body")[:2000]
+    assert "survive safety training" in tab.inner_text("body") and not errors, errors
     tab.close()

