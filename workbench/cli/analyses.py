@@ -74,13 +74,8 @@ def _describe(value: Any) -> str:
 
 def _run_one(analysis: Analysis, suite: Any, cfg: Any, recompute: bool, progress: bool) -> tuple[str, Any]:
     """Run one config; (what happened: "found" or "computed", the saved Result)."""
-    plan = analysis.plan(suite, analysis.config(cfg))
-    cfg = plan.config if plan.config is not None else cfg
-    found = None if recompute else analysis.find(suite.root, cfg, plan.inputs)
-    if found is not None:
-        return "found", found
-    analysis.run(suite, cfg, reuse=not recompute, progress=progress)
-    return "computed", analysis.find(suite.root, cfg, plan.inputs)
+    computed, res, _ = analysis.produce(suite, cfg, reuse=not recompute, progress=progress)
+    return ("computed" if computed else "found"), res
 
 
 def _analyze(a: argparse.Namespace) -> int:

@@ -136,18 +136,24 @@ class Analysis:
 
         `reuse=False` recomputes (and overwrites); `save=False` computes without writing (the
         returned object is then built from the unsaved output where the analysis supports it)."""
+        return self.produce(suite, cfg, reuse=reuse, save=save, **runtime)[2]
+
+    def produce(self, suite: "Suite", cfg: Any = None, *, reuse: bool = True, save: bool = True,
+                **runtime: Any) -> tuple[bool, results.Result | None, Any]:
+        """`run`, also saying what happened: (computed?, the saved Result or None if not saved, the
+        loaded value). One plan serves both the lookup and the computation."""
         cfg = self.config(cfg)
         plan = self.plan(suite, cfg, **runtime)
         cfg = plan.config if plan.config is not None else cfg
         if reuse and (found := self.find(suite.root, cfg, plan.inputs)) is not None:
-            return self.load(found)
+            return False, found, self.load(found)
         t0 = time.perf_counter()
         out = self.compute(suite, cfg, plan, save=save, **runtime)
         seconds = time.perf_counter() - t0
         if not save:
-            return self.unsaved(suite, cfg, plan, out)
+            return True, None, self.unsaved(suite, cfg, plan, out)
         res = self.save(suite.root, cfg, plan.inputs, out, seconds)
-        return self.saved(res, out)
+        return True, res, self.saved(res, out)
 
     get_or_compute = run
 
