@@ -19,7 +19,7 @@ from streamlit.errors import StreamlitAPIException  # noqa: E402
 
 from workbench.core.errors import WorkbenchError  # noqa: E402
 from workbench.safety import plots as pp  # noqa: E402
-from workbench.safety.sweeps import PERSISTENCE  # noqa: E402
+from workbench.safety.persistence import PERSISTENCE  # noqa: E402
 
 PLAYGROUND = "pages/3_Playground.py"
 

@@ -51,7 +51,6 @@ from workbench.evaluation.behaviour import (
 )
 from workbench.organisms.train import available_cores, capped_threads
 from workbench.safety.persistence import (
-    PERSISTENCE,
     PERSISTENCE_ANALYSIS,
     PersistenceConfig,
     ReturnRule,
@@ -324,16 +323,12 @@ def save_persistence(suite: Suite, behaviour: results.Result, decoding: str = "g
     return PERSISTENCE_ANALYSIS.run(suite, PersistenceConfig(decoding, rule), behaviour=behaviour)
 
 
-def latest_persistence(suite_dir: str | Path) -> results.Result | None:
-    return results.latest(suite_dir, PERSISTENCE)
-
-
 def current_eval_n(suite: Suite) -> int | None:
     """The `n` the suite's series were last evaluated with (None before any series evaluation)."""
     res = results.latest(suite.root, SERIES_ANALYSIS)
     return res.provenance.get("config", {}).get("n") if res else None
 
 
-__all__ = ["ALL_METHODS", "Block", "Job", "PERSISTENCE", "Recipe", "SERIES_ANALYSIS", "SWEEPS", "SweepResult",
-           "current_eval_n", "default_workers", "evaluate_series", "get_recipe", "grid", "latest_persistence", "plan", "run",
+__all__ = ["ALL_METHODS", "Block", "Job", "Recipe", "SWEEPS", "SweepResult",
+           "current_eval_n", "default_workers", "evaluate_series", "get_recipe", "grid", "plan", "run",
            "save_persistence", "series_eval_config"]
