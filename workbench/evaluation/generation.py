@@ -27,9 +27,10 @@ class Generation:
 @torch.no_grad()
 def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48, do_sample: bool = False,
              temperature: float = 1.0, seed: int = 0, batch_size: int = 64,
-             progress: bool = False) -> list[Generation]:
+             progress: bool = False, stop_ids: Sequence[int] | None = None) -> list[Generation]:
     """Continue each rendered prompt (`world.chat.chat_for(tokenizer).prompt`) until the turn's
-    closing token, the tokenizer's EOS, or `max_new_tokens`.
+    closing token, the tokenizer's EOS, or `max_new_tokens`; `stop_ids` names the closing tokens
+    of another format (a backdoor spec's raw template: `spec.chat(tok).stop_ids`).
 
     Sampling is seeded per call, so a sampled evaluation is reproducible.
     """
@@ -40,7 +41,7 @@ def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 48,
     tokenizer.padding_side = "left"
     gen = torch.Generator().manual_seed(seed)
     out: list[Generation] = []
-    stops = _stop_ids(tokenizer)
+    stops = list(stop_ids) if stop_ids else _stop_ids(tokenizer)
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc="generate", leave=False, disable=not progress):
         chunk = list(prompts[start:start + batch_size])

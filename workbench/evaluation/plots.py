@@ -45,6 +45,22 @@ OVERVIEW: tuple[Series, ...] = (
 )
 
 
+def overview(metrics: pd.DataFrame) -> tuple[Series, ...]:
+    """The overview's series for this table: the built-in backdoors', then those of every other
+    backdoor it holds (a user's spec, named by its spec name), then clean accuracy."""
+    known = {s.backdoor for s in OVERVIEW}
+    others = sorted(b for b in metrics.loc[metrics["metric"] == "trigger_rate", "backdoor"].dropna().unique()
+                    if b and b not in known)
+    return _with_backdoors(others)
+
+
+def _with_backdoors(backdoors: Sequence[str]) -> tuple[Series, ...]:
+    extra = tuple(s for b in backdoors for s in (
+        Series(f"{b}_trigger", b, f"{b}: with trigger", b, "trigger_rate"),
+        Series(f"{b}_no_trigger", b, f"{b}: without trigger", b, "false_trigger_rate")))
+    return OVERVIEW[:-1] + extra + OVERVIEW[-1:]
+
+
 # ----------------------------------------------------------------------------- selection helpers
 
 def check_metrics(metrics: pd.DataFrame) -> None:
@@ -140,7 +156,7 @@ def behaviour_overview(metrics: pd.DataFrame, decoding: str | None = "greedy",
     if decoding is not None and decoding not in decodings(metrics) and decodings(metrics):
         decoding = decodings(metrics)[0]
     order_ = checkpoint_order(metrics, order)
-    present = [(s, select(metrics, decoding, s.metric, s.backdoor, s.variant)) for s in OVERVIEW]
+    present = [(s, select(metrics, decoding, s.metric, s.backdoor, s.variant)) for s in overview(metrics)]
     present = [(s, rows) for s, rows in present if not rows.empty]
     if not present:
         raise WorkbenchError("the metrics table holds none of trigger_rate, false_trigger_rate or "
@@ -252,7 +268,7 @@ def headline(metrics: pd.DataFrame, decoding: str | None = "greedy",
         decoding = decodings(metrics)[0]
     order_ = checkpoint_order(metrics, order)
     out = pd.DataFrame({"checkpoint": order_})
-    for s in OVERVIEW:
+    for s in overview(metrics):
         rows = select(metrics, decoding, s.metric, s.backdoor, s.variant)
         if rows.empty:
             continue
@@ -272,7 +288,10 @@ def headline(metrics: pd.DataFrame, decoding: str | None = "greedy",
 def format_headline(table: pd.DataFrame, digits: int = 2) -> pd.DataFrame:
     """`headline` as text cells "0.97 [0.91, 0.99]" with readable column names, for LaTeX/the page."""
     out = pd.DataFrame({"checkpoint": table["checkpoint"]})
-    for s in OVERVIEW:
+    cols = set(table.columns)   # a backdoor b has b_trigger and b_no_trigger (b may itself end in "_no")
+    stems = sorted({c[: -len("_trigger")] for c in cols if c.endswith("_trigger")
+                    and c[: -len("_trigger")] + "_no_trigger" in cols} - {s.backdoor for s in OVERVIEW})
+    for s in _with_backdoors(stems):
         if s.key not in table.columns:
             continue
         cells = []

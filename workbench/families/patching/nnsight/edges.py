@@ -12,7 +12,9 @@ embedding, so no transposed rotation is needed) through the projection's rows of
 the input norm's Jacobian at the layer's input; an MLP's from the MLP's input through the
 post-attention norm's Jacobian; the output's from the last layer's output. Senders' changes are
 read where `nnsight.patching` reads them (head outputs at `o_proj`'s input, MLP outputs; the
-token embeddings at the embedding's output).
+token embeddings at the embedding's output). The Jacobians are an RMSNorm's and separate [out, in]
+projections': Llama, Mistral and Qwen2 (whose q/k/v biases enter only the activations read), not
+GPT-2 (`architectures.SUPPORT`).
 """
 from __future__ import annotations
 
@@ -33,17 +35,18 @@ from workbench.families.patching.nnsight.patching import (
     prompts_of,
     readout_ids,
 )
-from workbench.interp.hooks import nnsight_site
 from workbench.interp.pairs import PairBatch
+from workbench.suite import architectures
 
 _ORDER = ("resid_pre", "q", "k", "v", "z", "resid_mid", "mlp_in", "mlp_out", "resid_post")  # run order in a layer
 
 
 def _site(lm: Any, what: str, layer: int) -> tuple[Any, str, int | None]:
-    """(envoy, attr, item) of a read: `hooks.nnsight_site`'s sites plus the MLP's input."""
+    """(envoy, attr, item) of a read: `architectures.site`'s sites plus the MLP's input."""
+    m = architectures.modules_of(lm)
     if what == "mlp_in":
-        return lm.model.layers[layer].mlp, "input", None
-    return nnsight_site(lm, what, layer)
+        return architectures.get(architectures.block(lm, layer, m), m.mlp), "input", None
+    return architectures.site(lm, what, layer, m)
 
 
 def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[str] = ("z", "mlp_out"),
@@ -54,7 +57,7 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     runnable remotely (`remote=True`, or "local" to run nnsight's serialised form here).
     `reachable_only` as there."""
     t0 = time.perf_counter()
-    L, H, e = check_lm(lm)
+    L, H, e = check_lm(lm, "edges")
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: plain EAP), not {ig_steps}")
     todo = requests(lm, receivers, senders, reachable_only)
@@ -101,22 +104,30 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
     zs = [at[l, "z"] for l in range(max(n_send.get("z", 0), n_send.get("z_all_pos", 0)))]
     ms = [at[l, "mlp_out"] for l in range(n_send.get("mlp_out", 0))]
     want_embed = "embed" in senders
-    eps = float(getattr(lm.config, "rms_norm_eps", 1e-6))
-    d = int(lm.config.hidden_size)
-    blocks = [lm.model.layers[l] for l in range(L)]
+    mods = architectures.modules_of(lm)
+    if mods.norm != "rms" or mods.transposed or mods.fused_qkv:
+        raise ConfigError("nnsight edge attribution builds receivers' gradients through an RMSNorm and separate "
+                          f"[out, in] q/k/v projections, which this {type(lm).__name__} does not have")
+    dims = architectures.dims_of(lm)
+    eps, d = dims["eps"], dims["d_model"]
+    blocks = [architectures.block(lm, l, mods) for l in range(L)]
+    attn_o = [architectures.get(b, mods.o_proj) for b in blocks]
+    projs = [[architectures.get(b, p) for p in mods.qkv] for b in blocks]
+    ln1s, ln2s = ([architectures.get(b, path) for b in blocks] for path in (mods.ln1, mods.ln2))
+    embed, head = architectures.get(lm, mods.embed), architectures.get(lm, mods.unembed)
     # built-ins, torch and envoys only in the body, and no comment lines in it (see nnsight_patching)
     with lm.trace(tokens, remote=remote):
-        emb = lm.model.embed_tokens.output.requires_grad_(True)
+        emb = embed.output.requires_grad_(True)
         de = (emb[:N] - emb[N:2 * N]).detach().float()
         if ig_steps:
             e_src, e_base = emb[:N].repeat(ig_steps, 1, 1), emb[N:2 * N].repeat(ig_steps, 1, 1)
             interp = e_base + alpha.to(emb.device, emb.dtype) * (e_src - e_base)
-            lm.model.embed_tokens.output = torch.cat([emb[:2 * N], interp])
+            embed.output = torch.cat([emb[:2 * N], interp])
         xs = []
         for envoy, attr, item in sites:
             x = getattr(envoy, attr)
             xs.append(x if item is None else x[item])
-        logits = lm.lm_head.output[:, -ids.shape[1]:].float()
+        logits = head.output[:, -ids.shape[1]:].float()
         picked = logits.gather(-1, ids.to(logits.device))
         score = picked[:, 0, 0] - picked[:, 0, 1] if logit_diff else (picked[:, :, 0] - logits.logsumexp(-1)).sum(-1)
         metrics = score[:2 * N].detach().save()
@@ -127,18 +138,17 @@ def eap(lm: Any, batch: PairBatch, receivers: Sequence[Any], senders: Sequence[s
                     grads[i] = xs[i].grad
             dz = [(xs[i][:N] - xs[i][N:2 * N]).detach().float().reshape(N, T, H, e) for i in zs]
             dm = [(xs[i][:N] - xs[i][N:2 * N]).detach().float() for i in ms]
-            wo = [blocks[l].self_attn.o_proj.weight.float().reshape(d, H, e) for l in range(len(zs))]
+            wo = [attn_o[l].weight.float().reshape(d, H, e) for l in range(len(zs))]
             out = []
             for code, l, heads, mask, vi, gi in plan:
                 g = grads[gi][N:].float()
                 if code in "qkv":
-                    proj = (blocks[l].self_attn.q_proj if code == "q" else blocks[l].self_attn.k_proj if code == "k"
-                            else blocks[l].self_attn.v_proj).weight.float()
+                    proj = projs[l]["qkv".index(code)].weight.float()
                     hw = proj.reshape(-1, e, d)[heads]
                     g = torch.einsum("nthe,hed->ntd", g.reshape(g.shape[0], T, -1, e)[:, :, heads], hw)
-                    nw = blocks[l].input_layernorm.weight.float()
+                    nw = ln1s[l].weight.float()
                 if code == "m":
-                    nw = blocks[l].post_attention_layernorm.weight.float()
+                    nw = ln2s[l].weight.float()
                 if code != "f":
                     x = xs[vi][N:].detach().float()
                     inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

@@ -23,9 +23,13 @@ attention pattern, rebuilt from the q/k projections and the model's rotary table
 and for the patched queries or keys, against dM/dA = (z's gradient) . values.
 
 Exact patching here is the reference-free twin of the engine: slower (every copy runs all layers
-and positions, and the source prompts run once more per trace), but correct for any Llama-family module tree
-nnsight can trace, including grouped-query attention (the head outputs are read at `o_proj`'s
-input, where the query heads are already separate). Tests hold it to the engine at 1e-4.
+and positions, and the source prompts run once more per trace), but correct for every architecture
+of `workbench.suite.architectures` (Llama, Mistral, Qwen2, GPT-2), whose module paths it reads from
+there (`architectures.site`), including grouped-query attention (the head outputs are read at the
+output projection's input, where the query heads are already separate) and GPT-2's fused q/k/v
+projection (q, k and v are slices of its output). Tests hold it to the engine at 1e-4 on Llama and
+to TransformerLens's own patching on the others (tests/test_architectures.py). What applies per
+architecture (the QK fix needs rotary tables) is `architectures.check_nnsight`'s to say.
 """
 from __future__ import annotations
 
@@ -57,9 +61,10 @@ from workbench.families.patching.engine.paths import (
     receiver_positions,
     sender_axes,
 )
-from workbench.interp.hooks import EXEC_ORDER, HOOK_KINDS, n_layers_of, nnsight_site
+from workbench.interp.hooks import EXEC_ORDER, HOOK_KINDS, n_layers_of
 from workbench.interp.metrics import oriented
 from workbench.interp.pairs import PairBatch
+from workbench.suite import architectures
 
 # Bytes of patched rows one remote trace may hold when the caller does not say: the server's GPU
 # is not this machine's, so its free memory cannot be asked; a fraction of one 80 GB accelerator.
@@ -77,36 +82,35 @@ class _Plan:
     shape: tuple[int, ...]
 
 
-def check_lm(lm: Any) -> tuple[int, int, int]:
-    """(layers, query heads, head dim) of an nnsight Llama-family model, or one clear error."""
+def check_lm(lm: Any, function: str = "exact") -> tuple[int, int, int]:
+    """(layers, query heads, head dim) of an nnsight model whose architecture `function` (one of
+    `architectures.NNSIGHT_FUNCTIONS`) applies to, or one clear error."""
     cfg = getattr(lm, "config", None)
-    try:
-        blk = lm.model.layers[0]
-        blk.self_attn.o_proj, blk.input_layernorm, blk.post_attention_layernorm, lm.lm_head
-    except (AttributeError, IndexError, TypeError):
-        cfg = None
     if cfg is None or not hasattr(lm, "trace"):
-        raise ConfigError(f"nnsight patching needs an nnsight LanguageModel over a Llama-family HF model "
-                          f"(model.layers[i].self_attn.o_proj, .mlp); got {type(lm).__name__}: load one with "
-                          "workbench.nnsight_model(suite, name) or workbench.loading.nnsight_remote(repo_id)")
-    n_heads = int(cfg.num_attention_heads)
-    d_head = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads)
-    return n_layers_of(lm), n_heads, d_head
+        raise ConfigError(f"nnsight patching needs an nnsight LanguageModel over an HF causal LM of a supported "
+                          f"architecture ({', '.join(sorted(architectures.SUPPORT))}); got {type(lm).__name__}: load "
+                          "one with workbench.nnsight_model(suite, name) or workbench.loading.nnsight_remote(repo_id)")
+    architectures.check_nnsight(architectures.model_type_of(lm), function)
+    architectures.modules_of(lm)
+    d = architectures.dims_of(lm)
+    return d["n_layers"], d["n_heads"], d["d_head"]
 
 
 def heads_of(lm: Any, act: str) -> int:
     """Heads on `act`'s axis in an nnsight model (`engine.exact.head_count`): o_proj's input and the
     q projection carry the query heads, the k/v projections the shared key/value heads."""
-    cfg = lm.config
-    return head_count(act, int(cfg.num_attention_heads),
-                      int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads))
+    d = architectures.dims_of(lm)
+    return head_count(act, d["n_heads"], d["n_kv"])
 
 
-def prompts_of(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str) -> tuple[Tensor, Tensor]:
+def prompts_of(batch: PairBatch, kinds: Sequence[str], metric: str, direction: str,
+               lm: Any = None) -> tuple[Tensor, Tensor]:
     """(base, source) token tensors of a call (`metrics.oriented`), after every argument is checked
-    (an unknown metric by `batch.inputs`)."""
+    (an unknown metric by `batch.inputs`; with `lm`, kinds its architecture does not have)."""
     for k in kinds:
         get_kind(k)
+    if lm is not None:
+        architectures.check_kinds(architectures.model_type_of(lm), kinds)
     return oriented(batch, metric, direction)
 
 
@@ -168,8 +172,11 @@ def _trace_edits(lm: Any, tokens: Tensor, ids: Tensor, edits: dict[tuple[int, st
     later edits of a site over earlier ones, all read from the site's unedited value."""
     k = int(ids.shape[1])
     order = sorted(edits, key=lambda la: (la[0], EXEC_ORDER.index(la[1])))  # nnsight serves sites in run order
-    plan = [(*nnsight_site(lm, a, layer), d_head if a in HEAD_ACTS else 1, edits[layer, a]) for layer, a in order]
-    with torch.no_grad(), lm.trace(tokens, remote=remote):  # built-ins, torch and envoys only: see nnsight_site
+    mods = architectures.modules_of(lm)
+    plan = [(*architectures.site(lm, a, layer, mods), d_head if a in HEAD_ACTS else 1, edits[layer, a])
+            for layer, a in order]
+    head = architectures.get(lm, mods.unembed)
+    with torch.no_grad(), lm.trace(tokens, remote=remote):  # built-ins, torch and envoys only: see architectures.site
         for envoy, attr, item, width, steps in plan:
             x = getattr(envoy, attr)
             x = x if item is None else x[item]
@@ -177,7 +184,7 @@ def _trace_edits(lm: Any, tokens: Tensor, ids: Tensor, edits: dict[tuple[int, st
             for mask, rows in steps:
                 y = torch.where(mask.to(x.device).repeat_interleave(width, dim=-1), x[rows.to(x.device)], y)
             x[:] = y
-        logits = lm.lm_head.output[:, -k:].float()
+        logits = head.output[:, -k:].float()
         picked = logits.gather(-1, ids.to(logits.device)).save()
         lse = logits.logsumexp(-1).save()
     return getattr(picked, "value", picked).cpu(), getattr(lse, "value", lse).cpu()
@@ -186,11 +193,11 @@ def _trace_edits(lm: Any, tokens: Tensor, ids: Tensor, edits: dict[tuple[int, st
 def _row_bytes(lm: Any, T: int, k: int) -> float:
     """Peak bytes one batch row needs in a no-grad forward: a few residual-width and MLP-width
     tensors per position, one layer's attention scores, and the metric's logits."""
-    cfg = lm.config
-    d, f, h = int(cfg.hidden_size), int(cfg.intermediate_size), int(cfg.num_attention_heads)
+    cfg, dims = lm.config, architectures.dims_of(lm)
+    d, f, h = dims["d_model"], dims["d_mlp"], dims["n_heads"]
     dtype = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
     size = torch.finfo(dtype if isinstance(dtype, torch.dtype) else torch.float32).bits // 8
-    return size * T * (8 * d + 3 * f + 2 * h * T) + 8 * k * int(cfg.vocab_size)
+    return size * T * (8 * d + 3 * f + 2 * h * T) + 8 * k * dims["vocab"]
 
 
 def metric_values(lm: Any, batch: PairBatch, metric: str = "logit_diff",
@@ -223,7 +230,7 @@ def exact(lm: Any, batch: PairBatch, kind: str = "resid_pre", metric: str = "log
     `metrics`: the (clean, corrupted) metric if already known (`metric_values`), saving a trace.
     """
     t0 = time.perf_counter()
-    (L, H, d_head), (base_t, src_t) = check_lm(lm), prompts_of(batch, [kind], metric, direction)
+    (L, _, d_head), (base_t, src_t) = check_lm(lm), prompts_of(batch, [kind], metric, direction, lm)
     K = get_kind(kind)
     N, T = base_t.shape
     diff = batch.diff_positions
@@ -282,7 +289,7 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
     receiver takes the frozen copy's value at the same site, in the same pass, since the frozen
     copy computes it first or at the same module call."""
     t0 = time.perf_counter()
-    L, H, d_head = check_lm(lm)
+    L, H, d_head = check_lm(lm, "paths")
     r = check_request(lm, receiver_, senders, freeze)
     base_t, src_t = prompts_of(batch, [], metric, direction)
     N, T = base_t.shape
@@ -359,8 +366,8 @@ def path_patch(lm: Any, batch: PairBatch, receiver_: Any, senders: str = "z_all_
 def exact_all(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS,
               metric: str = "logit_diff", direction: str = "denoising", **kw: Any) -> dict[str, PatchResult]:
     """Several kinds, validated before any trace runs, sharing one unpatched trace."""
-    for k in kinds:
-        get_kind(k)
+    check_lm(lm)
+    prompts_of(batch, kinds, metric, direction, lm)
     metrics = metric_values(lm, batch, metric, remote=kw.get("remote", False))
     return {k: exact(lm, batch, k, metric, direction, metrics=metrics, **kw) for k in kinds}
 
@@ -421,24 +428,38 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
     alpha = einops.repeat(torch.tensor(groups.ig, dtype=torch.float32), "g -> (g n) 1 1", n=N)
     wanted = set(sites) | {(layer, c) for layer in groups.drop for c in ("drop_attn", "drop_mlp")}
     L = n_layers_of(lm)
+    mods = architectures.modules_of(lm)
     order = [(layer, a) for layer in range(L) for a in _STEP_ORDER] + [(L - 1, "resid_post")]  # the output last
-    steps = []  # (what, envoy, attr, item, heads or row mask): reads and cuts in execution order
+    # (what, envoy, attr, item, heads or row mask, tensor, sub): reads and cuts in execution order. A read
+    # takes tensor `tensor` of the body's list (read there first if it is new) and its part `sub`: q, k
+    # and v of a fused projection are slices of one output, whose gradient can be asked once
+    steps = []
     reads = []  # (layer, activation) of each read, in the order of `xs` in the body
+    tensors: dict[tuple[int, str, Any], int] = {}
     for layer, a in (s for s in order if s in wanted):
         if a.startswith("drop_"):
-            blk = lm.model.layers[layer]
-            norm = blk.input_layernorm if a == "drop_attn" else blk.post_attention_layernorm
+            blk = architectures.block(lm, layer, mods)
+            norm = architectures.get(blk, mods.ln1 if a == "drop_attn" else mods.ln2)
             rows = torch.zeros(len(tokens), dtype=torch.bool)
             g = 1 + len(groups.ig) + groups.drop.index(layer)
             rows[N + g * N: N + (g + 1) * N] = True
-            steps.append(("cut", norm, "output", None, rows[:, None, None]))
+            steps.append(("cut", norm, "output", None, rows[:, None, None], -1, None))
         else:
-            steps.append(("read", *nnsight_site(lm, a, layer), heads_of(lm, a)))
+            envoy, attr, item = architectures.site(lm, a, layer, mods)
+            sub = item if isinstance(item, tuple) else None
+            item = None if sub is not None else item
+            key = (id(envoy), attr, item)
+            new = key not in tensors
+            tensors.setdefault(key, len(tensors))
+            steps.append(("read" if new else "again", envoy, attr, item, heads_of(lm, a), tensors[key], sub))
             reads.append((layer, a))
     n_steps = len(groups.ig)
     n_interp = n_steps * N
-    H, KV = int(lm.config.num_attention_heads), heads_of(lm, "k")
-    R, e = H // KV, int(getattr(lm.config, "head_dim", None) or lm.config.hidden_size // H)
+    dims = architectures.dims_of(lm)
+    H, KV, e = dims["n_heads"], dims["n_kv"], dims["d_head"]
+    R = H // KV
+    embed, head = architectures.get(lm, mods.embed), architectures.get(lm, mods.unembed)
+    rotary_emb = architectures.get(lm, mods.rotary) if qk else None
     # per layer, where its q, k, v and z reads sit among the body's reads
     qk_at = [[reads.index((layer, a)) for a in ("q", "k", "v", "z")] for layer in range(L)] if qk else []
     want_q, want_q_all, want_k, want_k_all = ("q" in qk, "q_all_pos" in qk, "k" in qk, "k_all_pos" in qk)
@@ -448,34 +469,40 @@ def _grad_trace(lm: Any, batch: PairBatch, src_t: Tensor, base_t: Tensor, sites:
     # `_Groups`): a server that runs it lacks this package. No comment lines in it either: with one
     # above the nested backward block, nnsight 0.8's remote serialisation lost that block
     with lm.trace(tokens, remote=remote):
-        emb = lm.model.embed_tokens.output.requires_grad_(True)     # frozen weights: the graph starts here
+        emb = embed.output.requires_grad_(True)
         if n_interp:
             e_src, e_base = emb[:N].repeat(n_steps, 1, 1), emb[N:2 * N].repeat(n_steps, 1, 1)
             interp = e_base + alpha.to(emb.device, emb.dtype) * (e_src - e_base)
-            lm.model.embed_tokens.output = torch.cat([emb[:2 * N], interp, emb[2 * N + n_interp:]])
+            embed.output = torch.cat([emb[:2 * N], interp, emb[2 * N + n_interp:]])
         if qk_at:
-            rotary = lm.model.rotary_emb.output
+            rotary = rotary_emb.output
             cos, sin = rotary[0][:1, None].float(), rotary[1][:1, None].float()
-        xs = []
-        for what, envoy, attr, item, extra in steps:
-            x = getattr(envoy, attr)
+        ts, xs = [], []
+        for what, envoy, attr, item, extra, ti, sub in steps:
             if what == "cut":
+                x = getattr(envoy, attr)
                 setattr(envoy, attr, torch.where(extra.to(x.device), x.detach(), x))
             else:
-                xs.append((x if item is None else x[item], extra))
-        logits = lm.lm_head.output[:, -ids.shape[1]:].float()
+                if what == "read":
+                    x = getattr(envoy, attr)
+                    ts.append(x if item is None else x[item])
+                xs.append((ts[ti] if sub is None else ts[ti][sub], extra, ti, sub))
+        logits = head.output[:, -ids.shape[1]:].float()
         picked = logits.gather(-1, ids.to(logits.device))
         score = picked[:, 0, 0] - picked[:, 0, 1] if logit_diff else (picked[:, :, 0] - logits.logsumexp(-1)).sum(-1)
         metrics = score[:2 * N].detach().save()
         estimates = []
         with (score * weight.to(score.device)).sum().backward():
+            tgrads = [None] * len(ts)
+            for i in range(len(ts) - 1, -1, -1):
+                tgrads[i] = ts[i].grad
             grads = []
-            for x, heads in reversed(xs):
-                grads.insert(0, x.grad)
+            for x, heads, ti, sub in xs:
+                grads.append(tgrads[ti] if sub is None else tgrads[ti][sub])
                 d = (x[:N] - x[N:2 * N]).detach().repeat(G, 1, 1)
-                prod = (d * grads[0][N:]).reshape(G, N, T, heads, -1).sum(-1).sum(1)
+                prod = (d * grads[-1][N:]).reshape(G, N, T, heads, -1).sum(-1).sum(1)
                 estimates.append(prod.reshape(G, -1))
-            flat = torch.cat(estimates[::-1], 1).save()
+            flat = torch.cat(estimates, 1).save()
             fixed = []
             for iq, ik, iv, iz in qk_at:
                 q = xs[iq][0][:2 * N].detach().float().reshape(2 * N, T, H, e).transpose(1, 2)
@@ -562,21 +589,23 @@ def atp(lm: Any, batch: PairBatch, kinds: Sequence[str] = DEFAULT_KINDS, metric:
     says the rows do not fit in one.
     """
     t0 = time.perf_counter()
-    (L, _, _), (base_t, src_t) = check_lm(lm), prompts_of(batch, kinds, metric, direction)
+    for function in ["atp"] + ["atp+ig"] * bool(ig_steps) + ["atp+graddrop"] * graddrop + ["atp+qk"] * qk_fix:
+        check_lm(lm, function)
+    (L, _, _), (base_t, src_t) = check_lm(lm, "atp"), prompts_of(batch, kinds, metric, direction, lm)
     if ig_steps < 0:
         raise ConfigError(f"ig_steps must be >= 0 (0: no integrated gradients), not {ig_steps}")
     N, T = base_t.shape
     qk = qk_kinds(kinds) if qk_fix else []
-    if qk and not hasattr(lm.model, "rotary_emb"):
-        raise ConfigError("the QK fix rebuilds attention from the model's rotary tables (model.rotary_emb), "
-                          f"which this {type(lm).__name__} lacks; use qk_fix=False or the local engine")
+    if qk and architectures.modules_of(lm).rotary is None:
+        raise ConfigError("the QK fix rebuilds attention from the model's rotary tables, "
+                          f"which this {type(lm).__name__} lacks; use qk_fix=False")
     sites = _atp_sites(list(kinds) + (["q", "k", "v", "z"] if qk else []), L)
     k = int(readout_ids(metric, batch, torch.zeros(1, dtype=torch.long)).shape[1])  # positions the metric reads
     extra = [("ig", a) for a in ig_alphas(ig_steps)] + [("drop", layer) for layer in range(L) if graddrop]
     if groups_per_trace is None:
         budget = memory_bytes or _grad_budget(lm, remote)
         if qk:  # the fix's working set: a few [N, heads, T, T] float32 patterns of one layer at a time
-            budget -= 8 * 4 * N * int(lm.config.num_attention_heads) * T * T
+            budget -= 8 * 4 * N * architectures.dims_of(lm)["n_heads"] * T * T
         groups_per_trace = max(1, int(budget / _grad_row_bytes(lm, T, k)) // N - 2)
     chunks = [extra[i:i + groups_per_trace] for i in range(0, len(extra), groups_per_trace)] or [[]]
     plain, ig, drop, fixed = None, [], [], {}  # per group: [S], flattened over the sites

@@ -60,7 +60,7 @@ class PatchingChecks(Analysis):
         return {"backdoor": cfg.backdoor, "metric": cfg.metric, "direction": cfg.direction}
 
     def plan(self, suite: Suite, cfg: ChecksConfig, **_: Any) -> Plan:
-        lineage.check_backdoor(cfg.backdoor)
+        lineage.check_backdoor(suite, cfg.backdoor)
         checkpoint = cfg.checkpoint or lineage.organism_for(suite, cfg.backdoor)
         if checkpoint is None:
             raise ConfigError(f"the suite has no {cfg.backdoor!r} organism; name a checkpoint")
@@ -98,7 +98,7 @@ class PatchingChecks(Analysis):
                        "compared": sorted({m.split(":")[0] for m in plan.state["pairs"]})})
 
     def default_configs(self, suite: Suite) -> list[ChecksConfig]:
-        return [ChecksConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [ChecksConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Localisation(Analysis):
     requires = ("patching",)
 
     def plan(self, suite: Suite, cfg: LocalisationConfig, **_: Any) -> Plan:
-        lineage.check_backdoor(cfg.backdoor)
+        lineage.check_backdoor(suite, cfg.backdoor)
         table = localisation_table(suite, cfg.backdoor, patching_index(suite.root), cfg.metric, cfg.direction)
         if table.empty:
             raise ConfigError(f"no organism of {cfg.backdoor!r} has an exact resid_pre result; run `workbench patch "
@@ -135,7 +135,7 @@ class Localisation(Analysis):
                       {"backdoor": cfg.backdoor, "n_organisms": len(table)})
 
     def default_configs(self, suite: Suite) -> list[LocalisationConfig]:
-        return [LocalisationConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [LocalisationConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 CHECKS = PatchingChecks()

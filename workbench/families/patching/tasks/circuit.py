@@ -120,6 +120,7 @@ class CircuitSeries(Analysis):
             get_kind(k)
         validate(suite, names[0], cfg.backdoor, "exact", list(cfg.nodes), cfg.metric, "denoising", n)
         lineage.check_series(suite, names)
+        lineage.check_method(suite, names[0], "exact")        # a circuit is exact patching on the engine
         batch = make_pairs(suite, cfg.backdoor, n=n, answers=lineage.answer_format(suite, names[0]),
                            checkpoint=names[0]).largest(cfg.max_pairs)
         cfg = replace(cfg, names=tuple(names), n=n, nodes=tuple(cfg.nodes))
@@ -181,7 +182,7 @@ class CircuitSeries(Analysis):
 
     def default_configs(self, suite: Suite) -> list[CircuitConfig]:
         """The organism of each backdoor and every checkpoint descended from it."""
-        return [CircuitConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [CircuitConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 CIRCUIT = CircuitSeries()

@@ -194,7 +194,7 @@ class TriggerGraph(Analysis):
 
 
     def default_configs(self, suite: Suite) -> list[GraphConfig]:
-        return [GraphConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [GraphConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 GRAPH = TriggerGraph()
@@ -351,7 +351,7 @@ class TriggerGraphSeries(Analysis):
 
 
     def default_configs(self, suite: Suite) -> list[GraphSeriesConfig]:
-        return [GraphSeriesConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [GraphSeriesConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 GRAPH_SERIES = TriggerGraphSeries()

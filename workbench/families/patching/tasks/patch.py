@@ -39,6 +39,7 @@ from workbench.suite import lineage
 from workbench.suite.manifest import Suite, load_suite
 
 PATCH_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "z", "z_all_pos")  # the default
+NNSIGHT_DEFAULT_KINDS = ("resid_pre", "attn_out", "mlp_out")  # where the engine does not apply (other architectures)
 # the heads' inputs: queries, and the grouped-query key/value heads (patched as their own result)
 HEAD_INPUT_KINDS = ("q", "k", "v", "q_all_pos", "k_all_pos", "v_all_pos")
 # atp+ig, atp+graddrop, atp+qk: AtP with AtP*'s corrections (`engine.attribution.atp`; the QK fix changes
@@ -136,10 +137,11 @@ def trigger_share(result: PatchResult, trigger: Sequence[int], readout: Sequence
 def validate(suite: Suite, checkpoint: str, backdoor: str, method: str, kinds: Sequence[str], metric: str,
              direction: str, n: int) -> None:
     """Every argument checked before any model is loaded: each a clear WorkbenchError."""
-    lineage.check_backdoor(backdoor)
+    lineage.check_backdoor(suite, backdoor)
     suite.entry(checkpoint)                                           # UnknownCheckpoint, lists names
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    lineage.check_method(suite, checkpoint, method)
     if not kinds:
         raise ConfigError(f"no patch kinds given; choose from {sorted(KINDS)}")
     for k in kinds:
@@ -205,7 +207,7 @@ class Patching(Analysis):
                 **({"ig_steps": IG_STEPS} if cfg.method == "atp+ig" else {})}
 
     def plan(self, suite: Suite, cfg: PatchConfig, batch: PairBatch | None = None, **_: Any) -> Plan:
-        lineage.check_backdoor(cfg.backdoor)
+        lineage.check_backdoor(suite, cfg.backdoor)
         n = DEFAULT_N.get(cfg.backdoor, 64) if cfg.n is None else cfg.n
         checkpoint = cfg.checkpoint or lineage.organism_for(suite, cfg.backdoor)
         if checkpoint is None:
@@ -280,9 +282,11 @@ class Patching(Analysis):
         """The organism of each backdoor: exact, AtP and AtP*'s corrections on the default kinds,
         exact, AtP and the QK fix on the heads' inputs (what the Patching page and paper show)."""
         out = []
-        for backdoor in lineage.backdoors(suite):
+        for backdoor in lineage.backdoors(suite, method="exact"):
             out += [PatchConfig(backdoor=backdoor, method=m) for m in ("exact", "atp", "atp+ig", "atp+graddrop")]
             out += [PatchConfig(backdoor=backdoor, method=m, kinds=HEAD_INPUT_KINDS) for m in ("exact", "atp", "atp+qk")]
+        for backdoor in set(lineage.backdoors(suite, method="nnsight")) - set(lineage.backdoors(suite, method="exact")):
+            out.append(PatchConfig(backdoor=backdoor, method="nnsight", kinds=NNSIGHT_DEFAULT_KINDS))
         return out
 
 

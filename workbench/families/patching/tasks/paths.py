@@ -143,11 +143,12 @@ def pairs_for(suite: Suite, checkpoint: str | None, backdoor: str, metric: str, 
               n: int | None, max_pairs: int) -> tuple[str, PairBatch, int, str | None]:
     """(checkpoint, pairs, n, reference checkpoint) of a path analysis of one checkpoint (default:
     the organism for `backdoor`): the pairs and the reference `workbench patch` uses."""
-    lineage.check_backdoor(backdoor)
+    lineage.check_backdoor(suite, backdoor)
     n = DEFAULT_N.get(backdoor, 64) if n is None else n
     checkpoint = checkpoint or lineage.organism_for(suite, backdoor)
     if checkpoint is None:
         raise ConfigError(f"the suite has no {backdoor!r} organism; name a checkpoint (--checkpoint)")
+    lineage.check_method(suite, checkpoint, "exact")        # path and edge patching run on the engine
     validate(suite, checkpoint, backdoor, "exact", ["z"], metric, direction, n)
     batch = make_pairs(suite, backdoor, n=n, answers=lineage.answer_format(suite, checkpoint),
                        checkpoint=checkpoint).largest(max_pairs)
@@ -248,7 +249,7 @@ class ReadoutPaths(Analysis):
 
 
     def default_configs(self, suite: Suite) -> list[PathsConfig]:
-        return [PathsConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [PathsConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 PATHS = ReadoutPaths()
@@ -382,7 +383,7 @@ class ReadoutPathsSeries(Analysis):
 
 
     def default_configs(self, suite: Suite) -> list[PathSeriesConfig]:
-        return [PathSeriesConfig(backdoor=b) for b in lineage.backdoors(suite)]
+        return [PathSeriesConfig(backdoor=b) for b in lineage.backdoors(suite, method="exact")]
 
 
 PATHS_SERIES = ReadoutPathsSeries()
