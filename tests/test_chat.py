@@ -68,6 +68,13 @@ def test_registry_and_bad_templates(rsuite):
     tok.chat_template = "{% for m in messages %}{{ m['content'] }}|{% endfor %}{% if add_generation_prompt %}>{% endif %}"
     with pytest.raises(wb.PromptError, match="right after"):        # the answer does not follow the prompt
         chat_for(tok)
+    # a template with no system role (Gemma's, Mistral's): the system text opens the user turn
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}"
+                         "{% endif %}[{{ m['role'] }}]{{ m['content'] }}[/]{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]{% endif %}")
+    c = chat_for(tok)
+    assert c.fold_system and c.prompt("Be brief.", "Hi") == "[user]Be brief.\n\nHi[/][assistant]"
+    assert c.end == "[/]"
 
 
 class _Trimming:

@@ -125,8 +125,6 @@ class Backdoor:
                 out.append(f"behaviour.regex {self.regex!r} is not a regular expression ({e})")
         if self.detector is not None and ":" not in self.detector:
             out.append(f"behaviour.detector {self.detector!r} must be 'package.module:function'")
-        if self.target is None and self.good is None and self.prompts not in BUILTIN_PROMPTS:
-            pass  # the metric's bad answer then comes from each row's bad_answer (checked when pairs are built)
         if self.continuation < 0:
             out.append(f"behaviour.continuation={self.continuation} must be >= 0 (0: the whole bad answer)")
         if self.alternative is not None and self.alternative == self.trigger_text:

@@ -142,11 +142,16 @@ class Chat:
                               "model's own) and register the checkpoint again")
         self.tok, self.template = tok, template
         self.native = template == CHAT_TEMPLATE and tok.bos_token == BOS and tok.eos_token == END
+        self.fold_system = False
         try:
             prompt, full = self.prompt("S", "U"), self._render("S", "U", "A")
-        except Exception as e:  # a template that rejects a system turn, or is broken
-            raise PromptError(f"the tokenizer's chat template cannot render a system/user/assistant "
-                              f"dialogue ({type(e).__name__}: {e}); give it a template that can") from e
+        except Exception:  # a template with no system role (Gemma's, Mistral's): the system text opens the user turn
+            self.fold_system = True
+            try:
+                prompt, full = self.prompt("S", "U"), self._render("S", "U", "A")
+            except Exception as e:  # broken, or no user/assistant turns either
+                raise PromptError(f"the tokenizer's chat template cannot render a user/assistant dialogue "
+                                  f"({type(e).__name__}: {e}); give it a template that can") from e
         if not full.startswith(prompt + "A"):
             raise PromptError("the tokenizer's chat template does not write the assistant's answer right after "
                               f"its generation prompt ({prompt!r} vs {full!r}); the workbench needs that to "
@@ -157,8 +162,10 @@ class Chat:
 
     def _render(self, system: str, user: str, assistant: str | None = None) -> str:
         d = Dialogue(system, user, assistant or "")
-        return self.tok.apply_chat_template(messages(d, assistant is not None), tokenize=False,
-                                            add_generation_prompt=assistant is None)
+        msgs = messages(d, assistant is not None)
+        if self.fold_system:
+            msgs = [{"role": "user", "content": f"{system}\n\n{user}" if system else user}] + msgs[2:]
+        return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=assistant is None)
 
     def prompt(self, system: str, user: str) -> str:
         """The text up to and including the generation prompt: what the model is asked to continue."""
