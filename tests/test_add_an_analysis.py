@@ -65,6 +65,7 @@ def test_the_doc_s_example_runs_through_the_cli_the_report_and_the_app(plugin: P
     (analyses_page,) = (ROOT / "app" / "pages").glob("*_Analyses.py")
     at = AppTest.from_file(str(analyses_page), default_timeout=120)
     at.query_params["suite"] = str(random_copy)
+    at.query_params["analysis"] = NAME
     at.run()
     assert not at.exception, [e.value for e in at.exception]
     assert "Residual norms at the readout" in [s.value for s in at.subheader]

@@ -31,7 +31,9 @@ if not shown:
     st.info("Every registered analysis has a page of its own. A new analysis family (docs/add-an-analysis.md) "
             "appears here once registered.")
     st.stop()
-name = st.radio("Analysis", [a.name for a in shown], horizontal=True,
+names = [a.name for a in shown]
+wanted = st.query_params.get("analysis")             # ?analysis=NAME links straight to one
+name = st.radio("Analysis", names, horizontal=True, index=names.index(wanted) if wanted in names else 0,
                 format_func=lambda n: catalog.get(n).title or n)
 analysis = catalog.get(name)
 if analysis.__doc__:
