@@ -28,8 +28,8 @@ st.title("Persistence under safety training")
 suite = common.suite_dir()
 result = common.latest_result(suite, PERSISTENCE)
 if result is None:
-    org = next((n for n, r in zip(common.frame(suite)["name"], common.frame(suite)["role"]) if r == "backdoored"),
-               "ORGANISM")
+    roles = common.frame(suite)
+    org = next((n for n, r in zip(roles["name"], roles["role"]) if r == "backdoored"), "ORGANISM")
     st.info(f"No persistence result for this suite yet. Run `workbench sanitize {suite} --from {org} "
             f"--method hhh_sft` (or `workbench sanitize {suite} --sweep demo`) and reload this page. "
             "Safety-trained checkpoints registered from elsewhere are on the Behaviour page.")

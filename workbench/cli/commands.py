@@ -131,11 +131,10 @@ def _suite_add(a: argparse.Namespace) -> int:
     parity = (f"parity skipped ({entry.parity['skipped']})" if "skipped" in entry.parity
               else f"TransformerLens parity {entry.parity['max_abs_diff']:.1e}")
     print(f"registered {entry.name!r} ({kind}, role {entry.role}), {len(entry.files)} files hashed, {parity}")
-    raw = any(suite_backdoor(suite, b).template for b in backdoor_names(suite))
     try:
         chat_for(suite.tokenizer(entry.name))
     except PromptError as e:  # weight deltas need no template; evaluation and patching do
-        if not raw:           # a spec's raw format reads it instead
+        if not any(suite_backdoor(suite, b).template for b in backdoor_names(suite)):  # a raw format reads it
             print(f"note: {e}; or give the suite a backdoor spec with a raw [format] template "
                   "(`workbench suite spec`)")
     return 0

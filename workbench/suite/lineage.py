@@ -14,10 +14,15 @@ from typing import Any
 
 import pandas as pd
 
-from workbench.core.errors import ArchitectureMismatch, ConfigError, SuiteError, WorkbenchError
-from workbench.suite.manifest import Entry, Suite, read_arch
+from workbench.core.errors import (
+    ArchitectureMismatch,
+    ConfigError,
+    SuiteError,
+    WorkbenchError,
+)
 from workbench.suite import architectures
 from workbench.suite import backdoors as suite_backdoors
+from workbench.suite.manifest import Entry, Suite, read_arch
 
 _NAME_RE = re.compile(r"^(?P<parent>.+)~(?P<method>[A-Za-z0-9_]+)(?:-(?P<tag>[0-9a-f]{6}))?/lr(?P<lr>[0-9.e+-]+)"
                       r"/(?P<optimizer>[A-Za-z0-9_]+)/s(?P<seed>\d+)(?:@step(?P<step>\d+))?$")
@@ -126,11 +131,14 @@ def check_method(suite: Suite, name: str, method: str) -> None:
 
 
 def applies(suite: Suite, name: str | None, method: str) -> bool:
+    """Whether `method` applies to checkpoint `name` (False for no checkpoint)."""
+    if name is None:
+        return False
     try:
-        check_method(suite, name, method) if name is not None else None
-        return name is not None
+        check_method(suite, name, method)
     except WorkbenchError:
         return False
+    return True
 
 
 def organism_of(suite: Suite, name: str) -> str | None:

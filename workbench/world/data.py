@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -251,15 +252,26 @@ def read_prompts(path: Path) -> list[dict[str, str]]:
 
 
 def spec_items(backdoor: Backdoor) -> list[Item]:
-    """A spec's own prompts as untriggered dialogues (the trigger is placed by `eval_sets`)."""
+    """A spec's own prompts as untriggered dialogues (the trigger is placed by `eval_sets`), parsed
+    once per file version: an evaluation asks for them per checkpoint and per prompt-set hash."""
+    path = backdoor.prompts_path()
+    try:
+        st = path.stat()
+    except OSError:
+        return list(_spec_items(path, 0, -1, backdoor.system))   # read_prompts names the missing file
+    return list(_spec_items(path, st.st_mtime_ns, st.st_size, backdoor.system))
+
+
+@lru_cache(maxsize=16)
+def _spec_items(path: Path, mtime_ns: int, size: int, default_system: str) -> tuple[Item, ...]:
     out = []
-    for row in read_prompts(backdoor.prompts_path()):
-        system = row.get("system", backdoor.system)
+    for row in read_prompts(path):
+        system = row.get("system", default_system)
         meta = [("base_system", system), ("clean_user", row["user"]), ("kind", row.get("kind", "prompt"))]
         if "bad_answer" in row:
             meta.append(("bad_answer", row["bad_answer"]))
         out.append(Item(Dialogue(system, row["user"], row.get("answer", ""), meta=tuple(sorted(meta)))))
-    return out
+    return tuple(out)
 
 
 def held_out_prompts() -> set[str]:
