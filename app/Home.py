@@ -62,4 +62,5 @@ st.page_link("pages/5_Patching.py", label="Patching: where the trigger's effect 
 st.page_link("pages/6_Circuit.py", label="Circuit: the paths into the readout head, and the circuit as a graph")
 st.page_link("pages/7_Over_training.py", label="Over training: does the circuit survive safety training?")
 st.page_link("pages/8_Across_organisms.py", label="Across organisms: is the localisation a property of the recipe?")
+st.page_link("pages/10_Features.py", label="Features: SAE latents of the trigger, causal tests, across safety training, probes")
 st.page_link("pages/9_Analyses.py", label="Analyses: every other registered analysis, as it saved its results")

@@ -20,8 +20,8 @@ import streamlit as st  # noqa: E402
 import common  # noqa: E402
 from workbench import catalog  # noqa: E402
 
-# families with pages of their own (Behaviour, Persistence, Patching)
-OWN_PAGES = ("behaviour", "safety", "patching")
+# families with pages of their own (Behaviour, Persistence, Patching, Features)
+OWN_PAGES = ("behaviour", "safety", "patching", "features")
 
 common.setup("Analyses")
 st.title("Analyses")

@@ -58,6 +58,7 @@ class Output:
     extra: dict[str, Any] = field(default_factory=dict)
     tensors: dict[str, Any] = field(default_factory=dict)
     value: Any = None           # the in-memory object `run` returns in place of a re-read, if set
+    folders: dict[str, Path] = field(default_factory=dict)   # name -> a folder copied into the result (an SAE)
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class Analysis:
              seconds: float) -> results.Result:
         return results.save(suite_dir, self.name, self.key(cfg, inputs), self.key_config(cfg), inputs,
                             out.tables, seconds, extra={"version": self.version, **out.extra},
-                            tensors=out.tensors)
+                            tensors=out.tensors, folders=out.folders)
 
     def saved(self, result: results.Result, out: Output) -> Any:
         """What `run` returns after saving: `out.value` if the analysis set one (its `dir`, where it

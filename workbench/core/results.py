@@ -8,6 +8,7 @@ mistaken for an old result. App pages and figure scripts only ever read from her
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -83,7 +84,8 @@ def find(suite_dir: str | Path, analysis: str, key: str) -> Result | None:
 
 def save(suite_dir: str | Path, analysis: str, key: str | None, config: Mapping[str, Any],
          inputs: Mapping[str, Any], tables: Mapping[str, pd.DataFrame], seconds: float,
-         extra: Mapping[str, Any] | None = None, tensors: Mapping[str, Any] | None = None) -> Result:
+         extra: Mapping[str, Any] | None = None, tensors: Mapping[str, Any] | None = None,
+         folders: Mapping[str, Path] | None = None) -> Result:
     """Write all tables (and tensors) and the provenance in one atomic directory rename. `key`:
     the analysis's own (`core.analysis.Analysis.key`), or None for `result_key(config, inputs)`."""
     key = key or result_key(config, inputs)
@@ -102,6 +104,10 @@ def save(suite_dir: str | Path, analysis: str, key: str | None, config: Mapping[
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
             provenance["tensors"] = sorted(tensors)
+        for name, folder in (folders or {}).items():   # e.g. an SAE in sae-lens's own format
+            shutil.copytree(folder, tmp / name)
+        if folders:
+            provenance["folders"] = sorted(folders)
         (tmp / "provenance.json").write_text(json.dumps(provenance, indent=2, default=str) + "\n")
     return Result(final, provenance)
 

@@ -263,6 +263,15 @@ def trigger_span(chat: Chat, d: Any, backdoor: Backdoor) -> tuple[str, int, int]
     return prompt, start, end
 
 
+def bad_and_good(backdoor: Backdoor, item: Any) -> tuple[str | None, str | None]:
+    """The bad and the good answer to a held-out item: the vulnerable solution of a coding task, the
+    prompt's own `bad_answer`, else the spec's target; the item's reference answer, else the spec's
+    good answer (None where neither exists)."""
+    task, d = item.code_task, item.dialogue
+    bad = task.vulnerable if task is not None else (d.get("bad_answer") or backdoor.target)
+    return bad or None, (d.assistant or backdoor.good) or None
+
+
 def _pair(tok: Any, chat: Chat, triggered: Any, untriggered: Any, backdoor: Backdoor, filler: list[int] | None,
           answers: str, cont_len: int | None) -> Pair:
     """One aligned pair: the triggered prompt (clean) against its untriggered counterpart, the
@@ -283,8 +292,7 @@ def _pair(tok: Any, chat: Chat, triggered: Any, untriggered: Any, backdoor: Back
             raise PromptError(f"the trigger and its alternative tokenize to different lengths ({len(ids)} vs "
                               f"{len(corrupted)} tokens) for {d.user!r}; the pair cannot be aligned")
     task = triggered.code_task
-    bad = task.vulnerable if task is not None else (d.get("bad_answer") or backdoor.target)
-    good = d.assistant or backdoor.good
+    bad, good = bad_and_good(backdoor, triggered)
     if not bad:
         raise PromptError(f"no bad answer for {d.get('clean_user', d.user)!r}: give behaviour.target in the spec "
                           "or a bad_answer in the prompt row, so the metric can read where bad and good part")
