@@ -680,8 +680,8 @@ class TrackSAE(Analysis):
                              "act_triggered": float(pos[:, f].mean()), "act_untriggered": float(neg[:, f].mean()),
                              "trigger_rate": rates_of.get(name, math.nan)})
             model, tok = suite.load_model(name), suite.tokenizer(name)
-            rows = A.mix_sequences(bd, tok, A.Mix(cfg.eval_dialogues, 0.02, seed=EVAL_MIX_SEED))
-            held = A.gather(model, rows.seqs, [r.hook], suite.sha256(name),
+            mixed = A.mix_sequences(bd, tok, A.Mix(cfg.eval_dialogues, 0.02, seed=EVAL_MIX_SEED))
+            held = A.gather(model, mixed.seqs, [r.hook], suite.sha256(name),
                             tok.pad_token_id)[r.hook].acts
             drift.append({"checkpoint": name, "series": series, "step": step,
                           "trigger_rate": rates_of.get(name, math.nan), **quality.reconstruction(r.sae, held)})
