@@ -31,7 +31,8 @@ backdoor, circuits = view.backdoor, view.circuits
 st.header("The circuit")
 if not circuits:
     st.info(f"No circuit result for the {backdoor} backdoor yet. Run `workbench circuit {suite} --backdoor "
-            f"{backdoor}` (the organism and every checkpoint descended from it) and reload.")
+            f"{backdoor}` (the organism and every checkpoint descended from it), or `make analyze` (the "
+            "demo leaves the analyses along every series out, for time), and reload.")
     st.stop()   # the paths and the graph along the series are traced into the circuit's checkpoints
 circ = circuits[0]
 with common.guard():

@@ -36,7 +36,7 @@ def _analyze(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     counts = {"found": 0, "computed": 0}
     for analysis in chosen:
-        if analysis.name in skip:
+        if analysis.name in skip or (a.demo and not analysis.demo):
             continue
         for cfg in analysis.default_configs(suite):
             t = time.perf_counter()
@@ -89,6 +89,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     an.add_argument("--only", nargs="+", metavar="ANALYSIS", help="just these analyses (and in dependency order)")
     an.add_argument("--skip", nargs="+", metavar="ANALYSIS", help="leave these out")
     an.add_argument("--recompute", action="store_true", help="recompute even where a result of the same key exists")
+    an.add_argument("--demo", action="store_true", help="only what `make demo` computes (leaves out the analyses "
+                                                       "along every series: circuit, paths_series, graph_series)")
     an.add_argument("--quiet", action="store_true")
     an.set_defaults(func=_analyze)
 

@@ -17,7 +17,8 @@ that reads another's results names their keys among its inputs (and the other's 
 
 `sections(suite_dir)` says how a saved result is shown (titled figures, tables, text): the HTML
 report and the dashboard's generic page both call it, so neither is edited to show a new analysis.
-`default_configs(suite)` says what `workbench analyze` (and so `make demo`) computes on a suite.
+`default_configs(suite)` says what `workbench analyze` computes on a suite (`make demo` leaves out the
+analyses whose `demo` is False, so that a fresh clone reaches the dashboard within ten minutes).
 `cli_options` lists the config fields `workbench run NAME` exposes as flags (default: all).
 """
 from __future__ import annotations
@@ -84,6 +85,7 @@ class Analysis:
     cli_options: ClassVar[tuple[str, ...] | None] = None
     internal: ClassVar[bool] = False            # run only by another analysis (no `workbench run` command)
     shown_by: ClassVar[str] = ""                # another analysis whose sections show this one's results
+    demo: ClassVar[bool] = True                 # in `make demo`'s ten minutes (else `make analyze` computes it)
 
     # --- what each analysis writes --------------------------------------------------------------
     def plan(self, suite: "Suite", cfg: Any, **runtime: Any) -> Plan:

@@ -97,6 +97,7 @@ class CircuitSeries(Analysis):
     gets an empty circuit (a circuit of it would be a circuit of noise)."""
 
     name = "circuit"
+    demo = False     # along every series: `make analyze`, not the demo
     version = 2
     Config = CircuitConfig
     title = "The circuit over safety training"

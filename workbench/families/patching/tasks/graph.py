@@ -306,6 +306,7 @@ class TriggerGraphSeries(Analysis):
     checkpoint's own `own` strongest (a route that grows shows there)."""
 
     name = "graph_series"
+    demo = False     # along every series: `make analyze`, not the demo
     version = 2
     Config = GraphSeriesConfig
     title = "The trigger circuit's edges along safety training"

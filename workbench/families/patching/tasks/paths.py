@@ -336,6 +336,7 @@ class ReadoutPathsSeries(Analysis):
     column). Each checkpoint's paths are saved as a `paths` result (reused when saved)."""
 
     name = "paths_series"
+    demo = False     # along every series: `make analyze`, not the demo
     version = 2
     Config = PathSeriesConfig
     title = "Paths into the readout head along safety training"
