@@ -103,8 +103,7 @@ def find(suite: Suite, backdoor: str) -> tuple[str, dict[str, Result | None]] | 
         "exact": exact,
         "checks": _needed(px.checks_result(root, sha, backdoor, METRIC, DIRECTION),
                           f"comparison of {org}'s estimates with exact patching", f"{cmd} --method exact atp"),
-        "circuit": _needed(next(iter(px.circuit_results(root, backdoor)), None), f"{backdoor} circuit",
-                           f"workbench circuit {root} --backdoor {backdoor}"),
+        "circuit": next(iter(px.circuit_results(root, backdoor)), None),   # along the series: `make analyze`
         "localisation": px.localisation_result(root, backdoor, METRIC, DIRECTION)}
     for method in ps.ESTIMATES:
         found[method] = px.pick(index, sha, backdoor, method, METRIC, DIRECTION,
@@ -218,11 +217,15 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
                 psum, title=f"{org}: do the paths into its readout head survive safety training?")),
                 out / f"{stem}_paths_over_training"))
             written += figures.table_outputs(psum.drop(columns=["top_paths"]), out / f"patching_paths_series_{backdoor}")
-        csum = circ.table("summary")
-        to_export.append((figures.paper_style(pp.circuit_over_training(
-            csum, circ.table("effects"), circ.table("circuits"),
-            title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
-        written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
+        if circ is not None:
+            csum = circ.table("summary")
+            to_export.append((figures.paper_style(pp.circuit_over_training(
+                csum, circ.table("effects"), circ.table("circuits"),
+                title=f"{org}: does the circuit survive safety training?")), out / f"{stem}_circuit"))
+            written += figures.table_outputs(pp.circuit_table(csum), out / f"patching_circuit_{backdoor}")
+        else:
+            print(f"{backdoor}: no circuit along safety training saved yet, its figure left out (run `workbench "
+                  f"circuit {suite_dir} --backdoor {backdoor}` or `make analyze`)", file=sys.stderr)
         if (loc_res := found.get("localisation")) is not None:
             loc = loc_res.table("organisms")
             to_export.append((figures.paper_style(pp.localisation_figure(
@@ -231,12 +234,14 @@ def run(suite_dir: Path, out: Path | None, backdoors: list[str], formats: list[s
             written += figures.table_outputs(loc, out / f"patching_localisation_{backdoor}",
                                              display=loc.drop(columns=["result", "n_params"]))
             written += figures.table_outputs(loc_res.table("recipes"), out / f"patching_localisation_{backdoor}_recipes")
-        ref = csum.iloc[0]
+        along_series = {}
+        if circ is not None:
+            ref = csum.iloc[0]
+            along_series = {"circuit size": int(ref["circuit_size"]), "faithfulness": float(ref["faithfulness"]),
+                            "series checkpoints": len(csum), "min total effect": float(csum["total_effect"].min())}
         summary.append({**base_row, "AtP r resid_pre": r_of("atp", "resid_pre"), "AtP r heads": r_of("atp", "z_all_pos"),
                         "AtP r z": r_of("atp", "z"), "AtP+IG r resid_pre": r_of("atp+ig", "resid_pre"),
-                        "AtP+IG r heads": r_of("atp+ig", "z_all_pos"), "circuit size": int(ref["circuit_size"]),
-                        "faithfulness": float(ref["faithfulness"]), "series checkpoints": len(csum),
-                        "min total effect": float(csum["total_effect"].min()), **qk, **traced})
+                        "AtP+IG r heads": r_of("atp+ig", "z_all_pos"), **along_series, **qk, **traced})
     if not summary:  # e.g. a suite of imported checkpoints only: nothing to draw, not an error
         print(f"no {' or '.join(backdoors or ['backdoored'])} organism in {suite_dir}: no patching figures", file=sys.stderr)
         return []
