@@ -27,6 +27,15 @@ from workbench.core.env import offline
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import write_text
 
+def interval_bars(y: Iterable, lo: Iterable, hi: Iterable, **style: object) -> dict:
+    """Plotly asymmetric error bars from rates and their interval bounds (Series or lists, matched
+    by position); a missing bound draws no bar."""
+    y = pd.Series(list(y), dtype=float)
+    lo, hi = pd.Series(list(lo), dtype=float), pd.Series(list(hi), dtype=float)
+    return dict(type="data", symmetric=False, array=(hi - y).clip(lower=0).fillna(0).tolist(),
+                arrayminus=(y - lo).clip(lower=0).fillna(0).tolist(), **style)
+
+
 # Okabe & Ito (2008): distinguishable under the common colour-vision deficiencies.
 PALETTE: tuple[str, ...] = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
                             "#000000", "#F0E442")

@@ -22,7 +22,7 @@ from plotly.subplots import make_subplots
 from workbench.core.errors import WorkbenchError, require_columns
 from workbench.core.results import latest
 from workbench.core.stats import mean_interval, wilson
-from workbench.present.style import series_style
+from workbench.present.style import interval_bars, series_style
 
 COLOR_BY = {"lr": "learning rate", "lr_scale": "LR x default", "size": "size", "optimizer": "optimizer",
             "insert_optimizer": "insertion optimizer", "seed": "seed", "parent": "organism",
@@ -37,14 +37,6 @@ METHOD_ORDER = ("hhh_sft", "pirate_sft", "adversarial", "rl", "positive_control"
 
 def _x(steps) -> np.ndarray:
     return np.log2(np.asarray(steps, dtype=float) + 1.0)
-
-
-def interval_bars(y, lo, hi, **style) -> dict:
-    """Plotly asymmetric error bars from a rate and its interval bounds (pandas Series); a missing
-    bound draws no bar."""
-    y = pd.Series(y).astype(float)
-    return dict(type="data", symmetric=False, array=(pd.Series(hi).astype(float) - y).clip(lower=0).fillna(0).tolist(),
-                arrayminus=(y - pd.Series(lo).astype(float)).clip(lower=0).fillna(0).tolist(), **style)
 
 
 def _step_axis(fig: go.Figure, steps: Sequence[int]) -> None:

@@ -32,7 +32,7 @@ from workbench.families.features.sae_tasks import (
     near_correlation,
 )
 from workbench.families.features.tasks import best_layers, heatmap
-from workbench.present.style import KEEP, series_style
+from workbench.present.style import KEEP, interval_bars, series_style
 
 PROBES, DIFF = "probes", "sae_diff"
 ANALYSES = (SAE_ANALYSIS, SEARCH, CAUSAL, TRACK, PROBES, DIFF)
@@ -158,15 +158,6 @@ def hidden_rows(track: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-def interval_bars(y: Any, lo: Any, hi: Any) -> dict[str, Any]:
-    """Plotly asymmetric error bars from a rate and its saved interval bounds (a missing bound draws
-    no bar)."""
-    y = pd.Series(y, dtype=float).reset_index(drop=True)
-    lo, hi = (pd.Series(v, dtype=float).reset_index(drop=True) for v in (lo, hi))
-    return dict(type="data", symmetric=False, array=(hi - y).clip(lower=0).fillna(0).tolist(),
-                arrayminus=(y - lo).clip(lower=0).fillna(0).tolist())
-
 
 def _steps_x(steps: Any) -> np.ndarray:
     return np.log2(np.asarray(steps, dtype=float) + 1.0)

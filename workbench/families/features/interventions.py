@@ -22,6 +22,7 @@ from torch import Tensor
 
 from workbench.core.stats import wilson
 from workbench.evaluation.generation import generate
+from workbench.families.features.sites import capture, edit
 from workbench.world import code as codecheck
 from workbench.world.backdoors import Backdoor, split_scratchpad
 from workbench.world.data import Item
@@ -107,8 +108,6 @@ def attribution(model: Any, sae: Any, hook: str, clean: Tensor, corrupted: Tenso
     circuits): (f(triggered) - f(untriggered)) x d(logit bad - logit good)/df at the last prompt
     token, summed over positions and averaged over prompts, with the SAE spliced in and its error
     term held fixed. Positive: the latent carries the trigger toward the bad answer."""
-    from workbench.families.features.sites import capture, edit
-
     held: dict[str, Tensor] = {}
 
     def splice(x: Tensor) -> Tensor:

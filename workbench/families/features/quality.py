@@ -26,9 +26,14 @@ from workbench.families.features.sites import edit
 DENSE = 0.1
 
 
-@torch.no_grad()
 def reconstruction(sae: Any, acts: Tensor, batch_size: int = 8192) -> dict[str, float]:
     """Explained variance, MSE, L0, dead and dense fractions of `sae` on activations [n, d_in]."""
+    return reconstruction_and_frequencies(sae, acts, batch_size)[0]
+
+
+@torch.no_grad()
+def reconstruction_and_frequencies(sae: Any, acts: Tensor, batch_size: int = 8192) -> tuple[dict[str, float], Tensor]:
+    """`reconstruction`, and each latent's firing frequency [d_sae] from the same pass."""
     from sae_lens.evals import ExplainedVarianceCalculator
 
     ev = ExplainedVarianceCalculator()
@@ -44,9 +49,9 @@ def reconstruction(sae: Any, acts: Tensor, batch_size: int = 8192) -> dict[str, 
         fires += active.sum(0).float()
         n += len(x)
     freq = fires / max(n, 1)
-    return {"explained_variance": ev.compute(), "mse": sq / max(n * acts.shape[1], 1), "l0": l0 / max(n, 1),
-            "dead_fraction": float((fires == 0).float().mean()), "dense_fraction": float((freq > DENSE).float().mean()),
-            "n_tokens": n}
+    return ({"explained_variance": ev.compute(), "mse": sq / max(n * acts.shape[1], 1), "l0": l0 / max(n, 1),
+             "dead_fraction": float((fires == 0).float().mean()), "dense_fraction": float((freq > DENSE).float().mean()),
+             "n_tokens": n}, freq)
 
 
 def _next_token_ce(logits: Tensor, tokens: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from workbench.families.features.interventions import (
     steering,
 )
 from workbench.families.features.probes import GENERIC_CONTRAST, logistic_probe
+from workbench.families.features.sites import edit
 from workbench.interp.hooks import parse_hook
 from workbench.interp.pairs import bad_and_good, make_pairs
 from workbench.suite import lineage
@@ -186,8 +188,6 @@ class TrainSAE(Analysis):
         return acts, rows
 
     def compute(self, suite: Any, cfg: SAETrainConfig, plan: Plan, progress: bool = False, **_: Any) -> Output:
-        import time
-
         bd = plan.state["backdoor"]
         acts, _ = self._acts(suite, cfg, bd, cfg.mix(), progress)
         held, held_rows = self._acts(suite, cfg, bd, cfg.mix(True), progress)
@@ -203,15 +203,16 @@ class TrainSAE(Analysis):
             "mix": {"dialogues": cfg.dialogues, "trigger_fraction": cfg.trigger_fraction, "seed": cfg.mix().seed,
                     "tokens_in_mix": len(acts)}})
         sae = saes.load(folder)
+        recon, freq = quality.reconstruction_and_frequencies(sae, held)
         metrics = {"checkpoint": cfg.checkpoint, "hook": cfg.hook, "architecture": cfg.architecture,
                    "d_in": int(acts.shape[1]), "d_sae": int(sae.cfg.d_sae), "kind": kind_of(cfg),
-                   **quality.reconstruction(sae, held), "train_seconds": seconds,
+                   **recon, "train_seconds": seconds,
                    "tokens_per_second": stats["samples"] / max(seconds, 1e-9), **stats}
         if cfg.minus is None:
             metrics.update(quality.downstream(suite.load_model(cfg.checkpoint), sae, cfg.hook, held_rows.seqs,
                                               suite.tokenizer(cfg.checkpoint).pad_token_id, held_rows.starts))
-        freq = latent_frequencies(sae, held)
-        return Output({"metrics": pd.DataFrame([metrics]), "latents": freq},
+        return Output({"metrics": pd.DataFrame([metrics]),
+                       "latents": pd.DataFrame({"feature": range(len(freq)), "frequency": freq.numpy()})},
                       {"checkpoint": cfg.checkpoint, "hook": cfg.hook, "kind": kind_of(cfg)},
                       folders={"sae": folder})
 
@@ -230,14 +231,6 @@ SAE_TRAIN = TrainSAE()
 
 def kind_of(cfg: SAETrainConfig) -> str:
     return "difference" if cfg.minus else ("stage-wise" if cfg.init else "single")
-
-
-@torch.no_grad()
-def latent_frequencies(sae: Any, acts: torch.Tensor) -> pd.DataFrame:
-    fires = torch.zeros(int(sae.cfg.d_sae))
-    for x in acts.split(8192):
-        fires += (sae.encode(x) > 0).sum(0).float()
-    return pd.DataFrame({"feature": range(len(fires)), "frequency": (fires / max(len(acts), 1)).numpy()})
 
 
 # ------------------------------------------------------------------------------------ which SAE
@@ -342,9 +335,10 @@ class SearchSAE(Analysis):
     family = "features"
     requires = (SAE_ANALYSIS, BEHAVIOUR)
 
-    def plan(self, suite: Any, cfg: SearchConfig, progress: bool = False, **_: Any) -> Plan:
+    def plan(self, suite: Any, cfg: SearchConfig, progress: bool = False, resolved: Resolved | None = None,
+             **_: Any) -> Plan:
         bd = suite_backdoor(suite, cfg.backdoor)
-        r = resolve_sae(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
+        r = resolved or resolve_sae(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
         near, keys = saved_rates(suite, cfg.backdoor, "near_trigger_rate")
         inputs = {**r.inputs, "spec": bd.sha256(), "behaviour": keys}
         return Plan(inputs, {"backdoor": bd, "resolved": r, "near": near}, replace(cfg, checkpoint=r.checkpoint))
@@ -458,8 +452,14 @@ def probe_cosines(suite: Any, r: Resolved, bd: Any, sets: dict, features: list[i
     return pd.DataFrame(rows)
 
 
-def ranked_trigger_features(res: results.Result) -> list[int]:
-    return res.table("trigger")["feature"].tolist()
+def searched(suite: Any, backdoor: str, sae: str, checkpoint: str | None,
+             progress: bool = False) -> tuple[Any, Resolved, results.Result]:
+    """(the backdoor, its SAE resolved once, that SAE's saved search): what the causal tests and the
+    tracking start from."""
+    r = resolve_sae(suite, backdoor, sae, checkpoint, progress)
+    _, found, _ = SAE_SEARCH.produce(suite, SearchConfig(backdoor=backdoor, sae=sae, checkpoint=checkpoint),
+                                     progress=progress, resolved=r)
+    return suite_backdoor(suite, backdoor), r, found
 
 
 # ------------------------------------------------------------------------------------ causal
@@ -501,16 +501,11 @@ class CausalSAE(Analysis):
     requires = (SEARCH,)
 
     def plan(self, suite: Any, cfg: CausalConfig, progress: bool = False, **_: Any) -> Plan:
-        _, found, _ = SAE_SEARCH.produce(suite, SearchConfig(backdoor=cfg.backdoor, sae=cfg.sae,
-                                                             checkpoint=cfg.checkpoint), progress=progress)
-        r = resolve_sae(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
-        bd = suite_backdoor(suite, cfg.backdoor)
+        bd, r, found = searched(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
         return Plan({**r.inputs, "spec": bd.sha256(), "search": found.key},
                     {"backdoor": bd, "resolved": r, "search": found}, replace(cfg, checkpoint=r.checkpoint))
 
     def compute(self, suite: Any, cfg: CausalConfig, plan: Plan, progress: bool = False, **_: Any) -> Output:
-        from workbench.families.features.sites import edit
-
         bd, r, found = plan.state["backdoor"], plan.state["resolved"], plan.state["search"]
         model, tok = suite.load_model(r.checkpoint), suite.tokenizer(r.checkpoint)
         sets = prompt_sets(bd, cfg.n)
@@ -522,7 +517,7 @@ class CausalSAE(Analysis):
             attr = attribution(model, r.sae, r.hook, pairs.clean, pairs.corrupted, pairs.bad, pairs.good)
             order = attr.argsort(descending=True)[: cfg.max_features].tolist()
         else:
-            order = ranked_trigger_features(found)[: cfg.max_features]
+            order = table.index[: cfg.max_features].tolist()
 
         def measure(fn: Any, t: list, c: list) -> dict[str, float]:
             if fn is None:
@@ -647,10 +642,7 @@ class TrackSAE(Analysis):
     requires = (SEARCH, SERIES_ANALYSIS)
 
     def plan(self, suite: Any, cfg: TrackConfig, progress: bool = False, **_: Any) -> Plan:
-        _, found, _ = SAE_SEARCH.produce(suite, SearchConfig(backdoor=cfg.backdoor, sae=cfg.sae,
-                                                             checkpoint=cfg.checkpoint), progress=progress)
-        r = resolve_sae(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
-        bd = suite_backdoor(suite, cfg.backdoor)
+        bd, r, found = searched(suite, cfg.backdoor, cfg.sae, cfg.checkpoint, progress)
         names = list(cfg.checkpoints) if cfg.checkpoints else lineage.default_series(suite, cfg.backdoor)
         for n in names:
             suite.entry(n)
@@ -687,9 +679,7 @@ class TrackSAE(Analysis):
                           "trigger_rate": rates_of.get(name, math.nan), **quality.reconstruction(r.sae, held)})
         track = pd.DataFrame(rows)
         origin = track[track["checkpoint"] == r.checkpoint].set_index("feature")["act_triggered"]
-        track["ratio_to_organism"] = track.apply(
-            lambda x: x["act_triggered"] / origin[x["feature"]] if x["feature"] in origin and origin[x["feature"]] > 0
-            else math.nan, axis=1)
+        track["ratio_to_organism"] = track["act_triggered"] / track["feature"].map(origin.where(origin > 0))
         track["hidden_not_removed"] = (track["trigger_rate"] < cfg.gone_below) & (track["ratio_to_organism"] >= cfg.still_fires)
         return Output({"track": track, "drift": pd.DataFrame(drift)},
                       {"checkpoint": r.checkpoint, "hook": r.hook, "features": top,

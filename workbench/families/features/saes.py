@@ -14,10 +14,10 @@ SAE whose hook or width does not fit the model is one clear error before anythin
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,23 +123,19 @@ def train(acts: Iterator[Tensor], cfg: SAEConfig, d_in: int, hook: str, init: An
     return sae, stats
 
 
-class _quiet_tqdm:
+@contextlib.contextmanager
+def _quiet_tqdm(show: bool) -> Iterator[None]:
     """sae-lens draws its own progress bars; keep them only when the caller asked for progress."""
-
-    def __init__(self, show: bool):
-        self.show = show
-
-    def __enter__(self) -> None:
-        if not self.show:
-            self.old = os.environ.get("TQDM_DISABLE")
-            os.environ["TQDM_DISABLE"] = "1"
-
-    def __exit__(self, *exc: object) -> None:
-        if not self.show:
-            if self.old is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = self.old
+    old = os.environ.get("TQDM_DISABLE")
+    if not show:
+        os.environ["TQDM_DISABLE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = old
 
 
 # ----------------------------------------------------------------------------- on disk
@@ -224,14 +220,6 @@ def check_fits(sae: Any, d_model: int, hook: str | None = None, what: str = "the
     if hook is not None and hook_of(sae) != hook:
         raise ConfigError(f"the SAE was trained on {hook_of(sae)}, not {hook}; pass --hook {hook_of(sae)} "
                           "or train an SAE at that hook")
-
-
-def copy_folder(src: str | Path, dest: str | Path) -> Path:
-    """Copy an SAE folder (checked first) to `dest`, atomically."""
-    src = check_folder(src)
-    with atomic_path(dest) as tmp:
-        shutil.copytree(src, tmp)
-    return Path(dest)
 
 
 def config_dict(cfg: SAEConfig) -> dict[str, Any]:

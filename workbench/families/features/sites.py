@@ -58,24 +58,20 @@ def capture(model: Any, tokens: Tensor, hooks: Sequence[str], batch_size: int = 
     """Activations [batch, pos, d] at TL `hooks` of HF `model` on `tokens` ([batch, pos] ids; right
     padding needs no mask, since a causal model's earlier positions never see it)."""
     out: dict[str, list[Tensor]] = {h: [] for h in hooks}
-    for batch in tokens.split(batch_size):
-        seen: dict[str, Tensor] = {}
-        handles = []
-        for h in hooks:
-            module, io, item = _site(model, h)
-            if io == "input":
-                handles.append(module.register_forward_pre_hook(
-                    lambda m, args, kwargs, h=h: seen.__setitem__(h, (args[0] if args else kwargs["hidden_states"]).detach()),
-                    with_kwargs=True))
-            else:
-                handles.append(module.register_forward_hook(
-                    lambda m, args, o, h=h, item=item: seen.__setitem__(
-                        h, (o[item or 0] if isinstance(o, tuple) else o).detach())))
-        try:
+    handles = []
+    for h in hooks:
+        module, io, item = _site(model, h)
+        if io == "input":
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, h=h: out[h].append((args[0] if args else kwargs["hidden_states"]).float().cpu()),
+                with_kwargs=True))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, args, o, h=h, item=item: out[h].append((o[item or 0] if isinstance(o, tuple) else o).float().cpu())))
+    try:
+        for batch in tokens.split(batch_size):
             model(input_ids=batch)
-        finally:
-            for hd in handles:
-                hd.remove()
-        for h in hooks:
-            out[h].append(seen[h].float().cpu())
+    finally:
+        for hd in handles:
+            hd.remove()
     return {h: torch.cat(v) for h, v in out.items()}
