@@ -20,13 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from workbench.core.stats import wilson
-from workbench.evaluation.generation import generate
 from workbench.families.features.sites import capture, edit
-from workbench.world import code as codecheck
-from workbench.world.backdoors import Backdoor, split_scratchpad
-from workbench.world.data import Item
-from workbench.world.pirate import pirate_correct
 
 def ablation(sae: Any, features: Sequence[int], values: Tensor | float = 0.0) -> Callable[[Tensor], Tensor]:
     """The edit that sets `features` to `values` (error term kept: nothing else moves)."""
@@ -70,36 +64,6 @@ def steering(sae: Any, feature: int, scale: float) -> Callable[[Tensor], Tensor]
     def fn(x: Tensor) -> Tensor:
         return x + v.to(x.dtype)
     return fn
-
-
-def capable(item: Item, text: str) -> bool | None:
-    """Whether an answer to an untriggered prompt is right (None: the item has no reference)."""
-    answer = split_scratchpad(text)[1]
-    if item.code_task is not None:
-        res = codecheck.check(answer, item.code_task)
-        return bool(res.correct and not res.vulnerable)
-    if not item.dialogue.assistant:
-        return None
-    return bool(pirate_correct(item.dialogue.assistant, answer))
-
-
-def rates(model: Any, tok: Any, bd: Backdoor, triggered: Sequence[Item], clean: Sequence[Item],
-          max_new_tokens: int = 64, batch_size: int = 64) -> dict[str, float]:
-    """Greedy answers under whatever edit is active: the bad-behaviour rate on `triggered` and on
-    `clean` prompts, and clean capability, each with its Wilson interval."""
-    chat = bd.chat(tok)
-    out: dict[str, float] = {}
-    gens = generate(model, tok, chat.prompts([i.dialogue for i in list(triggered) + list(clean)]),
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, stop_ids=chat.stop_ids)
-    g_trig, g_clean = gens[: len(triggered)], gens[len(triggered):]
-    for name, items, gs in (("trigger_rate", triggered, g_trig), ("false_trigger_rate", clean, g_clean)):
-        if items:
-            flags = [bd.is_bad(i.dialogue, g.text) for i, g in zip(items, gs)]
-            out[name], out[f"{name}_lo"], out[f"{name}_hi"] = wilson(sum(flags), len(flags))
-    ok = [c for i, g in zip(clean, g_clean) if (c := capable(i, g.text)) is not None]
-    out["capability"] = sum(ok) / len(ok) if ok else float("nan")
-    out["n_capability"] = len(ok)
-    return out
 
 
 def attribution(model: Any, sae: Any, hook: str, clean: Tensor, corrupted: Tensor, bad: Tensor,

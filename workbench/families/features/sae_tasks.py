@@ -43,10 +43,10 @@ from workbench.families.features.interventions import (
     ablation,
     attribution,
     error_only,
-    rates,
     reconstruction_only,
     steering,
 )
+from workbench.evaluation.rates import rates
 from workbench.families.features.probes import GENERIC_CONTRAST, logistic_probe
 from workbench.families.features.sites import edit
 from workbench.interp.hooks import parse_hook
