@@ -10,7 +10,7 @@ each of its safety-training runs) and `workbench deltas A B --suite SUITE` any o
 any deltas result writes nothing (exit 0), so `workbench figures` works on any suite. Writes, into
 SUITE/figures/ or --out:
 
-- deltas_<a>__<b>_heatmap.{pdf,svg,png}     per pair: ||dW|| / ||W|| per layer and module
+- deltas_<a>__<b>_heatmap.{pdf,svg,png}     a pair no side-by-side figure shows: ||dW|| / ||W|| per layer and module
 - deltas_<organism>_side_by_side.{pdf,svg,png}  the backdoor update beside each safety update of the
                                             organism (share of each update's ||dW||^2, one scale)
 - deltas_summary.{csv,tex}                  per pair: total ||dW||, ||dW|| / ||W||, the share of the
@@ -80,8 +80,7 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
         return []
     out = out or suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    to_export = [(df.heatmap(delta(r)), out / f"deltas_{slug(r.provenance.get('a', '?'))}__"
-                                              f"{slug(r.provenance.get('b', '?'))}_heatmap") for r in found]
+    to_export, shown = [], set()
     for organism, g in df.by_organism(found).items():
         if g["backdoor"] is None or not g["updates"]:
             missing = "the update that planted its backdoor" if g["backdoor"] is None else "any safety update of it"
@@ -90,6 +89,11 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
             continue
         to_export.append((df.side_by_side(delta(g["backdoor"]), [delta(r) for r in g["updates"]]),
                           out / f"deltas_{slug(organism)}_side_by_side"))
+        shown.update(r.key for r in [g["backdoor"], *g["updates"]])
+    # a pair no side-by-side figure shows gets a heatmap of its own
+    to_export += [(df.heatmap(delta(r)), out / f"deltas_{slug(r.provenance.get('a', '?'))}__"
+                                             f"{slug(r.provenance.get('b', '?'))}_heatmap")
+                  for r in found if r.key not in shown]
     table, display = summary(found)
     written = figures.table_outputs(table, out / "deltas_summary", display=display)
     written = figures.export_many(to_export, formats) + written   # one browser start for all figures

@@ -25,7 +25,7 @@ from workbench.core.analysis import Section
 from workbench.core.errors import WorkbenchError
 from workbench.core.files import sha256_json, write_json
 from workbench.core.results import results_root
-from workbench.present.style import html_report
+from workbench.present.style import html_report, one_browser
 from workbench.suite.figures import lineage_figure
 from workbench.suite.manifest import MANIFEST, load_suite
 
@@ -111,10 +111,11 @@ def write_figures(suite: str | Path, out: str | Path | None = None, formats: Seq
     out = Path(out) if out else suite_dir / "figures"
     out.mkdir(parents=True, exist_ok=True)
     common = {"code": code_hash(), "manifest": (suite_dir / MANIFEST).read_text()}
-    for script in analysis_scripts():
-        _, ran = run_analysis(script, suite_dir, out, formats, common, force)
-        if not ran:
-            print(f"{script.name}: up to date (its results and code are unchanged)")
+    with one_browser() if formats else contextlib.nullcontext():   # one Chromium for every script
+        for script in analysis_scripts():
+            _, ran = run_analysis(script, suite_dir, out, formats, common, force)
+            if not ran:
+                print(f"{script.name}: up to date (its results and code are unchanged)")
     report = out / "report.html"
     fingerprint = sha256_json({**common, "results": result_keys(suite_dir), "plugins": sorted(catalog.analyses())})
     stamp = out / STAMPS / "report.json"

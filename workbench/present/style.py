@@ -143,6 +143,27 @@ def _quiet_browser_pipe() -> Iterator[None]:
         log.setLevel(old)
 
 
+@contextlib.contextmanager
+def one_browser() -> Iterator[None]:
+    """Every figure exported inside this block goes through one Chromium, started once: several
+    paper scripts in a row (`workbench figures`) then pay its start-up once, not once each. Without
+    a Chromium it does nothing (the first export says what to install)."""
+    import warnings
+
+    import kaleido
+
+    if chromium_path() is None:
+        yield
+        return
+    with _quiet_browser_pipe(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The kopts argument is ignored if using a server")
+        kaleido.start_sync_server(silence_warnings=True)
+        try:
+            yield
+        finally:
+            kaleido.stop_sync_server(silence_warnings=True)
+
+
 def export_many(items: Sequence[tuple[go.Figure, str | Path]], formats: Sequence[str] = FORMATS,
                 scale: float = 2.0) -> list[Path]:
     """Write `stem.<fmt>` for every (figure, stem) and format with ONE browser start.
