@@ -218,3 +218,12 @@ def test_bad_requests_are_one_clear_error(random_copy: Path):
         wb.run(suite, "compartment", backdoor="nonesuch")
     with pytest.raises(ConfigError, match="n_null"):
         wb.analyses()["compartment"].plan(suite, CompartmentConfig(n_null=5))
+
+
+def test_analyses_run_after_the_results_they_read():
+    """`workbench analyze` order: an SAE is trained only once the localisation that names its hook is
+    saved (else a fresh suite trains it at the fallback hook, then again at the right one), and the
+    compartment test after the circuit, deltas and feature search it reads."""
+    names = [a.name for a in wb.catalog.in_order()]
+    assert names.index("localisation") < names.index("sae") < names.index("sae_search") < names.index("compartment")
+    assert names.index("deltas") < names.index("compartment") and names.index("circuit") < names.index("compartment")

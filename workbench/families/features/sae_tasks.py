@@ -150,6 +150,7 @@ class TrainSAE(Analysis):
     Config = SAETrainConfig
     title = "Sparse autoencoders"
     family = "features"
+    requires = ("localisation",)   # the default hook is where the localisation says the trigger sits
 
     def plan(self, suite: Any, cfg: SAETrainConfig, **_: Any) -> Plan:
         bd = suite_backdoor(suite, cfg.backdoor)
