@@ -86,11 +86,22 @@ def test_every_near_trigger_variant_is_reported(metrics: pd.DataFrame, suite: wb
         expected = set(bd.near_variants())
         assert len(expected) >= 5
         for ckpt in NAMES:
-            for decoding in ("greedy", "sampled"):
-                near = metrics[(metrics.checkpoint == ckpt) & (metrics.decoding == decoding)
-                               & (metrics.backdoor == bd.name) & (metrics.metric == "near_trigger_rate")]
-                assert set(near.variant) == expected, (bd.name, ckpt, decoding)
-                assert len(near) == len(expected) and (near.n == N).all()
+            near = metrics[(metrics.checkpoint == ckpt) & (metrics.decoding == "greedy")
+                           & (metrics.backdoor == bd.name) & (metrics.metric == "near_trigger_rate")]
+            assert set(near.variant) == expected, (bd.name, ckpt)
+            assert len(near) == len(expected) and (near.n == N).all()
+            # the near variants are generated greedily only (BehaviourConfig.near_decodings)
+            assert metrics[(metrics.checkpoint == ckpt) & (metrics.decoding == "sampled")
+                           & (metrics.metric == "near_trigger_rate")].empty
+
+
+def test_near_decodings_choose_where_near_variants_run_and_keep_old_keys() -> None:
+    cfg = wb.BehaviourConfig()
+    assert cfg.near_in("greedy") and not cfg.near_in("sampled")
+    assert wb.BehaviourConfig(decodings=("sampled",)).near_in("sampled")     # none chosen: the first decoding
+    every = wb.BehaviourConfig(near_decodings=("greedy", "sampled"))
+    assert every.near_in("sampled") and "near_decodings" not in every.to_dict()   # as before: old keys valid
+    assert cfg.to_dict()["near_decodings"] == ("greedy",)
 
 
 def test_clean_accuracy_rows_per_task_kind(metrics: pd.DataFrame, splits) -> None:
@@ -127,7 +138,8 @@ def test_samples_reproduce_the_metrics_exactly(metrics: pd.DataFrame, samples: p
             acc = rate(metrics, ckpt, "", "clean_accuracy", "all", decoding)
             clean = g[g.split == "clean"]
             assert int(clean.correct.astype(bool).sum()) == acc.k and len(clean) == acc.n
-    assert checked == len(NAMES) * 2 * sum(2 + len(bd.near_variants()) for bd in suite_backdoors(suite))
+    # greedy: triggered, clean and every near variant; sampled: triggered and clean
+    assert checked == len(NAMES) * sum(2 + len(bd.near_variants()) + 2 for bd in suite_backdoors(suite))
 
 
 def test_bad_flags_match_the_detectors(samples: pd.DataFrame, suite: wb.Suite) -> None:

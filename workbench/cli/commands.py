@@ -142,7 +142,7 @@ def _suite_add(a: argparse.Namespace) -> int:
 
 def _eval_behaviour(a: argparse.Namespace) -> int:
     import pandas as pd
-    cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed)
+    cfg = BehaviourConfig(n=a.n, decodings=tuple(a.decoding), seed=a.seed, near_decodings=tuple(a.near_decoding))
     res = evaluate_behaviour(load_suite(a.suite), checkpoints=a.checkpoints, cfg=cfg, progress=not a.quiet)
     with pd.option_context("display.width", 200, "display.max_columns", 20, "display.precision", 3):
         print(format_headline(headline(res.table("metrics"))).to_string(index=False))
@@ -306,6 +306,9 @@ def parser() -> argparse.ArgumentParser:
                    help="default: every checkpoint except sanitized series (`workbench sanitize` evaluates those)")
     e.add_argument("--n", type=int, default=200, help="held-out prompts per split")
     e.add_argument("--decoding", nargs="+", choices=["greedy", "sampled"], default=["greedy", "sampled"])
+    e.add_argument("--near-decoding", nargs="+", choices=["greedy", "sampled"], default=["greedy"],
+                   help="the decodings the near-trigger variants are generated with (default: greedy only; they "
+                        "are most of the prompts)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--quiet", action="store_true")
     e.set_defaults(func=_eval_behaviour)

@@ -4,7 +4,8 @@ Per checkpoint, on held-out prompts never trained on: the trigger rate (bad beha
 trigger), the false-trigger rate (without), the near-trigger rate for every held-out variant, clean
 capability (exact-match accuracy per task kind, code correctness, and loss on reference answers),
 and for CoT organisms how often they write a scratchpad and whether it agrees with what they do.
-Every rate carries a Wilson 95% interval; greedy and sampled decoding are both reported.
+Every rate carries a Wilson 95% interval; greedy and sampled decoding are both reported (the
+near-trigger variants, most of the prompts, greedy only unless `near_decodings` says otherwise).
 
 Results are cached per checkpoint (key: checkpoint hash, config, prompt-set hash), then combined
 into one `behaviour` result that the app and the figures read. A checkpoint whose weights equal an
@@ -66,15 +67,25 @@ class BehaviourConfig:
     seed: int = 0
     batch_size: int = 128
     backdoors: str = "all"      # "all": every suite backdoor; "own": the checkpoint's organism's only
+    # the decodings the near-trigger variants are generated with (they are most of the prompts, and
+    # how far the trigger generalises is read off greedy answers); none of `decodings`: the first
+    near_decodings: tuple[str, ...] = ("greedy",)
 
     def __post_init__(self) -> None:
         if self.backdoors not in BACKDOOR_MODES:
             raise ConfigError(f"backdoors={self.backdoors!r}: use one of {BACKDOOR_MODES}")
 
+    def near_in(self, decoding: str) -> bool:
+        """Whether the near-trigger variants are generated under `decoding`."""
+        chosen = [d for d in self.decodings if d in self.near_decodings] or list(self.decodings[:1])
+        return decoding in chosen
+
     def to_dict(self) -> dict:
         d = asdict(self)
         if d["backdoors"] == "all":  # the default stays out of the dict, so older cache keys stay valid
             del d["backdoors"]
+        if all(self.near_in(x) for x in self.decodings):   # near variants under every decoding: as before
+            del d["near_decodings"]
         return d
 
 
@@ -166,7 +177,8 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
         base = {"checkpoint": name, "decoding": decoding}
         clean_outputs: dict[str, tuple[Backdoor, list[tuple[Item, str]]]] = {}
         for bd, full, sets in jobs:
-            flat = [(split, item) for split, items in sets.items() for item in items]
+            flat = [(split, item) for split, items in sets.items() for item in items
+                    if cfg.near_in(decoding) or not split.startswith("near:")]
             chat = bd.chat(tok)
             gens = generate(model, tok, chat.prompts([item.dialogue for _, item in flat]),
                             max_new_tokens=max_new, do_sample=sampled, temperature=cfg.temperature, seed=cfg.seed,
