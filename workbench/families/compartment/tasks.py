@@ -262,8 +262,15 @@ class Compartment(Analysis):
         sets = eval_sets(bd, eval_splits(suite.manifest.get("build", {}).get("eval_seed", 1234), cfg.n))
         torch.manual_seed(cfg.seed)
         bar = tqdm(total=len(runs), desc="compartment", disable=not progress)
+        opened: dict[str, Weights] = {}
+
+        def weights(name: str) -> Weights:
+            """Each checkpoint's files hashed against the manifest once, however many runs read it."""
+            if name not in opened:
+                opened[name] = suite_weights(suite, name)
+            return opened[name]
         for org in dict.fromkeys(r.organism for r in runs):
-            w_org = suite_weights(suite, org)
+            w_org = weights(org)
             config = w_org.config()
             heads = heads_of(config)
             if heads is None:
@@ -292,7 +299,7 @@ class Compartment(Analysis):
                 write_rows.append(w.assign(organism=org, series=run.series, method=run.method))
             first_real: tuple[Run, dict] | None = None
             for run in org_runs:
-                w_a, w_b = suite_weights(suite, run.origin), suite_weights(suite, run.checkpoint)
+                w_a, w_b = weights(run.origin), weights(run.checkpoint)
                 row, sn, on, en = run_statistics(w_a, w_b, params, universe, circuit, sites, cfg)
                 rows.append(self._row(run, row, circuit, rates_saved))
                 nulls += self._nulls(run.series, sn, on)
@@ -303,7 +310,7 @@ class Compartment(Analysis):
             # the controls, on this organism's first run (the reference organism's decide the gate)
             if first_real is not None:
                 run, row = first_real
-                w_a, w_b = suite_weights(suite, run.origin), suite_weights(suite, run.checkpoint)
+                w_a, w_b = weights(run.origin), weights(run.checkpoint)
                 for kind, fn in controls(params, universe, circuit, sites["data"], row["share"]).items():
                     crun = replace(run, series=f"{run.series} [{kind} control]", control=kind)
                     crow, sn, on, _ = run_statistics(w_a, w_b, params, universe, circuit, sites, cfg, fn)
@@ -320,14 +327,14 @@ class Compartment(Analysis):
                 surgery.append({"organism": org, "series": "", "variant": "organism",
                                 **measure(model, tok, bd, sets, cfg.max_new_tokens)})
             for run in chosen:
-                w_a, w_b = suite_weights(suite, run.origin), suite_weights(suite, run.checkpoint)
+                w_a, w_b = weights(run.origin), weights(run.checkpoint)
                 for variant in ("safety_full", "safety_inside_C", "safety_outside_C"):
                     _, where, sign = VARIANTS[variant]
                     m = spliced(model, w_a, w_b, params, heads, set(circuit.components), where, sign)
                     surgery.append({"organism": org, "series": run.series, "method": run.method, "variant": variant,
                                     **measure(m, tok, bd, sets, cfg.max_new_tokens)})
             if chosen and insertion is not None:
-                w_base = suite_weights(suite, insertion.origin)
+                w_base = weights(insertion.origin)
                 for variant in ("revert_inside_C", "revert_outside_C"):
                     _, where, sign = VARIANTS[variant]
                     m = spliced(model, w_base, w_org, params, heads, set(circuit.components), where, sign)
