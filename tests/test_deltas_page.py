@@ -18,9 +18,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pages
 import pandas as pd
 import pytest
 import torch
+from pages import specs, title
 from streamlit.testing.v1 import AppTest
 
 from workbench.cli import main
@@ -195,19 +197,13 @@ def test_summary_table_records_roles_and_keys(deltas_suite) -> None:
 # ----------------------------------------------------------------------------- the page
 
 def run_page(suite: Path) -> AppTest:
-    at = AppTest.from_file(str(PAGE), default_timeout=120)
-    at.query_params["suite"] = str(suite)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return pages.run_page(PAGE, suite)
 
 
-def specs(at: AppTest) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
-def title(spec: dict) -> str:
-    return spec["layout"].get("title", {}).get("text", "")
+
+
 
 
 def matrix(z) -> np.ndarray:

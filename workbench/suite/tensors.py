@@ -293,6 +293,7 @@ class LoraFactors:
         return self.scale * (self.B[start:stop] @ self.A)
 
     def dense(self) -> torch.Tensor:
+        """The whole update as the base tensor stores it (small adapters, checks)."""
         n = self.A.shape[1] if self.fan_in_fan_out else self.B.shape[0]
         return self.delta_rows(0, n)
 

@@ -242,6 +242,7 @@ class Compartment(Analysis):
         circuits = {org: circuit_for(suite, cfg.backdoor, org, progress) for org in dict.fromkeys(r.organism for r in runs)}
         bd = suite_backdoor(suite, cfg.backdoor)
         names = sorted({n for r in runs for n in (r.checkpoint, r.origin)})
+        saes = {o: sae_directions(suite, cfg.backdoor, o) for o in circuits}   # read (and hashed) once
         deltas = registered()["deltas"]
         delta_cfgs = {}
         for r in runs:   # the saved weight deltas each run's writes are read from (computed if missing)
@@ -249,9 +250,9 @@ class Compartment(Analysis):
             delta_cfgs[r.series] = (dplan.config, deltas.key(dplan.config, dplan.inputs))
         inputs = {"checkpoints": {n: suite.sha256(n) for n in names}, "circuits": {o: c.key for o, c in circuits.items()},
                   "deltas": {k: v[1] for k, v in delta_cfgs.items()},
-                  "sae_search": {o: sae_directions(suite, cfg.backdoor, o)[2] for o in circuits},
+                  "sae_search": {o: saes[o][2] for o in circuits},
                   "spec": bd.sha256(), "eval_seed": suite.manifest.get("build", {}).get("eval_seed", 1234)}
-        return Plan(inputs, {"runs": runs, "circuits": circuits, "backdoor": bd, "deltas": delta_cfgs}, cfg)
+        return Plan(inputs, {"runs": runs, "circuits": circuits, "backdoor": bd, "deltas": delta_cfgs, "saes": saes}, cfg)
 
     def compute(self, suite: Any, cfg: CompartmentConfig, plan: Plan, progress: bool = False, **_: Any) -> Output:
         runs: list[Run] = plan.state["runs"]
@@ -292,7 +293,7 @@ class Compartment(Analysis):
             site_rows += [{"organism": org, "site": s, "layer": l, "trigger_shift": v} for (s, l), v in norms.items()]
             model, tok = suite.load_model(org), suite.tokenizer(org)
             org_runs = [r for r in runs if r.organism == org]
-            sae_rows, sae_layer, _ = sae_directions(suite, cfg.backdoor, org)
+            sae_rows, sae_layer, _ = plan.state["saes"][org]
             for run in org_runs:
                 dres = registered()["deltas"].produce(suite, plan.state["deltas"][run.series][0], progress=False)[1]
                 w = writes(delta_vectors(dres), dirs, sae_rows, sae_layer)

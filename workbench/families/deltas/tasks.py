@@ -46,10 +46,11 @@ def pairs(suite: Any) -> list[tuple[str, str]]:
     return out
 
 
-def load_delta(res: results.Result) -> Delta:
+def load_delta(res: results.Result, vectors: bool = True) -> Delta:
+    """A saved comparison; `vectors=False` leaves the singular vectors on disk (tables only)."""
     prov = res.provenance
     return Delta(res.table("tensors"), res.table("heads") if res.has_table("heads") else pd.DataFrame(),
-                 res.tensors() if prov.get("tensors") else {}, prov.get("a", ""), prov.get("b", ""))
+                 res.tensors() if vectors and prov.get("tensors") else {}, prov.get("a", "?"), prov.get("b", "?"))
 
 
 @register
@@ -95,7 +96,7 @@ class Deltas(Analysis):
         from workbench.families.deltas import figures
         out: list[Section] = []
         for res in results.list_results(suite_dir, self.name):
-            d = load_delta(res)
+            d = load_delta(res, vectors=False)
             out.append((f"{d.a} -> {d.b}", d.message))
             out.append((f"{d.b}: relative update per layer and module", figures.heatmap(d)))
         return out
