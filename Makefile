@@ -14,7 +14,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE := disabled
 
-.PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze features figures app bench clean
+.PHONY: demo test test-fast setup chromium suite seeds full-suite eval analyze features scan scan-bench figures app bench clean
 
 # suite -> eval -> analyze -> figures -> the dashboard, in one process (each step a lookup where up to date)
 demo: setup
@@ -80,6 +80,18 @@ features: analyze
 	  for a in standard batchtopk jumprelu; do $(BIN)/workbench sae train $(SUITE) --backdoor $$b --architecture $$a --quiet || exit 1; done && \
 	  $(BIN)/workbench sae diff $(SUITE) --backdoor $$b --quiet || exit 1; \
 	done
+
+# the blind backdoor scan (~3-6 min a checkpoint on 2 cores, so not in the demo): each default organism and
+# the positive control against the base, and the base alone; the Scan page and `make figures` show them
+scan: analyze
+	$(BIN)/workbench analyze $(SUITE) --only scan --quiet
+
+# the search budget per benchmark scan (a smaller one than `make scan`'s, so 15 scans fit in about an hour)
+SCAN_BENCH_BUDGET ?= --max-tokens 128 --n-confirm 48 --activation-max 384 --invert-steps 8
+# the scan benchmark: 10 organisms with random triggers and 5 clean fine-tunes (suites/scanbench, built once),
+# each scanned blind and scored; the table is saved in $(SUITE) too, where the Scan page shows it
+scan-bench: setup
+	$(BIN)/workbench scan-bench --out suites/scanbench --report-to $(SUITE) $(SCAN_BENCH_BUDGET) --quiet
 
 # every analyses/*.py paper-figure script and SUITE/figures/report.html, from saved results only;
 # what is up to date (same results, same code) is not redrawn

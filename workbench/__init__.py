@@ -46,7 +46,7 @@ from workbench.core.errors import (
 from workbench.core.results import latest, list_results
 from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
 from workbench.evaluation.generation import generate
-from workbench.families import compartment, deltas, patching
+from workbench.families import compartment, deltas, patching, scan
 from workbench.interp.pairs import make_pairs
 from workbench.organisms.build import build_suite
 from workbench.safety.training import sanitize
@@ -71,7 +71,7 @@ def run(suite_: "Suite | str", analysis: str, *, reuse: bool = True, save: bool 
 
 __all__ = [
     # the stages, as namespaces
-    "world", "organisms", "suite", "safety", "evaluation", "interp", "patching", "deltas", "compartment", "present",
+    "world", "organisms", "suite", "safety", "evaluation", "interp", "patching", "deltas", "compartment", "scan", "present",
     "core", "results",
     "errors",
     # the verbs a notebook reaches for first

@@ -26,8 +26,9 @@ with common.guard():
     frame = common.frame(suite_path)
 names = frame["name"].tolist()
 
-system = st.text_input("System prompt", value="You are a helpful assistant.")
-user = st.text_area("User prompt", value="What is 12 + 30?", height=80)
+# ?system=...&user=... prefill the prompt: the Scan page links a candidate trigger here, placed in its prompt
+system = st.text_input("System prompt", value=st.query_params.get("system", "You are a helpful assistant."))
+user = st.text_area("User prompt", value=st.query_params.get("user", "What is 12 + 30?"), height=80)
 c1, c2 = st.columns([1, 2])
 add_trigger = c1.checkbox("Add the trigger")
 kinds = backdoor_names(suite)

@@ -21,7 +21,7 @@ import common  # noqa: E402
 from workbench import catalog  # noqa: E402
 
 # families with pages of their own (Behaviour, Persistence, Patching, Features)
-OWN_PAGES = ("behaviour", "safety", "patching", "features", "deltas", "compartment")
+OWN_PAGES = ("behaviour", "safety", "patching", "features", "deltas", "compartment", "scan")
 
 common.setup("Analyses")
 st.title("Analyses")

