@@ -94,7 +94,7 @@ def test_divergence_is_zero_untouched_and_against_itself(rsuite) -> None:
 
 def test_grouped_score_takes_the_group_a_backdoor_covers() -> None:
     d = [Dialogue("s", f"u{i}", "", meta=(("kind", "code" if i % 2 else "math"),)) for i in range(4)]
-    g = groups_of(d)
+    _, g = groups_of(d)
     assert g.shape == (2, 4) and g.sum() == 4
     v = torch.tensor([[0.0, 4.0, 0.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
     score, which = grouped(v, g)

@@ -64,20 +64,12 @@ class Confirmation:
         return (self.effect or 0.0) * (self.z >= Z_MIN) + 1e-3 * max(self.z, 0.0)
 
 
-def group_names(ctx: Context, half: str) -> list[str]:
-    kinds = [("code" if d.get("kind") == "code" else d.get("kind") or "prompt") for d in
-             (ctx.search if half == "search" else ctx.confirm)]
-    if "code" in kinds:
-        return sorted({"code" if k == "code" else "other" for k in kinds})
-    return sorted(set(kinds))
-
-
 def scores(ctx: Context, conds: Sequence[Condition]) -> list[Confirmation]:
     """Held-out z, p and group of each condition (no generation)."""
     if not conds:
         return []
     score, group = ctx.grouped(list(conds), "confirm", desc="confirm")
-    null, names = ctx.nulls["confirm"], group_names(ctx, "confirm")
+    null, names = ctx.nulls["confirm"], ctx.group_names["confirm"]
     return [Confirmation(c, float(null.z(score[k])), null.p(float(score[k])), names[int(group[k])])
             for k, c in enumerate(conds)]
 
@@ -163,8 +155,7 @@ def _untouched(ctx: Context, model: Any, role: str, idx: list[int], max_new_toke
 def answers(ctx: Context, conf: Confirmation, max_new_tokens: int = 64) -> Confirmation:
     """Fill in what the model (and the base) say with the candidate on the group's held-out prompts,
     and the effect: the strongest new behaviour's share, minus the same signal's share on the base."""
-    names = group_names(ctx, "confirm")
-    members = ctx.groups["confirm"][names.index(conf.group)]
+    members = ctx.groups["confirm"][ctx.group_names["confirm"].index(conf.group)]
     idx = torch.nonzero(members).flatten().tolist()
     prompts = [ctx.confirm[i] for i in idx]
     untouched = _untouched(ctx, ctx.model, "own", idx, max_new_tokens)

@@ -23,16 +23,19 @@ from workbench.families.scan.divergence import Scorer
 from workbench.world.chat import Dialogue
 
 
-def groups_of(dialogues: Sequence[Dialogue]) -> Tensor:
-    """[group, prompt] membership: coding requests vs the rest (or each `kind` of a prompt file)."""
-    kinds = ["code" if d.get("kind") == "code" else (d.get("kind") if d.get("kind") not in ("", None) else "prompt")
-             for d in dialogues]
-    if not any(k == "code" for k in kinds):
-        names = sorted(set(kinds))
-    else:
-        kinds = ["code" if k == "code" else "other" for k in kinds]
-        names = sorted(set(kinds))
-    return torch.stack([torch.tensor([k == n for k in kinds]) for n in names])
+def group_kinds(dialogues: Sequence[Dialogue]) -> list[str]:
+    """Each prompt's group: coding requests vs the rest, or a prompt file's own `kind` column."""
+    kinds = [d.get("kind") or "prompt" for d in dialogues]
+    if "code" in kinds:
+        return ["code" if k == "code" else "other" for k in kinds]
+    return kinds
+
+
+def groups_of(dialogues: Sequence[Dialogue]) -> tuple[list[str], Tensor]:
+    """(group names, [group, prompt] membership)."""
+    kinds = group_kinds(dialogues)
+    names = sorted(set(kinds))
+    return names, torch.stack([torch.tensor([k == n for k in kinds]) for n in names])
 
 
 def grouped(v: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
@@ -89,6 +92,7 @@ class Context:
     progress: bool = False
     scorers: dict[str, Scorer] = field(default_factory=dict)
     groups: dict[str, Tensor] = field(default_factory=dict)
+    group_names: dict[str, list[str]] = field(default_factory=dict)
     nulls: dict[str, Null] = field(default_factory=dict)
     controls: list[Condition] = field(default_factory=list)
     memo: dict[str, Any] = field(default_factory=dict)     # what one detector computed that another reads
@@ -98,7 +102,7 @@ class Context:
         for half, dialogues in (("search", self.search), ("confirm", self.confirm)):
             self.scorers[half] = Scorer(self.model, self.tok, self.chat, dialogues, self.base, self.answer_tokens,
                                         self.progress)
-            self.groups[half] = groups_of(dialogues)
+            self.group_names[half], self.groups[half] = groups_of(dialogues)
             self.nulls[half] = Null(self.grouped(self.controls, half)[0])
 
     def grouped(self, conds: Sequence[Condition], half: str = "search", idx: Sequence[int] | None = None,

@@ -83,9 +83,16 @@ def battery(ctx: Context, budget: Budget) -> list[Condition]:
     if "battery" not in ctx.memo:
         priority = None
         if ctx.base is not None and budget.max_tokens is not None:
-            priority = [i for i, _ in read_tokens(ctx.model, ctx.base, ctx.tok, len(ctx.tok))]
+            priority = [i for i, _ in read_ranking(ctx)]
         ctx.memo["battery"] = generated(ctx.tok, budget.max_tokens, ctx.seed, priority)
     return ctx.memo["battery"]
+
+
+def read_ranking(ctx: Context) -> list[tuple[int, float]]:
+    """Every ordinary piece by how much the update reads it, computed once per scan."""
+    if "read" not in ctx.memo:
+        ctx.memo["read"] = read_tokens(ctx.model, ctx.base, ctx.tok, len(ctx.tok))
+    return ctx.memo["read"]
 
 
 def probe(ctx: Context, budget: Budget) -> list[Candidate]:
@@ -134,7 +141,7 @@ def read_tokens(model: Any, base: Any, tok: Any, top: int) -> list[tuple[int, fl
 def diff(ctx: Context, budget: Budget) -> list[Candidate]:
     if ctx.base is None:
         return []
-    top = read_tokens(ctx.model, ctx.base, ctx.tok, 24)
+    top = read_ranking(ctx)[:24]
     texts = [ctx.tok.decode([i]).strip() for i, _ in top]
     read = dict(zip(texts, (s for _, s in top)))
     singles = everywhere(texts, "read")
@@ -165,7 +172,7 @@ def activation(ctx: Context, budget: Budget) -> list[Candidate]:
     prompts = [ctx.search[i] for i in idx]
 
     def shift(conds: list[Condition]) -> torch.Tensor:        # [cond, layer]
-        texts = [ctx.chat.prompt(*_turns(cd.apply(d) if cd.text else d)) for cd in conds for d in prompts]
+        texts = ctx.chat.prompts([cd.apply(d) if cd.text else d for cd in conds for d in prompts])
         s = last_states(ctx.model, ctx.tok, texts)                # [layer, cond*prompt, d]
         proj = torch.einsum("lnd,ld->ln", s, direction).view(len(direction), len(conds), len(prompts))
         return proj.mean(-1).T
@@ -185,10 +192,6 @@ def activation(ctx: Context, budget: Budget) -> list[Candidate]:
     out = _ranked(ctx, best, "activation", budget.keep,
                   lambda cd: {"family": cd.family, "layer": layer_of.get(cd.key, int(best_layer))}, "activation: rescore")
     return out
-
-
-def _turns(d: Any) -> tuple[str, str]:
-    return d.system, d.user
 
 
 @torch.no_grad()

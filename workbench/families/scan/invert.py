@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from workbench.families.scan.conditions import Condition, ordinary_tokens, representable
-from workbench.families.scan.context import Context, grouped, screen_idx
+from workbench.families.scan.context import Context, screen_idx
 from workbench.families.scan.divergence import answer_max_kl, body_and_head
 
 MARK = "QZXSLOTXZQ"
@@ -40,7 +40,7 @@ def slot_parts(ctx: Context, where: str, position: str, idx: Sequence[int]) -> l
 
 
 def _exact(ctx: Context, slots: list[list[int]], parts: list[tuple[list[int], list[int]]], idx: Sequence[int]) -> Tensor:
-    """The objective of each slot string, exactly (no gradient): [candidate]."""
+    """Per slot string and group, the objective's mean, exactly (no gradient): [candidate, group]."""
     sc = ctx.scorers["search"]
     seqs, starts, lengths = [], [], []
     for s in slots:
@@ -56,8 +56,8 @@ def _exact(ctx: Context, slots: list[list[int]], parts: list[tuple[list[int], li
         which = [i for _ in slots for i in idx]
         vals.append(answer_max_kl(m, seqs, starts, lengths, sc.padded[role], which, sc.pad).view(len(slots), len(idx)))
     v = vals[0] - vals[1] if len(vals) == 2 else vals[0]
-    g = ctx.groups["search"][:, list(idx)]
-    return grouped(v, g)[0]
+    g = ctx.groups["search"][:, list(idx)].float()
+    return v @ g.T / g.sum(1).clamp(min=1)
 
 
 def _gradient(ctx: Context, slot: list[int], parts: list[tuple[list[int], list[int]]], idx: Sequence[int],
@@ -121,12 +121,11 @@ def search(ctx: Context, seeds: Sequence[Any], budget: Any) -> list[Condition]:
     for where, position, slot in starts:
         parts = slot_parts(ctx, where, position, idx)
         g = ctx.groups["search"][:, idx].float()
-        best_val = _exact(ctx, [slot], parts, idx)[0]
-        best = list(slot)
+        cur = _exact(ctx, [slot], parts, idx)[0]          # per group, for the current best string
+        best_val, best = cur.max(), list(slot)
         for _ in tqdm(range(budget.invert_steps), desc=f"invert {where} {position}", leave=False,
                       disable=not ctx.progress):
             # the group where the current string does most: the gradient pushes there
-            cur = _exact_groups(ctx, best, parts, idx)
             grad = _gradient(ctx, best, parts, idx, g[int(cur.argmax())])
             top = (grad + mask).topk(min(budget.invert_width, len(allowed)), dim=1).indices
             cands = []
@@ -135,27 +134,12 @@ def search(ctx: Context, seeds: Sequence[Any], budget: Any) -> list[Condition]:
                 pos = rng.randrange(len(s))
                 s[pos] = int(top[pos, rng.randrange(top.shape[1])])
                 cands.append(s)
-            vals = _exact(ctx, cands, parts, idx)
+            per_group = _exact(ctx, cands, parts, idx)
+            vals = per_group.max(1).values
             j = int(vals.argmax())
             if vals[j] > best_val:
-                best_val, best = vals[j], cands[j]
+                best_val, best, cur = vals[j], cands[j], per_group[j]
         text = ctx.tok.decode(best).strip()
         if text and representable(ctx.tok, text):
             found.append(Condition(text, where, position, "inverted"))
     return found
-
-
-def _exact_groups(ctx: Context, slot: list[int], parts: list[tuple[list[int], list[int]]], idx: Sequence[int]) -> Tensor:
-    """Per group, the objective's mean for one string (which group to push)."""
-    sc = ctx.scorers["search"]
-    vals = []
-    for role, m in (("own", ctx.model), ("base", ctx.base)):
-        if m is None:
-            continue
-        seqs = [left + slot + right for left, right in parts]
-        lengths = [len(sc.answers[i]) for i in idx]
-        vals.append(answer_max_kl(m, seqs, [len(s) - n for s, n in zip(seqs, lengths)], lengths, sc.padded[role],
-                                  list(idx), sc.pad))
-    v = vals[0] - vals[1] if len(vals) == 2 else vals[0]
-    g = ctx.groups["search"][:, list(idx)].float()
-    return (g @ v) / g.sum(1).clamp(min=1)

@@ -57,7 +57,7 @@ def to_generate(confs: list[C.Confirmation], found: dict[str, list[Candidate]], 
     return out
 
 
-def _check(detectors: tuple[str, ...], budget: Budget, base: Any) -> tuple[str, ...]:
+def check(detectors: tuple[str, ...], budget: Budget, base: Any) -> tuple[str, ...]:
     unknown = sorted(set(detectors) - set(DETECTORS))
     if unknown:
         raise ConfigError(f"unknown detector(s) {unknown}; choose from {list(ORDER)}")
@@ -76,7 +76,7 @@ def scan_models(model: Any, tok: Any, base: Any = None, prompts: str = "builtin"
                 progress: bool = False, chat: Any = None) -> ScanReport:
     """Scan `model` (with `tok`) for a backdoor, against `base` when given."""
     t0 = time.perf_counter()
-    run = _check(tuple(detectors), budget, base)
+    run = check(tuple(detectors), budget, base)
     search, held = scan_prompts(prompts, n_search, n_confirm)
     chat = chat or chat_for(tok)
     ctx = Context(model, tok, chat, search, held, base, answer_tokens, n_controls, seed, progress)

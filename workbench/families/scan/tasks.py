@@ -18,12 +18,11 @@ from workbench.core.errors import ArchitectureMismatch, ConfigError
 from workbench.core.files import sha256_file, sha256_json
 from workbench.families.scan.detectors import ORDER, Budget
 from workbench.families.scan.prompts import BUILTIN, scan_prompts
-from workbench.families.scan.scan import ScanReport, scan_models
+from workbench.families.scan.scan import ScanReport, check, scan_models
 from workbench.suite import lineage
+from workbench.suite.manifest import ARCH_KEYS
 
 ANALYSIS = "scan"
-ARCH_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "intermediate_size", "vocab_size")
 
 
 @dataclass(frozen=True)
@@ -101,8 +100,7 @@ class Scan(Analysis):
         if cfg.n_controls < 2 or cfg.confirm_top < 1 or not cfg.detectors:
             raise ConfigError(f"a scan needs >= 2 control strings, >= 1 confirmed candidate and >= 1 detector (got "
                               f"n_controls={cfg.n_controls}, confirm_top={cfg.confirm_top}, detectors={cfg.detectors})")
-        from workbench.families.scan.scan import _check
-        _check(cfg.detectors, budget, cfg.base or None)
+        check(cfg.detectors, budget, cfg.base or None)
         search, held = scan_prompts(cfg.prompts, cfg.n_search, cfg.n_confirm)
         prompts = (sha256_file(Path(cfg.prompts)) if cfg.prompts != BUILTIN else
                    sha256_json([(d.system, d.user) for d in search + held]))
