@@ -11,6 +11,11 @@ rule, aggregate across seeds; `workbench sanitize SUITE ...` saves it after eval
 - capability_curves.{pdf,svg,png}      clean accuracy against step per method and backdoor, by size
 - lr_tradeoff.{pdf,svg,png}            learning rate vs final trigger rate and capability cost (HHH SFT)
 - backdoor_return.{pdf,svg,png}        share of series whose backdoor came back after a dip
+- insertion_optimizers.{pdf,svg,png}   HHH SFT's curves by the backdoor's insertion optimizer (AdamW,
+                                       SOAP, Muon), where the suite holds more than one
+- removal.{pdf,svg,png}                full fine-tuning vs LoRA safety training, where both were run
+- pirate_return.{pdf,svg,png}          the return test (pirate SFT, then normal speech), where run
+- pirate_return.csv                    its verdicts, one row per organism seed
 - persistence_table.{csv,tex}          per setting, across seeds: final rate, persistence, cost, return
 - persistence_series.csv               one row per series
 - persistence_provenance.json          which results (keys, creation times) the outputs show
@@ -28,12 +33,13 @@ from workbench.core.errors import WorkbenchError
 from workbench.core.files import write_json
 from workbench.core.results import latest
 from workbench.present import style as figures
+from workbench.safety import pirate_return
 from workbench.safety import plots as pp
 from workbench.safety.persistence import PERSISTENCE
 from workbench.safety.sweeps import sanitized_names
 
 # the saved results this script reads (`workbench figures` redraws only when one of them changes)
-READS = ("persistence",)
+READS = ("persistence", "pirate_return")
 from workbench.suite.manifest import load_suite
 
 
@@ -73,6 +79,13 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
         "lr_tradeoff": lambda: pp.lr_tradeoff(agg),
         "backdoor_return": lambda: pp.backdoor_return(series),
     }
+    for stem, column in (("insertion_optimizers", "insert_optimizer"), ("removal", "removal")):
+        if column in curves and curves[column].nunique() > 1:
+            builders[stem] = (lambda c=column: pp.persistence_by(curves, c, title=f"Backdoor persistence by "
+                                                                  f"{pp.COLOR_BY.get(c, c)}"))
+    returned = latest(suite_dir, pirate_return.ANALYSIS)
+    if returned is not None:
+        builders["pirate_return"] = lambda: pp.return_test(returned.table("curve"))
     to_export = []
     for stem, build in builders.items():
         try:
@@ -83,6 +96,10 @@ def run(suite_dir: Path, out: Path | None, formats: list[str]) -> list[Path]:
         to_export.append((figures.paper_style(fig), out / stem))
     written = figures.export_many(to_export, formats)  # one browser start for all figures
     written += figures.table_outputs(agg, out / "persistence_table", display=pp.paper_table(agg))
+    if returned is not None:
+        path = out / "pirate_return.csv"
+        returned.table("verdicts").to_csv(path, index=False)
+        written.append(path)
     series_csv = out / "persistence_series.csv"
     series.to_csv(series_csv, index=False)
     prov = {"analysis": "persistence", "key": result.key, "created": result.provenance.get("created"),

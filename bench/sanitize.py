@@ -1,6 +1,7 @@
 """Safety-training throughput: steps/s and tokens/s of every sanitization method against the
 foundation's training loop (`workbench.organisms.train.train`) on the same model, batch shape and
-threads, in the same run; plus RL rollout throughput (generated tokens/s, batched with KV cache).
+threads, in the same run; HHH SFT also with SOAP, Muon and a rank-64 LoRA adapter (the replication's
+settings); plus RL rollout throughput (generated tokens/s, batched with KV cache).
 
 The suite (default `suites/small`, built by `make demo`) is never modified: the parent checkpoint
 and its ancestors are copied into a temporary suite first. Step times come from the `on_step`
@@ -39,6 +40,9 @@ from workbench.suite.manifest import Suite
 from workbench.world.data import held_out_prompts
 
 
+SETTINGS = {"soap": {"optimizer": "soap"}, "muon": {"optimizer": "muon"}, "lora64": {"lora_rank": 64}}
+
+
 def private_copy(src: Path, parent: str, dest: Path) -> Suite:
     """A suite at `dest` holding only `parent` and its ancestors (plus the tokenizer)."""
     suite = Suite.load(src)
@@ -65,8 +69,8 @@ def timed_steps(steps: int, resume_every: int) -> set[int]:
     return {s for s in range(2, steps + 1) if s not in saved and not (resume_every and s % resume_every == 0)}
 
 
-def measure_method(suite: Suite, parent: str, method: str, steps: int, options: dict) -> dict:
-    cfg = SanitizeConfig(method=method, steps=steps, options=options, resume_every=0)
+def measure_method(suite: Suite, parent: str, method: str, steps: int, options: dict, **setting) -> dict:
+    cfg = SanitizeConfig(method=method, steps=steps, options=options, resume_every=0, **setting)
     times: dict[int, float] = {}
     last = [time.perf_counter()]
 
@@ -167,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method:>17}: {r['steps_per_s']:6.2f} steps/s {r['tokens_per_s']:9.0f} tok/s "
                   f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x train; run {r['wall_s']:.1f}s){extra}",
                   file=sys.stderr)
+        # the replication's settings on the standard safety fine-tune: SOAP and Muon for AdamW, and a
+        # rank-64 LoRA adapter for full fine-tuning (issue #31), each against the same loop
+        for label, setting in SETTINGS.items() if "hhh_sft" in a.methods else ():
+            r = measure_method(suite, a.parent, "hhh_sft", steps, {}, **setting)
+            figures[f"hhh_sft_{label}_tokens_per_s"] = round(r["tokens_per_s"])
+            figures[f"hhh_sft_{label}_vs_train"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
+            print(f"{'hhh_sft ' + label:>17}: {r['steps_per_s']:6.2f} steps/s {r['tokens_per_s']:9.0f} tok/s "
+                  f"({r['tokens_per_s'] / base['tokens_per_s']:.2f}x train)", file=sys.stderr)
         if "adversarial" in a.methods:
             found = results.list_results(suite.root, "redteam")
             if found:

