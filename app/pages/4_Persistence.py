@@ -218,7 +218,9 @@ else:
         fell = f"fell in {srow['fell']}/{srow['seeds']} seeds"
         ret = (f"returned in {srow['returned']}/{srow['fell']} of those (Wilson 95% "
                f"{srow['returned_lo']:.2f}-{srow['returned_hi']:.2f})" if srow["fell"] else "so nothing could return")
-        (st.warning if srow["returned"] else st.info)(f"**{srow['organism']}**: {fell}; {ret}.")
+        back = (f" Came back above the fall point during normal-speech SFT in {srow['came_back']} (and went again "
+                f"where not returned)." if srow.get("came_back") else "")
+        (st.warning if srow["returned"] else st.info)(f"**{srow['organism']}**: {fell}; {ret}.{back}")
     with common.guard():
         st.plotly_chart(common.figure(f"{returned.key}/return", pp.return_test, rt_curve), width="stretch",
                         key="return_fig")
@@ -230,7 +232,12 @@ else:
                                                              zip(verdicts["min_rate"], verdicts["min_step"])],
         "final": [pp.interval_cell(r, lo, hi) for r, lo, hi in zip(verdicts["final_rate"], verdicts["final_lo"],
                                                             verdicts["final_hi"])],
-        "returned at": verdicts["returned_at"], "pirate peak": verdicts["pirate_peak"],
+        "returned at": verdicts["returned_at"],
+        **({"came back (peak after the fall)": [f"{'yes' if c else 'no'} ({p:.2f} at {s:g})" if pd.notna(s) else "no"
+                                                 for c, p, s in zip(verdicts["came_back"], verdicts["back_peak"],
+                                                                    verdicts["back_peak_step"])]}
+           if "came_back" in verdicts else {}),
+        "pirate peak": verdicts["pirate_peak"],
         "clean start -> final": [f"{a:.2f} -> {b:.2f}" for a, b in zip(verdicts["clean_start"],
                                                                          verdicts["clean_final"])],
         "reading": verdicts["reading"]}), hide_index=True, width="stretch")
