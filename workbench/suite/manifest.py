@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -232,8 +233,15 @@ class Suite:
         return p if p.is_absolute() else self.root / p
 
     def sha256(self, name: str) -> str:
-        """The identity of a checkpoint for caches and provenance: the hash of its weights."""
-        return weights_hash(self.entry(name).files)
+        """The identity of a checkpoint for caches and provenance: the hash of its weights. An
+        adapter's weights are its base's plus its own, so its identity hashes both: two identical
+        adapters over different bases (every LoRA series' step 0 holds B = 0) are different models,
+        and a loaded model or a cached evaluation of one must never stand in for the other."""
+        e = self.entry(name)
+        own = weights_hash(e.files)
+        if e.adapter and e.parent:
+            return hashlib.sha256(f"{self.sha256(e.parent)}+{own}".encode()).hexdigest()
+        return own
 
     def to_frame(self) -> pd.DataFrame:
         rows = []
